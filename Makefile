@@ -1,0 +1,22 @@
+# Two entry points (see README): `make quickstart` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup quickstart test test-fast
+setup: $(VENV)/.sai_hf_installed
+
+$(VENV)/.sai_hf_installed: pyproject.toml
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
+
+# Set everything up, then run the GPT-2 pretraining recipe on its offline default.
+quickstart: setup
+	$(PY) scripts/pretrain_gpt2.py configs/gpt2-local.yaml
+
+# The whole test suite (what CI runs).
+test: setup
+	$(PY) -m pytest tests
+
+# Everything but the tests marked slow.
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"

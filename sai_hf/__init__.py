@@ -1,0 +1,42 @@
+"""sai-hf: SGD-SaI (SGD with learning-rate Scaling at Initialization) for Hugging Face training.
+
+``import sai_hf`` registers ``--optim sgd_sai`` with ``transformers`` (idempotent).
+
+Public API:
+    SGDSaI: the optimizer (``torch.optim.Optimizer``).
+    sgd_sai: its functional update.
+    GSNRCallback: the ``TrainerCallback`` that fixes the scales from the accumulated gradient,
+        logs a summary and writes ``gsnr.json``.
+    gradient_statistics, gsnr_from_statistics, BlockStatus: the g-SNR math.
+    register: (re-)register the ``--optim`` names.
+"""
+
+from __future__ import annotations
+
+from .callback import GSNR_FILENAME, GSNRCallback, find_sgd_sai
+from .functional import sgd_sai
+from .gsnr import BlockStatus, gradient_statistics, gsnr_from_statistics
+from .integration import REGISTRY, OptimizerRegistration, register
+from .optimizer import NORMALIZATIONS, ScaleRecord, SGDSaI, validate_hyperparameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGDSaI",
+    "sgd_sai",
+    "GSNRCallback",
+    "GSNR_FILENAME",
+    "find_sgd_sai",
+    "ScaleRecord",
+    "BlockStatus",
+    "gradient_statistics",
+    "gsnr_from_statistics",
+    "NORMALIZATIONS",
+    "validate_hyperparameters",
+    "OptimizerRegistration",
+    "REGISTRY",
+    "register",
+    "__version__",
+]
+
+register()

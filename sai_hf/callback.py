@@ -1,0 +1,132 @@
+"""``GSNRCallback``: fixes SGD-SaI's scales inside ``Trainer`` and reports them.
+
+At ``on_pre_optimizer_step`` (after gradient accumulation and clipping, just before
+``optimizer.step()``) of the first optimizer step, the callback has
+:meth:`sai_hf.SGDSaI.initialize_scales` compute every block's g-SNR from the full accumulated
+gradient of the model's named parameters; blocks deferred then (zero or non-finite gradient) are
+picked up at the first later step where they have a usable gradient. After each such step it
+
+* adds a summary to the Trainer's next log (``gsnr/scale_min``, ``gsnr/scale_median``,
+  ``gsnr/scale_max``, ``gsnr/scaled``, ``gsnr/deferred``), so every ``report_to`` backend gets it;
+* writes ``<output_dir>/gsnr.json`` (main process only)::
+
+      {"<name in model.named_parameters()>": {"gsnr": float, "scale": float, "numel": int}, ...}
+
+  listing every parameter that has a scale.
+
+``import sai_hf`` adds the callback to every Trainer; it does nothing unless the Trainer's optimizer
+is an :class:`sai_hf.SGDSaI`. Adding it by hand as well is harmless: whichever instance runs
+first computes the scales, the others find nothing left to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .optimizer import SGDSaI, StatisticsReducer
+
+__all__ = ["GSNRCallback", "find_sgd_sai", "GSNR_FILENAME"]
+
+#: File name of the per-block report in ``output_dir``.
+GSNR_FILENAME = "gsnr.json"
+
+
+def find_sgd_sai(optimizer: Any) -> SGDSaI | None:
+    """The :class:`SGDSaI` inside ``optimizer`` (unwrapping e.g. accelerate's ``AcceleratedOptimizer``)."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, SGDSaI):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return None
+
+
+class GSNRCallback(TrainerCallback):
+    """Computes SGD-SaI scales from the accumulated gradient, logs a summary, writes ``gsnr.json``.
+
+    Args:
+        filename: name of the report written into ``args.output_dir``.
+        reduce_statistics: sums per-shard gradient statistics across ranks (sharded parameters);
+            ``None`` for unsharded gradients (single process, DDP).
+    """
+
+    def __init__(self, filename: str = GSNR_FILENAME, reduce_statistics: StatisticsReducer | None = None) -> None:
+        self.filename = filename
+        self.reduce_statistics = reduce_statistics
+        self._pending_summary: dict[str, float] | None = None
+
+    # -------------------------------------------------------------- events
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        sai = find_sgd_sai(optimizer)
+        if sai is None or model is None:
+            return
+        pending = sai.pending_params()
+        if not pending:
+            return
+        records = sai.initialize_scales(pending, reduce_statistics=self.reduce_statistics)
+        if not records:
+            return
+        names = parameter_names(model)
+        self._pending_summary = self.summary(sai)
+        if state.is_world_process_zero and args.output_dir:
+            self.write_report(os.path.join(args.output_dir, self.filename), sai, names)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._pending_summary is not None:
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending_summary is None or logs is None:
+            return
+        logs.update(self._pending_summary)
+        if state.log_history:
+            state.log_history[-1].update(self._pending_summary)
+        self._pending_summary = None
+
+    # -------------------------------------------------------------- reports
+    @staticmethod
+    def summary(sai: SGDSaI) -> dict[str, float]:
+        """``gsnr/scale_{min,median,max}``, ``gsnr/scaled`` and ``gsnr/deferred`` (blocks with a
+        gradient still waiting for their scale)."""
+        scales = list(sai.scales().values())
+        out: dict[str, float] = {"gsnr/scaled": float(len(scales)), "gsnr/deferred": float(len(sai.pending_params()))}
+        if scales:
+            out.update(
+                {
+                    "gsnr/scale_min": min(scales),
+                    "gsnr/scale_median": statistics.median(scales),
+                    "gsnr/scale_max": max(scales),
+                }
+            )
+        return out
+
+    @staticmethod
+    def report(sai: SGDSaI, names: dict[int, str]) -> dict[str, dict[str, float | int]]:
+        """``{name: {"gsnr", "scale", "numel"}}`` for every parameter of ``names`` that has a scale."""
+        out: dict[str, dict[str, float | int]] = {}
+        for group in sai.param_groups:
+            for p in group["params"]:
+                state = sai.state.get(p, {})
+                if "scale" in state and id(p) in names:
+                    out[names[id(p)]] = {"gsnr": state["gsnr"], "scale": state["scale"], "numel": int(p.numel())}
+        return out
+
+    def write_report(self, path: str, sai: SGDSaI, names: dict[int, str]) -> None:
+        """Write :meth:`report` to ``path`` atomically."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.report(sai, names), fh, indent=1)
+        os.replace(tmp, path)
+
+
+def parameter_names(model: torch.nn.Module) -> dict[int, str]:
+    """``id(parameter) -> name`` as in ``model.named_parameters()``."""
+    return {id(p): name for name, p in model.named_parameters()}

@@ -1,0 +1,161 @@
+"""Registration of sai-hf's optimizers as ``--optim`` names in ``transformers``.
+
+Registration is data: one frozen :class:`OptimizerRegistration` per optimizer in :data:`REGISTRY`.
+:func:`register` installs every entry through the two extension points ``transformers`` (5.2+)
+already has, without replacing any of its functions:
+
+1. a member of the enum ``transformers.training_args.OptimizerNames``, so that
+   ``TrainingArguments(optim=...)`` (and subclasses: ``Seq2SeqTrainingArguments``, TRL's configs)
+   validate the name and ``HfArgumentParser`` lists it among ``--optim``'s argparse choices;
+2. a handler in ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``, the table that
+   ``Trainer.get_optimizer_cls_and_kwargs`` dispatches on.
+
+It also appends :class:`sai_hf.GSNRCallback` and :class:`OptimArgsCheck` to
+``transformers.trainer.DEFAULT_CALLBACKS``, so every Trainer gets them: the callback computes the
+scales and writes ``gsnr.json`` when the optimizer is SGD-SaI and does nothing otherwise, and the
+check rejects bad ``--optim_args`` when the Trainer is built. :func:`register` is idempotent.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .optim_args import OptionSpec, parse_bool, parse_float, parse_optim_args, parse_optional_bool, parse_str
+from .optimizer import SGDSaI, validate_hyperparameters
+
+__all__ = ["OptimizerRegistration", "REGISTRY", "OptimArgsCheck", "register", "optimizer_kwargs_from_args"]
+
+
+@dataclass(frozen=True)
+class OptimizerRegistration:
+    """An optimizer that ``--optim NAME`` selects.
+
+    Attributes:
+        name: the ``--optim`` value.
+        enum_name: the member name added to ``OptimizerNames``.
+        optimizer_cls: returns the optimizer class (a callable, so optional dependencies are only
+            imported when the optimizer is used).
+        options: the accepted ``--optim_args`` keys.
+        build_kwargs: ``(args, parsed_optim_args) -> constructor kwargs``; validates and raises
+            ``ValueError`` naming the offending key.
+    """
+
+    name: str
+    enum_name: str
+    optimizer_cls: Callable[[], type]
+    options: Mapping[str, OptionSpec] = field(default_factory=dict)
+    build_kwargs: Callable[[Any, dict[str, Any]], dict[str, Any]] = lambda args, options: dict(options)
+
+
+def _sgd_sai_kwargs(args: Any, options: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {"lr": args.learning_rate, **options}
+    numeric = {k: kwargs[k] for k in ("lr", "momentum", "eps", "normalize") if k in kwargs}
+    validate_hyperparameters(weight_decay=args.weight_decay, **numeric)
+    return kwargs
+
+
+SGD_SAI = OptimizerRegistration(
+    name="sgd_sai",
+    enum_name="SGD_SAI",
+    optimizer_cls=lambda: SGDSaI,
+    options={
+        "momentum": OptionSpec(parse_float, "momentum coefficient in [0, 1) (default 0.9)"),
+        "eps": OptionSpec(parse_float, "added to the gradient std in the g-SNR (default 1e-8)"),
+        "normalize": OptionSpec(parse_str, "'none' (official sgd-sai scales, default) or 'max' (paper)"),
+        "maximize": OptionSpec(parse_bool, "maximize the objective (default false)"),
+        "foreach": OptionSpec(parse_optional_bool, "multi-tensor kernels: true/false/none (default none)"),
+    },
+    build_kwargs=_sgd_sai_kwargs,
+)
+
+#: Every optimizer sai-hf registers, by ``--optim`` name.
+REGISTRY: dict[str, OptimizerRegistration] = {entry.name: entry for entry in (SGD_SAI,)}
+
+
+def _optim_name(args: Any) -> str:
+    optim = getattr(args, "optim", None)
+    return optim.value if isinstance(optim, enum.Enum) else str(optim)
+
+
+def optimizer_kwargs_from_args(args: Any) -> tuple[type, dict[str, Any]] | None:
+    """``(optimizer class, kwargs)`` for ``args.optim`` if sai-hf registered it, else ``None``.
+
+    Raises ``ValueError`` naming the offending key for a bad ``--optim_args`` or hyperparameter.
+    """
+    entry = REGISTRY.get(_optim_name(args))
+    if entry is None:
+        return None
+    options = parse_optim_args(args.optim_args, entry.options, entry.name)
+    return entry.optimizer_cls(), entry.build_kwargs(args, options)
+
+
+def _handler(ctx: Any) -> tuple[type, dict[str, Any]]:
+    """The ``_OPTIMIZER_HANDLERS`` entry: Trainer's ``lr`` plus the validated ``--optim_args``."""
+    found = optimizer_kwargs_from_args(ctx.args)
+    if found is None:  # pragma: no cover - only registered names are routed here
+        raise ValueError(f"sai-hf has no optimizer named {_optim_name(ctx.args)!r}")
+    optimizer_cls, kwargs = found
+    ctx.optimizer_kwargs.update(kwargs)
+    return optimizer_cls, ctx.optimizer_kwargs
+
+
+def _add_enum_member(enum_cls: type[enum.Enum], member_name: str, value: str) -> None:
+    """Add ``member_name = value`` to an existing ``(str, Enum)`` class (no-op if present)."""
+    if value in enum_cls._value2member_map_:
+        return
+    member = str.__new__(enum_cls, value)
+    member._name_ = member_name
+    member._value_ = value
+    member.__objclass__ = enum_cls
+    member.__init__(value)
+    member._sort_order_ = len(enum_cls._member_names_)
+    type.__setattr__(enum_cls, member_name, member)
+    enum_cls._member_map_[member_name] = member
+    enum_cls._value2member_map_[value] = member
+    enum_cls._member_names_.append(member_name)
+
+
+def _transformers_hooks() -> tuple[type[enum.Enum], dict, list]:
+    import transformers
+    from transformers import trainer as trainer_module
+    from transformers.training_args import OptimizerNames
+
+    try:
+        from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+    except ImportError as err:  # transformers < 5.2 dispatched optimizers with an if/elif chain
+        raise ImportError(
+            f"sai-hf needs transformers>=5.2,<6 (found {transformers.__version__}): "
+            "it registers --optim names in transformers.trainer_optimizer._OPTIMIZER_HANDLERS"
+        ) from err
+    return OptimizerNames, _OPTIMIZER_HANDLERS, trainer_module.DEFAULT_CALLBACKS
+
+
+class OptimArgsCheck(TrainerCallback):
+    """Rejects a bad ``--optim_args`` for a sai-hf optimizer when the Trainer is built.
+
+    ``Trainer`` only reads ``--optim_args`` when it creates the optimizer, inside ``train()``; this
+    callback checks them at the end of ``Trainer.__init__`` so the error comes before any data
+    loading or training.
+    """
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        optimizer_kwargs_from_args(args)
+
+
+def register() -> None:
+    """Make every :data:`REGISTRY` name a valid ``--optim`` in transformers (idempotent)."""
+    from .callback import GSNRCallback
+
+    optimizer_names, handlers, default_callbacks = _transformers_hooks()
+    for entry in REGISTRY.values():
+        _add_enum_member(optimizer_names, entry.enum_name, entry.name)
+        handlers[optimizer_names(entry.name)] = _handler
+    for callback_cls in (OptimArgsCheck, GSNRCallback):
+        if callback_cls not in default_callbacks:
+            default_callbacks.append(callback_cls)
+

@@ -1,0 +1,79 @@
+"""Parsing and validation of ``--optim_args "key=value,key=value"`` for sai-hf's optimizers.
+
+``transformers`` hands ``--optim_args`` to optimizer handlers as an unchecked string; here every key
+is looked up in the optimizer's table of :class:`OptionSpec` and every value is converted and
+validated, so a typo fails with a ``ValueError`` naming the key before training starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["OptionSpec", "parse_bool", "parse_float", "parse_optional_bool", "parse_optim_args", "parse_str"]
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One accepted ``--optim_args`` key: how to turn its string into a value."""
+
+    parse: Callable[[str], Any]
+    help: str = ""
+
+
+def parse_float(text: str) -> float:
+    """``"0.9"`` -> 0.9 (any Python float literal)."""
+    return float(text)
+
+
+def parse_bool(text: str) -> bool:
+    """``true/false/1/0/yes/no`` (any case) -> bool."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def parse_optional_bool(text: str) -> bool | None:
+    """Like :func:`parse_bool`, plus ``none`` -> None (let the optimizer decide)."""
+    return None if text.strip().lower() == "none" else parse_bool(text)
+
+
+def parse_str(text: str) -> str:
+    """The stripped string itself."""
+    return text.strip()
+
+
+def parse_optim_args(text: str | None, options: Mapping[str, OptionSpec], optimizer: str) -> dict[str, Any]:
+    """Turn ``"k=v,k=v"`` into a dict of parsed values; ``ValueError`` naming the offending key.
+
+    Args:
+        text: the ``--optim_args`` string (``None`` or empty: no options).
+        options: the accepted keys of ``optimizer``.
+        optimizer: the ``--optim`` name, for messages.
+    """
+    parsed: dict[str, Any] = {}
+    if not text or not text.strip():
+        return parsed
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--optim_args for {optimizer}: entry {item!r} is not of the form key=value")
+        if key not in options:
+            raise ValueError(
+                f"--optim_args for {optimizer}: unknown key {key!r}; accepted keys: {sorted(options)}"
+            )
+        if key in parsed:
+            raise ValueError(f"--optim_args for {optimizer}: key {key!r} given twice")
+        try:
+            parsed[key] = options[key].parse(value.strip())
+        except ValueError as err:
+            raise ValueError(f"--optim_args for {optimizer}: cannot parse {key}={value.strip()!r}: {err}") from None
+    return parsed

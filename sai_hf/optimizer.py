@@ -1,0 +1,305 @@
+"""``SGDSaI``: SGD with momentum and learning-rate Scaling at Initialization (arXiv 2412.11768).
+
+Each parameter tensor is a block ``i`` with a learning-rate scale ``s_i`` fixed once, from the
+gradient signal-to-noise ratio of the first gradient the block receives in an optimizer step
+(:mod:`sai_hf.gsnr`)::
+
+    gsnr_i = ||g_i|| / (std(g_i) + eps)
+    s_i    = gsnr_i                    normalize="none"  (sgd-sai 1.0.3, the official code; default)
+    s_i    = gsnr_i / max_k gsnr_k     normalize="max"   (the paper's Algorithm 1)
+
+and every step applies the update of :func:`sai_hf.functional.sgd_sai`::
+
+    m <- g (first update), then m <- mu m + (1 - mu) g;   p <- p (1 - lr wd) - lr s_i m
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from .functional import sgd_sai
+from .gsnr import BlockStatus, gradient_statistics, gsnr_from_statistics
+
+__all__ = ["SGDSaI", "ScaleRecord", "NORMALIZATIONS", "validate_hyperparameters"]
+
+#: Accepted values of ``normalize``.
+NORMALIZATIONS = ("none", "max")
+
+#: A function that sums ``(B, 3)`` per-shard gradient statistics over the ranks that hold the shards.
+StatisticsReducer = Callable[[Tensor], Tensor]
+
+
+def validate_hyperparameters(**values: Any) -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter among ``values``.
+
+    Known keys: ``lr`` (>= 0), ``momentum`` (in [0, 1)), ``weight_decay`` (>= 0), ``eps`` (>= 0),
+    ``normalize`` (one of :data:`NORMALIZATIONS`). Every value must be finite.
+    """
+    for key, value in values.items():
+        if key == "normalize":
+            if value not in NORMALIZATIONS:
+                raise ValueError(f"Invalid normalize={value!r}: expected one of {list(NORMALIZATIONS)}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"Invalid {key}={value!r}: expected a finite number")
+        if key == "momentum" and not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid momentum={value!r}: must be in [0, 1)")
+        if key in ("lr", "eps", "weight_decay") and value < 0.0:
+            raise ValueError(f"Invalid {key}={value!r}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class ScaleRecord:
+    """A block that received its scale: what :meth:`SGDSaI.initialize_scales` returns."""
+
+    param: Tensor
+    gsnr: float
+    scale: float
+    numel: int
+    status: BlockStatus
+
+
+class SGDSaI(Optimizer):
+    r"""SGD-SaI: momentum SGD whose per-tensor learning rates are fixed from the first gradient's g-SNR.
+
+    Args:
+        params: parameters or parameter groups (as for any ``torch.optim.Optimizer``).
+        lr: learning rate ``eta``. Under ``normalize="none"`` the effective rate of block ``i`` is
+            ``lr * gsnr_i``; g-SNR of a large matrix is about ``sqrt(numel)`` (tens to hundreds), so
+            useful values are of AdamW's order (1e-4 .. 1e-3), and published ``sgd-sai`` learning
+            rates carry over unchanged. Under ``normalize="max"`` scales are in (0, 1] and ``lr`` is
+            the rate of the highest-g-SNR block: useful values are 10-100x larger (SGD's order).
+        momentum: ``mu`` in [0, 1); ``m = mu m + (1 - mu) g``. ``0`` keeps no buffer.
+        weight_decay: decoupled weight decay ``p *= 1 - lr * weight_decay`` (not scaled by g-SNR).
+        eps: added to the gradient std in the g-SNR denominator.
+        normalize: ``"none"`` (official ``sgd-sai==1.0.3`` scales, the default) or ``"max"`` (the
+            paper: divide by the largest g-SNR among the blocks scaled at the first step; blocks
+            scaled later use that same divisor).
+        maximize: ascend instead of descend (negates the gradient).
+        foreach: use the multi-tensor ``torch._foreach_*`` path (default when ``None``).
+
+    Where the g-SNR is not defined, the behaviour is (``sai_hf`` fixes the official code here):
+
+    * **Deferred blocks.** A block whose gradient is absent, all zero or non-finite gets no scale
+      and is not touched (no momentum, no weight decay) until the first step where it is non-zero
+      and finite; its scale is computed then. This is what makes PEFT LoRA ``lora_A`` train: its
+      first gradient is exactly 0 because ``lora_B`` starts at 0.
+    * **Deferred blocks drop eps.** Such a block's first non-zero gradient is tiny by
+      construction (``lora_A``'s is ~1e-9, below ``eps=1e-8``), so ``norm / (std + eps)`` would
+      measure the gradient's magnitude, not its signal-to-noise ratio (a 4x64 ``lora_A`` gets
+      ~2 instead of ~16). Blocks scaled after the first scaling step therefore use the
+      scale-invariant limit ``norm / std``. Blocks scaled at the first step keep the official
+      formula (bit-compatible with ``sgd-sai``).
+    * **Degenerate blocks.** A one-element block, or a non-zero gradient with (near) zero
+      variance, has no meaningful g-SNR (the official code gives ``|g| / eps``, ~1e8, and the
+      weight runs to -inf). It gets the largest well-defined g-SNR of the first scaling step as its
+      g-SNR (scale 1.0 under ``normalize="max"``; 1.0 if no block had a well-defined g-SNR), and a
+      warning is issued once.
+
+    State (``state_dict``): per block ``momentum_buffer`` (when ``momentum > 0``), ``gsnr`` and
+    ``scale`` (floats); per group ``gsnr_max`` (the largest well-defined g-SNR of the first scaling
+    step). Resuming from a state dict continues exactly; scales are never recomputed.
+
+    Host syncs: scales are host floats, so a step syncs the device only while some block that has a
+    gradient is still waiting for its scale (one batched transfer for all of them; normally just the
+    first step).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        normalize: str = "none",
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor):
+            raise ValueError("Invalid lr: a Tensor learning rate is not supported, pass a float")
+        validate_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, normalize=normalize)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eps=eps,
+            normalize=normalize,
+            maximize=maximize,
+            foreach=foreach,
+            gsnr_max=None,
+        )
+        super().__init__(params, defaults)
+        normalizations = {group["normalize"] for group in self.param_groups}
+        if len(normalizations) > 1:
+            raise ValueError(f"Invalid normalize: all parameter groups must share one, got {sorted(normalizations)}")
+        self._warned_degenerate = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        checked = {k: param_group[k] for k in ("lr", "momentum", "weight_decay", "eps", "normalize") if k in param_group}
+        validate_hyperparameters(**checked)
+        super().add_param_group(param_group)
+        # A group added after scaling started shares the divisor of the first scaling step.
+        known = [g["gsnr_max"] for g in self.param_groups if g.get("gsnr_max") is not None]
+        if known:
+            param_group["gsnr_max"] = known[0]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._warned_degenerate = getattr(self, "_warned_degenerate", False)
+        for group in self.param_groups:
+            group.setdefault("normalize", "none")
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("gsnr_max", None)
+
+    # ------------------------------------------------------------------ scales
+    @property
+    def gsnr_max(self) -> float | None:
+        """Largest well-defined g-SNR of the first scaling step (``None`` before it)."""
+        return self.param_groups[0]["gsnr_max"] if self.param_groups else None
+
+    def _group_of(self) -> dict[int, dict[str, Any]]:
+        return {id(p): group for group in self.param_groups for p in group["params"]}
+
+    def has_scale(self, param: Tensor) -> bool:
+        """Whether ``param`` already has its fixed scale."""
+        return "scale" in self.state.get(param, {})
+
+    def pending_params(self) -> list[Tensor]:
+        """Parameters that have a gradient now but no scale yet."""
+        return [
+            p for group in self.param_groups for p in group["params"] if p.grad is not None and not self.has_scale(p)
+        ]
+
+    @torch.no_grad()
+    def initialize_scales(
+        self,
+        params: Iterable[Tensor] | None = None,
+        reduce_statistics: StatisticsReducer | None = None,
+    ) -> list[ScaleRecord]:
+        """Compute and store the scale of every given block that has a usable gradient and no scale.
+
+        Called lazily by :meth:`step`, and by :class:`sai_hf.GSNRCallback` just before the
+        Trainer's optimizer step. ``params`` defaults to :meth:`pending_params`.
+        ``reduce_statistics`` sums the per-shard statistics across ranks (sharded parameters).
+        Blocks whose gradient is absent, zero or non-finite stay pending. One host sync.
+        """
+        group_of = self._group_of()
+        todo = [p for p in (self.pending_params() if params is None else params) if p.grad is not None]
+        todo = [p for p in todo if id(p) in group_of and not self.has_scale(p)]
+        if not todo:
+            return []
+        scaling_started = any(self.has_scale(p) for p in group_of_params(self.param_groups))
+        stats = gradient_statistics([p.grad for p in todo])
+        if reduce_statistics is not None:
+            stats = reduce_statistics(stats)
+        eps = torch.tensor([group_of[id(p)]["eps"] for p in todo], dtype=stats.dtype, device=stats.device)
+        gsnr, status = gsnr_from_statistics(stats, eps, eps_free=scaling_started)
+        gsnr_host, status_host = torch.stack((gsnr, status.to(gsnr.dtype))).tolist()  # the one sync
+
+        gsnr_max = self.gsnr_max
+        if gsnr_max is None:
+            well_defined = [v for v, s in zip(gsnr_host, status_host) if s == BlockStatus.SCALED]
+            if well_defined:
+                gsnr_max = max(well_defined)
+                for group in self.param_groups:
+                    group["gsnr_max"] = gsnr_max
+        normalize = self.param_groups[0]["normalize"]
+
+        records: list[ScaleRecord] = []
+        degenerate: list[Tensor] = []
+        for p, value, code in zip(todo, gsnr_host, status_host):
+            status_code = BlockStatus(int(code))
+            if status_code == BlockStatus.PENDING:
+                continue
+            if status_code == BlockStatus.DEGENERATE:
+                value = gsnr_max if gsnr_max is not None else 1.0
+                degenerate.append(p)
+            if normalize == "max":
+                scale = value / gsnr_max if gsnr_max is not None else 1.0
+            else:
+                scale = value
+            state = self.state[p]
+            state["gsnr"] = float(value)
+            state["scale"] = float(scale)
+            records.append(ScaleRecord(p, float(value), float(scale), int(p.numel()), status_code))
+        if degenerate and not self._warned_degenerate:
+            self._warned_degenerate = True
+            shapes = ", ".join(str(tuple(p.shape)) for p in degenerate[:5])
+            warnings.warn(
+                f"SGDSaI: {len(degenerate)} block(s) (shapes {shapes}) have a gradient with no usable "
+                "variance (one element, or all entries equal): g-SNR is undefined there. They get the "
+                "largest well-defined g-SNR of the first step instead of |g|/eps.",
+                stacklevel=2,
+            )
+        return records
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step (computing the scales of blocks that have none yet)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        if self.pending_params():
+            self.initialize_scales()
+
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            buffers: list[Tensor | None] = []
+            scales: list[float] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state.get(p)
+                if not state or "scale" not in state:
+                    continue  # deferred: no scale yet, leave the block untouched
+                if p.grad.is_sparse:
+                    raise RuntimeError("SGDSaI does not support sparse gradients")
+                params.append(p)
+                grads.append(p.grad)
+                buffers.append(state.get("momentum_buffer"))
+                scales.append(state["scale"])
+            if not params:
+                continue
+            sgd_sai(
+                params,
+                grads,
+                buffers,
+                scales,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+            )
+            if group["momentum"] != 0:
+                for p, buf in zip(params, buffers):
+                    self.state[p]["momentum_buffer"] = buf
+        return loss
+
+    def scales(self, names: Mapping[Tensor, str] | None = None) -> dict[Any, float]:
+        """The fixed scale of every scaled block, keyed by parameter (or by name with ``names``)."""
+        out: dict[Any, float] = {}
+        for p in group_of_params(self.param_groups):
+            if self.has_scale(p):
+                out[names.get(p, p) if names is not None else p] = self.state[p]["scale"]
+        return out
+
+
+def group_of_params(param_groups: Sequence[Mapping[str, Any]]) -> list[Tensor]:
+    """All parameters of ``param_groups``, in order."""
+    return [p for group in param_groups for p in group["params"]]
+

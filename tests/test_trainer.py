@@ -1,0 +1,167 @@
+"""`--optim sgd_sai` in transformers: registration, Trainer, --optim_args, GSNRCallback."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import pytest
+import torch
+from _models import TokenDataset, tiny_gpt2, tiny_llama, training_args
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainingArguments
+from transformers.trainer import DEFAULT_CALLBACKS
+from transformers.training_args import OptimizerNames
+
+import sai_hf
+from sai_hf import GSNRCallback, SGDSaI, find_sgd_sai
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_import_twice_registers_once():
+    before = (list(OptimizerNames), list(DEFAULT_CALLBACKS))
+    importlib.reload(sai_hf)
+    sai_hf.register()
+    assert list(OptimizerNames) == before[0]
+    assert [m.value for m in OptimizerNames].count("sgd_sai") == 1
+    assert DEFAULT_CALLBACKS.count(GSNRCallback) == 1
+    assert OptimizerNames("sgd_sai") is OptimizerNames.SGD_SAI
+
+
+@pytest.mark.parametrize("args_cls", [TrainingArguments, Seq2SeqTrainingArguments])
+def test_hf_argument_parser_accepts_optim_sgd_sai(tmp_path, args_cls):
+    (args,) = HfArgumentParser(args_cls).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--optim", "sgd_sai", "--optim_args", "momentum=0.8", "--use_cpu", "true"]
+    )
+    assert args.optim == OptimizerNames.SGD_SAI
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert cls is SGDSaI and kwargs["momentum"] == 0.8
+
+
+def test_parser_still_rejects_unknown_optimizer(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--optim", "sgd_saii"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_trl_sft_config_accepts_sgd_sai(tmp_path):
+    trl = pytest.importorskip("trl")
+    config = trl.SFTConfig(output_dir=str(tmp_path), optim="sgd_sai", use_cpu=True, bf16=False, report_to="none")
+    assert config.optim == OptimizerNames.SGD_SAI
+
+
+# --------------------------------------------------------------------------- Trainer builds SGDSaI
+
+
+def test_trainer_builds_sgd_sai_with_hf_weight_decay_groups(tmp_path):
+    model = tiny_gpt2()
+    args = training_args(tmp_path, learning_rate=3e-4, weight_decay=0.1, optim_args="momentum=0.8, normalize=max, eps=1e-6")
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset())
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, SGDSaI)
+    decay = set(trainer.get_decay_parameter_names(model))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        assert group["lr"] == 3e-4 and group["momentum"] == 0.8 and group["eps"] == 1e-6
+        assert group["normalize"] == "max"
+        for p in group["params"]:
+            assert group["weight_decay"] == (0.1 if names[id(p)] in decay else 0.0), names[id(p)]
+    assert any(g["weight_decay"] == 0.0 and g["params"] for g in optimizer.param_groups)
+    assert any(isinstance(cb, GSNRCallback) for cb in trainer.callback_handler.callbacks)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(optim_args="momentun=0.9"), "momentun"),
+        (dict(optim_args="momentum=abc"), "momentum"),
+        (dict(optim_args="momentum=1.5"), "momentum"),
+        (dict(optim_args="momentum=-0.1"), "momentum"),
+        (dict(optim_args="eps=-1e-8"), "eps"),
+        (dict(optim_args="normalize=mean"), "normalize"),
+        (dict(optim_args="maximize=perhaps"), "maximize"),
+        (dict(optim_args="momentum"), "momentum"),
+        (dict(learning_rate=-1e-3), "lr"),
+    ],
+)
+def test_bad_optim_args_fail_before_training(tmp_path, overrides, key):
+    args = training_args(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=key):
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
+    if "=" in (args.optim_args or "="):  # transformers' own parser fails first on an entry without '='
+        with pytest.raises(ValueError, match=key):
+            Trainer.get_optimizer_cls_and_kwargs(args)
+
+
+# --------------------------------------------------------------------------- GSNRCallback
+
+
+def _train(tmp_path, model=None, **overrides):
+    model = model if model is not None else tiny_gpt2()
+    trainer = Trainer(model=model, args=training_args(tmp_path, **overrides), train_dataset=TokenDataset())
+    trainer.train()
+    return trainer
+
+
+def test_training_writes_gsnr_json_and_logs_summary(tmp_path):
+    trainer = _train(tmp_path, weight_decay=0.01)
+    sai = find_sgd_sai(trainer.optimizer)
+    assert sai is not None
+    report = json.loads((tmp_path / "gsnr.json").read_text())
+    named = dict(trainer.model.named_parameters())
+    assert set(report) == {n for n, p in named.items() if p.requires_grad}
+    for name, entry in report.items():
+        assert set(entry) == {"gsnr", "scale", "numel"}
+        assert entry["numel"] == named[name].numel()
+        assert entry["scale"] == sai.state[named[name]]["scale"]
+        assert math.isfinite(entry["gsnr"]) and entry["gsnr"] > 0
+    summary = next(log for log in trainer.state.log_history if "gsnr/scale_max" in log)
+    scales = [e["scale"] for e in report.values()]
+    assert summary["gsnr/scale_min"] == min(scales) and summary["gsnr/scale_max"] == max(scales)
+    assert summary["gsnr/deferred"] == 0 and summary["gsnr/scaled"] == len(report)
+    assert summary["step"] == 1
+
+
+def test_gradient_accumulation_gives_the_big_batch_gsnr(tmp_path):
+    big = _train(tmp_path / "big", max_steps=1, per_device_train_batch_size=8)
+    accumulated = _train(tmp_path / "acc", max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    want = json.loads((tmp_path / "big" / "gsnr.json").read_text())
+    got = json.loads((tmp_path / "acc" / "gsnr.json").read_text())
+    assert set(want) == set(got)
+    for name in want:
+        assert got[name]["gsnr"] == pytest.approx(want[name]["gsnr"], rel=1e-5), name
+    del big, accumulated
+
+
+def test_lora_deferred_blocks_are_scaled_later_and_reported(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = _train(tmp_path, model=model, learning_rate=0.1, max_steps=5)
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p.detach(), start[name]), f"{name} did not move"
+    report = json.loads((tmp_path / "gsnr.json").read_text())
+    assert set(report) == set(start)
+    first = next(log for log in trainer.state.log_history if "gsnr/deferred" in log)
+    assert first["step"] == 1 and first["gsnr/deferred"] == 4  # every lora_A waits for lora_B to move
+    later = [log for log in trainer.state.log_history if "gsnr/deferred" in log][-1]
+    assert later["gsnr/deferred"] == 0 and later["step"] > 1
+    lora_a = [v["gsnr"] for n, v in report.items() if "lora_A" in n]
+    assert all(8 < g < 20 for g in lora_a), lora_a  # scale-free g-SNR of a 4x64 block, ~sqrt(256)
+
+
+def test_callback_added_by_hand_is_harmless(tmp_path):
+    trainer = Trainer(
+        model=tiny_gpt2(), args=training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[GSNRCallback()]
+    )
+    assert sum(isinstance(cb, GSNRCallback) for cb in trainer.callback_handler.callbacks) == 2
+    trainer.train()
+    assert len([log for log in trainer.state.log_history if "gsnr/scale_max" in log]) == 1
+
+
+def test_callback_is_inert_for_other_optimizers(tmp_path):
+    _train(tmp_path, optim="adamw_torch")
+    assert not (tmp_path / "gsnr.json").exists()
