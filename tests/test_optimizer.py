@@ -13,6 +13,9 @@ import torch
 from sai_hf import SGDSaI, gradient_statistics, gsnr_from_statistics
 from sai_hf.gsnr import BlockStatus
 
+#: The three implementations of the update, as SGDSaI flags.
+PATHS = {"for-loop": dict(foreach=False, fused=False), "multi-tensor": dict(foreach=True), "fused": dict(fused=True)}
+
 # --------------------------------------------------------------------------- hand-computed reference
 
 P0 = [[1.0, 2.0], [3.0, 4.0]]
@@ -49,11 +52,11 @@ def _hand_run(normalize: str, lr=0.1, mu=0.9, wd=0.1, eps=1e-8):
 
 
 @pytest.mark.parametrize("normalize", ["none", "max"])
-@pytest.mark.parametrize("foreach", [False, True])
-def test_three_steps_match_hand_computation(normalize, foreach):
+@pytest.mark.parametrize("path", PATHS)
+def test_three_steps_match_hand_computation(normalize, path):
     p = torch.tensor(P0, dtype=torch.float64, requires_grad=True)
     q = torch.tensor(Q0, dtype=torch.float64, requires_grad=True)
-    opt = SGDSaI([p, q], lr=0.1, momentum=0.9, weight_decay=0.1, normalize=normalize, foreach=foreach)
+    opt = SGDSaI([p, q], lr=0.1, momentum=0.9, weight_decay=0.1, normalize=normalize, **PATHS[path])
     for t in range(3):
         p.grad = torch.tensor(GRADS[t], dtype=torch.float64)
         q.grad = torch.tensor(QGRADS[t], dtype=torch.float64)
@@ -135,16 +138,17 @@ def test_maximize_negates_the_gradient():
 
 
 @pytest.mark.parametrize("momentum, weight_decay, maximize", [(0.9, 0.0, False), (0.9, 0.1, True), (0.0, 0.01, False)])
-def test_for_loop_equals_multi_tensor(momentum, weight_decay, maximize):
+@pytest.mark.parametrize("path", ["multi-tensor", "fused"])
+def test_every_path_equals_the_for_loop(path, momentum, weight_decay, maximize):
     torch.manual_seed(0)
     shapes = [(8, 4), (4,), (1,), (3, 5, 2), (16,)]
     base = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
     grads[0][3] = torch.zeros(shapes[3])  # a deferred block joins late on both paths
     results = []
-    for foreach in (False, True):
+    for flags in (PATHS["for-loop"], PATHS[path]):
         params = [t.clone().requires_grad_() for t in base]
-        opt = SGDSaI(params, lr=0.05, momentum=momentum, weight_decay=weight_decay, maximize=maximize, foreach=foreach)
+        opt = SGDSaI(params, lr=0.05, momentum=momentum, weight_decay=weight_decay, maximize=maximize, **flags)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for step_grads in grads:
@@ -152,8 +156,8 @@ def test_for_loop_equals_multi_tensor(momentum, weight_decay, maximize):
                     p.grad = g.clone()
                 opt.step()
         results.append([p.detach() for p in params])
-    for loop, multi in zip(*results):
-        torch.testing.assert_close(multi, loop, rtol=1e-6, atol=1e-7)
+    for loop, other in zip(*results):
+        torch.testing.assert_close(other, loop, rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- undefined g-SNR
@@ -251,9 +255,9 @@ def test_no_host_sync_after_scales_are_fixed(monkeypatch):
 
     for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    for foreach in (True, False):
+    for flags in PATHS.values():
         for group in opt.param_groups:
-            group["foreach"] = foreach
+            group.update({"foreach": None, "fused": None, **flags})
         for _ in range(2):
             opt.step()
 

@@ -11,10 +11,10 @@ from sai_hf import SGDSaI
 sgd_sai_official = pytest.importorskip("sgd_sai", reason="the official package is a test dependency")
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-def test_matches_official_package_over_20_steps(foreach, capsys):
+@pytest.mark.parametrize("flags", [dict(), dict(foreach=True), dict(foreach=False, fused=False)], ids=["default", "multi-tensor", "for-loop"])
+def test_matches_official_package_over_20_steps(flags, capsys):
     ours, theirs = tiny_gpt2(), tiny_gpt2()
-    opt_ours = SGDSaI(ours.parameters(), lr=1e-3, momentum=0.9, weight_decay=0.01, foreach=foreach)
+    opt_ours = SGDSaI(ours.parameters(), lr=1e-3, momentum=0.9, weight_decay=0.01, **flags)
     opt_theirs = sgd_sai_official.SGD_sai(theirs.parameters(), lr=1e-3, momentum=0.9, weight_decay=0.01)
     start = {n: p.detach().clone() for n, p in ours.named_parameters()}
     for ids in token_batches(20):

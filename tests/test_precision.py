@@ -1,0 +1,112 @@
+"""State dtype rules: bf16 momentum (stochastic rounding), bf16/fp16 parameters, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _models import lm_step, tiny_gpt2, token_batches
+
+from sai_hf import SGDSaI
+from sai_hf.functional import stochastic_round_to_bf16
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def test_stochastic_rounding_is_unbiased_and_deterministic():
+    x = torch.full((200_000,), 1.0 + 2**-10)  # halfway-ish between two bf16 neighbours
+    rounded = stochastic_round_to_bf16(x, seed=7)
+    assert rounded.dtype == torch.bfloat16
+    assert set(rounded.float().unique().tolist()) == {1.0, 1.0078125}
+    assert rounded.float().mean().item() == pytest.approx(1.0 + 2**-10, rel=1e-4)
+    assert torch.equal(rounded, stochastic_round_to_bf16(x, seed=7))
+    assert not torch.equal(rounded, stochastic_round_to_bf16(x, seed=8))
+    exact = torch.tensor([1.5, -2.25, 0.0])
+    assert torch.equal(stochastic_round_to_bf16(exact, seed=1).float(), exact)
+
+
+def test_momentum_state_bytes_fp32_and_bf16():
+    model = tiny_gpt2()
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    sizes = {}
+    for dtype in (None, torch.bfloat16):
+        model = tiny_gpt2()
+        opt = SGDSaI(model.parameters(), lr=1e-3, momentum_dtype=dtype)
+        lm_step(model, token_batches(1)[0], opt)
+        sizes[dtype] = _state_bytes(opt)
+    assert sizes[None] == param_bytes
+    assert sizes[torch.bfloat16] == param_bytes // 2
+
+
+def _train_losses(steps: int, **kwargs) -> tuple[list[float], SGDSaI]:
+    model = tiny_gpt2()
+    opt = SGDSaI(model.parameters(), lr=2e-3, **kwargs)
+    batches = token_batches(8, seed=3)
+    return [lm_step(model, batches[i % len(batches)], opt) for i in range(steps)], opt
+
+
+def test_bf16_momentum_keeps_training_quality():
+    fp32, _ = _train_losses(32)
+    bf16, opt = _train_losses(32, momentum_dtype=torch.bfloat16)
+    assert all(s["momentum_buffer"].dtype == torch.bfloat16 for s in opt.state.values())
+    start, fp32_end, bf16_end = fp32[0], sum(fp32[-8:]) / 8, sum(bf16[-8:]) / 8
+    assert fp32_end < start - 0.1
+    assert start - bf16_end >= 0.9 * (start - fp32_end), "bf16 momentum must keep the fp32 progress"
+
+
+@pytest.mark.parametrize("path", [dict(), dict(foreach=True), dict(foreach=False, fused=False)], ids=["default", "multi", "loop"])
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters_train(param_dtype, path):
+    model = tiny_gpt2().to(param_dtype)
+    opt = SGDSaI(model.parameters(), lr=2e-2, **path)  # pure low-precision weights need larger steps
+    batches = token_batches(4, seed=3)
+    losses = [lm_step(model, batches[i % 4], opt) for i in range(12)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sum(losses[-4:]) / 4 < losses[0] - 0.05
+    for p in model.parameters():
+        assert opt.state[p]["momentum_buffer"].dtype == param_dtype  # rule: buffers follow the parameter
+
+
+def test_fp32_momentum_for_bf16_parameters_matches_loop():
+    results = []
+    for path in (dict(foreach=True), dict(foreach=False, fused=False)):
+        model = tiny_gpt2().to(torch.bfloat16)
+        opt = SGDSaI(model.parameters(), lr=2e-3, momentum_dtype=torch.float32, **path)
+        for ids in token_batches(3):
+            lm_step(model, ids, opt)
+        assert all(s["momentum_buffer"].dtype == torch.float32 for s in opt.state.values())
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):  # equal up to one bf16 rounding of the final add
+        torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    """``torch.compile(optimizer.step)`` (inductor): first step (scales) and later steps match eager."""
+    torch.manual_seed(0)
+    base = [torch.randn(16, 8), torch.randn(8), torch.randn(1)]
+    grads = [[torch.randn_like(t) for t in base] for _ in range(3)]
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        params = [t.clone().requires_grad_() for t in base]
+        opt = SGDSaI(params, lr=1e-2, weight_decay=0.01)
+        step = torch.compile(opt.step) if compiled else opt.step
+        with pytest.warns(UserWarning, match="no usable"):  # the one-element block
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.clone()
+                step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_refuses_cpu_half_precision_instead_of_skipping_elements():
+    p = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    opt = SGDSaI([p, torch.randn(8, 8, requires_grad=True)], lr=0.1, fused=True)
+    p.grad = torch.randn(64).to(torch.bfloat16)
+    opt.param_groups[0]["params"][1].grad = torch.randn(8, 8)
+    with pytest.raises(RuntimeError, match="float32/float64"):
+        opt.step()
