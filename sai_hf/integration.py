@@ -25,7 +25,15 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .optim_args import OptionSpec, parse_bool, parse_float, parse_optim_args, parse_optional_bool, parse_str
+from .optim_args import (
+    OptionSpec,
+    parse_bool,
+    parse_dtype,
+    parse_float,
+    parse_optim_args,
+    parse_optional_bool,
+    parse_str,
+)
 from .optimizer import SGDSaI, validate_hyperparameters
 
 __all__ = ["OptimizerRegistration", "REGISTRY", "OptimArgsCheck", "register", "optimizer_kwargs_from_args"]
@@ -54,8 +62,7 @@ class OptimizerRegistration:
 
 def _sgd_sai_kwargs(args: Any, options: dict[str, Any]) -> dict[str, Any]:
     kwargs = {"lr": args.learning_rate, **options}
-    numeric = {k: kwargs[k] for k in ("lr", "momentum", "eps", "normalize") if k in kwargs}
-    validate_hyperparameters(weight_decay=args.weight_decay, **numeric)
+    validate_hyperparameters(weight_decay=args.weight_decay, **{k: v for k, v in kwargs.items() if k != "maximize"})
     return kwargs
 
 
@@ -69,6 +76,8 @@ SGD_SAI = OptimizerRegistration(
         "normalize": OptionSpec(parse_str, "'none' (official sgd-sai scales, default) or 'max' (paper)"),
         "maximize": OptionSpec(parse_bool, "maximize the objective (default false)"),
         "foreach": OptionSpec(parse_optional_bool, "multi-tensor kernels: true/false/none (default none)"),
+        "fused": OptionSpec(parse_optional_bool, "one-pass fused kernel: true/false/none (default none: where it applies)"),
+        "momentum_dtype": OptionSpec(parse_dtype, "momentum buffer dtype: bf16/fp32/fp16/none (default none: the parameter's)"),
     },
     build_kwargs=_sgd_sai_kwargs,
 )

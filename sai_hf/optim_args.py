@@ -11,7 +11,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["OptionSpec", "parse_bool", "parse_float", "parse_optional_bool", "parse_optim_args", "parse_str"]
+__all__ = [
+    "OptionSpec",
+    "parse_bool",
+    "parse_dtype",
+    "parse_float",
+    "parse_optional_bool",
+    "parse_optim_args",
+    "parse_str",
+]
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,28 @@ def parse_bool(text: str) -> bool:
 def parse_optional_bool(text: str) -> bool | None:
     """Like :func:`parse_bool`, plus ``none`` -> None (let the optimizer decide)."""
     return None if text.strip().lower() == "none" else parse_bool(text)
+
+
+_DTYPES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+def parse_dtype(text: str) -> Any:
+    """``bf16/bfloat16/fp32/float32/fp16/float16`` -> the ``torch.dtype``; ``none`` -> None."""
+    import torch
+
+    lowered = text.strip().lower()
+    if lowered == "none":
+        return None
+    if lowered not in _DTYPES:
+        raise ValueError(f"expected one of {sorted(_DTYPES)} or none, got {text!r}")
+    return getattr(torch, _DTYPES[lowered])
 
 
 def parse_str(text: str) -> str:

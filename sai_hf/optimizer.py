@@ -41,12 +41,20 @@ def validate_hyperparameters(**values: Any) -> None:
     """Raise ``ValueError`` naming the first invalid hyperparameter among ``values``.
 
     Known keys: ``lr`` (>= 0), ``momentum`` (in [0, 1)), ``weight_decay`` (>= 0), ``eps`` (>= 0),
-    ``normalize`` (one of :data:`NORMALIZATIONS`). Every value must be finite.
+    ``normalize`` (one of :data:`NORMALIZATIONS`), every number finite; ``momentum_dtype`` (a
+    floating ``torch.dtype`` or None); ``fused`` / ``foreach`` (not both True; ``fused`` keeps
+    momentum in the parameter dtype, so not with ``momentum_dtype``).
     """
     for key, value in values.items():
+        if key in ("fused", "foreach"):
+            continue
         if key == "normalize":
             if value not in NORMALIZATIONS:
                 raise ValueError(f"Invalid normalize={value!r}: expected one of {list(NORMALIZATIONS)}")
+            continue
+        if key == "momentum_dtype":
+            if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+                raise ValueError(f"Invalid momentum_dtype={value!r}: expected a floating torch.dtype or None")
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"Invalid {key}={value!r}: expected a finite number")
@@ -54,6 +62,10 @@ def validate_hyperparameters(**values: Any) -> None:
             raise ValueError(f"Invalid momentum={value!r}: must be in [0, 1)")
         if key in ("lr", "eps", "weight_decay") and value < 0.0:
             raise ValueError(f"Invalid {key}={value!r}: must be >= 0")
+    if values.get("fused") and values.get("foreach"):
+        raise ValueError("Invalid fused=True with foreach=True: choose one path")
+    if values.get("fused") and values.get("momentum_dtype") is not None:
+        raise ValueError("Invalid fused=True with momentum_dtype: the fused kernel keeps momentum in the parameter dtype")
 
 
 @dataclass(frozen=True)
@@ -136,13 +148,16 @@ class SGDSaI(Optimizer):
     ) -> None:
         if isinstance(lr, Tensor):
             raise ValueError("Invalid lr: a Tensor learning rate is not supported, pass a float")
-        validate_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, normalize=normalize)
-        if fused and foreach:
-            raise ValueError("Invalid fused=True with foreach=True: choose one path")
-        if momentum_dtype is not None and not (isinstance(momentum_dtype, torch.dtype) and momentum_dtype.is_floating_point):
-            raise ValueError(f"Invalid momentum_dtype={momentum_dtype!r}: expected a floating torch.dtype or None")
-        if fused and momentum_dtype is not None:
-            raise ValueError("Invalid fused=True with momentum_dtype: the fused kernel keeps momentum in the parameter dtype")
+        validate_hyperparameters(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eps=eps,
+            normalize=normalize,
+            fused=fused,
+            foreach=foreach,
+            momentum_dtype=momentum_dtype,
+        )
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -162,7 +177,7 @@ class SGDSaI(Optimizer):
         self._warned_degenerate = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        checked = {k: param_group[k] for k in ("lr", "momentum", "weight_decay", "eps", "normalize") if k in param_group}
+        checked = {k: v for k, v in param_group.items() if k not in ("params", "gsnr_max") and k in self.defaults}
         validate_hyperparameters(**checked)
         super().add_param_group(param_group)
         # A group added after scaling started shares the divisor of the first scaling step.

@@ -54,6 +54,14 @@ def test_trl_sft_config_accepts_sgd_sai(tmp_path):
 # --------------------------------------------------------------------------- Trainer builds SGDSaI
 
 
+def test_optim_args_reach_every_constructor_option(tmp_path):
+    args = training_args(tmp_path, optim_args="momentum_dtype=bf16,foreach=true,maximize=false")
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert kwargs["momentum_dtype"] is torch.bfloat16 and kwargs["foreach"] is True and kwargs["maximize"] is False
+    optimizer = cls([torch.zeros(2, requires_grad=True)], **kwargs)
+    assert optimizer.param_groups[0]["momentum_dtype"] is torch.bfloat16
+
+
 def test_trainer_builds_sgd_sai_with_hf_weight_decay_groups(tmp_path):
     model = tiny_gpt2()
     args = training_args(tmp_path, learning_rate=3e-4, weight_decay=0.1, optim_args="momentum=0.8, normalize=max, eps=1e-6")
@@ -82,6 +90,8 @@ def test_trainer_builds_sgd_sai_with_hf_weight_decay_groups(tmp_path):
         (dict(optim_args="normalize=mean"), "normalize"),
         (dict(optim_args="maximize=perhaps"), "maximize"),
         (dict(optim_args="momentum"), "momentum"),
+        (dict(optim_args="momentum_dtype=int8"), "momentum_dtype"),
+        (dict(optim_args="fused=true,foreach=true"), "fused"),
         (dict(learning_rate=-1e-3), "lr"),
     ],
 )
