@@ -82,8 +82,37 @@ SGD_SAI = OptimizerRegistration(
     build_kwargs=_sgd_sai_kwargs,
 )
 
+def _adam_mini_kwargs(args: Any, options: dict[str, Any]) -> dict[str, Any]:
+    from .adam_mini_factory import require_adam_mini
+
+    require_adam_mini()
+    kwargs = {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "weight_decay": args.weight_decay,
+        **options,
+    }
+    validate_hyperparameters(lr=kwargs["lr"], eps=kwargs["eps"], weight_decay=kwargs["weight_decay"])
+    return kwargs
+
+
+def _adam_mini_factory() -> type:
+    from .adam_mini_factory import AdamMiniFactory
+
+    return AdamMiniFactory
+
+
+ADAM_MINI = OptimizerRegistration(
+    name="adam_mini",
+    enum_name="ADAM_MINI",
+    optimizer_cls=_adam_mini_factory,
+    options={},
+    build_kwargs=_adam_mini_kwargs,
+)
+
 #: Every optimizer sai-hf registers, by ``--optim`` name.
-REGISTRY: dict[str, OptimizerRegistration] = {entry.name: entry for entry in (SGD_SAI,)}
+REGISTRY: dict[str, OptimizerRegistration] = {entry.name: entry for entry in (SGD_SAI, ADAM_MINI)}
 
 
 def _optim_name(args: Any) -> str:

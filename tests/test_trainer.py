@@ -175,3 +175,26 @@ def test_callback_added_by_hand_is_harmless(tmp_path):
 def test_callback_is_inert_for_other_optimizers(tmp_path):
     _train(tmp_path, optim="adamw_torch")
     assert not (tmp_path / "gsnr.json").exists()
+
+
+# --------------------------------------------------------------------------- --optim adam_mini
+
+
+def test_adam_mini_trains_through_the_same_registry(tmp_path):
+    pytest.importorskip("adam_mini", reason="adam-mini is in the test extra")
+    model = tiny_llama()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = _train(tmp_path, model=model, optim="adam_mini", learning_rate=1e-3, weight_decay=0.1)
+    assert type(trainer.optimizer.optimizer).__name__ == "Adam_mini"
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), start[n])]
+    assert len(moved) == len(start)
+    assert not (tmp_path / "gsnr.json").exists()
+
+
+def test_adam_mini_missing_package_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util as util
+
+    real_find_spec = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "adam_mini" else real_find_spec(name, *a))
+    with pytest.raises(ImportError, match=r"sai-hf\[adam-mini\]"):
+        Trainer(model=tiny_llama(), args=training_args(tmp_path, optim="adam_mini"), train_dataset=TokenDataset())

@@ -1,0 +1,51 @@
+"""``--optim adam_mini``: the official Adam-mini (``adam-mini`` package) as a Trainer optimizer.
+
+Adam-mini partitions parameters by *name* (attention heads, embeddings, output layer), so it needs
+``model.named_parameters()`` and the model's attention shape, not the Trainer's parameter groups.
+:class:`AdamMiniFactory` is therefore handed to the Trainer as an optimizer *factory*
+(``Trainer.create_optimizer`` calls ``factory()(model, **kwargs)``), and reads ``dim``,
+``n_heads`` and ``n_kv_heads`` from ``model.config``. Adam-mini applies its own no-weight-decay rule
+(biases and norms) instead of the Trainer's grouping.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+__all__ = ["AdamMiniFactory", "require_adam_mini", "attention_shape"]
+
+INSTALL_HINT = "pip install 'sai-hf[adam-mini]'  (or: pip install adam-mini==1.1.1)"
+
+
+def require_adam_mini() -> None:
+    """Raise ``ImportError`` naming the extra to install when ``adam-mini`` is missing."""
+    if importlib.util.find_spec("adam_mini") is None:
+        raise ImportError(f"--optim adam_mini needs the adam-mini package: {INSTALL_HINT}")
+
+
+def attention_shape(model: torch.nn.Module) -> dict[str, int | None]:
+    """``dim``, ``n_heads``, ``n_kv_heads`` from a transformers config (``hidden_size``,
+    ``num_attention_heads``, ``num_key_value_heads``)."""
+    config = getattr(model, "config", None)
+    dim = getattr(config, "hidden_size", None)
+    n_heads = getattr(config, "num_attention_heads", None)
+    if dim is None or n_heads is None:
+        raise ValueError(
+            "--optim adam_mini needs model.config.hidden_size and model.config.num_attention_heads "
+            f"(got a {type(model).__name__} without them)"
+        )
+    return {"dim": int(dim), "n_heads": int(n_heads), "n_kv_heads": getattr(config, "num_key_value_heads", None)}
+
+
+class AdamMiniFactory:
+    """Builds ``adam_mini.Adam_mini`` for a model: ``AdamMiniFactory()(model, lr=..., ...)``."""
+
+    def __call__(self, model: torch.nn.Module, **kwargs: Any) -> torch.optim.Optimizer:
+        require_adam_mini()
+        from adam_mini import Adam_mini
+
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        return Adam_mini(named_parameters=named, verbose=False, **attention_shape(model), **kwargs)
