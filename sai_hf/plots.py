@@ -1,0 +1,105 @@
+"""Pictures of what SaI did to a model: per-block g-SNR bars and g-SNR over training.
+
+Needs matplotlib (``pip install 'sai-hf[plots]'``); the rest of sai-hf does not.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LAYER_TYPES", "layer_type", "plot_gsnr_bars", "plot_gsnr_history"]
+
+#: Layer types in display order, each with the name pattern that identifies it (first match wins).
+LAYER_TYPES: tuple[tuple[str, str], ...] = (
+    ("lora_A", r"lora_A"),
+    ("lora_B", r"lora_B"),
+    ("bias", r"(^|\.)bias$|_bias$"),
+    ("norm", r"norm|ln_|\.ln\b|layernorm"),
+    ("embedding", r"wte|wpe|embed"),
+    ("attention", r"attn|attention|q_proj|k_proj|v_proj|o_proj"),
+    ("mlp", r"mlp|c_fc|fc\d|gate_proj|up_proj|down_proj|ffn"),
+    ("head", r"lm_head|score|classifier"),
+)
+
+
+def layer_type(name: str) -> str:
+    """The :data:`LAYER_TYPES` label of a parameter name (``"other"`` when none matches)."""
+    for label, pattern in LAYER_TYPES:
+        if re.search(pattern, name):
+            return label
+    return "other"
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("plotting needs matplotlib: pip install 'sai-hf[plots]'") from err
+    return plt
+
+
+def plot_gsnr_bars(report: Mapping[str, Mapping[str, float]], path: str | Path, key: str = "gsnr") -> Path:
+    """Bar chart of ``report[name][key]`` (a ``gsnr.json``) per block, log scale, grouped and
+    coloured by :func:`layer_type`. Returns the PNG path."""
+    plt = _pyplot()
+    order = [label for label, _ in LAYER_TYPES] + ["other"]
+    names = sorted(report, key=lambda n: (order.index(layer_type(n)), n))
+    values = [float(report[n][key]) for n in names]
+    types = [layer_type(n) for n in names]
+    palette = plt.get_cmap("tab10")
+    colors = [palette(order.index(t) % 10) for t in types]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.12 * len(names) + 3), 5))
+    ax.bar(range(len(names)), values, color=colors, width=0.85)
+    ax.set_yscale("log")
+    ax.set_ylabel(key)
+    ax.set_xlabel("parameter block (grouped by layer type)")
+    ax.set_title(f"SGD-SaI {key} per block ({len(names)} blocks)")
+    if len(names) <= 60:
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    else:
+        ax.set_xticks([])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette(order.index(t) % 10)) for t in order if t in types]
+    ax.legend(handles, [t for t in order if t in types], fontsize=8, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_gsnr_history(history: Mapping[str, Any], path: str | Path, max_lines: int = 40) -> Path:
+    """g-SNR of each block over training (a ``gsnr_history.json``: ``{"steps": [...],
+    "blocks": {name: [...]}}``), log scale, coloured by :func:`layer_type`; at most ``max_lines``
+    blocks (evenly spaced in step-1 g-SNR order) to keep it readable. Returns the PNG path."""
+    plt = _pyplot()
+    steps: Sequence[int] = history["steps"]
+    blocks: Mapping[str, Sequence[float]] = history["blocks"]
+    names = sorted(blocks, key=lambda n: blocks[n][0])
+    if len(names) > max_lines:
+        stride = len(names) / max_lines
+        names = [names[int(i * stride)] for i in range(max_lines)]
+    order = [label for label, _ in LAYER_TYPES] + ["other"]
+    palette = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    seen: set[str] = set()
+    for name in names:
+        kind = layer_type(name)
+        ax.plot(steps, blocks[name], color=palette(order.index(kind) % 10), alpha=0.7, lw=1,
+                label=kind if kind not in seen else None)
+        seen.add(kind)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("g-SNR (recomputed; scales stay fixed at step 1)")
+    ax.set_title("g-SNR drift per block")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
