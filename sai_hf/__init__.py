@@ -8,12 +8,15 @@ Public API:
     GSNRCallback: the ``TrainerCallback`` that fixes the scales from the accumulated gradient,
         logs a summary and writes ``gsnr.json``.
     gradient_statistics, gsnr_from_statistics, BlockStatus: the g-SNR math.
+    statistics_reducer, register_sharded_model, UnsupportedShardingError: exact g-SNR statistics of
+        sharded gradients (FSDP2, FSDP1 ``use_orig_params=True``) across ranks.
     register: (re-)register the ``--optim`` names.
 """
 
 from __future__ import annotations
 
 from .callback import GSNR_FILENAME, GSNRCallback, find_sgd_sai
+from .distributed import UnsupportedShardingError, register_sharded_model, statistics_reducer
 from .functional import sgd_sai
 from .gsnr import BlockStatus, gradient_statistics, gsnr_from_statistics
 from .integration import REGISTRY, OptimizerRegistration, register
@@ -31,6 +34,9 @@ __all__ = [
     "BlockStatus",
     "gradient_statistics",
     "gsnr_from_statistics",
+    "statistics_reducer",
+    "register_sharded_model",
+    "UnsupportedShardingError",
     "NORMALIZATIONS",
     "validate_hyperparameters",
     "OptimizerRegistration",

@@ -8,11 +8,19 @@ picked up at the first later step where they have a usable gradient. After each 
 
 * adds a summary to the Trainer's next log (``gsnr/scale_min``, ``gsnr/scale_median``,
   ``gsnr/scale_max``, ``gsnr/scaled``, ``gsnr/deferred``), so every ``report_to`` backend gets it;
-* writes ``<output_dir>/gsnr.json`` (main process only)::
+* writes ``<output_dir>/gsnr.json`` (world process zero only; rewritten, atomically, whenever
+  further blocks receive their scale)::
 
       {"<name in model.named_parameters()>": {"gsnr": float, "scale": float, "numel": int}, ...}
 
-  listing every parameter that has a scale.
+  listing every parameter that has a scale, under its original name (wrapper components such as
+  DDP's ``module.``, FSDP1's ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` and
+  ``torch.compile``'s ``_orig_mod.`` removed) and with the whole tensor's ``numel``.
+
+Multi-process: every rank calls :meth:`sai_hf.SGDSaI.initialize_scales` for all blocks without a
+scale (the same list on every rank); sharded gradients (FSDP2, FSDP1 ``use_orig_params=True``, whose
+modules the callback registers with :func:`sai_hf.register_sharded_model`) are reduced exactly
+across ranks by :mod:`sai_hf.distributed`, so every rank stores the same scales.
 
 ``import sai_hf`` adds the callback to every Trainer; it does nothing unless the Trainer's optimizer
 is an :class:`sai_hf.SGDSaI`. Adding it by hand as well is harmless: whichever instance runs
@@ -29,9 +37,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .optimizer import SGDSaI, StatisticsReducer
+from .distributed import block_numel, register_sharded_model
+from .optimizer import SGDSaI, StatisticsReducer, group_of_params
 
-__all__ = ["GSNRCallback", "find_sgd_sai", "GSNR_FILENAME"]
+__all__ = ["GSNRCallback", "find_sgd_sai", "GSNR_FILENAME", "clean_parameter_name", "parameter_names", "unwrap_model"]
 
 #: File name of the per-block report in ``output_dir``.
 GSNR_FILENAME = "gsnr.json"
@@ -53,8 +62,9 @@ class GSNRCallback(TrainerCallback):
 
     Args:
         filename: name of the report written into ``args.output_dir``.
-        reduce_statistics: sums per-shard gradient statistics across ranks (sharded parameters);
-            ``None`` for unsharded gradients (single process, DDP).
+        reduce_statistics: sums per-shard gradient statistics across ranks; ``None`` (default)
+            picks it automatically (:func:`sai_hf.distributed.statistics_reducer`: exact for FSDP2
+            and FSDP1 ``use_orig_params=True``, nothing to do for one process or DDP).
     """
 
     def __init__(self, filename: str = GSNR_FILENAME, reduce_statistics: StatisticsReducer | None = None) -> None:
@@ -67,10 +77,13 @@ class GSNRCallback(TrainerCallback):
         sai = find_sgd_sai(optimizer)
         if sai is None or model is None:
             return
-        pending = sai.pending_params()
-        if not pending:
+        # Whether blocks lack a scale is the same on every rank (unlike which local gradients are
+        # present: FSDP1 leaves grad=None outside the local shard), so all ranks take part in the
+        # reduction together.
+        if all(sai.has_scale(p) for p in group_of_params(sai.param_groups)):
             return
-        records = sai.initialize_scales(pending, reduce_statistics=self.reduce_statistics)
+        register_sharded_model(model)
+        records = sai.initialize_scales(reduce_statistics=self.reduce_statistics)
         if not records:
             return
         names = parameter_names(model)
@@ -115,7 +128,7 @@ class GSNRCallback(TrainerCallback):
             for p in group["params"]:
                 state = sai.state.get(p, {})
                 if "scale" in state and id(p) in names:
-                    out[names[id(p)]] = {"gsnr": state["gsnr"], "scale": state["scale"], "numel": int(p.numel())}
+                    out[names[id(p)]] = {"gsnr": state["gsnr"], "scale": state["scale"], "numel": block_numel(p)}
         return out
 
     def write_report(self, path: str, sai: SGDSaI, names: dict[int, str]) -> None:
@@ -127,6 +140,33 @@ class GSNRCallback(TrainerCallback):
         os.replace(tmp, path)
 
 
+#: Module names that wrappers insert into parameter names (FSDP1, activation checkpointing,
+#: ``torch.compile``); they are dropped wherever they occur.
+WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def clean_parameter_name(name: str) -> str:
+    """``name`` without wrapper components: ``_fsdp_wrapped_module.h.0._checkpoint_wrapped_module.w``
+    becomes ``h.0.w``."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)
+    wrappers, so that names do not start with ``module.``. FSDP wrappers are kept (FSDP1 is where the
+    shard views live; its name components are removed by :func:`clean_parameter_name`)."""
+    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    for _ in range(8):
+        if isinstance(model, parallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
+
+
 def parameter_names(model: torch.nn.Module) -> dict[int, str]:
-    """``id(parameter) -> name`` as in ``model.named_parameters()``."""
-    return {id(p): name for name, p in model.named_parameters()}
+    """``id(parameter) -> name`` as in the unwrapped model's ``named_parameters()``, with wrapper
+    components removed (:func:`unwrap_model`, :func:`clean_parameter_name`)."""
+    return {id(p): clean_parameter_name(name) for name, p in unwrap_model(model).named_parameters()}

@@ -25,6 +25,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .distributed import refuse_unsupported_setup
 from .optim_args import (
     OptionSpec,
     parse_bool,
@@ -174,15 +175,19 @@ def _transformers_hooks() -> tuple[type[enum.Enum], dict, list]:
 
 
 class OptimArgsCheck(TrainerCallback):
-    """Rejects a bad ``--optim_args`` for a sai-hf optimizer when the Trainer is built.
+    """Rejects a bad ``--optim_args`` for a sai-hf optimizer (and DeepSpeed for SGD-SaI) when the Trainer is built.
 
     ``Trainer`` only reads ``--optim_args`` when it creates the optimizer, inside ``train()``; this
     callback checks them at the end of ``Trainer.__init__`` so the error comes before any data
-    loading or training.
+    loading or training. For SGD-SaI, DeepSpeed ZeRO and FSDP1 with ``use_orig_params=False`` (which
+    hand the optimizer flattened parameters, on which per-tensor g-SNR would be silently wrong) are
+    refused here too, with :class:`sai_hf.distributed.UnsupportedShardingError` (suggesting FSDP2).
     """
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        optimizer_kwargs_from_args(args)
+        found = optimizer_kwargs_from_args(args)
+        if found is not None and issubclass(found[0], SGDSaI):
+            refuse_unsupported_setup(args)
 
 
 def register() -> None:

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from .distributed import gradient_may_be_absent_locally, local_statistics, reduction_due, statistics_reducer
 from .functional import sgd_sai
-from .gsnr import BlockStatus, gradient_statistics, gsnr_from_statistics
+from .gsnr import BlockStatus, _local, gsnr_from_statistics
 
 __all__ = ["SGDSaI", "ScaleRecord", "NORMALIZATIONS", "validate_hyperparameters"]
 
@@ -175,6 +176,18 @@ class SGDSaI(Optimizer):
         if len(normalizations) > 1:
             raise ValueError(f"Invalid normalize: all parameter groups must share one, got {sorted(normalizations)}")
         self._warned_degenerate = False
+        self._register_state_dict_layout()
+
+    def _register_state_dict_layout(self) -> None:
+        # state_dict() lists every block with the same keys; load_state_dict() drops the placeholders.
+        # torch.distributed.checkpoint (FSDP2 resume) loads exactly the keys of a template built
+        # from a freshly created optimizer after a zero-gradient step, which creates no SGD-SaI
+        # state (every block is deferred): without placeholders the scales would not be loaded.
+        if getattr(self, "_state_dict_layout_hooks", None) is None:  # load_state_dict calls __setstate__
+            self._state_dict_layout_hooks = (
+                self.register_state_dict_post_hook(_complete_state_dict),
+                self.register_load_state_dict_pre_hook(_drop_placeholders),
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         checked = {k: v for k, v in param_group.items() if k not in ("params", "gsnr_max") and k in self.defaults}
@@ -188,6 +201,7 @@ class SGDSaI(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._warned_degenerate = getattr(self, "_warned_degenerate", False)
+        self._register_state_dict_layout()
         for group in self.param_groups:
             group.setdefault("normalize", "none")
             group.setdefault("maximize", False)
@@ -224,17 +238,33 @@ class SGDSaI(Optimizer):
         """Compute and store the scale of every given block that has a usable gradient and no scale.
 
         Called lazily by :meth:`step`, and by :class:`sai_hf.GSNRCallback` just before the
-        Trainer's optimizer step. ``params`` defaults to :meth:`pending_params`.
-        ``reduce_statistics`` sums the per-shard statistics across ranks (sharded parameters).
-        Blocks whose gradient is absent, zero or non-finite stay pending. One host sync.
+        Trainer's optimizer step. ``params`` defaults to every block of the optimizer.
+        Blocks whose gradient is absent, zero or non-finite stay pending. One host sync (a
+        cross-rank reduction adds one: the check that all ranks reduced the same blocks).
+
+        ``reduce_statistics`` sums the per-shard statistics across ranks. By default
+        (``None``) it is :func:`sai_hf.distributed.statistics_reducer`: ``None`` for unsharded
+        gradients (one process, DDP), the exact one-``all_reduce`` reducer when some gradient is a
+        shard (FSDP2 DTensors, registered FSDP1 views). With a reducer this is a collective: call it
+        on every rank, with the same ``params``; blocks whose gradient may be absent on this rank
+        only (FSDP1 views outside the local shard) take part with zero statistics, and at most
+        one reduction runs per optimizer step (:func:`sai_hf.distributed.reduction_due`).
         """
         group_of = self._group_of()
-        todo = [p for p in (self.pending_params() if params is None else params) if p.grad is not None]
-        todo = [p for p in todo if id(p) in group_of and not self.has_scale(p)]
+        candidates = group_of_params(self.param_groups) if params is None else params
+        todo = [
+            p
+            for p in candidates
+            if id(p) in group_of and not self.has_scale(p) and (p.grad is not None or gradient_may_be_absent_locally(p))
+        ]
         if not todo:
             return []
+        if reduce_statistics is None:
+            reduce_statistics = statistics_reducer(todo)
+        if reduce_statistics is not None and not reduction_due(self):
+            return []
         scaling_started = any(self.has_scale(p) for p in group_of_params(self.param_groups))
-        stats = gradient_statistics([p.grad for p in todo])
+        stats = local_statistics(todo)
         if reduce_statistics is not None:
             stats = reduce_statistics(stats)
         eps = torch.tensor([group_of[id(p)]["eps"] for p in todo], dtype=stats.dtype, device=stats.device)
@@ -311,10 +341,13 @@ class SGDSaI(Optimizer):
                 steps.append(state.get("step", 0))
             if not params:
                 continue
+            # DTensors (FSDP2): update the local shards; a new momentum buffer is wrapped like its
+            # parameter so that sharded checkpoints see a DTensor.
+            local_buffers = [None if b is None else _local(b) for b in buffers]
             sgd_sai(
-                params,
-                grads,
-                buffers,
+                [_local(p) for p in params],
+                [_local(g) for g in grads],
+                local_buffers,
                 scales,
                 lr=group["lr"],
                 momentum=group["momentum"],
@@ -325,6 +358,9 @@ class SGDSaI(Optimizer):
                 momentum_dtype=group["momentum_dtype"],
                 steps=steps,
             )
+            buffers = [
+                b if b is not None or lb is None else _like(lb, p) for b, lb, p in zip(buffers, local_buffers, params)
+            ]
             for p, buf, count in zip(params, buffers, steps):
                 state = self.state[p]
                 state["step"] = count + 1
@@ -339,6 +375,50 @@ class SGDSaI(Optimizer):
             if self.has_scale(p):
                 out[names.get(p, p) if names is not None else p] = self.state[p]["scale"]
         return out
+
+
+def _like(local: Tensor, param: Tensor) -> Tensor:
+    """``local`` as a tensor laid out like ``param`` (a DTensor with ``param``'s mesh and placements)."""
+    if hasattr(param, "device_mesh") and hasattr(param, "placements"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride(), run_check=False
+        )
+    return local
+
+
+def _complete_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Every block in ``state_dict["state"]`` with the keys of a scaled one (NaN scale, zero buffer,
+    step 0 where the block has none yet)."""
+    index = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            entry = state_dict["state"].setdefault(index, {})
+            entry.setdefault("step", 0)
+            entry.setdefault("gsnr", math.nan)
+            entry.setdefault("scale", math.nan)
+            if group["momentum"] != 0 and "momentum_buffer" not in entry:
+                entry["momentum_buffer"] = torch.zeros_like(p, dtype=group.get("momentum_dtype") or p.dtype)
+            index += 1
+    return state_dict
+
+
+def _drop_placeholders(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`_complete_state_dict`: a NaN scale is no scale, step 0 means no buffer yet."""
+    state = {}
+    for key, entry in state_dict["state"].items():
+        entry = dict(entry)
+        scale = entry.get("scale")
+        if isinstance(scale, float) and math.isnan(scale):
+            entry.pop("scale")
+            entry.pop("gsnr", None)
+        if int(entry.get("step", 0)) == 0:
+            entry.pop("momentum_buffer", None)
+            entry.pop("step", None)
+        if entry:
+            state[key] = entry
+    return {**state_dict, "state": state}
 
 
 def group_of_params(param_groups: Sequence[Mapping[str, Any]]) -> list[Tensor]:

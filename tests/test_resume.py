@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ WORKER = Path(__file__).with_name("_resume_worker.py")
 
 
 def _run(mode: str, out: Path) -> None:
-    subprocess.run([sys.executable, str(WORKER), mode, str(out)], check=True, cwd=WORKER.parent)
+    # Same intra-op thread count as this process: CPU reductions are only bitwise reproducible then.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    subprocess.run([sys.executable, str(WORKER), mode, str(out)], check=True, cwd=WORKER.parent, env=env)
 
 
 def test_resume_in_fresh_process_is_bit_exact(tmp_path):

@@ -1,0 +1,478 @@
+"""Multi-process SGD-SaI: DDP, FSDP2, FSDP1, the ``sai_hf.run`` launcher and the DeepSpeed refusal.
+
+The multi-process tests run 2 CPU processes with gloo (``torchrun`` / ``accelerate launch``), one
+launch per test module fixture; each compares against a single process on the same global batch
+(4 sequences: 2 per rank vs 4 in one process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _models import TokenDataset, tiny_gpt2, training_args
+from transformers import Trainer
+
+import sai_hf
+from sai_hf import SGDSaI, UnsupportedShardingError, statistics_reducer
+from sai_hf.callback import clean_parameter_name, parameter_names
+from sai_hf.distributed import deepspeed_in_use, refuse_deepspeed
+from sai_hf.run import main as run_main
+
+TESTS = Path(__file__).resolve().parent
+WRAPPER_PARTS = ("module.", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+LAUNCH_TIMEOUT_S = 240
+
+
+# --------------------------------------------------------------------------- helpers
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def launch(cmd: list[str], cwd: Path, timeout: float = LAUNCH_TIMEOUT_S) -> tuple[int, float, str]:
+    """Run ``cmd`` in its own process group; returns (exit code, seconds, combined output)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [str(c) for c in cmd], cwd=cwd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        output += f"\n[test] killed after {timeout} s (a rank waiting in a collective?)"
+    return proc.returncode, time.monotonic() - start, output
+
+
+def tail(output: str, lines: int = 30) -> str:
+    """The exceptions the ranks raised, then the last ``lines`` lines of the output."""
+    kept = [line for line in output.splitlines() if "Warning" not in line]
+    errors = [line for line in kept if re.match(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception)\b", line)]
+    return "\n".join(["--- errors:", *errors[:10], f"--- last {lines} lines:", *kept[-lines:]])
+
+
+def max_rel_diff(scales: dict[str, float], reference: dict[str, float]) -> float:
+    assert set(scales) == set(reference)
+    return max(abs(scales[k] - reference[k]) / abs(reference[k]) for k in reference)
+
+
+def gsnr_scales(path: Path) -> dict[str, float]:
+    return {name: entry["scale"] for name, entry in json.loads(path.read_text()).items()}
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> dict[str, dict]:
+    """gsnr.json of one process on the global batch of the 2-process runs (4 sequences per step, 4
+    steps), and its final weights under ``"_weights"``."""
+    out = tmp_path_factory.mktemp("single")
+    args = training_args(out, per_device_train_batch_size=4, weight_decay=0.01, max_steps=4)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
+    trainer.train()
+    report = json.loads((out / "gsnr.json").read_text())
+    return {**report, "_weights": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}}
+
+
+def reference_scales(single_process: dict) -> dict[str, float]:
+    return {k: v["scale"] for k, v in single_process.items() if k != "_weights"}
+
+
+def max_weight_diff(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    return max(float((weights[k] - reference[k]).abs().max()) for k in weights)
+
+
+# --------------------------------------------------------------------------- DDP + torchrun + launcher
+DDP_SCRIPT_ARGS = [
+    "--optim", "sgd_sai", "--use_cpu", "true", "--per_device_train_batch_size", "2", "--max_steps", "4",
+    "--learning_rate", "1e-3", "--weight_decay", "0.01", "--seed", "0", "--data_seed", "0",
+    "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> SimpleNamespace:
+    out = tmp_path_factory.mktemp("ddp")
+    script = TESTS / "_ddp_script.py"
+    args = ["--output_dir", str(out), *DDP_SCRIPT_ARGS]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           "-m", "sai_hf.run", script, *args]  # fmt: skip
+    rc, seconds, output = launch(cmd, cwd=TESTS.parent)
+    print(f"\n[ddp] torchrun, 2 processes: {seconds:.1f} s")
+    assert rc == 0, tail(output)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return SimpleNamespace(out=out, script=script, args=args, ranks=ranks, seconds=seconds)
+
+
+@pytest.mark.slow
+def test_ddp_unmodified_script_through_torchrun_and_sai_hf_run(ddp_run):
+    for rank in ddp_run.ranks:
+        assert rank["argv"] == [str(ddp_run.script), *ddp_run.args]
+        assert rank["name"] == "__main__"
+        assert rank["file"] == str(ddp_run.script)
+        assert rank["path0"] == str(TESTS)
+        assert rank["world"] == 2 and rank["parallel_mode"] == "ParallelMode.DISTRIBUTED"
+        assert rank["optimizer"] == "SGDSaI"
+
+
+@pytest.mark.slow
+def test_ddp_scales_equal_across_ranks_and_to_single_process(ddp_run, single_process):
+    rank0, rank1 = (rank["scales"] for rank in ddp_run.ranks)
+    assert rank0 == rank1  # bit-identical: every rank reduced the same all-reduced gradients
+    report = json.loads((ddp_run.out / "gsnr.json").read_text())
+    assert not [name for name in report if any(part in name for part in WRAPPER_PARTS)]
+    assert gsnr_scales(ddp_run.out / "gsnr.json") == rank0
+    assert [entry["numel"] for entry in report.values()] == [single_process[k]["numel"] for k in report]
+    diff = max_rel_diff(rank0, reference_scales(single_process))
+    print(f"\n[ddp] max relative scale difference vs 1 process: {diff:.3e}")
+    assert diff <= 1e-3
+
+
+@pytest.mark.slow
+def test_ddp_weights_identical_across_ranks_and_close_to_single_process(ddp_run, single_process):
+    w0, w1 = (torch.load(ddp_run.out / f"weights_rank{r}.pt") for r in range(2))
+    assert w0.keys() == w1.keys()
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), name
+    initial = tiny_gpt2().state_dict()
+    assert not torch.equal(w0["transformer.h.0.mlp.c_fc.weight"], initial["transformer.h.0.mlp.c_fc.weight"])  # trained
+    diff = max_weight_diff(w0, single_process["_weights"])
+    print(f"\n[ddp] max abs weight difference vs 1 process after 4 steps: {diff:.3e}")
+    assert diff < 1e-5
+
+
+# --------------------------------------------------------------------------- FSDP2 through accelerate launch
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory) -> SimpleNamespace:
+    out = tmp_path_factory.mktemp("fsdp2")
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+           "--config_file", TESTS / "accelerate_fsdp2_cpu.yaml", "--main_process_port", free_port(),
+           "-m", "sai_hf.run", TESTS / "_fsdp2_worker.py", out]  # fmt: skip
+    rc, seconds, output = launch(cmd, cwd=TESTS.parent)
+    print(f"\n[fsdp2] accelerate launch, 2 processes, 4 Trainer runs: {seconds:.1f} s")
+    assert rc == 0, tail(output)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return SimpleNamespace(out=out, ranks=ranks, seconds=seconds)
+
+
+@pytest.mark.slow
+def test_fsdp2_reducer_equals_whole_tensor_statistics_in_one_all_reduce(fsdp2_run):
+    for rank in fsdp2_run.ranks:
+        assert rank["world"] == 2 and rank["fsdp_version"] == 2
+        check = rank["reducer"]
+        assert check["blocks"] == check["dtensor_grads"] == 28  # every gradient is a DTensor shard
+        assert check["sharded_blocks"] == 28  # no local shard is the whole tensor
+        assert check["count_equal"]  # sum of the shards' n is each tensor's numel
+        assert check["max_rel_diff"] < 1e-12
+        assert check["check_all_reduces"] == 1
+        # The Trainer run: one all_reduce for all 28 blocks (+1 row: the block-list fingerprint).
+        assert rank["all_reduces_a"] == ["(29, 3) torch.float64"]
+
+
+@pytest.mark.slow
+def test_fsdp2_scales_equal_across_ranks_and_to_single_process(fsdp2_run, single_process):
+    rank0, rank1 = fsdp2_run.ranks
+    assert rank0["scales_a"] == rank1["scales_a"]
+    report = json.loads((fsdp2_run.out / "a" / "gsnr.json").read_text())
+    assert gsnr_scales(fsdp2_run.out / "a" / "gsnr.json") == rank0["scales_a"]
+    assert {k: v["numel"] for k, v in report.items()} == {k: single_process[k]["numel"] for k in report}
+    assert rank0["writes_a"] == [str(fsdp2_run.out / "a" / "gsnr.json")]  # once, by the main process
+    assert rank1["writes_a"] == []
+    diff = max_rel_diff(rank0["scales_a"], reference_scales(single_process))
+    print(f"\n[fsdp2] max relative scale difference vs 1 process: {diff:.3e}")
+    assert diff <= 1e-3
+
+
+@pytest.mark.slow
+def test_fsdp2_training_on_local_shards_matches_single_process(fsdp2_run, single_process):
+    weights = torch.load(fsdp2_run.out / "weights_a.pt")
+    reference = single_process["_weights"]
+    assert set(weights) <= set(reference)
+    initial = tiny_gpt2().state_dict()
+    assert all(not torch.equal(weights[k], initial[k]) for k in weights)  # every block was updated
+    diff = max_weight_diff(weights, reference)
+    print(f"\n[fsdp2] max abs weight difference vs 1 process after 4 steps: {diff:.3e}")
+    assert diff < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "run, resumed, key",
+    [("a", "b", "resumed_weights_max_abs_diff"), ("c", "d", "resumed_full_weights_max_abs_diff")],
+    ids=["sharded_state_dict", "full_state_dict"],
+)
+def test_fsdp2_resume_keeps_scales(fsdp2_run, run, resumed, key):
+    for rank in fsdp2_run.ranks:
+        assert rank[f"scales_{resumed}"] == rank[f"scales_{run}"]  # restored, not recomputed after resume
+        assert rank[f"writes_{resumed}"] == []  # nothing new to report
+        assert rank[key] == 0.0  # the resumed run ends exactly where the uninterrupted one did
+    assert fsdp2_run.ranks[0]["scales_c"] == fsdp2_run.ranks[0]["scales_a"]
+    assert fsdp2_run.ranks[0]["full_state_dict_type"] == "StateDictType.FULL_STATE_DICT"
+
+
+# --------------------------------------------------------------------------- FSDP1 and DTensor layouts
+@pytest.fixture(scope="module")
+def shard_run(tmp_path_factory) -> SimpleNamespace:
+    out = tmp_path_factory.mktemp("shards")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           TESTS / "_shard_worker.py", out]  # fmt: skip
+    rc, seconds, output = launch(cmd, cwd=TESTS.parent)
+    print(f"\n[fsdp1+dtensor] torchrun, 2 processes: {seconds:.1f} s")
+    assert rc == 0, tail(output)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return SimpleNamespace(out=out, ranks=ranks, seconds=seconds)
+
+
+@pytest.mark.slow
+def test_dtensor_layouts_reduce_exactly_in_one_all_reduce(shard_run):
+    for rank in shard_run.ranks:
+        d = rank["dtensor"]
+        assert d["reducer_all_reduces"] == [[9, 3]]  # 8 blocks + fingerprint row, one collective
+        assert d["reduced_n"] == d["whole_n"]  # replicas counted once, shards summed, empty shard ok
+        assert d["reduced_finite"]  # the NaN of a non-contributing replica did not leak
+        assert d["reduced_vs_whole_max_rel"] < 1e-12
+        assert d["unsharded_only_reducer_is_none"]
+        assert "Partial" in d["partial_refused"]
+        assert d["auto_all_reduces"] == [[8, 3]]  # initialize_scales() picked the reducer by itself
+        assert d["auto_second_call_in_same_step"] == 0
+        assert d["auto_records"] == 7
+        assert max(abs(a - b) / b for a, b in zip(d["auto_scales"], d["single_scales"])) < 1e-12
+    local0, local1 = (rank["dtensor"]["local_n"] for rank in shard_run.ranks)
+    assert local0[1] == 1.0 and local1[1] == 0.0  # the (1,) tensor: rank 1's shard is empty
+
+
+@pytest.mark.slow
+def test_fsdp1_use_orig_params_callback_and_lazy_path(shard_run):
+    rank0, rank1 = (rank["fsdp1"] for rank in shard_run.ranks)
+    # The deferred block lives on one rank only: the other has grad=None for it, yet both reduce.
+    has_grad = [[s["deferred_has_grad_here"] for s in f["steps"]] for f in (rank0, rank1)]
+    assert has_grad[0] != has_grad[1]
+    for f in (rank0, rank1):
+        assert f["steps"][0]["all_reduces"] == [[29, 3]]  # the callback's; step() adds none
+        assert not f["steps"][0]["deferred_scaled"]
+        assert f["steps"][1]["all_reduces"] == [[2, 3]] and f["steps"][1]["deferred_scaled"]
+        assert set(f["scales"]) == set(f["reference_scales"]) and len(f["scales"]) == 28
+        assert f["scales_vs_reference_max_rel"] < 1e-6
+        assert f["lazy_scaled"] == 28 and f["lazy_scales_vs_single_max_rel"] < 1e-6
+        assert "register_sharded_model" in f["unregistered_refused"]
+        assert "use_orig_params" in f["flat_param_refused"]
+    assert rank0["scales"] == rank1["scales"]
+    report = json.loads((shard_run.out / "fsdp1" / "gsnr.json").read_text())
+    assert sorted(report) == sorted(rank0["reference_scales"])  # original names, no _fsdp_wrapped_module
+    assert report["transformer.wte.weight"]["numel"] == 128 * 32  # the whole tensor, not the shard
+    assert len(rank0["writes"]) == 2 and rank1["writes"] == []  # main process: step 1, then the deferred block
+
+
+# --------------------------------------------------------------------------- single process, in-process
+def test_reducer_is_none_and_no_collective_in_one_process():
+    model = tiny_gpt2()
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
+    assert statistics_reducer(list(model.parameters())) is None
+    assert len(SGDSaI(model.parameters()).initialize_scales()) == 28
+
+
+def test_flat_parameter_refused_even_in_one_process():
+    flat = torch.nn.Parameter(torch.zeros(8))
+    flat._is_flat_param = True
+    flat.grad = torch.ones(8)
+    with pytest.raises(UnsupportedShardingError, match="use_orig_params"):
+        SGDSaI([flat]).step()
+
+
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.weight"),
+        ("_fsdp_wrapped_module.transformer.h.0._fsdp_wrapped_module.ln_1.weight", "transformer.h.0.ln_1.weight"),
+        ("_orig_mod.transformer.h.1._checkpoint_wrapped_module.attn.c_attn.bias", "transformer.h.1.attn.c_attn.bias"),
+        ("base_model.model.module_list.0.weight", "base_model.model.module_list.0.weight"),
+    ],
+)
+def test_clean_parameter_name(raw, clean):
+    assert clean_parameter_name(raw) == clean
+
+
+def test_parameter_names_unwrap_data_parallel_compile_and_checkpoint_wrapper():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = tiny_gpt2()
+    expected = {id(p): n for n, p in model.named_parameters()}
+    model.transformer.h[0] = checkpoint_wrapper(model.transformer.h[0])
+    wrapped = torch.nn.DataParallel(torch.compile(model))
+    raw = [n for n, _ in wrapped.named_parameters()]
+    assert raw[0].startswith("module._orig_mod.") and any("_checkpoint_wrapped_module" in n for n in raw)
+    assert parameter_names(wrapped) == expected
+
+
+# --------------------------------------------------------------------------- DeepSpeed refusal
+def test_trainer_refuses_deepspeed_before_training(tmp_path):
+    args = training_args(tmp_path)
+    # What --deepspeed ds.json leaves in the arguments (set afterwards: deepspeed is not installed here).
+    args.deepspeed = {"zero_optimization": {"stage": 2}}
+    with pytest.raises(UnsupportedShardingError, match="DeepSpeed") as err:
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
+    assert "FSDP2" in str(err.value)
+    assert not (tmp_path / "gsnr.json").exists()
+
+
+def test_deepspeed_config_is_fine_for_other_optimizers(tmp_path):
+    args = training_args(tmp_path, optim="adamw_torch")
+    args.deepspeed = {"zero_optimization": {"stage": 2}}
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())  # not ours to refuse
+
+
+def test_deepspeed_detected_from_accelerate_launch_environment(monkeypatch):
+    assert not deepspeed_in_use(SimpleNamespace(deepspeed=None, deepspeed_plugin=None))
+    assert deepspeed_in_use(SimpleNamespace(deepspeed=None, deepspeed_plugin=object()))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert deepspeed_in_use()
+    with pytest.raises(UnsupportedShardingError, match="DeepSpeed"):
+        refuse_deepspeed()
+    # Plain PyTorch under `accelerate launch` with a DeepSpeed config: refused at the first step.
+    model = tiny_gpt2()
+    opt = SGDSaI(model.parameters())
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
+    with pytest.raises(UnsupportedShardingError, match="DeepSpeed"):
+        opt.step()
+    assert not opt.scales()
+
+
+def test_trainer_refuses_fsdp1_without_orig_params(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    args = training_args(tmp_path)
+    plugin = SimpleNamespace(fsdp_version=1, use_orig_params=False)  # accelerate's FSDP1 plugin needs a GPU
+    original_init = Trainer.create_accelerator_and_postprocess
+
+    def create_accelerator(self):
+        original_init(self)
+        monkeypatch.setitem(AcceleratorState._shared_state, "fsdp_plugin", plugin)
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", create_accelerator)
+    with pytest.raises(UnsupportedShardingError, match="use_orig_params"):
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
+    plugin.use_orig_params = True
+    Trainer(model=tiny_gpt2(), args=training_args(tmp_path), train_dataset=TokenDataset())
+
+
+def test_deepspeed_zero3_parameters_refused():
+    p = torch.nn.Parameter(torch.zeros(0))  # ZeRO-3 leaves an empty placeholder with ds_* attributes
+    p.ds_id = 0
+    p.grad = torch.zeros(0)
+    with pytest.raises(UnsupportedShardingError, match="DeepSpeed"):
+        statistics_reducer([p])
+
+
+# --------------------------------------------------------------------------- the launcher
+LAUNCHER_SCRIPT = '''
+import json, sys
+from dataclasses import dataclass
+from transformers import HfArgumentParser, TrainingArguments
+
+@dataclass
+class ScriptArgs:
+    report: str
+    exit_code: int = 0
+    fail_with: str = ""
+
+def main():
+    script, args = HfArgumentParser((ScriptArgs, TrainingArguments)).parse_args_into_dataclasses()
+    with open(script.report, "w") as fh:
+        json.dump({"argv": sys.argv, "name": __name__, "file": __file__, "path0": sys.path[0],
+                   "optim": str(args.optim.value), "sai_hf_imported_by_script": "sai_hf" in globals()}, fh)
+    if script.fail_with:
+        raise RuntimeError(script.fail_with)
+    sys.exit(script.exit_code)
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.mark.slow
+def test_launcher_runs_unmodified_script_with_exit_codes(tmp_path):
+    script_dir = tmp_path / "scripts"
+    script_dir.mkdir()
+    script = script_dir / "train.py"
+    script.write_text(LAUNCHER_SCRIPT)
+    common = ["--output_dir", str(tmp_path / "out"), "--optim", "sgd_sai", "--use_cpu", "true"]
+    launcher = [sys.executable, "-m", "sai_hf.run", script]
+    runs = {  # two processes at once (2 cores); nothing in the script registers sgd_sai
+        "exit3": [*launcher, "--report", tmp_path / "exit3.json", "--exit_code", "3", *common],
+        "raise": [*launcher, "--report", tmp_path / "raise.json", "--fail_with", "boom", *common],
+    }
+    procs = {
+        name: subprocess.Popen([str(c) for c in cmd], cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for name, cmd in runs.items()
+    }
+    results = {name: (proc.wait(timeout=LAUNCH_TIMEOUT_S), proc.stdout.read()) for name, proc in procs.items()}
+    assert results["exit3"][0] == 3, results["exit3"][1]
+    report = json.loads((tmp_path / "exit3.json").read_text())
+    assert report == {
+        "argv": [str(script), "--report", str(tmp_path / "exit3.json"), "--exit_code", "3", *common],
+        "name": "__main__",
+        "file": str(script),
+        "path0": str(script_dir),
+        "optim": "sgd_sai",
+        "sai_hf_imported_by_script": False,
+    }
+    assert results["raise"][0] == 1 and "RuntimeError: boom" in results["raise"][1]
+    assert (tmp_path / "raise.json").exists()
+
+
+def test_launcher_main_in_process(tmp_path, capsys):
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, json\n"
+        "from transformers.training_args import OptimizerNames\n"
+        "out = {'argv': sys.argv, 'name': __name__, 'file': __file__, 'path0': sys.path[0],\n"
+        "       'registered': 'sgd_sai' in [m.value for m in OptimizerNames]}\n"
+        "json.dump(out, open(sys.argv[1], 'w'))\n"
+        "if len(sys.argv) > 2: sys.exit(sys.argv[2])\n"
+    )
+    argv, path = list(sys.argv), list(sys.path)
+    assert run_main([str(script), str(tmp_path / "a.json")]) == 0
+    seen = json.loads((tmp_path / "a.json").read_text())
+    assert seen == {"argv": [str(script), str(tmp_path / "a.json")], "name": "__main__", "file": str(script),
+                    "path0": str(tmp_path), "registered": True}  # fmt: skip
+    assert sys.argv == argv and sys.path == path  # restored
+    with pytest.raises(SystemExit) as exit_info:
+        run_main([str(script), str(tmp_path / "b.json"), "message to stderr"])
+    assert exit_info.value.code == "message to stderr"  # SystemExit propagates unchanged
+    assert sys.argv == argv and sys.path == path
+    assert run_main([str(tmp_path / "missing.py")]) == 2
+    assert run_main([]) == 2
+    assert "usage: python -m sai_hf.run" in capsys.readouterr().err
+    assert run_main(["--help"]) == 0
+
+
+def test_launcher_runs_a_module(tmp_path, monkeypatch):
+    package = tmp_path / "pkg_sai_run_probe"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "train.py").write_text(
+        "import sys, json\njson.dump({'argv': sys.argv, 'name': __name__}, open(sys.argv[1], 'w'))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert run_main(["-m", "pkg_sai_run_probe.train", str(tmp_path / "m.json")]) == 0
+    seen = json.loads((tmp_path / "m.json").read_text())
+    assert seen == {"argv": [str(package / "train.py"), str(tmp_path / "m.json")], "name": "__main__"}
+    assert sai_hf.REGISTRY["sgd_sai"].name == "sgd_sai"
