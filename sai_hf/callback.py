@@ -38,12 +38,17 @@ import torch
 from transformers import TrainerCallback
 
 from .distributed import block_numel, register_sharded_model
+from .drift import drift_summary
 from .optimizer import SGDSaI, StatisticsReducer, group_of_params
 
 __all__ = ["GSNRCallback", "find_sgd_sai", "GSNR_FILENAME", "clean_parameter_name", "parameter_names", "unwrap_model"]
 
 #: File name of the per-block report in ``output_dir``.
 GSNR_FILENAME = "gsnr.json"
+#: File name of the drift history in ``output_dir`` (``track_every > 0``).
+HISTORY_FILENAME = "gsnr_history.json"
+#: Environment variable giving ``track_every`` to the automatically added callback.
+TRACK_EVERY_ENV = "SAI_HF_GSNR_TRACK_EVERY"
 
 
 def find_sgd_sai(optimizer: Any) -> SGDSaI | None:
@@ -65,12 +70,28 @@ class GSNRCallback(TrainerCallback):
         reduce_statistics: sums per-shard gradient statistics across ranks; ``None`` (default)
             picks it automatically (:func:`sai_hf.distributed.statistics_reducer`: exact for FSDP2
             and FSDP1 ``use_orig_params=True``, nothing to do for one process or DDP).
+        track_every: every this many optimizer steps, recompute the g-SNR of all blocks *without
+            changing the scales* and log how far it drifted from the g-SNR the scales came from
+            (:mod:`sai_hf.drift`), appending to ``gsnr_history.json``. ``None``: read
+            ``$SAI_HF_GSNR_TRACK_EVERY`` (how the automatically added callback is configured);
+            ``0``: off.
     """
 
-    def __init__(self, filename: str = GSNR_FILENAME, reduce_statistics: StatisticsReducer | None = None) -> None:
+    def __init__(
+        self,
+        filename: str = GSNR_FILENAME,
+        reduce_statistics: StatisticsReducer | None = None,
+        track_every: int | None = None,
+    ) -> None:
+        if track_every is None:
+            track_every = int(os.environ.get(TRACK_EVERY_ENV, "0") or 0)
+        if track_every < 0:
+            raise ValueError(f"Invalid track_every={track_every}: must be >= 0 (0 disables drift tracking)")
         self.filename = filename
         self.reduce_statistics = reduce_statistics
+        self.track_every = track_every
         self._pending_summary: dict[str, float] | None = None
+        self._history: dict[str, Any] | None = None
 
     # -------------------------------------------------------------- events
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -81,6 +102,8 @@ class GSNRCallback(TrainerCallback):
         # present: FSDP1 leaves grad=None outside the local shard), so all ranks take part in the
         # reduction together.
         if all(sai.has_scale(p) for p in group_of_params(sai.param_groups)):
+            if self.track_every and (state.global_step + 1) % self.track_every == 0:
+                self.track_drift(args, state, model, sai)
             return
         register_sharded_model(model)
         records = sai.initialize_scales(reduce_statistics=self.reduce_statistics)
@@ -90,6 +113,33 @@ class GSNRCallback(TrainerCallback):
         self._pending_summary = self.summary(sai)
         if state.is_world_process_zero and args.output_dir:
             self.write_report(os.path.join(args.output_dir, self.filename), sai, names)
+
+    def track_drift(self, args, state, model: torch.nn.Module, sai: SGDSaI) -> None:
+        """Recompute every scaled block's g-SNR (scales unchanged), queue ``gsnr_drift/spearman``,
+        ``gsnr_drift/max_ratio`` and ``gsnr_drift/median_ratio`` (against the g-SNR each block was
+        scaled with) for the next log, and append to ``<output_dir>/gsnr_history.json``::
+
+            {"steps": [1, N, 2N, ...], "blocks": {"<name>": [gsnr at scaling, at N, at 2N, ...]}}
+        """
+        register_sharded_model(model)
+        current = sai.measure_gsnr(reduce_statistics=self.reduce_statistics)
+        if not current:
+            return
+        names = parameter_names(model)
+        blocks = [p for p in current if id(p) in names]
+        drift = drift_summary([sai.state[p]["gsnr"] for p in blocks], [current[p] for p in blocks])
+        self._pending_summary = {**(self._pending_summary or {}), **{f"gsnr_drift/{k}": v for k, v in drift.items()}}
+        if self._history is None:
+            self._history = {"steps": [1], "blocks": {names[id(p)]: [sai.state[p]["gsnr"]] for p in blocks}}
+        step = state.global_step + 1
+        self._history["steps"].append(step)
+        for p in blocks:
+            series = self._history["blocks"].setdefault(names[id(p)], [sai.state[p]["gsnr"]])
+            series.extend([float("nan")] * (len(self._history["steps"]) - 1 - len(series)))
+            series.append(current[p])
+        if state.is_world_process_zero and args.output_dir:
+            path = os.path.join(args.output_dir, HISTORY_FILENAME)
+            _write_json(path, self._history)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._pending_summary is not None:
@@ -133,11 +183,16 @@ class GSNRCallback(TrainerCallback):
 
     def write_report(self, path: str, sai: SGDSaI, names: dict[int, str]) -> None:
         """Write :meth:`report` to ``path`` atomically."""
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.report(sai, names), fh, indent=1)
-        os.replace(tmp, path)
+        _write_json(path, self.report(sai, names))
+
+
+def _write_json(path: str, payload: Any) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically (NaN written as ``NaN``)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=1)
+    os.replace(tmp, path)
 
 
 #: Module names that wrappers insert into parameter names (FSDP1, activation checkpointing,

@@ -296,6 +296,7 @@ class SGDSaI(Optimizer):
             state = self.state[p]
             state["gsnr"] = float(value)
             state["scale"] = float(scale)
+            state["gsnr_eps_free"] = bool(scaling_started)
             records.append(ScaleRecord(p, float(value), float(scale), int(p.numel()), status_code))
         if degenerate and not self._warned_degenerate:
             self._warned_degenerate = True
@@ -368,6 +369,27 @@ class SGDSaI(Optimizer):
                     state["momentum_buffer"] = buf
         return loss
 
+    @torch.no_grad()
+    def measure_gsnr(self, reduce_statistics: StatisticsReducer | None = None) -> dict[Tensor, float]:
+        """g-SNR of every scaled block's *current* gradient, computed exactly as its scale was
+        (same eps rule, same cross-rank reduction); the scales are not changed. Blocks without a
+        gradient on every rank are left out. A collective under sharding: call it on every rank."""
+        blocks = [p for p in group_of_params(self.param_groups) if self.has_scale(p)]
+        blocks = [p for p in blocks if p.grad is not None or gradient_may_be_absent_locally(p)]
+        if not blocks:
+            return {}
+        if reduce_statistics is None:
+            reduce_statistics = statistics_reducer(blocks)
+        stats = local_statistics(blocks)
+        if reduce_statistics is not None:
+            stats = reduce_statistics(stats)
+        group_of = self._group_of()
+        eps = torch.tensor([group_of[id(p)]["eps"] for p in blocks], dtype=stats.dtype, device=stats.device)
+        eps_free = torch.tensor([bool(self.state[p].get("gsnr_eps_free", False)) for p in blocks], device=stats.device)
+        gsnr, status = gsnr_from_statistics(stats, eps, eps_free=eps_free)
+        values, codes = torch.stack((gsnr, status.to(gsnr.dtype))).tolist()
+        return {p: v for p, v, c in zip(blocks, values, codes) if c == BlockStatus.SCALED}
+
     def scales(self, names: Mapping[Tensor, str] | None = None) -> dict[Any, float]:
         """The fixed scale of every scaled block, keyed by parameter (or by name with ``names``)."""
         out: dict[Any, float] = {}
@@ -398,6 +420,7 @@ def _complete_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> di
             entry.setdefault("step", 0)
             entry.setdefault("gsnr", math.nan)
             entry.setdefault("scale", math.nan)
+            entry.setdefault("gsnr_eps_free", False)
             if group["momentum"] != 0 and "momentum_buffer" not in entry:
                 entry["momentum_buffer"] = torch.zeros_like(p, dtype=group.get("momentum_dtype") or p.dtype)
             index += 1
@@ -413,6 +436,7 @@ def _drop_placeholders(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict
         if isinstance(scale, float) and math.isnan(scale):
             entry.pop("scale")
             entry.pop("gsnr", None)
+            entry.pop("gsnr_eps_free", None)
         if int(entry.get("step", 0)) == 0:
             entry.pop("momentum_buffer", None)
             entry.pop("step", None)

@@ -26,3 +26,53 @@ def test_drift_summary_ratios():
     assert out["median_ratio"] == pytest.approx(2.0)
     assert -1.0 <= out["spearman"] <= 1.0
     assert math.isnan(drift_summary([0.0], [1.0])["max_ratio"])
+
+
+def test_drift_tracking_in_trainer_and_plots(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("matplotlib")
+    from _models import TokenDataset, tiny_gpt2, training_args
+    from transformers import Trainer
+
+    monkeypatch.setenv("SAI_HF_GSNR_TRACK_EVERY", "2")
+    trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path, max_steps=6), train_dataset=TokenDataset())
+    trainer.train()
+    drift_logs = [log for log in trainer.state.log_history if "gsnr_drift/spearman" in log]
+    assert [log["step"] for log in drift_logs] == [2, 4, 6]
+    for log in drift_logs:
+        assert -1.0 <= log["gsnr_drift/spearman"] <= 1.0 and log["gsnr_drift/max_ratio"] >= 1.0
+    history = json.loads((tmp_path / "gsnr_history.json").read_text())
+    report = json.loads((tmp_path / "gsnr.json").read_text())
+    assert history["steps"] == [1, 2, 4, 6]
+    assert set(history["blocks"]) == set(report)
+    for name, series in history["blocks"].items():
+        assert len(series) == 4 and series[0] == report[name]["gsnr"]  # scales stayed the g-SNR of step 1
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_gsnr.py"
+    spec = importlib.util.spec_from_file_location("plot_gsnr", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.main([str(tmp_path)])
+    assert [p.name for p in written] == ["gsnr.png", "gsnr_history.png"]
+    assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_negative_track_every_is_rejected():
+    from sai_hf import GSNRCallback
+
+    with pytest.raises(ValueError, match="track_every"):
+        GSNRCallback(track_every=-1)
+
+
+def test_layer_types_group_gpt2_and_lora_names():
+    from sai_hf.plots import layer_type
+
+    assert layer_type("transformer.h.0.attn.c_attn.weight") == "attention"
+    assert layer_type("transformer.h.0.attn.c_attn.bias") == "bias"
+    assert layer_type("transformer.h.1.ln_2.weight") == "norm"
+    assert layer_type("transformer.wte.weight") == "embedding"
+    assert layer_type("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight") == "lora_A"
+    assert layer_type("model.layers.0.mlp.down_proj.weight") == "mlp"
