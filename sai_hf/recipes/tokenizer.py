@@ -14,6 +14,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .arguments import ModelArguments
 from .cache import build_cached_dir, fingerprint, resolve_cache_dir
 from .corpus import corpus_id
 
@@ -35,7 +36,7 @@ def train_bpe_tokenizer(texts: Dataset | list[str], vocab_size: int) -> PreTrain
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(iter(texts), trainer=trainer)
+    tokenizer.train_from_iterator((text for text in texts if text), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=END_OF_TEXT,
@@ -46,18 +47,22 @@ def train_bpe_tokenizer(texts: Dataset | list[str], vocab_size: int) -> PreTrain
     )
 
 
-def corpus_tokenizer(train_split: Dataset, vocab_size: int, cache_dir: str | None = None) -> PreTrainedTokenizerFast:
-    """The BPE tokenizer for a corpus split, trained on first use and then loaded from the cache.
+def corpus_tokenizer(
+    train_split: Dataset, vocab_size: int, cache_dir: str | None = None, text_column: str = "text"
+) -> PreTrainedTokenizerFast:
+    """The BPE tokenizer for a training split, trained on first use and then loaded from the cache.
 
-    The cache entry ``<cache>/tokenizers/bpe-<vocab_size>-<key>`` is keyed by the vocabulary size
-    and the corpus (Python version, file paths and sizes).
+    The cache entry ``<cache>/tokenizers/bpe-<vocab_size>-<key>`` is keyed by the vocabulary size and
+    the corpus (for the stdlib corpus: Python version, file paths and sizes).
     """
-    key = fingerprint({"version": TOKENIZER_FORMAT_VERSION, "vocab_size": vocab_size, "corpus": corpus_id(train_split)})
+    key = fingerprint(
+        {"version": TOKENIZER_FORMAT_VERSION, "vocab_size": vocab_size, "corpus": corpus_id(train_split), "column": text_column}
+    )
     entry = resolve_cache_dir(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}"
 
     def build(tmp_dir: Path) -> None:
-        logger.info("training a %d-token byte-level BPE tokenizer on %d files", vocab_size, len(train_split))
-        train_bpe_tokenizer(train_split["text"], vocab_size).save_pretrained(tmp_dir)
+        logger.info("training a %d-token byte-level BPE tokenizer on %d documents", vocab_size, len(train_split))
+        train_bpe_tokenizer(train_split[text_column], vocab_size).save_pretrained(tmp_dir)
 
     return PreTrainedTokenizerFast.from_pretrained(build_cached_dir(entry, build))
 
@@ -68,3 +73,15 @@ def pretrained_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def recipe_tokenizer(
+    model_args: ModelArguments, train_split: Dataset | None = None, text_column: str = "text"
+) -> PreTrainedTokenizerBase:
+    """``tokenizer_name``'s tokenizer, else ``model_name_or_path``'s, else a BPE trained on ``train_split``."""
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    if name:
+        return pretrained_tokenizer(name)
+    if train_split is None:
+        raise ValueError("no tokenizer_name or model_name_or_path given and no training text to train a tokenizer on")
+    return corpus_tokenizer(train_split, model_args.tokenizer_vocab_size, model_args.recipe_cache_dir, text_column)

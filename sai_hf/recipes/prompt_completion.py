@@ -1,0 +1,92 @@
+"""Supervised fine-tuning examples: prompt + completion, with the loss on the completion only.
+
+The prompt is tokenised with the tokenizer's usual special tokens (e.g. Llama's BOS), the
+completion without them and followed by EOS; labels are ``-100`` on every prompt token, so the
+model is trained (and evaluated) on producing the completion. Examples are truncated to
+``max_length`` tokens; those left with no completion token are dropped. Alpaca-style records
+(``instruction``, optional ``input``, ``output``) are first turned into prompt/completion pairs.
+"""
+
+from __future__ import annotations
+
+from datasets import DatasetDict
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_COLUMNS = {"instruction": "the Alpaca instruction", "output": "the Alpaca response"}
+
+
+def alpaca_to_prompt_completion(raw: DatasetDict, num_proc: int | None = None) -> DatasetDict:
+    """Format Alpaca records as ``prompt``/``completion`` columns (``input`` is optional)."""
+
+    def to_pair(record: dict[str, str]) -> dict[str, str]:
+        template = ALPACA_PROMPT_WITH_INPUT if (record.get("input") or "").strip() else ALPACA_PROMPT
+        return {
+            "prompt": template.format(instruction=record["instruction"], input=record.get("input") or ""),
+            "completion": record["output"],
+        }
+
+    return DatasetDict(
+        {
+            split: dataset.map(to_pair, num_proc=num_proc, remove_columns=dataset.column_names, desc=f"Formatting {split}")
+            for split, dataset in raw.items()
+        }
+    )
+
+
+def tokenize_prompt_completion(
+    raw: DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    prompt_column: str = "prompt",
+    completion_column: str = "completion",
+    num_proc: int | None = None,
+) -> DatasetDict:
+    """Tokenise pairs into ``input_ids``/``attention_mask``/``labels`` with ``-100`` on the prompt."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token, which ends every completion")
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        prompts = tokenizer(batch[prompt_column], add_special_tokens=True, verbose=False)["input_ids"]
+        completions = tokenizer(batch[completion_column], add_special_tokens=False, verbose=False)["input_ids"]
+        out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for prompt, completion in zip(prompts, completions):
+            input_ids = (prompt + completion + [eos])[:max_length]
+            labels = ([IGNORE_INDEX] * len(prompt) + completion + [eos])[:max_length]
+            out["input_ids"].append(input_ids)
+            out["attention_mask"].append([1] * len(input_ids))
+            out["labels"].append(labels)
+        return out
+
+    tokenized = DatasetDict(
+        {
+            split: dataset.map(
+                tokenize, batched=True, num_proc=num_proc, remove_columns=dataset.column_names, desc=f"Tokenizing {split}"
+            )
+            for split, dataset in raw.items()
+        }
+    )
+    def has_target(example: dict[str, list[int]]) -> bool:
+        return any(label != IGNORE_INDEX for label in example["labels"])
+
+    tokenized = DatasetDict(
+        {
+            split: dataset.filter(has_target, num_proc=num_proc, desc=f"Dropping {split} examples truncated to no target")
+            for split, dataset in tokenized.items()
+        }
+    )
+    for split, dataset in tokenized.items():
+        if len(dataset) == 0:
+            raise ValueError(f"no '{split}' example keeps a completion token within block_size={max_length}")
+    return tokenized

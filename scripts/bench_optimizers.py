@@ -1,0 +1,928 @@
+#!/usr/bin/env python
+"""Benchmark ``sai_hf.SGDSaI`` against torch and third-party optimizers on GPT-2 parameter shapes.
+
+For every model size (the parameter tensor shapes of GPT-2 small / medium / large / xl, read from a
+``GPT2Config`` on the meta device: nothing is downloaded) and every optimizer, this measures
+
+* the **steady-state step time**: one ``optimizer.step()`` after a warm-up step (median over
+  ``--repeats`` trials);
+* the **first step time** (the step that allocates the state; SGD-SaI variants also compute the
+  g-SNR scales there) and its ratio to the steady-state step;
+* the **optimizer-state bytes** (every tensor in ``optimizer.state``) and their ratio to the
+  parameter bytes;
+* on CUDA, whether a steady-state step runs under ``torch.cuda.set_sync_debug_mode("error")``
+  without a host-device sync (``pass`` / ``fail``; ``n/a`` on CPU).
+
+Fairness: every optimizer sees the same parameters and the same gradients (fixed random tensors
+restored before every trial), the same ``lr`` and ``weight_decay``, and trials are interleaved
+(round-robin over the optimizers in every repetition, starting one optimizer later each time).
+Each trial builds a fresh optimizer and frees it afterwards, so only one optimizer's state is alive
+at a time. Ratios are ratios of medians, to ``torch.optim.SGD(momentum=0.9, fused=True)`` (the floor)
+and to ``torch.optim.AdamW(fused=True)``.
+
+Usage::
+
+    python scripts/bench_optimizers.py                      # 124M,350M on CPU (+774M,1.5B on CUDA)
+    python scripts/bench_optimizers.py --quick              # tiny shapes, 3 repeats (smoke test)
+    python scripts/bench_optimizers.py --optimizers sgdsai,sgd-fused,adamw-fused --threads 2
+    python scripts/bench_optimizers.py --list               # the optimizer keys
+    python scripts/bench_optimizers.py --e2e --e2e-steps 50 # tokens/s of scripts/pretrain_gpt2.py
+
+Writes ``<out-dir>/bench.json`` and, when matplotlib is installed, ``<out-dir>/bench.png``.
+``--e2e`` instead runs ``scripts/pretrain_gpt2.py configs/gpt2-local.yaml`` for a fixed number of
+steps with ``--optim sgd_sai`` and ``--optim adamw_torch_fused`` (no evaluation, no checkpoints) and
+writes ``<out-dir>/e2e.json`` with the tokens/s ``Trainer`` measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.metadata
+import importlib.util
+import inspect
+import io
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------------- model sizes
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The GPT-2 configuration whose parameter shapes make up one benchmark size."""
+
+    name: str
+    n_embd: int
+    n_layer: int
+    n_head: int
+    vocab_size: int = 50257
+    n_positions: int = 1024
+
+
+SIZES: dict[str, ModelSize] = {
+    size.name: size
+    for size in (
+        ModelSize("124M", n_embd=768, n_layer=12, n_head=12),  # gpt2
+        ModelSize("350M", n_embd=1024, n_layer=24, n_head=16),  # gpt2-medium
+        ModelSize("774M", n_embd=1280, n_layer=36, n_head=20),  # gpt2-large
+        ModelSize("1.5B", n_embd=1600, n_layer=48, n_head=25),  # gpt2-xl
+        ModelSize("tiny", n_embd=64, n_layer=2, n_head=4, vocab_size=1024, n_positions=128),  # --quick
+        ModelSize("mini", n_embd=128, n_layer=4, n_head=4, vocab_size=2048, n_positions=256),  # --quick
+    )
+}
+CPU_SIZES = ("124M", "350M")
+CUDA_SIZES = ("124M", "350M", "774M", "1.5B")
+QUICK_SIZES = ("tiny", "mini")
+QUICK_REPEATS = 3
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parameter_shapes(size: ModelSize) -> list[tuple[str, torch.Size]]:
+    """Names and shapes of ``GPT2LMHeadModel``'s trainable parameters (tied ``lm_head`` counted once).
+
+    The model is built from a config on the meta device: no weights are allocated or downloaded.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=size.vocab_size,
+        n_positions=size.n_positions,
+        n_embd=size.n_embd,
+        n_layer=size.n_layer,
+        n_head=size.n_head,
+        bos_token_id=size.vocab_size - 1,
+        eos_token_id=size.vocab_size - 1,
+    )
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    return [(name, param.shape) for name, param in model.named_parameters()]
+
+
+# ----------------------------------------------------------------------------------- workload
+
+
+@dataclass
+class Workload:
+    """Parameters with fixed random gradients, restorable so that every trial starts identically."""
+
+    size: ModelSize
+    named_params: list[tuple[str, torch.nn.Parameter]]
+    initial_values: list[Tensor]
+    fixed_grads: list[Tensor]
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """The parameters, in model order."""
+        return [param for _, param in self.named_params]
+
+    @property
+    def numel(self) -> int:
+        """Number of parameter elements."""
+        return sum(param.numel() for param in self.params)
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes held by the parameters (not counting their gradients)."""
+        return tensor_bytes(self.params)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Restore the initial parameter values and the fixed gradients (undoing any previous step)."""
+        params = self.params
+        torch._foreach_copy_(params, self.initial_values)
+        torch._foreach_copy_([param.grad for param in params], self.fixed_grads)
+
+
+@torch.no_grad()
+def build_workload(size: ModelSize, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Workload:
+    """Allocate GPT-2-shaped parameters (N(0, 0.02)) and fixed N(0, 1e-3) gradients on ``device``."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    named_params: list[tuple[str, torch.nn.Parameter]] = []
+    initial_values: list[Tensor] = []
+    fixed_grads: list[Tensor] = []
+    for name, shape in parameter_shapes(size):
+        value = torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=generator)
+        grad = torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 1e-3, generator=generator)
+        param = torch.nn.Parameter(value.clone())
+        param.grad = grad.clone()
+        named_params.append((name, param))
+        initial_values.append(value)
+        fixed_grads.append(grad)
+    return Workload(size, named_params, initial_values, fixed_grads)
+
+
+def tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    """Total bytes of ``tensors``, counting each storage once (views and repeats are not re-counted)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for tensor in tensors:
+        key = (str(tensor.device), tensor.untyped_storage().data_ptr())
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def state_tensors(value: Any) -> Iterable[Tensor]:
+    """Every tensor inside an optimizer-state value (recursing into dicts, lists and tuples)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from state_tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from state_tensors(item)
+
+
+def optimizer_state_bytes(optimizer: Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (momentum/moment buffers and per-tensor scalars)."""
+    return tensor_bytes(state_tensors(dict(optimizer.state)))
+
+
+# ----------------------------------------------------------------------------------- optimizers
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Hyperparameters passed to every optimizer (each keeps its own defaults for everything else)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One benchmarked optimizer: a CLI key, a table label and a factory over a workload."""
+
+    key: str
+    label: str
+    build: Callable[[Workload], Optimizer]
+
+
+SGD_FLOOR = "sgd-fused"
+ADAMW_FUSED = "adamw-fused"
+SGDSAI_DEFAULT = "sgdsai"
+
+#: Optional baselines: CLI key -> (import name, distribution name, pinned version).
+OPTIONAL_BASELINES = {
+    "sgd-sai-official": ("sgd_sai", "sgd-sai", "1.0.3"),
+    "pto-sgdsai": ("pytorch_optimizer", "pytorch_optimizer", "4.1.0"),
+    "adam-mini": ("adam_mini", "adam-mini", "1.1.1"),
+}
+
+
+def sgdsai_variant_options() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Run-time variants of ``sai_hf.SGDSaI`` its signature supports: key -> (label, extra kwargs).
+
+    Detected with :func:`inspect.signature`, not assumed: ``foreach=False`` (per-tensor loop),
+    ``fused=True`` and ``momentum_dtype=torch.bfloat16``, each when the constructor accepts it.
+    """
+    from sai_hf import SGDSaI
+
+    accepted = inspect.signature(SGDSaI).parameters
+    candidates = {
+        "sgdsai-loop": ("sai_hf.SGDSaI(foreach=False)", {"foreach": False}),
+        "sgdsai-fused": ("sai_hf.SGDSaI(fused=True)", {"fused": True}),
+        "sgdsai-bf16m": ("sai_hf.SGDSaI(momentum_dtype=bf16)", {"momentum_dtype": torch.bfloat16}),
+    }
+    return {key: option for key, option in candidates.items() if all(name in accepted for name in option[1])}
+
+
+def optimizer_specs(hp: Hyperparameters) -> tuple[list[OptimizerSpec], dict[str, str]]:
+    """All benchmarkable optimizers, and the optional baselines skipped (key -> reason)."""
+    from sai_hf import SGDSaI
+
+    common = {"lr": hp.lr, "weight_decay": hp.weight_decay}
+
+    def sgdsai(**extra: Any) -> Callable[[Workload], Optimizer]:
+        return lambda w: SGDSaI(w.params, **common, **extra)
+
+    specs = [OptimizerSpec(SGDSAI_DEFAULT, "sai_hf.SGDSaI", sgdsai())]
+    specs += [OptimizerSpec(key, label, sgdsai(**extra)) for key, (label, extra) in sgdsai_variant_options().items()]
+    specs += [
+        OptimizerSpec(
+            SGD_FLOOR,
+            "torch SGD(momentum=0.9, fused)",
+            lambda w: torch.optim.SGD(w.params, momentum=0.9, fused=True, **common),
+        ),
+        OptimizerSpec(ADAMW_FUSED, "torch AdamW(fused)", lambda w: torch.optim.AdamW(w.params, fused=True, **common)),
+        OptimizerSpec(
+            "adamw-foreach", "torch AdamW(foreach)", lambda w: torch.optim.AdamW(w.params, foreach=True, **common)
+        ),
+    ]
+    optional = {
+        "sgd-sai-official": OptimizerSpec("sgd-sai-official", "sgd_sai.SGD_sai (official)", build_official_sgd_sai(hp)),
+        "pto-sgdsai": OptimizerSpec("pto-sgdsai", "pytorch_optimizer.SGDSaI", build_pytorch_optimizer_sgdsai(hp)),
+        "adam-mini": OptimizerSpec("adam-mini", "adam_mini.Adam_mini", build_adam_mini(hp)),
+    }
+    skipped: dict[str, str] = {}
+    for key, spec in optional.items():
+        module, distribution, version = OPTIONAL_BASELINES[key]
+        if importlib.util.find_spec(module) is None:
+            skipped[key] = f"not installed (pip install {distribution}=={version})"
+        else:
+            specs.append(spec)
+    return specs, skipped
+
+
+def build_official_sgd_sai(hp: Hyperparameters) -> Callable[[Workload], Optimizer]:
+    """Factory of the official ``sgd_sai.SGD_sai`` (sgd-sai 1.0.3)."""
+
+    def build(w: Workload) -> Optimizer:
+        from sgd_sai import SGD_sai
+
+        return SGD_sai(w.params, lr=hp.lr, weight_decay=hp.weight_decay)
+
+    return build
+
+
+def build_pytorch_optimizer_sgdsai(hp: Hyperparameters) -> Callable[[Workload], Optimizer]:
+    """Factory of ``pytorch_optimizer.SGDSaI`` (its default ``foreach=None`` path)."""
+
+    def build(w: Workload) -> Optimizer:
+        from pytorch_optimizer import SGDSaI as PtoSGDSaI
+
+        return PtoSGDSaI(w.params, lr=hp.lr, weight_decay=hp.weight_decay)
+
+    return build
+
+
+def build_adam_mini(hp: Hyperparameters) -> Callable[[Workload], Optimizer]:
+    """Factory of ``adam_mini.Adam_mini`` with the model's ``dim`` and ``n_heads``, logs off."""
+
+    def build(w: Workload) -> Optimizer:
+        from adam_mini import Adam_mini
+
+        return Adam_mini(
+            named_parameters=w.named_params,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            dim=w.size.n_embd,
+            n_heads=w.size.n_head,
+            verbose=False,
+        )
+
+    return build
+
+
+def select_specs(specs: Sequence[OptimizerSpec], wanted: str | None) -> list[OptimizerSpec]:
+    """The specs named in the comma-separated ``wanted`` (all when ``None``); unknown keys are errors."""
+    if not wanted:
+        return list(specs)
+    keys = [key.strip() for key in wanted.split(",") if key.strip()]
+    known = {spec.key for spec in specs}
+    unknown = [key for key in keys if key not in known]
+    if unknown:
+        raise ValueError(f"unknown or unavailable optimizer(s) {unknown}; available: {sorted(known)}")
+    return [spec for spec in specs if spec.key in keys]
+
+
+# ----------------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels on ``device`` (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of ``fn()`` in milliseconds, synchronizing the device before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def host_sync_check(optimizer: Optimizer, device: torch.device) -> str:
+    """``pass`` when one ``optimizer.step()`` runs under ``set_sync_debug_mode("error")``, else ``fail``.
+
+    ``n/a`` off CUDA (there is no host-device sync to detect).
+    """
+    if device.type != "cuda":
+        return "n/a"
+    synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer.step()
+    except RuntimeError:
+        return "fail"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        synchronize(device)
+    return "pass"
+
+
+@dataclass
+class Trial:
+    """One fresh optimizer on a reset workload: first step, one steady-state step, its state size."""
+
+    first_ms: float
+    step_ms: float
+    state_bytes: int
+    host_syncs: str | None = None
+
+
+def run_trial(spec: OptimizerSpec, workload: Workload, device: torch.device, check_syncs: bool) -> Trial:
+    """Reset the workload, build the optimizer, time its first and second steps, then free it.
+
+    Anything the optimizer prints (the official ``SGD_sai`` announces its warm-up) is swallowed.
+    """
+    workload.reset()
+    with contextlib.redirect_stdout(io.StringIO()):
+        optimizer = spec.build(workload)
+        first_ms = time_ms(optimizer.step, device)
+        step_ms = time_ms(optimizer.step, device)
+        trial = Trial(first_ms, step_ms, optimizer_state_bytes(optimizer))
+        if check_syncs:
+            trial.host_syncs = host_sync_check(optimizer, device)
+    alive = weakref.ref(optimizer)
+    del optimizer  # frees its state now: only one optimizer's state exists at a time
+    collect_if_alive(alive)
+    return trial
+
+
+def collect_if_alive(ref: weakref.ref) -> None:
+    """Run a full ``gc.collect()`` only if a reference cycle still keeps ``ref``'s object alive."""
+    if ref() is not None:
+        gc.collect()
+
+
+@dataclass
+class Measurement:
+    """All trials of one optimizer on one size."""
+
+    size: str
+    key: str
+    label: str
+    numel: int
+    param_bytes: int
+    first_ms: list[float] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    state_bytes: int = 0
+    host_syncs: str = "n/a"
+
+    def add(self, trial: Trial) -> None:
+        """Record one trial."""
+        self.first_ms.append(trial.first_ms)
+        self.step_ms.append(trial.step_ms)
+        self.state_bytes = trial.state_bytes
+        if trial.host_syncs is not None:
+            self.host_syncs = trial.host_syncs
+
+
+def rotated(items: Sequence[Any], shift: int) -> list[Any]:
+    """``items`` rotated left by ``shift`` (the round-robin start moves every repetition)."""
+    if not items:
+        return []
+    shift %= len(items)
+    return list(items[shift:]) + list(items[:shift])
+
+
+def measure_size(
+    specs: Sequence[OptimizerSpec],
+    workload: Workload,
+    device: torch.device,
+    repeats: int,
+    failures: dict[str, str],
+    log: Callable[[str], None],
+) -> list[Measurement]:
+    """Interleaved trials: ``repeats`` rounds, each running every optimizer once (rotating the order).
+
+    An optimizer that raises is dropped for this size and its error stored in ``failures``.
+    """
+    name = workload.size.name
+    measurements = {
+        spec.key: Measurement(name, spec.key, spec.label, workload.numel, workload.param_bytes) for spec in specs
+    }
+    active = list(specs)
+    started = time.perf_counter()
+    for repeat in range(repeats):
+        for spec in rotated(active, repeat):
+            try:
+                trial = run_trial(spec, workload, device, check_syncs=repeat == 0)
+            except Exception as error:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+                failures[f"{name}/{spec.key}"] = f"{type(error).__name__}: {error}"
+                active.remove(spec)
+                del measurements[spec.key]
+                log(f"[{name}] {spec.key} failed: {type(error).__name__}: {error}")
+                continue
+            measurements[spec.key].add(trial)
+        log(f"[{name}] repetition {repeat + 1}/{repeats} done ({time.perf_counter() - started:.0f} s)")
+    return [measurements[spec.key] for spec in specs if spec.key in measurements]
+
+
+# ----------------------------------------------------------------------------------- summary
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, or ``None`` when either is missing or the denominator is 0."""
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def summarize(measurements: Sequence[Measurement]) -> list[dict[str, Any]]:
+    """One row per (size, optimizer): medians, ratios to the references, state bytes and ratio."""
+    medians = {(m.size, m.key): statistics.median(m.step_ms) for m in measurements}
+    rows = []
+    for m in measurements:
+        step = medians[(m.size, m.key)]
+        first = statistics.median(m.first_ms)
+        rows.append(
+            {
+                "size": m.size,
+                "optimizer": m.key,
+                "label": m.label,
+                "numel": m.numel,
+                "param_bytes": m.param_bytes,
+                "step_ms_median": step,
+                "step_ms": m.step_ms,
+                "first_step_ms_median": first,
+                "first_step_ms": m.first_ms,
+                "first_over_step": ratio(first, step),
+                "ratio_to_sgd_fused": ratio(step, medians.get((m.size, SGD_FLOOR))),
+                "ratio_to_adamw_fused": ratio(step, medians.get((m.size, ADAMW_FUSED))),
+                "state_bytes": m.state_bytes,
+                "state_over_param_bytes": ratio(m.state_bytes, m.param_bytes),
+                "host_syncs": m.host_syncs,
+            }
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target the default ``SGDSaI`` (or a variant) is judged against."""
+
+    optimizer: str
+    metric: str
+    description: str
+    holds: Callable[[float], bool]
+
+
+GOALS = (
+    Goal(SGDSAI_DEFAULT, "ratio_to_sgd_fused", "step <= 1.10x torch SGD fused", lambda v: v <= 1.10),
+    Goal(SGDSAI_DEFAULT, "ratio_to_adamw_fused", "step <= 0.80x AdamW fused", lambda v: v <= 0.80),
+    Goal(SGDSAI_DEFAULT, "first_over_step", "first step <= 3x steady step", lambda v: v <= 3.0),
+    Goal(SGDSAI_DEFAULT, "state_over_param_bytes", "state = 1.0x param bytes", lambda v: abs(v - 1.0) < 1e-3),
+    Goal("sgdsai-bf16m", "state_over_param_bytes", "state = 0.5x param bytes", lambda v: abs(v - 0.5) < 1e-3),
+)
+
+
+def goal_checks(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Evaluate :data:`GOALS` on every size where the optimizer and the needed reference were measured."""
+    checks = []
+    for row in rows:
+        for goal in GOALS:
+            value = row[goal.metric] if row["optimizer"] == goal.optimizer else None
+            if value is None:
+                continue
+            checks.append(
+                {
+                    "size": row["size"],
+                    "optimizer": goal.optimizer,
+                    "goal": goal.description,
+                    "value": value,
+                    "met": bool(goal.holds(value)),
+                }
+            )
+    return checks
+
+
+# ----------------------------------------------------------------------------------- output
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    """Format a number for the table (``n/a`` for ``None``)."""
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+TABLE_COLUMNS = (
+    "size",
+    "optimizer",
+    "step ms (median)",
+    "vs SGD fused",
+    "vs AdamW fused",
+    "first step ms",
+    "first / step",
+    "state MiB",
+    "state / params",
+    "host syncs",
+)
+
+
+def table_cells(row: dict[str, Any]) -> list[str]:
+    """One result row as the cells of :data:`TABLE_COLUMNS`."""
+    return [
+        row["size"],
+        row["label"],
+        fmt(row["step_ms_median"], ".1f"),
+        fmt(row["ratio_to_sgd_fused"], ".2f", "x"),
+        fmt(row["ratio_to_adamw_fused"], ".2f", "x"),
+        fmt(row["first_step_ms_median"], ".1f"),
+        fmt(row["first_over_step"], ".2f", "x"),
+        fmt(row["state_bytes"] / 2**20, ".1f"),
+        fmt(row["state_over_param_bytes"], ".2f", "x"),
+        row["host_syncs"],
+    ]
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The results as a GitHub markdown table."""
+    lines = [TABLE_COLUMNS, ["---"] * len(TABLE_COLUMNS), *(table_cells(row) for row in rows)]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def goals_markdown(checks: Sequence[dict[str, Any]]) -> str:
+    """The goal checks as a markdown list."""
+    if not checks:
+        return "(no goal could be evaluated: the default SGDSaI or a reference optimizer was not run)"
+    return "\n".join(
+        f"- {c['size']} {c['optimizer']}: {c['goal']}: {c['value']:.2f} -> {'met' if c['met'] else 'NOT met'}"
+        for c in checks
+    )
+
+
+def cpu_name() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """What the numbers depend on: versions, device, threads, dtype, repeats, command line."""
+    versions = {}
+    for distribution in ("torch", "transformers", "sai-hf", "sgd-sai", "pytorch_optimizer", "adam-mini"):
+        try:
+            versions[distribution] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            versions[distribution] = None
+    return {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "argv": vars(args) | {"out_dir": str(args.out_dir)},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "load_average_1m_at_end": os.getloadavg()[0],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "sgdsai_variants": sorted(sgdsai_variant_options()),
+    }
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """Everything printed to stdout: setup line, skipped baselines, results table, goal checks."""
+    env = report["environment"]
+    parts = [
+        f"Optimizer step benchmark: device={env['device']} ({env['device_name']}), threads={env['threads']}, "
+        f"dtype={env['dtype']}, repeats={env['repeats']} (median; interleaved), torch {env['versions']['torch']}",
+        "",
+    ]
+    busiest = max(env["load_average_1m_at_start"], env["load_average_1m_at_end"])
+    if env["device"] == "cpu" and busiest > (env["cpu_count"] or 1):
+        parts += [
+            f"- warning: 1-minute load average reached {busiest:.1f} on {env['cpu_count']} CPUs: "
+            "other processes were competing, times are noisy",
+            "",
+        ]
+    for key, reason in report["skipped"].items():
+        parts.append(f"- skipped {key}: {reason}")
+    if report["skipped"]:
+        parts.append("")
+    parts += [markdown_table(report["results"]), "", "Goals (default SGDSaI):", goals_markdown(report["goals"])]
+    return "\n".join(parts)
+
+
+def write_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Step time and state memory vs model size, one line per optimizer; ``None`` without matplotlib.
+
+    ``sai_hf`` variants are drawn solid, the baselines dashed.
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(13, 5))
+    for label in dict.fromkeys(r["label"] for r in rows):
+        series = sorted((r for r in rows if r["label"] == label), key=lambda r: r["numel"])
+        sizes = [r["numel"] / 1e6 for r in series]
+        style = {"marker": "o", "label": label, "linestyle": "-" if label.startswith("sai_hf") else "--"}
+        ax_time.plot(sizes, [r["step_ms_median"] for r in series], **style)
+        ax_mem.plot(sizes, [r["state_bytes"] / 2**30 for r in series], **style)
+    ticks = {r["numel"] / 1e6: f"{r['size']}\n({r['numel'] / 1e6:.3g}M)" for r in rows}
+    for ax, ylabel in ((ax_time, "steady-state step (ms, median)"), (ax_mem, "optimizer state (GiB)")):
+        ax.set_xticks(list(ticks), list(ticks.values()))
+        ax.set_xlabel("GPT-2 parameter shapes")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    ax_mem.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------- end to end
+
+E2E_SCRIPT = REPO_ROOT / "scripts" / "pretrain_gpt2.py"
+E2E_CONFIG = REPO_ROOT / "configs" / "gpt2-local.yaml"
+E2E_OPTIMS = ("sgd_sai", "adamw_torch_fused")
+E2E_REFERENCE = "adamw_torch_fused"
+
+#: Overrides that make a recipe run measure training only: no evaluation, no checkpoints, tokens counted.
+E2E_OVERRIDES = (
+    "--eval_strategy", "no",
+    "--eval_on_start", "false",
+    "--save_strategy", "no",
+    "--report_to", "none",
+    "--include_num_input_tokens_seen", "true",
+)  # fmt: skip
+
+
+def e2e_command(config: Path, optim: str, steps: int, output_dir: Path, extra: Sequence[str]) -> list[str]:
+    """The recipe command line for one run: ``config``, ``--optim optim`` and ``steps`` steps."""
+    return [
+        sys.executable,
+        str(E2E_SCRIPT),
+        str(config),
+        "--optim", optim,
+        "--max_steps", str(steps),
+        "--logging_steps", str(steps),
+        "--output_dir", str(output_dir),
+        *E2E_OVERRIDES,
+        *extra,
+    ]  # fmt: skip
+
+
+def e2e_throughput(output_dir: Path) -> dict[str, float]:
+    """Training throughput of a finished recipe run, from the JSON files ``Trainer`` wrote.
+
+    ``train_results.json`` gives ``train_runtime`` (seconds in ``trainer.train()``) and
+    ``train_samples_per_second``; ``trainer_state.json`` the ``num_input_tokens_seen`` counted by
+    ``Trainer``, so tokens/s = tokens seen / runtime.
+    """
+    train = json.loads((output_dir / "train_results.json").read_text())
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    tokens = max(entry.get("num_input_tokens_seen", 0) for entry in history)
+    runtime = float(train["train_runtime"])
+    return {
+        "train_runtime_s": runtime,
+        "train_samples_per_second": float(train["train_samples_per_second"]),
+        "tokens": tokens,
+        "tokens_per_second": tokens / runtime if runtime and tokens else math.nan,
+    }
+
+
+def run_e2e(command: Sequence[str], output_dir: Path, threads: int | None) -> dict[str, Any]:
+    """Run one recipe command (its output goes to ``output_dir/run.log``); return its throughput or error."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    with open(output_dir / "run.log", "w") as log_file:
+        completed = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    if completed.returncode != 0:
+        tail = (output_dir / "run.log").read_text()[-1500:]
+        return {"returncode": completed.returncode, "error": tail}
+    return {"returncode": 0, **e2e_throughput(output_dir)}
+
+
+def measure_e2e(args: argparse.Namespace, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run the recipe ``--e2e-repeats`` times per optim (round-robin); one row per optim with median tokens/s."""
+    optims = [optim.strip() for optim in args.e2e_optims.split(",") if optim.strip()]
+    runs: dict[str, list[dict[str, Any]]] = {optim: [] for optim in optims}
+    for repeat in range(args.e2e_repeats):
+        for optim in rotated(optims, repeat):
+            output_dir = args.out_dir / "e2e" / f"{optim}-{repeat}"
+            command = e2e_command(args.e2e_config, optim, args.e2e_steps, output_dir, shlex.split(args.e2e_args))
+            log(f"[e2e] {optim} run {repeat + 1}/{args.e2e_repeats}: {shlex.join(command)}")
+            result = run_e2e(command, output_dir, args.threads)
+            if result["returncode"] != 0:
+                log(f"[e2e] {optim} failed (rc={result['returncode']}), {output_dir / 'run.log'}:\n{result['error']}")
+            runs[optim].append({"command": shlex.join(command)} | result)
+    rows = []
+    for optim, results in runs.items():
+        ok = [r["tokens_per_second"] for r in results if r["returncode"] == 0]
+        median = statistics.median(ok) if ok else None
+        rows.append({"optim": optim, "tokens_per_second_median": median, "runs": results})
+    reference = next((r["tokens_per_second_median"] for r in rows if r["optim"] == E2E_REFERENCE), None)
+    for row in rows:
+        row["ratio_to_adamw_fused"] = ratio(row["tokens_per_second_median"], reference)
+    return rows
+
+
+def e2e_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """End-to-end table: median tokens/s per ``--optim`` and its ratio to ``adamw_torch_fused``."""
+    lines = ["| --optim | tokens/s (median) | vs adamw_torch_fused | runs ok |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        ok = sum(run["returncode"] == 0 for run in row["runs"])
+        lines.append(
+            f"| {row['optim']} | {fmt(row['tokens_per_second_median'], '.0f')} "
+            f"| {fmt(row['ratio_to_adamw_fused'], '.2f', 'x')} | {ok}/{len(row['runs'])} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options (``--quick`` fills in tiny sizes and 3 repeats unless given explicitly)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sizes",
+        help=f"comma-separated, of {list(SIZES)} (default {','.join(CPU_SIZES)} on CPU, {','.join(CUDA_SIZES)} on CUDA)",
+    )
+    parser.add_argument("--repeats", type=int, help="interleaved trials per optimizer, median reported (default 7)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter and gradient dtype")
+    parser.add_argument("--optimizers", help="comma-separated keys to run (default: all available); see --list")
+    parser.add_argument("--list", action="store_true", help="list the optimizer keys and exit")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"tiny shapes ({','.join(QUICK_SIZES)}) and {QUICK_REPEATS} repeats"
+    )
+    parser.add_argument("--lr", type=float, default=Hyperparameters.lr, help="learning rate given to every optimizer")
+    parser.add_argument("--weight-decay", type=float, default=Hyperparameters.weight_decay, help="for every optimizer")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, default=Path("outputs/bench"))
+    e2e = parser.add_argument_group("end to end (--e2e): tokens/s of scripts/pretrain_gpt2.py per --optim")
+    e2e.add_argument("--e2e", action="store_true", help="run the GPT-2 recipe instead of the optimizer-step benchmark")
+    e2e.add_argument("--e2e-steps", type=int, default=50, help="training steps per run (default 50)")
+    e2e.add_argument("--e2e-repeats", type=int, default=1, help="runs per optim, round-robin; median reported")
+    e2e.add_argument("--e2e-optims", default=",".join(E2E_OPTIMS), help="comma-separated --optim values")
+    e2e.add_argument("--e2e-config", type=Path, default=E2E_CONFIG, help="default: configs/gpt2-local.yaml")
+    e2e.add_argument("--e2e-args", default="", help="extra recipe overrides, one shell-quoted string")
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    if args.sizes is None:
+        args.sizes = ",".join(QUICK_SIZES if args.quick else CUDA_SIZES if args.device == "cuda" else CPU_SIZES)
+    if args.repeats is None:
+        args.repeats = QUICK_REPEATS if args.quick else 7
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    unknown = [s for s in args.sizes.split(",") if s not in SIZES]
+    if unknown:
+        parser.error(f"unknown size(s) {unknown}; choose from {list(SIZES)}")
+    return args
+
+
+def log_stderr(message: str) -> None:
+    """Progress messages go to stderr so that stdout is just the report."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, then list the optimizers, run ``--e2e``, or run the optimizer-step benchmark."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs, skipped = optimizer_specs(Hyperparameters(lr=args.lr, weight_decay=args.weight_decay))
+    if args.list:
+        print(list_optimizers(specs, skipped))
+        return {}
+    if args.e2e:
+        return e2e_benchmark(args)
+    return step_benchmark(args, select_specs(specs, args.optimizers), skipped)
+
+
+def list_optimizers(specs: Sequence[OptimizerSpec], skipped: dict[str, str]) -> str:
+    """``--list``: every optimizer key with its label, and the skipped baselines with the reason."""
+    lines = [f"{spec.key:20s} {spec.label}" for spec in specs]
+    return "\n".join(lines + [f"{key:20s} skipped: {reason}" for key, reason in skipped.items()])
+
+
+def step_benchmark(args: argparse.Namespace, specs: Sequence[OptimizerSpec], skipped: dict[str, str]) -> dict[str, Any]:
+    """Measure every size, print the markdown report, write ``bench.json`` (and ``bench.png``); return the report."""
+    device = torch.device(args.device)
+    measurements: list[Measurement] = []
+    failures: dict[str, str] = {}
+    started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
+    for size_name in args.sizes.split(","):
+        workload = build_workload(SIZES[size_name], device, DTYPES[args.dtype], seed=args.seed)
+        log_stderr(f"[{size_name}] {workload.numel / 1e6:.1f}M parameters in {len(workload.named_params)} tensors")
+        measurements += measure_size(specs, workload, device, args.repeats, failures, log_stderr)
+        del workload
+        gc.collect()
+
+    rows = summarize(measurements)
+    report: dict[str, Any] = {
+        "environment": environment(args, device) | {"load_average_1m_at_start": load_at_start},
+        "skipped": skipped | {key: f"failed: {reason}" for key, reason in failures.items()},
+        "results": rows,
+        "goals": goal_checks(rows),
+        "benchmark_seconds": time.perf_counter() - started,
+    }
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    setup = report["environment"]
+    plot = write_plot(
+        rows, args.out_dir / "bench.png", f"{setup['device_name']}, {setup['threads']} threads, {setup['dtype']}"
+    )
+    report["plot"] = str(plot) if plot else None
+    (args.out_dir / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(report_markdown(report))
+    log_stderr(f"wrote {args.out_dir / 'bench.json'}" + (f" and {plot}" if plot else " (no plot: no matplotlib)"))
+    return report
+
+
+def e2e_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """``--e2e``: run the GPT-2 recipe per optim, print the tokens/s table, write ``e2e.json``; return the report."""
+    if not E2E_SCRIPT.exists():
+        raise FileNotFoundError(f"--e2e needs {E2E_SCRIPT}")
+    started = time.perf_counter()
+    rows = measure_e2e(args, log_stderr)
+    report = {
+        "environment": environment(args, torch.device(args.device)),
+        "e2e": rows,
+        "benchmark_seconds": time.perf_counter() - started,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "e2e.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"End-to-end: {E2E_SCRIPT.relative_to(REPO_ROOT)} {args.e2e_config}, {args.e2e_steps} steps per run\n")
+    print(e2e_markdown(rows))
+    log_stderr(f"wrote {args.out_dir / 'e2e.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

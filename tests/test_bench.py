@@ -1,0 +1,130 @@
+"""Smoke test of ``scripts/bench_optimizers.py --quick`` (in process; no timing assertions)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_optimizers.py"
+
+
+def load_bench() -> ModuleType:
+    """Import the benchmark script as a module (``scripts/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_optimizers", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return load_bench()
+
+
+@pytest.fixture(scope="module")
+def quick_run(bench: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    """Run ``main(["--quick", ...])`` once; return the report, the output dir and what was printed."""
+    out_dir = tmp_path_factory.mktemp("bench")
+    stdout = io.StringIO()  # capsys is function-scoped; this fixture runs the script once per module
+    with contextlib.redirect_stdout(stdout):
+        report = bench.main(["--quick", "--device", "cpu", "--threads", "1", "--out-dir", str(out_dir)])
+    return report, out_dir, stdout.getvalue()
+
+
+def installed_keys(bench: ModuleType) -> set[str]:
+    """Keys of every optimizer the script can run here (built-in ones plus installed baselines)."""
+    specs, skipped = bench.optimizer_specs(bench.Hyperparameters())
+    keys = {spec.key for spec in specs}
+    for key, (module, _, _) in bench.OPTIONAL_BASELINES.items():
+        assert (key in keys) == (importlib.util.find_spec(module) is not None)
+        assert (key in skipped) == (key not in keys)
+    return keys
+
+
+def rows_by(report: dict, size: str) -> dict[str, dict]:
+    return {row["optimizer"]: row for row in report["results"] if row["size"] == size}
+
+
+def test_json_has_every_installed_optimizer_with_positive_times(bench: ModuleType, quick_run: tuple) -> None:
+    report, out_dir, _ = quick_run
+    on_disk = json.loads((out_dir / "bench.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(report["results"]))
+    expected = installed_keys(bench)
+    for size in bench.QUICK_SIZES:
+        rows = rows_by(on_disk, size)
+        assert set(rows) == expected, on_disk["skipped"]
+        for row in rows.values():
+            assert len(row["step_ms"]) == bench.QUICK_REPEATS
+            for value in (row["step_ms_median"], row["first_step_ms_median"], *row["step_ms"], *row["first_step_ms"]):
+                assert math.isfinite(value) and value > 0
+            assert row["host_syncs"] == "n/a"  # CPU
+
+
+def test_state_bytes(bench: ModuleType, quick_run: tuple) -> None:
+    report, _, _ = quick_run
+    for size in bench.QUICK_SIZES:
+        rows = rows_by(report, size)
+        param_bytes = rows[bench.SGDSAI_DEFAULT]["param_bytes"]
+        n_tensors = len(bench.parameter_shapes(bench.SIZES[size]))
+        assert rows[bench.SGDSAI_DEFAULT]["state_bytes"] == param_bytes  # one fp32 momentum buffer, scales are floats
+        adamw = rows[bench.ADAMW_FUSED]["state_bytes"]
+        # exp_avg + exp_avg_sq, plus one 0-dim fp32 ``step`` tensor per parameter
+        assert adamw - 2 * param_bytes == 4 * n_tensors
+        assert rows[bench.ADAMW_FUSED]["state_over_param_bytes"] == pytest.approx(2.0, abs=1e-2)
+        if "sgdsai-bf16m" in rows:
+            assert rows["sgdsai-bf16m"]["state_bytes"] == param_bytes // 2
+
+
+def test_ratios_refer_to_the_floor_and_adamw(bench: ModuleType, quick_run: tuple) -> None:
+    report, _, _ = quick_run
+    for size in bench.QUICK_SIZES:
+        rows = rows_by(report, size)
+        assert rows[bench.SGD_FLOOR]["ratio_to_sgd_fused"] == pytest.approx(1.0)
+        assert rows[bench.ADAMW_FUSED]["ratio_to_adamw_fused"] == pytest.approx(1.0)
+
+
+def test_markdown_table_and_plot(bench: ModuleType, quick_run: tuple) -> None:
+    report, out_dir, printed = quick_run
+    header = "| " + " | ".join(bench.TABLE_COLUMNS) + " |"
+    assert header in printed
+    lines = printed.splitlines()
+    assert lines[lines.index(header) + 1].startswith("| --- |")
+    assert sum(line.startswith("| tiny | sai_hf.SGDSaI |") for line in lines) == 1
+    assert len([line for line in lines if line.startswith(("| tiny |", "| mini |"))]) == len(report["results"])
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out_dir / "bench.png").stat().st_size > 0
+
+
+def test_optimizer_filter_and_unknown_key(bench: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        bench.main(["--quick", "--device", "cpu", "--optimizers", "nope", "--out-dir", str(tmp_path)])
+    argv = ["--quick", "--device", "cpu", "--sizes", "tiny", "--repeats", "1", "--optimizers", "sgdsai"]
+    report = bench.main([*argv, "--out-dir", str(tmp_path)])
+    assert [row["optimizer"] for row in report["results"]] == ["sgdsai"]
+    assert report["results"][0]["ratio_to_sgd_fused"] is None  # the floor was not run
+
+
+def test_e2e_throughput_reads_trainer_files(bench: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / "train_results.json").write_text(json.dumps({"train_runtime": 2.0, "train_samples_per_second": 8.0}))
+    history = [{"loss": 1.0, "num_input_tokens_seen": 1024, "step": 5}, {"num_input_tokens_seen": 2048, "step": 10}]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    assert bench.e2e_throughput(tmp_path) == {
+        "train_runtime_s": 2.0,
+        "train_samples_per_second": 8.0,
+        "tokens": 2048,
+        "tokens_per_second": 1024.0,
+    }
+    command = bench.e2e_command(Path("c.yaml"), "sgd_sai", 7, tmp_path, ["--seed", "1"])
+    assert command[command.index("--optim") + 1] == "sgd_sai"
+    assert command[command.index("--max_steps") + 1] == "7"
+    assert command[-2:] == ["--seed", "1"]

@@ -1,0 +1,475 @@
+"""Tests of the training recipes (scripts/, configs/, sai_hf/recipes/).
+
+The two scripts run in-process through their ``main(argv)`` on their offline default configs,
+shrunk by command-line overrides to a few steps of a tiny model on a small corpus subsample;
+one test runs a script as a subprocess. Tokenizers and pretrained bases go to one temporary
+cache for the whole session, so the BPE tokenizer is trained once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import sai_hf  # noqa: E402  (registers --optim sgd_sai)
+import torch  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+from sai_hf.recipes.arguments import (  # noqa: E402
+    DataArguments,
+    FinetuneDataArguments,
+    GPT2ModelArguments,
+    LlamaModelArguments,
+    LoraArguments,
+)
+from sai_hf.recipes.config import parse_recipe_args  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+PRETRAIN_ARGS = (GPT2ModelArguments, DataArguments, TrainingArguments)
+FINETUNE_ARGS = (LlamaModelArguments, FinetuneDataArguments, LoraArguments, TrainingArguments)
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py`` as a module (for its ``main``)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pretrain_gpt2 = load_script("pretrain_gpt2")
+finetune_llama_lora = load_script("finetune_llama_lora")
+
+
+@pytest.fixture(scope="session")
+def recipe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache (tokenizers, pretrained bases) for the whole test session."""
+    return tmp_path_factory.mktemp("sai_hf_cache")
+
+
+def common_overrides(output_dir: Path, cache: Path) -> list[str]:
+    return [
+        "--output_dir", str(output_dir),
+        "--recipe_cache_dir", str(cache),
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+        "--dataloader_pin_memory", "false",
+        "--tokenizer_vocab_size", "512",
+        "--corpus_max_files", "40",
+        "--max_steps", "4",
+        "--eval_steps", "2",
+        "--logging_steps", "1",
+        "--max_eval_samples", "8",
+        "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "4",
+        "--warmup_steps", "0",
+    ]  # fmt: skip
+
+
+def tiny_gpt2(output_dir: Path, cache: Path) -> list[str]:
+    return [*common_overrides(output_dir, cache), "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "64"]
+
+
+def tiny_llama(output_dir: Path, cache: Path) -> list[str]:
+    return [
+        *common_overrides(output_dir, cache),
+        "--hidden_size", "32",
+        "--intermediate_size", "64",
+        "--num_hidden_layers", "1",
+        "--num_attention_heads", "2",
+        "--num_key_value_heads", "1",
+        "--base_pretrain_steps", "3",
+        "--block_size", "96",
+        "--lora_r", "4",
+        "--lora_alpha", "8",
+    ]  # fmt: skip
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer inside accelerate's ``AcceleratedOptimizer``."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def assert_finite_metrics(metrics: dict, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        assert key in metrics, f"{key} missing from {sorted(metrics)}"
+        assert math.isfinite(metrics[key]), f"{key}={metrics[key]}"
+
+
+def assert_sgd_sai_run(result, output_dir: Path) -> None:
+    """Common checks: SGD-SaI was used, gsnr.json and the metrics JSON files were written."""
+    assert isinstance(unwrap_optimizer(result.trainer.optimizer), sai_hf.SGDSaI)
+    assert (output_dir / "gsnr.json").is_file()
+    for name in ("all_results.json", "eval_results.json", "train_results.json", "trainer_state.json"):
+        assert (output_dir / name).is_file(), name
+    all_results = json.loads((output_dir / "all_results.json").read_text())
+    assert_finite_metrics(all_results, ("eval_loss", "eval_perplexity", "perplexity", "eval_token_accuracy", "train_loss"))
+    assert all_results["eval_perplexity"] == pytest.approx(math.exp(all_results["eval_loss"]), rel=1e-4)
+    assert 0.0 <= all_results["eval_token_accuracy"] <= 1.0
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    eval_steps = [entry["step"] for entry in history if "eval_perplexity" in entry]
+    assert eval_steps[:3] == [0, 2, 4], "evaluates at the start and every eval_steps, with perplexity"
+
+
+# --------------------------------------------------------------------------- the two recipes
+
+
+def test_pretrain_gpt2_default_config(tmp_path: Path, recipe_cache: Path) -> None:
+    output_dir = tmp_path / "gpt2"
+    result = pretrain_gpt2.main([str(CONFIGS / "gpt2-local.yaml"), *tiny_gpt2(output_dir, recipe_cache)])
+
+    assert_sgd_sai_run(result, output_dir)
+    assert result.trainer.args.optim == "sgd_sai"
+    assert result.trainer.model.config.n_layer == 1  # the override won over the config file
+    assert (output_dir / "model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
+    assert len(list((recipe_cache / "tokenizers").glob("bpe-512-*"))) == 1
+
+
+def test_finetune_llama_lora_default_config_and_adapter_round_trip(tmp_path: Path, recipe_cache: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, Trainer
+
+    output_dir = tmp_path / "lora"
+    result = finetune_llama_lora.main([str(CONFIGS / "llama-lora-local.yaml"), *tiny_llama(output_dir, recipe_cache)])
+
+    assert_sgd_sai_run(result, output_dir)
+    assert isinstance(result.trainer.model, PeftModel)
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not (output_dir / "model.safetensors").exists(), "only the adapter is saved"
+
+    # The base was pretrained and cached; the adapter names it.
+    base_dir = Path(adapter_config["base_model_name_or_path"])
+    assert base_dir.parent == recipe_cache / "bases" and (base_dir / "model.safetensors").is_file()
+
+    # Labels: -100 on every prompt token, the completion is scored.
+    example = result.trainer.train_dataset[0]
+    masked = [label == -100 for label in example["labels"]]
+    assert masked[0] and not all(masked)
+    assert masked == sorted(masked, reverse=True), "the masked prompt comes first, then the completion"
+
+    # Reload the adapter onto a fresh copy of the base: same eval loss.
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, output_dir)
+    eval_args = TrainingArguments(
+        output_dir=str(tmp_path / "reload"),
+        per_device_eval_batch_size=result.trainer.args.per_device_eval_batch_size,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    reloaded_metrics = Trainer(
+        model=reloaded, args=eval_args, eval_dataset=result.trainer.eval_dataset, data_collator=result.trainer.data_collator
+    ).evaluate()
+    assert reloaded_metrics["eval_loss"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_pretrain_gpt2_runs_as_a_subprocess(tmp_path: Path, recipe_cache: Path) -> None:
+    output_dir = tmp_path / "gpt2-cli"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "pretrain_gpt2.py"), str(CONFIGS / "gpt2-local.yaml"), *tiny_gpt2(output_dir, recipe_cache)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"results in {output_dir}, metrics in {output_dir / 'all_results.json'}" in completed.stdout
+    metrics = json.loads((output_dir / "all_results.json").read_text())
+    assert math.isfinite(metrics["perplexity"])
+    assert (output_dir / "gsnr.json").is_file()
+
+
+# --------------------------------------------------------------------------- hub-layout models and data
+
+
+def save_tiny_hub_model(directory: Path, architecture: str) -> Path:
+    """Save a tiny model + tokenizer with save_pretrained, as a hub repo would hold them."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from sai_hf.recipes.tokenizer import train_bpe_tokenizer
+
+    texts = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.\n"] * 50
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=300)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if architecture == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2, **ids)
+    else:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, **ids,
+        )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def test_pretrain_gpt2_from_local_hub_layout(tmp_path: Path, recipe_cache: Path) -> None:
+    model_dir = save_tiny_hub_model(tmp_path / "tiny-gpt2", "gpt2")
+    data_dir = tmp_path / "tiny-text-dataset"  # a dataset directory, as on the hub: train/validation files
+    data_dir.mkdir()
+    lines = [f"Line {i}: the quick brown fox jumps over the lazy dog {i % 7} times." for i in range(200)]
+    write_jsonl(data_dir / "train.jsonl", [{"content": line} for line in lines[:180]])
+    write_jsonl(data_dir / "validation.jsonl", [{"content": line} for line in lines[180:]])
+    output_dir = tmp_path / "out"
+
+    result = pretrain_gpt2.main(
+        [
+            str(CONFIGS / "gpt2-local.yaml"),
+            *tiny_gpt2(output_dir, recipe_cache),
+            "--model_name_or_path", str(model_dir),
+            "--tokenizer_name", str(model_dir),
+            "--dataset_name", str(data_dir),
+            "--text_column", "content",
+            "--block_size", "32",
+        ]
+    )  # fmt: skip
+
+    assert_sgd_sai_run(result, output_dir)
+    assert result.trainer.model.name_or_path == str(model_dir)
+    assert result.trainer.processing_class.name_or_path == str(model_dir)
+    assert len(result.trainer.eval_dataset) == 8 and len(result.trainer.eval_dataset[0]["input_ids"]) == 32
+
+
+def test_pretrain_gpt2_from_local_text_files(tmp_path: Path, recipe_cache: Path) -> None:
+    model_dir = save_tiny_hub_model(tmp_path / "tiny-gpt2", "gpt2")
+    train_file = tmp_path / "train.txt"
+    train_file.write_text("".join(f"the fox jumps over the dog number {i}\n" for i in range(300)))
+    validation_file = tmp_path / "validation.txt"
+    validation_file.write_text("".join(f"the dog sleeps under the tree number {i}\n" for i in range(60)))
+    output_dir = tmp_path / "out"
+
+    result = pretrain_gpt2.main(
+        [
+            str(CONFIGS / "gpt2-local.yaml"),
+            *tiny_gpt2(output_dir, recipe_cache),
+            "--model_name_or_path", str(model_dir),
+            "--train_file", str(train_file),
+            "--validation_file", str(validation_file),
+            "--block_size", "32",
+        ]
+    )  # fmt: skip
+    assert_sgd_sai_run(result, output_dir)
+
+
+def test_finetune_llama_lora_from_local_hub_layout_alpaca(tmp_path: Path, recipe_cache: Path) -> None:
+    model_dir = save_tiny_hub_model(tmp_path / "tiny-llama", "llama")
+    records = [
+        {"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 2 else "numbers", "output": f"{2 * i + 1}"}
+        for i in range(120)
+    ]
+    train_file = write_jsonl(tmp_path / "alpaca.jsonl", records)
+    output_dir = tmp_path / "out"
+
+    result = finetune_llama_lora.main(
+        [
+            str(CONFIGS / "llama-lora-local.yaml"),
+            *tiny_llama(output_dir, recipe_cache),
+            "--model_name_or_path", str(model_dir),
+            "--train_file", str(train_file),
+            "--validation_split_percentage", "10",
+            "--data_format", "alpaca",
+            "--block_size", "384",  # the Alpaca template is long in a 300-token vocabulary
+        ]
+    )  # fmt: skip
+
+    assert_sgd_sai_run(result, output_dir)
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(model_dir)
+    assert len(result.trainer.eval_dataset) == 8  # 10 % of 120 held out, capped by max_eval_samples
+
+
+# --------------------------------------------------------------------------- bad input, reported before training
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(FileNotFoundError, match="config file not found: .*nope.yaml"):
+        pretrain_gpt2.main([str(missing)])
+
+
+def test_first_argument_must_be_a_config_file() -> None:
+    with pytest.raises(ValueError, match="first argument must be a YAML config file"):
+        pretrain_gpt2.main(["--max_steps", "3"])
+
+
+def test_help_lists_recipe_and_training_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_llama_lora.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--lora_r" in help_text and "--base_pretrain_steps" in help_text and "--learning_rate" in help_text
+
+
+def test_unknown_config_key_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "typo.yaml"
+    config.write_text("learning_rat: 1.0e-3\nmax_steps: 3\n")
+    with pytest.raises(ValueError, match=r"unknown config key in config file .*typo.yaml: 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+        pretrain_gpt2.main([str(config)])
+
+
+def test_unknown_override_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown config key in the command line: 'lora_rank'"):
+        finetune_llama_lora.main([str(CONFIGS / "llama-lora-local.yaml"), "--lora_rank", "4"])
+
+
+def test_bad_override_value_is_named() -> None:
+    with pytest.raises(ValueError, match="--max_steps.*invalid int value: 'many'"):
+        pretrain_gpt2.main([str(CONFIGS / "gpt2-local.yaml"), "--max_steps", "many"])
+
+
+def test_dataset_without_text_column_names_expected_and_present_columns(tmp_path: Path, recipe_cache: Path) -> None:
+    train_file = write_jsonl(tmp_path / "train.jsonl", [{"body": f"text {i}", "id": i} for i in range(20)])
+    output_dir = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"no column 'text' \(the text column, set with --text_column\).*columns present: \['body', 'id'\]"):
+        pretrain_gpt2.main([str(CONFIGS / "gpt2-local.yaml"), *tiny_gpt2(output_dir, recipe_cache), "--train_file", str(train_file)])
+    assert not (output_dir / "trainer_state.json").exists(), "raised before training"
+
+
+def test_alpaca_dataset_without_output_column_is_named(tmp_path: Path, recipe_cache: Path) -> None:
+    model_dir = save_tiny_hub_model(tmp_path / "tiny-llama", "llama")
+    train_file = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "say hi", "answer": "hi"}] * 20)
+    with pytest.raises(ValueError, match=r"no column 'output' \(the Alpaca response\).*columns present: \['instruction', 'answer'\]"):
+        finetune_llama_lora.main(
+            [
+                str(CONFIGS / "llama-lora-local.yaml"),
+                *tiny_llama(tmp_path / "out", recipe_cache),
+                "--model_name_or_path", str(model_dir),
+                "--train_file", str(train_file),
+                "--data_format", "alpaca",
+            ]
+        )  # fmt: skip
+
+
+def test_missing_train_file_is_named(tmp_path: Path, recipe_cache: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="train file not found: .*absent.txt"):
+        pretrain_gpt2.main(
+            [str(CONFIGS / "gpt2-local.yaml"), *tiny_gpt2(tmp_path, recipe_cache), "--train_file", str(tmp_path / "absent.txt")]
+        )
+
+
+# --------------------------------------------------------------------------- configs and docs
+
+
+def recipe_configs() -> list[Path]:
+    return sorted(CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", recipe_configs(), ids=lambda path: path.name)
+def test_every_config_parses(config: Path) -> None:
+    dataclasses_ = PRETRAIN_ARGS if config.name.startswith("gpt2") else FINETUNE_ARGS
+    *_, training_args = parse_recipe_args([str(config), "--bf16", "false"], dataclasses_)  # CPU: no bf16
+    assert training_args.optim == "sgd_sai", "every shipped recipe trains with SGD-SaI"
+    assert training_args.eval_strategy == "steps"
+
+
+@pytest.mark.parametrize(
+    ("config", "millions"), [("gpt2-124m", 124.4), ("gpt2-350m", 354.8), ("gpt2-774m", 774.0), ("gpt2-1.5b", 1557.6)]
+)
+def test_gpt2_size_configs_have_the_published_parameter_counts(config: str, millions: float) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from sai_hf.recipes.models import count_parameters, gpt2_config
+
+    model_args, data_args, _ = parse_recipe_args([str(CONFIGS / f"{config}.yaml"), "--bf16", "false"], PRETRAIN_ARGS)
+    assert model_args.tokenizer_name == "gpt2" and data_args.block_size == 1024
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(gpt2_config(model_args, 50257, data_args.block_size))
+    assert count_parameters(model) / 1e6 == pytest.approx(millions, rel=0.002)
+
+
+def test_accelerate_configs_load_and_readme_references_them() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {path.stem: load_config_from_file(str(path)) for path in sorted((CONFIGS / "accelerate").glob("*.yaml"))}
+    assert {str(c.distributed_type) for c in configs.values()} >= {"DistributedType.NO", "DistributedType.MULTI_GPU", "DistributedType.FSDP"}
+    assert configs["fsdp"].fsdp_config["fsdp_version"] == 2
+    docs = (REPO / "README.md").read_text()
+    for path in [*recipe_configs(), *(CONFIGS / "accelerate").glob("*.yaml")]:
+        assert str(path.relative_to(REPO)) in docs, f"README.md does not mention {path.relative_to(REPO)}"
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def test_override_wins_over_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("max_steps: 7\nlearning_rate: 1.0e-3\nreport_to: none\noutput_dir: x\nlora_target_modules: [q_proj]\n")
+    _, _, lora_args, training_args = parse_recipe_args([str(config), "--learning_rate", "5e-4"], FINETUNE_ARGS)
+    assert (training_args.max_steps, training_args.learning_rate) == (7, 5e-4)
+    assert lora_args.lora_target_modules == ["q_proj"]
+
+
+def test_stdlib_corpus_split_is_by_file_and_deterministic() -> None:
+    from sai_hf.recipes.corpus import stdlib_corpus
+
+    first, second = stdlib_corpus(max_files=60), stdlib_corpus(max_files=60)
+    assert list(first["train"]["path"]) == list(second["train"]["path"])
+    assert not set(first["train"]["path"]) & set(first["validation"]["path"])
+    assert len(first["train"]) + len(first["validation"]) == 60 and len(first["validation"]) >= 1
+    assert all(path.endswith(".py") and "site-packages" not in path for path in first["train"]["path"])
+
+
+def test_docstring_pairs_split_signature_and_docstring_from_body() -> None:
+    from sai_hf.recipes.docstring_pairs import iter_docstring_pairs
+
+    source = (
+        "class A:\n"
+        "    @property\n"
+        "    def area(self, scale: int = 2) -> int:\n"
+        '        """Return the area."""\n'
+        "        side = self.side\n"
+        "        return side * side * scale\n"
+        "\n"
+        "def undocumented():\n"
+        "    return 1\n"
+    )
+    assert list(iter_docstring_pairs(source)) == [
+        (
+            'def area(self, scale: int = 2) -> int:\n    """Return the area."""\n',
+            "    side = self.side\n    return side * side * scale\n",
+        )
+    ]
+
+
+def test_prompt_tokens_are_masked(recipe_cache: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    from sai_hf.recipes.prompt_completion import tokenize_prompt_completion
+    from sai_hf.recipes.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=280)
+    pairs = Dataset.from_dict({"prompt": ["def f(x):\n"], "completion": ["    return x + 1\n"]})
+    example = tokenize_prompt_completion(DatasetDict(train=pairs), tokenizer, max_length=64)["train"][0]
+    n_prompt = len(tokenizer("def f(x):\n")["input_ids"])
+    assert example["labels"][:n_prompt] == [-100] * n_prompt
+    assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_token_accuracy_metric_loads_offline_from_the_package() -> None:
+    from sai_hf.recipes.metrics import load_token_accuracy_metric
+
+    metric = load_token_accuracy_metric()
+    assert metric.compute(predictions=[1, 2, 3, 4], references=[1, 2, 0, 4]) == {"accuracy": 0.75}
