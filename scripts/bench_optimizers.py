@@ -669,7 +669,7 @@ def report_markdown(report: dict[str, Any]) -> str:
 def write_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
     """Step time and state memory vs model size, one line per optimizer; ``None`` without matplotlib.
 
-    ``sai_hf`` variants are drawn solid, the baselines dashed.
+    ``sai_hf`` variants are drawn solid, the baselines dashed; the time axis is logarithmic.
     """
     if importlib.util.find_spec("matplotlib") is None:
         return None
@@ -691,6 +691,7 @@ def write_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path |
         ax.set_xlabel("GPT-2 parameter shapes")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
+    ax_time.set_yscale("log")  # the optimizers span more than an order of magnitude
     ax_mem.legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
