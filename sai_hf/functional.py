@@ -25,8 +25,11 @@ Scales are host floats, fixed after the first step, so no path syncs the device.
 (``momentum_dtype=torch.bfloat16`` halves optimizer memory). The update is computed in the
 parameter's precision and written back with *stochastic rounding* (``stochastic_round_to_bf16``):
 unbiased, so the tiny ``(1 - mu) g`` increments that round-to-nearest would lose on a bf16 buffer
-survive in expectation. The dither is a deterministic function of ``(step, block index)``, so runs
-and resumed runs are reproducible.
+survive in expectation. The dither is a counter-based hash of ``(value, element index, step, block
+index)``, so runs and resumed runs are reproducible and no generator state is kept. The update of a
+bfloat16-momentum block runs slab by slab (``_SLAB`` elements) so its float32 temporaries stay in
+cache: measured on CPU, ~4x the time of the fp32 fused step on the same tensor (a per-element
+Mersenne-Twister draw made it ~30x).
 """
 
 from __future__ import annotations
@@ -39,21 +42,90 @@ from torch.optim.optimizer import Optimizer, _get_fused_kernels_supported_device
 
 __all__ = ["sgd_sai", "stochastic_round_to_bf16", "fused_supported"]
 
-_BF16_LOW_BITS = 1 << 16
-_BF16_KEEP_MASK = -(1 << 16)  # 0xFFFF0000 as int32
+#: Odd 32-bit multiplier of the rounding hash (2^32 / golden ratio, as a signed int32).
+_HASH_MULTIPLIER = -1640531535
+#: Elements per slab of the bfloat16-momentum update: the slab's float32 momentum and int32 hash
+#: (1 MiB each) stay in cache across the ~10 elementwise passes of the update.
+_SLAB = 1 << 18
+_MASK64 = (1 << 64) - 1
+
+
+def _wrap_int32(value: int) -> int:
+    return (value + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
+def _seed_offset(seed: int) -> int:
+    """A pseudo-random 32-bit offset derived from ``seed`` (the splitmix64 finaliser)."""
+    z = (seed + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & 0xFFFF_FFFF
+
+
+def _index_hash(length: int, device: torch.device) -> Tensor:
+    """``K * j`` for ``j = 0..length-1`` as wrapping int32."""
+    return torch.arange(length, dtype=torch.int32, device=device).mul_(_HASH_MULTIPLIER)
+
+
+def _round_bits_into(out: Tensor, bits: Tensor, index_hash: Tensor, first_index: int, seed: int, scratch: Tensor) -> None:
+    """Write into int16 ``out`` the bfloat16 bits of float32 ``bits`` (viewed as int32; flat
+    elements ``first_index, first_index + 1, ...`` of their tensor) stochastically rounded."""
+    offset = _wrap_int32(_HASH_MULTIPLIER * (first_index + _seed_offset(seed)))
+    torch.add(index_hash, bits, alpha=_HASH_MULTIPLIER, out=scratch).add_(offset)  # h = K (bits + i + c)
+    scratch.bitwise_right_shift_(16).bitwise_and_(0xFFFF)  # u = top 16 bits of h
+    scratch.add_(bits).bitwise_right_shift_(16)  # (bits + u) >> 16
+    out.copy_(scratch)  # int32 -> int16: the bfloat16 bit pattern
 
 
 def stochastic_round_to_bf16(x: Tensor, seed: int) -> Tensor:
-    """Round float32 ``x`` to bfloat16 stochastically (unbiased), with a dither derived from ``seed``.
+    """Round ``x`` (computed in float32) to bfloat16 stochastically: unbiased, deterministic per ``seed``.
 
-    ``E[result] = x``: the 16 low mantissa bits are replaced by a uniform random carry before
-    truncation. Deterministic for a given ``(x, seed)``.
+    With ``b`` the float32 bits of element ``i`` (an int32) and ``K`` an odd constant::
+
+        u_i    = top 16 bits of  K * (b + i + c(seed))      (mod 2^32)
+        result = top 16 bits of  b + u_i                    (a bfloat16 bit pattern)
+
+    ``c(seed)`` is a pseudo-random 32-bit offset. For any fixed ``b`` and ``i``, ``b + i + c`` is
+    uniform when ``c`` is, multiplication by an odd ``K`` is a bijection mod 2^32, so ``u_i`` is
+    uniform on ``[0, 2^16)``: ``x`` rounds up (away from zero) with probability equal to its
+    truncated low 16 bits / 2^16, i.e. ``E[result] = x``. Equal entries get different
+    ``u_i`` (the index enters the hash). This is a counter-based generator: no generator state,
+    ~6 integer passes instead of a Mersenne-Twister draw per element.
     """
-    bits = x.detach().to(torch.float32).contiguous().view(torch.int32)
-    generator = torch.Generator(device=x.device).manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
-    noise = torch.randint(0, _BF16_LOW_BITS, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
-    rounded = torch.bitwise_and(bits + noise, _BF16_KEEP_MASK)
-    return rounded.view(torch.float32).to(torch.bfloat16)
+    bits = x.detach().to(torch.float32).contiguous().view(-1).view(torch.int32)
+    out = torch.empty(bits.shape, dtype=torch.int16, device=bits.device)
+    numel = bits.numel()
+    size = max(1, min(numel, _SLAB))
+    index_hash, scratch = _index_hash(size, bits.device), torch.empty(size, dtype=torch.int32, device=bits.device)
+    for start in range(0, numel, size):
+        n = min(numel, start + size) - start
+        _round_bits_into(out[start : start + n], bits[start : start + n], index_hash[:n], start, seed, scratch[:n])
+    return out.view(torch.bfloat16).view(x.shape)
+
+
+def _bf16_momentum_update(param: Tensor, grad: Tensor, buf: Tensor, momentum: float, step_size: float, seed: int) -> None:
+    """``m = mu buf + (1 - mu) g`` in float32, ``buf <- stochastic_round_to_bf16(m)``,
+    ``param += step_size * m``; slab by slab, so that the temporaries stay in cache. The result is
+    the one of the whole-tensor formulas (the hash takes each element's flat index)."""
+    if not (param.is_contiguous() and grad.is_contiguous() and buf.is_contiguous()):
+        value = buf.float().lerp_(grad.float(), 1 - momentum)
+        buf.copy_(stochastic_round_to_bf16(value, seed))
+        param.add_(value, alpha=step_size)
+        return
+    p, g, b = param.view(-1), grad.view(-1), buf.view(-1)
+    out = b.view(torch.int16)
+    numel = p.numel()
+    size = max(1, min(numel, _SLAB))
+    value = torch.empty(size, dtype=torch.float32, device=p.device)
+    scratch = torch.empty(size, dtype=torch.int32, device=p.device)
+    index_hash = _index_hash(size, p.device)
+    for start in range(0, numel, size):
+        end = min(numel, start + size)
+        n = end - start
+        m = value[:n].copy_(b[start:end])
+        m.lerp_(g[start:end].float(), 1 - momentum)
+        _round_bits_into(out[start:end], m.view(torch.int32), index_hash[:n], start, seed, scratch[:n])
+        p[start:end].add_(m, alpha=step_size)
 
 
 #: dtypes the fused kernel updates correctly on CPU. torch 2.13's CPU ``_fused_sgd_`` leaves the
@@ -150,17 +222,19 @@ def _new_buffer(grad: Tensor, momentum_dtype: torch.dtype | None, seed: int) -> 
     return grad.detach().to(momentum_dtype)
 
 
-def _mixed_precision_momentum(buf: Tensor, grad: Tensor, momentum: float, seed: int) -> Tensor:
-    """``m = mu m + (1 - mu) g`` computed in the wider of the buffer's and gradient's dtypes and
-    stored back into ``buf`` (stochastically rounded when ``buf`` is bfloat16); returns ``m`` in
-    the wider dtype, which is what the parameter update uses."""
+def _mixed_precision_update(
+    param: Tensor, grad: Tensor, buf: Tensor, momentum: float, step_size: float, seed: int
+) -> None:
+    """Momentum step of a block whose buffer dtype differs from its gradient's: ``m = mu m + (1 - mu) g``
+    computed in the wider dtype and stored back into ``buf`` (stochastically rounded when ``buf`` is
+    bfloat16), then ``param += step_size * m`` with the wide ``m``."""
     wide = torch.promote_types(buf.dtype, grad.dtype)
-    value = buf.to(wide).lerp_(grad.to(wide), 1 - momentum)
     if buf.dtype == torch.bfloat16 and wide == torch.float32:
-        buf.copy_(stochastic_round_to_bf16(value, seed))
-    else:
-        buf.copy_(value)
-    return value
+        _bf16_momentum_update(param, grad, buf, momentum, step_size, seed)
+        return
+    value = buf.to(wide).lerp_(grad.to(wide), 1 - momentum)
+    buf.copy_(value)
+    param.add_(value, alpha=step_size)
 
 
 def _seed(step: int, index: int) -> int:
@@ -182,6 +256,9 @@ def _single_tensor_sgd_sai(
 ) -> None:
     for i, param in enumerate(params):
         grad = -grads[i] if maximize else grads[i]
+        step_size = -lr * scales[i]
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
         if momentum != 0:
             buf = momentum_buffer_list[i]
             if buf is None:
@@ -189,14 +266,13 @@ def _single_tensor_sgd_sai(
                 momentum_buffer_list[i] = buf
                 direction = grad if buf.dtype != grad.dtype else buf
             elif buf.dtype != grad.dtype:
-                direction = _mixed_precision_momentum(buf, grad, momentum, _seed(steps[i], i))
+                _mixed_precision_update(param, grad, buf, momentum, step_size, _seed(steps[i], i))
+                continue
             else:
                 direction = buf.lerp_(grad, 1 - momentum)
         else:
             direction = grad
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        param.add_(direction, alpha=-lr * scales[i])
+        param.add_(direction, alpha=step_size)
 
 
 def _multi_tensor_sgd_sai(
@@ -220,27 +296,29 @@ def _multi_tensor_sgd_sai(
     for (device_params, device_grads, device_bufs), indices in grouped.values():
         if maximize:
             device_grads = torch._foreach_neg(device_grads)
-        if momentum != 0:
-            directions: list[Tensor] = []
-            same = [j for j, buf in enumerate(device_bufs) if buf is not None and buf.dtype == device_grads[j].dtype]
-            if same:
-                torch._foreach_lerp_([device_bufs[j] for j in same], [device_grads[j] for j in same], 1 - momentum)
-            for j, buf in enumerate(device_bufs):
-                i = indices[j]
-                if buf is None:
-                    buf = _new_buffer(device_grads[j], momentum_dtype, _seed(steps[i], i))
-                    momentum_buffer_list[i] = buf
-                    directions.append(device_grads[j] if buf.dtype != device_grads[j].dtype else buf)
-                elif buf.dtype != device_grads[j].dtype:
-                    directions.append(_mixed_precision_momentum(buf, device_grads[j], momentum, _seed(steps[i], i)))
-                else:
-                    directions.append(buf)
-        else:
-            directions = list(device_grads)
         if weight_decay != 0:
             torch._foreach_mul_(device_params, 1 - lr * weight_decay)
-        step_sizes = [-lr * scales[i] for i in indices]
-        torch._foreach_add_(device_params, torch._foreach_mul(directions, step_sizes))
+        updated, directions = [], []  # blocks updated by foreach, and their directions
+        for j, grad in enumerate(device_grads):
+            i = indices[j]
+            buf = device_bufs[j] if momentum != 0 else grad
+            if buf is None:
+                buf = _new_buffer(grad, momentum_dtype, _seed(steps[i], i))
+                momentum_buffer_list[i] = buf
+                updated.append(j)
+                directions.append(grad if buf.dtype != grad.dtype else buf)
+            elif buf.dtype != grad.dtype:
+                _mixed_precision_update(device_params[j], grad, buf, momentum, -lr * scales[i], _seed(steps[i], i))
+            else:
+                updated.append(j)
+                directions.append(buf)
+        if momentum != 0:
+            lerping = [j for j in updated if device_bufs[j] is not None]
+            if lerping:
+                torch._foreach_lerp_([device_bufs[j] for j in lerping], [device_grads[j] for j in lerping], 1 - momentum)
+        if updated:
+            step_sizes = [-lr * scales[indices[j]] for j in updated]
+            torch._foreach_add_([device_params[j] for j in updated], torch._foreach_mul(directions, step_sizes))
 
 
 def _fused_sgd_sai(

@@ -87,6 +87,42 @@ def test_statistics_of_shards_sum_to_whole_tensor():
     torch.testing.assert_close(shards.sum(0, keepdim=True), whole)
 
 
+def _float64_gsnr(g: torch.Tensor) -> tuple[float, int]:
+    """g-SNR of ``g`` from float64 reductions, the slow exact reference."""
+    g = torch.view_as_real(g) if g.is_complex() else g
+    row = torch.stack(
+        (torch.tensor(float(g.numel()), dtype=torch.float64), g.sum(dtype=torch.float64),
+         torch.linalg.vector_norm(g, dtype=torch.float64).square())
+    )
+    gsnr, status = gsnr_from_statistics(row[None], eps=1e-8)
+    return gsnr.item(), int(status.item())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(70_000) * 1e-3,  # zero mean: the float32-row fast path
+        lambda: (torch.randn(70_000) + 3.0) * 1e-3,  # mean 3 std: still the fast path
+        lambda: (torch.randn(70_000) + 300.0) * 1e-3,  # mean dominates: recomputed in float64
+        lambda: torch.full((70_000,), 3e-4),  # constant: zero variance must survive (DEGENERATE)
+        lambda: torch.randn(70_000) * 1e20,  # float32 squares overflow
+        lambda: torch.randn(70_000) * 1e-21,  # float32 squares underflow
+        lambda: torch.randn(50_001, dtype=torch.bfloat16),  # not a multiple of the row length
+        lambda: (torch.randn(40_000) + 5.0).to(torch.float16),
+        lambda: torch.randn(20_000, dtype=torch.complex64),
+        lambda: torch.randn(300, 300)[:, ::2],  # non-contiguous
+    ],
+    ids=["zero-mean", "mean-3std", "mean-300std", "constant", "huge", "tiny", "bf16", "fp16", "complex", "strided"],
+)
+def test_cpu_statistics_of_large_tensors_match_float64(make):
+    torch.manual_seed(0)
+    g = make()
+    gsnr, status = gsnr_from_statistics(gradient_statistics([g]), eps=1e-8)
+    want_gsnr, want_status = _float64_gsnr(g)
+    assert int(status.item()) == want_status
+    assert gsnr.item() == pytest.approx(want_gsnr, rel=1e-6)
+
+
 # --------------------------------------------------------------------------- hyperparameters
 
 

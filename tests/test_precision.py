@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _models import lm_step, tiny_gpt2, token_batches
@@ -24,6 +26,54 @@ def test_stochastic_rounding_is_unbiased_and_deterministic():
     assert not torch.equal(rounded, stochastic_round_to_bf16(x, seed=8))
     exact = torch.tensor([1.5, -2.25, 0.0])
     assert torch.equal(stochastic_round_to_bf16(exact, seed=1).float(), exact)
+
+
+def test_stochastic_rounding_is_unbiased_per_element_over_seeds():
+    x = torch.tensor([1.0 + 2**-9, -3.0 - 2**-8, 1e-3 + 1e-6, 7.0])
+    draws = torch.stack([stochastic_round_to_bf16(x, seed=s).double() for s in range(4000)])
+    torch.testing.assert_close(draws.mean(0), x.double(), rtol=2e-4, atol=0)
+    below = x.to(torch.bfloat16).double()  # every draw is one of the two bf16 neighbours
+    assert ((draws - x.double()).abs() <= 2 * (below - x.double()).abs().clamp_min(1e-30) + 0.04).all()
+
+
+def test_slabbed_bf16_momentum_update_equals_whole_tensor_formula(monkeypatch):
+    from sai_hf import functional
+
+    torch.manual_seed(0)
+    p, g = torch.randn(10, 250), torch.randn(10, 250)
+    buf = torch.randn(10, 250).to(torch.bfloat16)
+    value = buf.float().lerp(g, 1 - 0.9)
+    want_buf, want_p = stochastic_round_to_bf16(value, seed=11), p.clone().add_(value, alpha=-0.01)
+    monkeypatch.setattr(functional, "_SLAB", 300)  # 2500 elements: 8 full slabs and a partial one
+    assert torch.equal(stochastic_round_to_bf16(value, seed=11), want_buf)
+    functional._bf16_momentum_update(p, g, buf, 0.9, -0.01, seed=11)
+    assert torch.equal(buf, want_buf)
+    assert torch.equal(p, want_p)
+
+
+def test_bf16_momentum_paths_agree():
+    # Fixed gradients: the bf16 buffers depend on gradients and seeds only, so they must be equal bit
+    # for bit; parameters differ by the rounding of a fused multiply-add at most.
+    torch.manual_seed(0)
+    shapes = [(64, 48), (48,), (1,), (700,)]
+    base = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    results = []
+    for path in (dict(foreach=True), dict(foreach=False, fused=False)):
+        params = [t.clone().requires_grad_() for t in base]
+        opt = SGDSaI(params, lr=2e-3, weight_decay=0.1, momentum_dtype=torch.bfloat16, **path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the one-element block is degenerate
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.clone()
+                opt.step()
+        results.append(([p.detach() for p in params], [opt.state[p]["momentum_buffer"] for p in params]))
+    (params_a, bufs_a), (params_b, bufs_b) = results
+    assert all(b.dtype == torch.bfloat16 for b in bufs_a)
+    assert all(torch.equal(a, b) for a, b in zip(bufs_a, bufs_b))
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_momentum_state_bytes_fp32_and_bf16():
