@@ -9,7 +9,9 @@ Every run uses the same recipe config, seed, data order and number of tokens; on
 ``--learning_rate`` change. Each run is a fresh subprocess (so peak memory is per run). Output in
 ``--out_dir`` (default ``outputs/compare``): ``compare.md`` (the table), ``compare.json`` (every
 run's metrics and loss history), ``loss_curves.png`` (train and eval loss of each optimizer's best
-learning rate) and ``lr_sensitivity.png`` (final eval loss against learning rate).
+learning rate) and ``lr_sensitivity.png`` (final eval loss against learning rate). ``sgd_sai`` runs
+also track g-SNR drift (``--gsnr_track_every``, default every quarter of the run): the table's last
+column says how far the blocks' g-SNR moved from the one their scales were fixed with.
 
 Learning-rate grids (``--grid`` overrides, e.g. ``--grid sgd_sai=1e-4,1e-3``):
 
@@ -124,8 +126,14 @@ def parse_grid(items: Sequence[str], optimizers: Sequence[str]) -> dict[str, lis
     return grids
 
 
-def run_one(config: str, optim: str, lr: float, out_dir: Path, extra: Sequence[str], block_size: int) -> dict[str, Any]:
-    """Run one (optimizer, lr) point in a fresh interpreter and return its measurements."""
+def run_one(
+    config: str, optim: str, lr: float, out_dir: Path, extra: Sequence[str], block_size: int, gsnr_track_every: int = 0
+) -> dict[str, Any]:
+    """Run one (optimizer, lr) point in a fresh interpreter and return its measurements.
+
+    ``sgd_sai`` runs also track g-SNR drift every ``gsnr_track_every`` steps (0: off)."""
+    if optim == "sgd_sai" and gsnr_track_every:
+        extra = [*extra, "--gsnr_track_every", str(gsnr_track_every)]
     run_dir = out_dir / "runs" / f"{optim}-lr{lr:g}"
     result_file = run_dir / "result.json"
     argv = [
@@ -172,9 +180,24 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "state_bytes": run["state_bytes"],
                 "state_over_params": run["state_bytes"] / run["param_bytes"] if run["param_bytes"] else float("nan"),
                 "peak_rss_mb": run["peak_rss_mb"],
+                **last_drift(run),
             }
         )
     return rows
+
+
+def last_drift(run: dict[str, Any]) -> dict[str, float]:
+    """The last logged ``gsnr_drift/*`` values of a run, keyed ``drift_spearman`` etc. (empty if untracked)."""
+    logged = [h for h in run["log_history"] if "gsnr_drift/spearman" in h]
+    if not logged:
+        return {}
+    last = logged[-1]
+    return {
+        "drift_step": last["step"],
+        "drift_spearman": last["gsnr_drift/spearman"],
+        "drift_max_ratio": last["gsnr_drift/max_ratio"],
+        "drift_median_ratio": last["gsnr_drift/median_ratio"],
+    }
 
 
 def best_per_optimizer(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -193,17 +216,28 @@ def _key(row: dict[str, Any]) -> float:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     best = best_per_optimizer(rows)
     lines = [
-        "| optimizer | lr | best eval loss | final eval loss | perplexity | tokens/s | optimizer state | state / params | peak RSS |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| optimizer | lr | best eval loss | final eval loss | perplexity | tokens/s | optimizer state | state / params "
+        "| peak RSS | g-SNR drift at the end (Spearman / max / median ratio) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in sorted(rows, key=lambda r: (r["optim"], r["learning_rate"])):
         mark = " **(best)**" if best[row["optim"]] is row else ""
         lines.append(
             f"| {row['optim']}{mark} | {row['learning_rate']:g} | {row['best_eval_loss']:.3f} | "
             f"{row['final_eval_loss']:.3f} | {row['perplexity']:.1f} | {row['tokens_per_second']:.0f} | "
-            f"{row['state_bytes'] / 2**20:.2f} MiB | {row['state_over_params']:.2f}x | {row['peak_rss_mb']:.0f} MB |"
+            f"{row['state_bytes'] / 2**20:.2f} MiB | {row['state_over_params']:.2f}x | {row['peak_rss_mb']:.0f} MB | "
+            f"{drift_cell(row)} |"
         )
     return "\n".join(lines)
+
+
+def drift_cell(row: dict[str, Any]) -> str:
+    if "drift_spearman" not in row:
+        return "-"
+    return (
+        f"{row['drift_spearman']:.2f} / {row['drift_max_ratio']:.1f}x / {row['drift_median_ratio']:.2f}x "
+        f"(step {row['drift_step']})"
+    )
 
 
 def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -263,6 +297,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out_dir", type=Path, default=ROOT / "outputs" / "compare")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps, two lrs each (CI smoke test)")
     parser.add_argument("--max_steps", type=int, default=None, help="override the config's max_steps")
+    parser.add_argument(
+        "--gsnr_track_every",
+        type=int,
+        default=None,
+        help="sgd_sai runs log g-SNR drift every N steps (default: a quarter of max_steps; 0: off)",
+    )
     parser.add_argument("--_run", help=argparse.SUPPRESS)
     args, recipe_overrides = parser.parse_known_args(argv)
     if args._run:
@@ -281,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.max_steps is not None:
         extra += ["--max_steps", str(args.max_steps)]
     block_size = int(_last_override(extra, "--block_size", config.get("block_size", 128)))
+    max_steps = int(_last_override(extra, "--max_steps", config.get("max_steps", 0)))
+    default_every = max(1, max_steps // 4) if max_steps > 0 else 0
+    track_every = args.gsnr_track_every if args.gsnr_track_every is not None else default_every
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     runs = []
@@ -288,13 +331,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for optim in optimizers:
         for lr in grids[optim]:
             print(f"[compare] {optim} lr={lr:g} ...", flush=True)
-            runs.append(run_one(args.config, optim, lr, args.out_dir, extra, block_size))
+            runs.append(run_one(args.config, optim, lr, args.out_dir, extra, block_size, track_every))
     rows = summarize(runs)
     table = markdown_table(rows)
     report = {
         "config": args.config,
         "overrides": extra,
         "grids": grids,
+        "gsnr_track_every": track_every,
         "rows": rows,
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,

@@ -25,7 +25,7 @@ except ImportError:  # running from a checkout that is not pip-installed
 
 from transformers import DataCollatorForSeq2Seq, TrainingArguments, default_data_collator, set_seed
 
-from sai_hf.recipes.arguments import FinetuneDataArguments, LlamaModelArguments, LoraArguments
+from sai_hf.recipes.arguments import DiagnosticsArguments, FinetuneDataArguments, LlamaModelArguments, LoraArguments
 from sai_hf.recipes.config import parse_recipe_args
 from sai_hf.recipes.corpus import stdlib_corpus
 from sai_hf.recipes.finetuning_data import finetuning_examples
@@ -39,8 +39,10 @@ from sai_hf.recipes.training import RecipeResult, announce, build_trainer, setup
 
 def main(argv: Sequence[str] | None = None) -> RecipeResult:
     """Run the recipe on ``argv`` (``CONFIG.yaml [--field value ...]``, default ``sys.argv[1:]``)."""
-    model_args, data_args, lora_args, training_args = parse_recipe_args(
-        argv, (LlamaModelArguments, FinetuneDataArguments, LoraArguments, TrainingArguments), prog="finetune_llama_lora.py"
+    model_args, data_args, lora_args, diagnostics, training_args = parse_recipe_args(
+        argv,
+        (LlamaModelArguments, FinetuneDataArguments, LoraArguments, DiagnosticsArguments, TrainingArguments),
+        prog="finetune_llama_lora.py",
     )
     setup_logging(training_args)
     set_seed(training_args.seed)
@@ -73,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> RecipeResult:
         if data_args.data_format == "text"
         else DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=-100)
     )
-    trainer = build_trainer(model, training_args, train_dataset, eval_dataset, tokenizer, collator)
+    trainer = build_trainer(
+        model, training_args, train_dataset, eval_dataset, tokenizer, collator, diagnostics.gsnr_track_every
+    )
     return train_and_evaluate(trainer, title="Llama LoRA fine-tuning")
 
 

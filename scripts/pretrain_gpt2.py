@@ -24,7 +24,7 @@ except ImportError:  # running from a checkout that is not pip-installed
 
 from transformers import TrainingArguments, default_data_collator, set_seed
 
-from sai_hf.recipes.arguments import DataArguments, GPT2ModelArguments
+from sai_hf.recipes.arguments import DataArguments, DiagnosticsArguments, GPT2ModelArguments
 from sai_hf.recipes.config import parse_recipe_args
 from sai_hf.recipes.corpus import stdlib_corpus
 from sai_hf.recipes.models import build_gpt2, count_parameters, fit_embeddings_to_tokenizer, load_pretrained_causal_lm
@@ -42,8 +42,8 @@ from sai_hf.recipes.training import RecipeResult, announce, build_trainer, setup
 
 def main(argv: Sequence[str] | None = None) -> RecipeResult:
     """Run the recipe on ``argv`` (``CONFIG.yaml [--field value ...]``, default ``sys.argv[1:]``)."""
-    model_args, data_args, training_args = parse_recipe_args(
-        argv, (GPT2ModelArguments, DataArguments, TrainingArguments), prog="pretrain_gpt2.py"
+    model_args, data_args, diagnostics, training_args = parse_recipe_args(
+        argv, (GPT2ModelArguments, DataArguments, DiagnosticsArguments, TrainingArguments), prog="pretrain_gpt2.py"
     )
     setup_logging(training_args)
     set_seed(training_args.seed)
@@ -72,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> RecipeResult:
         f"{len(eval_dataset)} evaluation blocks of {data_args.block_size} tokens from {dataset_source(data_args)}",
     )
 
-    trainer = build_trainer(model, training_args, train_dataset, eval_dataset, tokenizer, default_data_collator)
+    trainer = build_trainer(
+        model, training_args, train_dataset, eval_dataset, tokenizer, default_data_collator, diagnostics.gsnr_track_every
+    )
     return train_and_evaluate(trainer, title="GPT-2 pretraining")
 
 

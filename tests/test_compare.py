@@ -42,6 +42,10 @@ def test_quick_comparison_produces_table_json_and_plots(tmp_path, capsys):
     by_optim = {r["optim"]: r for r in rows}
     assert by_optim["sgd_sai"]["state_over_params"] == pytest.approx(1.0)
     assert by_optim["adamw_torch_fused"]["state_over_params"] >= 2.0  # exp_avg + exp_avg_sq (+ step)
+    # g-SNR drift is tracked for sgd_sai only (every 12 // 4 = 3 steps of the quick run)
+    assert report["gsnr_track_every"] == 3
+    assert all(r["drift_step"] == 12 and -1.0 <= r["drift_spearman"] <= 1.0 for r in rows if r["optim"] == "sgd_sai")
+    assert all("drift_spearman" not in r for r in rows if r["optim"] != "sgd_sai")
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert len(saved["runs"]) == 4 and all(run["log_history"] for run in saved["runs"])
     assert "| sgd_sai" in (tmp_path / "compare.md").read_text()

@@ -28,6 +28,7 @@ from transformers import TrainingArguments  # noqa: E402
 
 from sai_hf.recipes.arguments import (  # noqa: E402
     DataArguments,
+    DiagnosticsArguments,
     FinetuneDataArguments,
     GPT2ModelArguments,
     LlamaModelArguments,
@@ -37,8 +38,8 @@ from sai_hf.recipes.config import parse_recipe_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-PRETRAIN_ARGS = (GPT2ModelArguments, DataArguments, TrainingArguments)
-FINETUNE_ARGS = (LlamaModelArguments, FinetuneDataArguments, LoraArguments, TrainingArguments)
+PRETRAIN_ARGS = (GPT2ModelArguments, DataArguments, DiagnosticsArguments, TrainingArguments)
+FINETUNE_ARGS = (LlamaModelArguments, FinetuneDataArguments, LoraArguments, DiagnosticsArguments, TrainingArguments)
 
 
 def load_script(name: str) -> ModuleType:
@@ -128,11 +129,17 @@ def assert_sgd_sai_run(result, output_dir: Path) -> None:
 
 def test_pretrain_gpt2_default_config(tmp_path: Path, recipe_cache: Path) -> None:
     output_dir = tmp_path / "gpt2"
-    result = pretrain_gpt2.main([str(CONFIGS / "gpt2-local.yaml"), *tiny_gpt2(output_dir, recipe_cache)])
+    overrides = [*tiny_gpt2(output_dir, recipe_cache), "--gsnr_track_every", "2"]
+    result = pretrain_gpt2.main([str(CONFIGS / "gpt2-local.yaml"), *overrides])
 
     assert_sgd_sai_run(result, output_dir)
     assert result.trainer.args.optim == "sgd_sai"
     assert result.trainer.model.config.n_layer == 1  # the override won over the config file
+    drift = json.loads((output_dir / "gsnr_history.json").read_text())  # --gsnr_track_every 2 of 4 steps
+    assert drift["steps"][1:] == [2, 4] and len(drift["blocks"]) == len(list(result.trainer.model.parameters()))
+    logged = [entry for entry in result.trainer.state.log_history if "gsnr_drift/spearman" in entry]
+    assert [entry["step"] for entry in logged] == [2, 4]
+    assert all(-1.0 <= entry["gsnr_drift/spearman"] <= 1.0 and entry["gsnr_drift/max_ratio"] >= 1.0 for entry in logged)
     assert (output_dir / "model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
     assert len(list((recipe_cache / "tokenizers").glob("bpe-512-*"))) == 1
 
@@ -334,6 +341,11 @@ def test_unknown_override_is_named() -> None:
         finetune_llama_lora.main([str(CONFIGS / "llama-lora-local.yaml"), "--lora_rank", "4"])
 
 
+def test_negative_gsnr_track_every_is_named() -> None:
+    with pytest.raises(ValueError, match="gsnr_track_every=-1"):
+        pretrain_gpt2.main([str(CONFIGS / "gpt2-local.yaml"), "--gsnr_track_every", "-1"])
+
+
 def test_bad_override_value_is_named() -> None:
     with pytest.raises(ValueError, match="--max_steps.*invalid int value: 'many'"):
         pretrain_gpt2.main([str(CONFIGS / "gpt2-local.yaml"), "--max_steps", "many"])
@@ -392,7 +404,7 @@ def test_gpt2_size_configs_have_the_published_parameter_counts(config: str, mill
 
     from sai_hf.recipes.models import count_parameters, gpt2_config
 
-    model_args, data_args, _ = parse_recipe_args([str(CONFIGS / f"{config}.yaml"), "--bf16", "false"], PRETRAIN_ARGS)
+    model_args, data_args, _, _ = parse_recipe_args([str(CONFIGS / f"{config}.yaml"), "--bf16", "false"], PRETRAIN_ARGS)
     assert model_args.tokenizer_name == "gpt2" and data_args.block_size == 1024
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(gpt2_config(model_args, 50257, data_args.block_size))
@@ -416,7 +428,7 @@ def test_accelerate_configs_load_and_readme_references_them() -> None:
 def test_override_wins_over_config_file(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("max_steps: 7\nlearning_rate: 1.0e-3\nreport_to: none\noutput_dir: x\nlora_target_modules: [q_proj]\n")
-    _, _, lora_args, training_args = parse_recipe_args([str(config), "--learning_rate", "5e-4"], FINETUNE_ARGS)
+    _, _, lora_args, _, training_args = parse_recipe_args([str(config), "--learning_rate", "5e-4"], FINETUNE_ARGS)
     assert (training_args.max_steps, training_args.learning_rate) == (7, 5e-4)
     assert lora_args.lora_target_modules == ["q_proj"]
 

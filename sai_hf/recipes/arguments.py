@@ -84,6 +84,25 @@ class LlamaModelArguments(ModelArguments):
 
 
 @dataclass
+class DiagnosticsArguments:
+    """What the recipes can report about SGD-SaI itself."""
+
+    gsnr_track_every: int = field(
+        default=0,
+        metadata=_help(
+            "g-SNR drift diagnostic (--optim sgd_sai): every N optimizer steps, recompute every block's g-SNR "
+            "without changing the scales and log its drift from the g-SNR the scales came from "
+            "(gsnr_drift/spearman, gsnr_drift/max_ratio, gsnr_drift/median_ratio; gsnr_history.json in "
+            "output_dir, plotted by scripts/plot_gsnr.py). 0: off."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.gsnr_track_every < 0:
+            raise ValueError(f"Invalid gsnr_track_every={self.gsnr_track_every}: must be >= 0 (0 disables drift tracking)")
+
+
+@dataclass
 class LoraArguments:
     """The PEFT LoRA adapter."""
 

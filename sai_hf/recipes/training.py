@@ -21,6 +21,7 @@ import transformers
 from datasets import Dataset
 from transformers import DataCollator, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+from ..callback import GSNRCallback
 from .metrics import CausalLMMetrics, logits_to_token_ids, perplexity, request_losses_for_metrics
 from .plotting import loss_curves, plot_loss_curve
 
@@ -66,10 +67,15 @@ def build_trainer(
     eval_dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase,
     data_collator: DataCollator | None = None,
+    gsnr_track_every: int = 0,
 ) -> Trainer:
-    """A ``Trainer`` that reports ``eval_perplexity`` and ``eval_token_accuracy`` at each evaluation."""
+    """A ``Trainer`` that reports ``eval_perplexity`` and ``eval_token_accuracy`` at each evaluation,
+    and tracks g-SNR drift every ``gsnr_track_every`` optimizer steps (0: off; see
+    :class:`sai_hf.GSNRCallback`)."""
+    if gsnr_track_every < 0:
+        raise ValueError(f"Invalid gsnr_track_every={gsnr_track_every}: must be >= 0 (0 disables drift tracking)")
     request_losses_for_metrics(training_args)
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -79,6 +85,11 @@ def build_trainer(
         compute_metrics=CausalLMMetrics(),
         preprocess_logits_for_metrics=logits_to_token_ids,
     )
+    if gsnr_track_every:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, GSNRCallback):
+                callback.track_every = gsnr_track_every
+    return trainer
 
 
 def train_and_evaluate(trainer: Trainer, title: str = "training") -> RecipeResult:
