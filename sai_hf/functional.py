@@ -50,6 +50,10 @@ _SLAB = 1 << 18
 _MASK64 = (1 << 64) - 1
 
 
+def _slab_size(numel: int) -> int:
+    return max(1, min(numel, _SLAB))
+
+
 def _wrap_int32(value: int) -> int:
     return (value + (1 << 31)) % (1 << 32) - (1 << 31)
 
@@ -77,6 +81,8 @@ def _round_bits_into(out: Tensor, bits: Tensor, index_hash: Tensor, first_index:
     out.copy_(scratch)  # int32 -> int16: the bfloat16 bit pattern
 
 
+# Run eagerly under torch.compile: inductor's index arithmetic overflows on the wrapping int32 hash.
+@torch.compiler.disable
 def stochastic_round_to_bf16(x: Tensor, seed: int) -> Tensor:
     """Round ``x`` (computed in float32) to bfloat16 stochastically: unbiased, deterministic per ``seed``.
 
@@ -95,7 +101,7 @@ def stochastic_round_to_bf16(x: Tensor, seed: int) -> Tensor:
     bits = x.detach().to(torch.float32).contiguous().view(-1).view(torch.int32)
     out = torch.empty(bits.shape, dtype=torch.int16, device=bits.device)
     numel = bits.numel()
-    size = max(1, min(numel, _SLAB))
+    size = _slab_size(numel)
     index_hash, scratch = _index_hash(size, bits.device), torch.empty(size, dtype=torch.int32, device=bits.device)
     for start in range(0, numel, size):
         n = min(numel, start + size) - start
@@ -103,6 +109,7 @@ def stochastic_round_to_bf16(x: Tensor, seed: int) -> Tensor:
     return out.view(torch.bfloat16).view(x.shape)
 
 
+@torch.compiler.disable  # as stochastic_round_to_bf16
 def _bf16_momentum_update(param: Tensor, grad: Tensor, buf: Tensor, momentum: float, step_size: float, seed: int) -> None:
     """``m = mu buf + (1 - mu) g`` in float32, ``buf <- stochastic_round_to_bf16(m)``,
     ``param += step_size * m``; slab by slab, so that the temporaries stay in cache. The result is
@@ -115,7 +122,7 @@ def _bf16_momentum_update(param: Tensor, grad: Tensor, buf: Tensor, momentum: fl
     p, g, b = param.view(-1), grad.view(-1), buf.view(-1)
     out = b.view(torch.int16)
     numel = p.numel()
-    size = max(1, min(numel, _SLAB))
+    size = _slab_size(numel)
     value = torch.empty(size, dtype=torch.float32, device=p.device)
     scratch = torch.empty(size, dtype=torch.int32, device=p.device)
     index_hash = _index_hash(size, p.device)

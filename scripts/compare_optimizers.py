@@ -15,10 +15,12 @@ column says how far the blocks' g-SNR moved from the one their scales were fixed
 
 Learning-rate grids (``--grid`` overrides, e.g. ``--grid sgd_sai=1e-4,1e-3``):
 
-* ``sgd_sai``            3e-4, 1e-3, 3e-3   (raw g-SNR scales: AdamW's order of magnitude)
+* ``sgd_sai``            3e-4, 1e-3, 3e-3, 1e-2  (raw g-SNR scales: AdamW's order of magnitude and above)
 * ``adamw_torch_fused``  3e-4, 1e-3, 3e-3
 * ``adam_mini``          3e-4, 1e-3, 3e-3
-* ``sgd`` (momentum 0.9) 1e-2, 3e-2, 1e-1
+* ``sgd`` (momentum 0.9) 1e-2, 3e-2, 1e-1, 3e-1
+
+(the SGD grids reach one point further: on the offline default their best was at 3e-3 and 1e-1.)
 """
 
 from __future__ import annotations
@@ -39,13 +41,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Learning-rate grid of each optimizer (``--optim`` name -> lrs).
 DEFAULT_GRIDS: dict[str, list[float]] = {
-    "sgd_sai": [3e-4, 1e-3, 3e-3],
+    "sgd_sai": [3e-4, 1e-3, 3e-3, 1e-2],
     "adamw_torch_fused": [3e-4, 1e-3, 3e-3],
     "adam_mini": [3e-4, 1e-3, 3e-3],
-    "sgd": [1e-2, 3e-2, 1e-1],
+    "sgd": [1e-2, 3e-2, 1e-1, 3e-1],
 }
-#: Extra recipe arguments per optimizer.
-OPTIM_EXTRA: dict[str, list[str]] = {"sgd": ["--optim_args", "momentum=0.9"]}
+#: ``--optim_args`` of each optimizer. The recipe config's own ``optim_args`` are meant for its
+#: ``optim`` (SGD-SaI in the shipped configs), so ``sgd_sai`` keeps them and every other optimizer
+#: gets these (none, unless listed).
+OPTIM_ARGS: dict[str, str] = {"sgd": "momentum=0.9"}
+
+
+def optim_overrides(optim: str) -> list[str]:
+    """The ``--optim_args`` override of ``optim``'s runs (none for ``sgd_sai``: the config's)."""
+    return [] if optim == "sgd_sai" else ["--optim_args", OPTIM_ARGS.get(optim, "")]
 #: ``--quick``: a tiny model for a few steps, the lowest and highest point of each grid.
 QUICK_OVERRIDES = [
     "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--tokenizer_vocab_size", "512",
@@ -88,6 +97,7 @@ def _single_run(spec: dict[str, Any]) -> None:
     args = result.trainer.args
     tokens = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * spec["block_size"]
     out = {
+        "argv": spec["argv"],
         "optim": spec["optim"],
         "learning_rate": spec["learning_rate"],
         "metrics": result.metrics,
@@ -127,11 +137,19 @@ def parse_grid(items: Sequence[str], optimizers: Sequence[str]) -> dict[str, lis
 
 
 def run_one(
-    config: str, optim: str, lr: float, out_dir: Path, extra: Sequence[str], block_size: int, gsnr_track_every: int = 0
+    config: str,
+    optim: str,
+    lr: float,
+    out_dir: Path,
+    extra: Sequence[str],
+    block_size: int,
+    gsnr_track_every: int = 0,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run one (optimizer, lr) point in a fresh interpreter and return its measurements.
 
-    ``sgd_sai`` runs also track g-SNR drift every ``gsnr_track_every`` steps (0: off)."""
+    ``sgd_sai`` runs also track g-SNR drift every ``gsnr_track_every`` steps (0: off). With
+    ``resume``, a finished run of the same arguments in ``out_dir`` is reused instead."""
     if optim == "sgd_sai" and gsnr_track_every:
         extra = [*extra, "--gsnr_track_every", str(gsnr_track_every)]
     run_dir = out_dir / "runs" / f"{optim}-lr{lr:g}"
@@ -139,9 +157,14 @@ def run_one(
     argv = [
         config, "--optim", optim, "--learning_rate", repr(lr), "--output_dir", str(run_dir),
         "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
-        *OPTIM_EXTRA.get(optim, []), *extra,
+        *optim_overrides(optim), *extra,
     ]  # fmt: skip
     spec = {"argv": argv, "optim": optim, "learning_rate": lr, "result": str(result_file), "block_size": block_size}
+    if resume and result_file.is_file():
+        previous = json.loads(result_file.read_text())
+        if previous.get("argv") == argv:
+            print(f"[compare] reusing {result_file} (same arguments)", flush=True)
+            return previous
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = run_dir / "log.txt"
@@ -303,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default=None,
         help="sgd_sai runs log g-SNR drift every N steps (default: a quarter of max_steps; 0: off)",
     )
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the runs already finished in --out_dir with the same arguments"
+    )
     parser.add_argument("--_run", help=argparse.SUPPRESS)
     args, recipe_overrides = parser.parse_known_args(argv)
     if args._run:
@@ -331,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for optim in optimizers:
         for lr in grids[optim]:
             print(f"[compare] {optim} lr={lr:g} ...", flush=True)
-            runs.append(run_one(args.config, optim, lr, args.out_dir, extra, block_size, track_every))
+            runs.append(run_one(args.config, optim, lr, args.out_dir, extra, block_size, track_every, args.resume))
     rows = summarize(runs)
     table = markdown_table(rows)
     report = {

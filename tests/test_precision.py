@@ -132,7 +132,8 @@ def test_fp32_momentum_for_bf16_parameters_matches_loop():
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_eager():
+@pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16], ids=["fp32-momentum", "bf16-momentum"])
+def test_compiled_step_matches_eager(momentum_dtype):
     """``torch.compile(optimizer.step)`` (inductor): first step (scales) and later steps match eager."""
     torch.manual_seed(0)
     base = [torch.randn(16, 8), torch.randn(8), torch.randn(1)]
@@ -141,7 +142,7 @@ def test_compiled_step_matches_eager():
     for compiled in (False, True):
         torch._dynamo.reset()
         params = [t.clone().requires_grad_() for t in base]
-        opt = SGDSaI(params, lr=1e-2, weight_decay=0.01)
+        opt = SGDSaI(params, lr=1e-2, weight_decay=0.01, momentum_dtype=momentum_dtype)
         step = torch.compile(opt.step) if compiled else opt.step
         with pytest.warns(UserWarning, match="no usable"):  # the one-element block
             for step_grads in grads:
