@@ -51,6 +51,13 @@ HISTORY_FILENAME = "gsnr_history.json"
 TRACK_EVERY_ENV = "SAI_HF_GSNR_TRACK_EVERY"
 
 
+def checked_track_every(value: int, name: str = "track_every") -> int:
+    """``value`` if it is a valid drift-tracking interval (>= 0; 0 is off), else ``ValueError`` naming ``name``."""
+    if value < 0:
+        raise ValueError(f"Invalid {name}={value}: must be >= 0 (0 disables drift tracking)")
+    return value
+
+
 def find_sgd_sai(optimizer: Any) -> SGDSaI | None:
     """The :class:`SGDSaI` inside ``optimizer`` (unwrapping e.g. accelerate's ``AcceleratedOptimizer``)."""
     seen = 0
@@ -85,8 +92,7 @@ class GSNRCallback(TrainerCallback):
     ) -> None:
         if track_every is None:
             track_every = int(os.environ.get(TRACK_EVERY_ENV, "0") or 0)
-        if track_every < 0:
-            raise ValueError(f"Invalid track_every={track_every}: must be >= 0 (0 disables drift tracking)")
+        checked_track_every(track_every)
         self.filename = filename
         self.reduce_statistics = reduce_statistics
         self.track_every = track_every

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..callback import checked_track_every
+
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -98,8 +100,7 @@ class DiagnosticsArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.gsnr_track_every < 0:
-            raise ValueError(f"Invalid gsnr_track_every={self.gsnr_track_every}: must be >= 0 (0 disables drift tracking)")
+        checked_track_every(self.gsnr_track_every, "gsnr_track_every")
 
 
 @dataclass

@@ -21,7 +21,7 @@ import transformers
 from datasets import Dataset
 from transformers import DataCollator, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from ..callback import GSNRCallback
+from ..callback import GSNRCallback, checked_track_every
 from .metrics import CausalLMMetrics, logits_to_token_ids, perplexity, request_losses_for_metrics
 from .plotting import loss_curves, plot_loss_curve
 
@@ -72,8 +72,7 @@ def build_trainer(
     """A ``Trainer`` that reports ``eval_perplexity`` and ``eval_token_accuracy`` at each evaluation,
     and tracks g-SNR drift every ``gsnr_track_every`` optimizer steps (0: off; see
     :class:`sai_hf.GSNRCallback`)."""
-    if gsnr_track_every < 0:
-        raise ValueError(f"Invalid gsnr_track_every={gsnr_track_every}: must be >= 0 (0 disables drift tracking)")
+    checked_track_every(gsnr_track_every, "gsnr_track_every")
     request_losses_for_metrics(training_args)
     trainer = Trainer(
         model=model,
