@@ -263,6 +263,20 @@ def drift_cell(row: dict[str, Any]) -> str:
     )
 
 
+def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Label ``ax``, add its legend, write ``fig`` to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """``loss_curves.png`` (best lr of each optimizer) and ``lr_sensitivity.png``."""
     try:
@@ -286,14 +300,10 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out_dir: Path) 
         if eval_losses(run):
             steps, losses = zip(*eval_losses(run))
             ax.plot(steps, losses, "o-", color=colors[run["optim"]], label=f"{label} (eval)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (faint: train, markers: eval)")
-    ax.set_title("GPT-2 recipe: best learning rate of each optimizer")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    curves = out_dir / "loss_curves.png"
-    fig.savefig(curves, dpi=120)
-    plt.close(fig)
+    curves = _save(
+        fig, ax, "step", "loss (faint: train, markers: eval)", "GPT-2 recipe: best learning rate of each optimizer",
+        out_dir / "loss_curves.png",
+    )  # fmt: skip
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for name in sorted(best):
@@ -301,14 +311,9 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out_dir: Path) 
         lrs, losses = zip(*points)
         ax.plot(lrs, [l if math.isfinite(l) else float("nan") for l in losses], "o-", color=colors[name], label=name)
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("final eval loss")
-    ax.set_title("Learning-rate sensitivity")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    sensitivity = out_dir / "lr_sensitivity.png"
-    fig.savefig(sensitivity, dpi=120)
-    plt.close(fig)
+    sensitivity = _save(
+        fig, ax, "learning rate", "final eval loss", "Learning-rate sensitivity", out_dir / "lr_sensitivity.png"
+    )
     return [curves, sensitivity]
 
 

@@ -70,6 +70,16 @@ def tail(output: str, lines: int = 30) -> str:
     return "\n".join(["--- errors:", *errors[:10], f"--- last {lines} lines:", *kept[-lines:]])
 
 
+def launch_two_ranks(cmd: list[str], out: Path, label: str) -> SimpleNamespace:
+    """Run a 2-process job from the repository root; fail with the ranks' errors, else return the
+    ``rank{0,1}.json`` each rank wrote into ``out``."""
+    rc, seconds, output = launch(cmd, cwd=TESTS.parent)
+    print(f"\n{label}: {seconds:.1f} s")
+    assert rc == 0, tail(output)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return SimpleNamespace(out=out, ranks=ranks, seconds=seconds)
+
+
 def max_rel_diff(scales: dict[str, float], reference: dict[str, float]) -> float:
     assert set(scales) == set(reference)
     return max(abs(scales[k] - reference[k]) / abs(reference[k]) for k in reference)
@@ -165,11 +175,7 @@ def fsdp2_run(tmp_path_factory) -> SimpleNamespace:
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
            "--config_file", TESTS / "accelerate_fsdp2_cpu.yaml", "--main_process_port", free_port(),
            "-m", "sai_hf.run", TESTS / "_fsdp2_worker.py", out]  # fmt: skip
-    rc, seconds, output = launch(cmd, cwd=TESTS.parent)
-    print(f"\n[fsdp2] accelerate launch, 2 processes, 4 Trainer runs: {seconds:.1f} s")
-    assert rc == 0, tail(output)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return SimpleNamespace(out=out, ranks=ranks, seconds=seconds)
+    return launch_two_ranks(cmd, out, "[fsdp2] accelerate launch, 2 processes, 4 Trainer runs")
 
 
 @pytest.mark.slow
@@ -233,11 +239,7 @@ def shard_run(tmp_path_factory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("shards")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            TESTS / "_shard_worker.py", out]  # fmt: skip
-    rc, seconds, output = launch(cmd, cwd=TESTS.parent)
-    print(f"\n[fsdp1+dtensor] torchrun, 2 processes: {seconds:.1f} s")
-    assert rc == 0, tail(output)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return SimpleNamespace(out=out, ranks=ranks, seconds=seconds)
+    return launch_two_ranks(cmd, out, "[fsdp1+dtensor] torchrun, 2 processes")
 
 
 @pytest.mark.slow
