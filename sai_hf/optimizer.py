@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from .distributed import gradient_may_be_absent_locally, local_statistics, reduction_due, statistics_reducer
+from .checkpoint import buffers_in_saved_dtype, prepare_state_dict
 from .functional import sgd_sai
 from .gsnr import BlockStatus, _local, gsnr_from_statistics
 
@@ -42,12 +43,18 @@ def validate_hyperparameters(**values: Any) -> None:
     """Raise ``ValueError`` naming the first invalid hyperparameter among ``values``.
 
     Known keys: ``lr`` (>= 0), ``momentum`` (in [0, 1)), ``weight_decay`` (>= 0), ``eps`` (>= 0),
-    ``normalize`` (one of :data:`NORMALIZATIONS`), every number finite; ``momentum_dtype`` (a
-    floating ``torch.dtype`` or None); ``fused`` / ``foreach`` (not both True; ``fused`` keeps
-    momentum in the parameter dtype, so not with ``momentum_dtype``).
+    ``normalize`` (one of :data:`NORMALIZATIONS`), every number finite; ``maximize`` (a bool);
+    ``momentum_dtype`` (a floating ``torch.dtype`` or None); ``fused`` / ``foreach`` (a bool or
+    None, not both True).
     """
     for key, value in values.items():
+        if key == "maximize":
+            if not isinstance(value, bool):
+                raise ValueError(f"Invalid maximize={value!r}: expected True or False")
+            continue
         if key in ("fused", "foreach"):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"Invalid {key}={value!r}: expected True, False or None")
             continue
         if key == "normalize":
             if value not in NORMALIZATIONS:
@@ -65,8 +72,6 @@ def validate_hyperparameters(**values: Any) -> None:
             raise ValueError(f"Invalid {key}={value!r}: must be >= 0")
     if values.get("fused") and values.get("foreach"):
         raise ValueError("Invalid fused=True with foreach=True: choose one path")
-    if values.get("fused") and values.get("momentum_dtype") is not None:
-        raise ValueError("Invalid fused=True with momentum_dtype: the fused kernel keeps momentum in the parameter dtype")
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,7 @@ class SGDSaI(Optimizer):
             weight_decay=weight_decay,
             eps=eps,
             normalize=normalize,
+            maximize=maximize,
             fused=fused,
             foreach=foreach,
             momentum_dtype=momentum_dtype,
@@ -172,9 +178,6 @@ class SGDSaI(Optimizer):
             gsnr_max=None,
         )
         super().__init__(params, defaults)
-        normalizations = {group["normalize"] for group in self.param_groups}
-        if len(normalizations) > 1:
-            raise ValueError(f"Invalid normalize: all parameter groups must share one, got {sorted(normalizations)}")
         self._warned_degenerate = False
         self._register_state_dict_layout()
 
@@ -192,11 +195,26 @@ class SGDSaI(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         checked = {k: v for k, v in param_group.items() if k not in ("params", "gsnr_max") and k in self.defaults}
         validate_hyperparameters(**checked)
+        normalize = param_group.get("normalize", self.defaults["normalize"])
+        if self.param_groups and normalize != self.param_groups[0]["normalize"]:
+            raise ValueError(
+                f"Invalid normalize={normalize!r} in an added parameter group: all groups share one "
+                f"normalization (the optimizer's is {self.param_groups[0]['normalize']!r})"
+            )
         super().add_param_group(param_group)
         # A group added after scaling started shares the divisor of the first scaling step.
         known = [g["gsnr_max"] for g in self.param_groups if g.get("gsnr_max") is not None]
         if known:
             param_group["gsnr_max"] = known[0]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this package (any version) or of the official ``sgd-sai`` package
+        (imported: its g-SNR values become the scales), after checking that every buffer fits its
+        parameter; momentum buffers keep the dtype they were saved in (see :mod:`sai_hf.checkpoint`).
+        Raises ``ValueError`` for another optimizer's state, naming what it looks like."""
+        state_dict = prepare_state_dict(self, state_dict)
+        super().load_state_dict(state_dict)
+        buffers_in_saved_dtype(self, state_dict)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -250,6 +268,7 @@ class SGDSaI(Optimizer):
         only (FSDP1 views outside the local shard) take part with zero statistics, and at most
         one reduction runs per optimizer step (:func:`sai_hf.distributed.reduction_due`).
         """
+        _refuse_sparse_gradients(self.param_groups)
         group_of = self._group_of()
         candidates = group_of_params(self.param_groups) if params is None else params
         todo = [
@@ -318,6 +337,7 @@ class SGDSaI(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        _refuse_sparse_gradients(self.param_groups)
         if self.pending_params():
             self.initialize_scales()
 
@@ -333,8 +353,6 @@ class SGDSaI(Optimizer):
                 state = self.state.get(p)
                 if not state or "scale" not in state:
                     continue  # deferred: no scale yet, leave the block untouched
-                if p.grad.is_sparse:
-                    raise RuntimeError("SGDSaI does not support sparse gradients")
                 params.append(p)
                 grads.append(p.grad)
                 buffers.append(state.get("momentum_buffer"))
@@ -443,6 +461,16 @@ def _drop_placeholders(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict
         if entry:
             state[key] = entry
     return {**state_dict, "state": state}
+
+
+def _refuse_sparse_gradients(param_groups: Sequence[Mapping[str, Any]]) -> None:
+    """``ValueError`` naming the first parameter with a sparse gradient (g-SNR and the update are dense)."""
+    for index, p in enumerate(group_of_params(param_groups)):
+        if p.grad is not None and p.grad.layout != torch.strided:
+            raise ValueError(
+                f"SGDSaI does not support sparse gradients: parameter #{index} (shape {tuple(p.shape)}) has a "
+                f"{p.grad.layout} gradient. Use dense gradients (e.g. torch.nn.Embedding(..., sparse=False))."
+            )
 
 
 def group_of_params(param_groups: Sequence[Mapping[str, Any]]) -> list[Tensor]:
