@@ -4,7 +4,9 @@ At ``on_pre_optimizer_step`` (after gradient accumulation and clipping, just bef
 ``optimizer.step()``) of the first optimizer step, the callback has
 :meth:`sai_hf.SGDSaI.initialize_scales` compute every block's g-SNR from the full accumulated
 gradient of the model's named parameters; blocks deferred then (zero or non-finite gradient) are
-picked up at the first later step where they have a usable gradient. After each such step it
+picked up at the first later step where they have a usable gradient. A block that never receives a
+gradient (an unused head, a frozen-by-hand branch) simply never gets a scale; nothing else waits for
+it. After each step in which blocks receive their scale the callback
 
 * adds a summary to the Trainer's next log (``gsnr/scale_min``, ``gsnr/scale_median``,
   ``gsnr/scale_max``, ``gsnr/scaled``, ``gsnr/deferred``), so every ``report_to`` backend gets it;
@@ -17,21 +19,34 @@ picked up at the first later step where they have a usable gradient. After each 
   DDP's ``module.``, FSDP1's ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` and
   ``torch.compile``'s ``_orig_mod.`` removed) and with the whole tensor's ``numel``.
 
+Resuming (``trainer.train(resume_from_checkpoint=...)``): the scales come back with the optimizer
+state and are never recomputed. If the report in ``output_dir`` is missing (a resume into a new
+``output_dir``) or differs from the restored scales, it is written at the start of the resumed run.
+
 Multi-process: every rank calls :meth:`sai_hf.SGDSaI.initialize_scales` for all blocks without a
 scale (the same list on every rank); sharded gradients (FSDP2, FSDP1 ``use_orig_params=True``, whose
 modules the callback registers with :func:`sai_hf.register_sharded_model`) are reduced exactly
 across ranks by :mod:`sai_hf.distributed`, so every rank stores the same scales.
 
-``import sai_hf`` adds the callback to every Trainer; it does nothing unless the Trainer's optimizer
-is an :class:`sai_hf.SGDSaI`. Adding it by hand as well is harmless: whichever instance runs
-first computes the scales, the others find nothing left to do.
+Automatic and hand-added callbacks: ``import sai_hf`` adds an :class:`AutoGSNRCallback` to every
+Trainer; it does nothing unless the Trainer's optimizer is an :class:`sai_hf.SGDSaI`. A
+``GSNRCallback`` you add yourself (``Trainer(callbacks=[GSNRCallback(...)])`` or
+``trainer.add_callback``) takes over: the automatic one then stands down for that run, so your
+``filename``, ``track_every`` and ``reduce_statistics`` are the ones used. With several hand-added
+callbacks, the first (in callback order) computes the scales and *every* one writes its own report,
+logs the summary and, if it tracks drift, keeps its own history; two that track drift into the same
+history file are refused when training starts (``ValueError`` naming the file).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import operator
 import os
 import statistics
+import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -41,20 +56,79 @@ from .distributed import block_numel, register_sharded_model
 from .drift import drift_summary
 from .optimizer import SGDSaI, StatisticsReducer, group_of_params
 
-__all__ = ["GSNRCallback", "find_sgd_sai", "GSNR_FILENAME", "clean_parameter_name", "parameter_names", "unwrap_model"]
+__all__ = [
+    "GSNRCallback",
+    "AutoGSNRCallback",
+    "find_sgd_sai",
+    "GSNR_FILENAME",
+    "HISTORY_FILENAME",
+    "TRACK_EVERY_ENV",
+    "checked_track_every",
+    "track_every_from_env",
+    "clean_parameter_name",
+    "parameter_names",
+    "unwrap_model",
+]
 
 #: File name of the per-block report in ``output_dir``.
 GSNR_FILENAME = "gsnr.json"
-#: File name of the drift history in ``output_dir`` (``track_every > 0``).
+#: File name of the drift history in ``output_dir`` (``track_every > 0``) for the default report name.
 HISTORY_FILENAME = "gsnr_history.json"
-#: Environment variable giving ``track_every`` to the automatically added callback.
+#: Environment variable giving ``track_every`` to callbacks created without one (the automatic one).
 TRACK_EVERY_ENV = "SAI_HF_GSNR_TRACK_EVERY"
+#: Prefix of the Trainer's checkpoint folders (``transformers.trainer_utils.PREFIX_CHECKPOINT_DIR``).
+CHECKPOINT_PREFIX = "checkpoint"
 
 
-def checked_track_every(value: int, name: str = "track_every") -> int:
-    """``value`` if it is a valid drift-tracking interval (>= 0; 0 is off), else ``ValueError`` naming ``name``."""
+def checked_track_every(value: Any, name: str = "track_every") -> int:
+    """``value`` if it is a valid drift-tracking interval (a whole number >= 0; 0 is off), else
+    ``ValueError`` naming ``name``."""
+    if isinstance(value, bool):
+        raise ValueError(f"Invalid {name}={value!r}: must be a whole number of optimizer steps >= 0 (0 disables drift tracking)")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(
+            f"Invalid {name}={value!r}: must be a whole number of optimizer steps >= 0 (0 disables drift tracking)"
+        ) from None
     if value < 0:
         raise ValueError(f"Invalid {name}={value}: must be >= 0 (0 disables drift tracking)")
+    return value
+
+
+def track_every_from_env() -> int:
+    """``$SAI_HF_GSNR_TRACK_EVERY`` as a drift-tracking interval (unset or blank: 0, off).
+
+    Raises ``ValueError`` naming the variable and its value if it is not a whole number >= 0. Only
+    read for a Trainer whose optimizer is SGD-SaI, so a bad value never affects other Trainers.
+    """
+    text = os.environ.get(TRACK_EVERY_ENV, "")
+    if not text.strip():
+        return 0
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(
+            f"Invalid environment variable {TRACK_EVERY_ENV}={text!r}: expected a whole number of optimizer "
+            "steps >= 0 (0 or unset: no g-SNR drift tracking)"
+        )
+    return value
+
+
+def default_history_filename(filename: str) -> str:
+    """The drift history's name for a report named ``filename``: ``gsnr.json`` -> ``gsnr_history.json``."""
+    stem, ext = os.path.splitext(filename)
+    return f"{stem}_history{ext or '.json'}"
+
+
+def _checked_filename(value: Any, name: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
+        raise ValueError(f"Invalid {name}={value!r}: expected a non-empty file name (relative to output_dir)")
+    value = os.fspath(value)
+    if value.endswith(("/", os.sep)):
+        raise ValueError(f"Invalid {name}={value!r}: expected a file name, not a directory")
     return value
 
 
@@ -69,6 +143,18 @@ def find_sgd_sai(optimizer: Any) -> SGDSaI | None:
     return None
 
 
+def _selects_sgd_sai(args: Any, optimizer: Any) -> bool:
+    """Whether a Trainer with these arguments / this optimizer trains with SGD-SaI."""
+    if find_sgd_sai(optimizer) is not None:
+        return True
+    optim = getattr(args, "optim", None)
+    return getattr(optim, "value", optim) == "sgd_sai"
+
+
+#: Every live GSNRCallback, so that the automatic one can see whether a run also has hand-added ones.
+_INSTANCES: weakref.WeakSet[GSNRCallback] = weakref.WeakSet()
+
+
 class GSNRCallback(TrainerCallback):
     """Computes SGD-SaI scales from the accumulated gradient, logs a summary, writes ``gsnr.json``.
 
@@ -77,75 +163,151 @@ class GSNRCallback(TrainerCallback):
         reduce_statistics: sums per-shard gradient statistics across ranks; ``None`` (default)
             picks it automatically (:func:`sai_hf.distributed.statistics_reducer`: exact for FSDP2
             and FSDP1 ``use_orig_params=True``, nothing to do for one process or DDP).
-        track_every: every this many optimizer steps, recompute the g-SNR of all blocks *without
-            changing the scales* and log how far it drifted from the g-SNR the scales came from
-            (:mod:`sai_hf.drift`), appending to ``gsnr_history.json``. ``None``: read
-            ``$SAI_HF_GSNR_TRACK_EVERY`` (how the automatically added callback is configured);
-            ``0``: off.
+        track_every: every this many optimizer steps, recompute the g-SNR of all scaled blocks
+            *without changing the scales* and log how far it drifted from the g-SNR the scales came
+            from (:mod:`sai_hf.drift`): ``gsnr_drift/spearman``, ``gsnr_drift/max_ratio``,
+            ``gsnr_drift/median_ratio`` and ``gsnr_drift/skipped`` (scaled blocks without a usable
+            gradient at that step, e.g. an unused head: left out of that measurement, ``NaN`` in the
+            history), appending to the history file. ``None``: read ``$SAI_HF_GSNR_TRACK_EVERY``
+            when the Trainer turns out to use SGD-SaI (a bad value raises ``ValueError`` naming the
+            variable when the Trainer is built); ``0``: off.
+        history_filename: the drift history in ``args.output_dir``; default: ``filename`` with
+            ``_history`` added (``gsnr.json`` -> ``gsnr_history.json``)::
+
+                {"steps": [1, N, 2N, ...], "blocks": {"<name>": [gsnr at scaling, at N, at 2N, ...]}}
+
+            A resumed run appends to it: entries after the resumed step are dropped and measuring
+            continues. The history is also copied into every checkpoint folder the Trainer saves, so
+            a resume into a new ``output_dir`` continues from the checkpoint's copy. A missing or
+            unreadable history is replaced by a new one starting from the restored g-SNR, with a
+            warning (an unreadable file is kept as ``<name>.corrupt``).
+
+    Every instance writes its report whenever blocks receive their scale, whichever instance
+    computed it; see the module docstring for automatic and hand-added callbacks.
     """
+
+    #: ``True`` only for the instance ``import sai_hf`` adds to every Trainer.
+    automatic = False
 
     def __init__(
         self,
         filename: str = GSNR_FILENAME,
         reduce_statistics: StatisticsReducer | None = None,
         track_every: int | None = None,
+        history_filename: str | None = None,
     ) -> None:
-        if track_every is None:
-            track_every = int(os.environ.get(TRACK_EVERY_ENV, "0") or 0)
-        checked_track_every(track_every)
+        filename = _checked_filename(filename, "filename")
+        history_filename = _checked_filename(
+            default_history_filename(filename) if history_filename is None else history_filename, "history_filename"
+        )
+        if os.path.normpath(history_filename) == os.path.normpath(filename):
+            raise ValueError(f"Invalid history_filename={history_filename!r}: it is also the report's filename")
         self.filename = filename
+        self.history_filename = history_filename
         self.reduce_statistics = reduce_statistics
-        self.track_every = track_every
+        self.track_every = None if track_every is None else checked_track_every(track_every)
+        self._run: Any = None  # the TrainerState of the run this instance belongs to
+        self._started = False
+        self._standing_down = False
+        self._reported = 0  # blocks with a scale at the last report
         self._pending_summary: dict[str, float] | None = None
         self._history: dict[str, Any] | None = None
+        self._last_tracked = 0
+        _INSTANCES.add(self)
+
+    # -------------------------------------------------------------- run bookkeeping
+    def _interval(self) -> int:
+        if self.track_every is None:
+            self.track_every = track_every_from_env()
+        return self.track_every
+
+    def _peers(self, state: Any) -> list[GSNRCallback]:
+        """The other GSNRCallbacks of the run whose TrainerState is ``state``."""
+        return [cb for cb in list(_INSTANCES) if cb is not self and cb._run is state]
+
+    def _history_path(self, args: Any) -> str:
+        return os.path.join(args.output_dir or ".", self.history_filename)
+
+    def _begin(self, args: Any, state: Any, model: Any, optimizer: Any) -> SGDSaI | None:
+        """The SGD-SaI optimizer to work on, or ``None`` (not SGD-SaI, or standing down).
+
+        The first call of a run (after every callback's ``on_train_begin``) decides whether an
+        automatic instance stands down, and reports scales restored from a checkpoint."""
+        sai = find_sgd_sai(optimizer)
+        if self._started:
+            return None if self._standing_down else sai
+        if sai is None or model is None:
+            return None
+        self._started = True
+        if self._run is None:
+            self._run = state
+        if self.automatic and any(not cb.automatic for cb in self._peers(self._run)):
+            self._standing_down = True
+            return None
+        self._interval()
+        self._reported = len(sai.scales())
+        if self._reported:  # scales restored from a checkpoint (or a Trainer trained before)
+            names = parameter_names(model)
+            zero = getattr(state, "is_world_process_zero", True)
+            if zero and args.output_dir:
+                path = os.path.join(args.output_dir, self.filename)
+                if _read_json_or_none(path) != self.report(sai, names):
+                    self.write_report(path, sai, names)
+            if self.track_every and getattr(state, "global_step", 0) > 0 and zero:
+                self._history = self._resumed_history(args, state, sai, names)
+        return sai
 
     # -------------------------------------------------------------- events
+    def on_init_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.track_every is None and _selects_sgd_sai(args, optimizer):
+            self._interval()  # a bad $SAI_HF_GSNR_TRACK_EVERY fails here, when the Trainer is built
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._run = state
+        self._started = False
+        self._standing_down = False
+        self._reported = 0
+        self._pending_summary = None
+        self._history = None
+        self._last_tracked = 0
+        if self.automatic or find_sgd_sai(optimizer) is None or not self._interval():
+            return
+        path = os.path.normpath(os.path.abspath(self._history_path(args)))
+        for other in self._peers(state):
+            if (
+                not other.automatic
+                and other.track_every
+                and os.path.normpath(os.path.abspath(other._history_path(args))) == path
+            ):
+                raise ValueError(
+                    f"Two GSNRCallbacks track g-SNR drift into the same file {path}: give one of them another "
+                    "filename or history_filename"
+                )
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._begin(args, state, model, optimizer)
+
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        sai = find_sgd_sai(optimizer)
+        sai = self._begin(args, state, model, optimizer)
         if sai is None or model is None:
             return
+        params = group_of_params(sai.param_groups)
         # Whether blocks lack a scale is the same on every rank (unlike which local gradients are
         # present: FSDP1 leaves grad=None outside the local shard), so all ranks take part in the
-        # reduction together.
-        if all(sai.has_scale(p) for p in group_of_params(sai.param_groups)):
-            if self.track_every and (state.global_step + 1) % self.track_every == 0:
-                self.track_drift(args, state, model, sai)
-            return
-        register_sharded_model(model)
-        records = sai.initialize_scales(reduce_statistics=self.reduce_statistics)
-        if not records:
-            return
-        names = parameter_names(model)
-        self._pending_summary = self.summary(sai)
-        if state.is_world_process_zero and args.output_dir:
-            self.write_report(os.path.join(args.output_dir, self.filename), sai, names)
-
-    def track_drift(self, args, state, model: torch.nn.Module, sai: SGDSaI) -> None:
-        """Recompute every scaled block's g-SNR (scales unchanged), queue ``gsnr_drift/spearman``,
-        ``gsnr_drift/max_ratio`` and ``gsnr_drift/median_ratio`` (against the g-SNR each block was
-        scaled with) for the next log, and append to ``<output_dir>/gsnr_history.json``::
-
-            {"steps": [1, N, 2N, ...], "blocks": {"<name>": [gsnr at scaling, at N, at 2N, ...]}}
-        """
-        register_sharded_model(model)
-        current = sai.measure_gsnr(reduce_statistics=self.reduce_statistics)
-        if not current:
-            return
-        names = parameter_names(model)
-        blocks = [p for p in current if id(p) in names]
-        drift = drift_summary([sai.state[p]["gsnr"] for p in blocks], [current[p] for p in blocks])
-        self._pending_summary = {**(self._pending_summary or {}), **{f"gsnr_drift/{k}": v for k, v in drift.items()}}
-        if self._history is None:
-            self._history = {"steps": [1], "blocks": {names[id(p)]: [sai.state[p]["gsnr"]] for p in blocks}}
-        step = state.global_step + 1
-        self._history["steps"].append(step)
-        for p in blocks:
-            series = self._history["blocks"].setdefault(names[id(p)], [sai.state[p]["gsnr"]])
-            series.extend([float("nan")] * (len(self._history["steps"]) - 1 - len(series)))
-            series.append(current[p])
-        if state.is_world_process_zero and args.output_dir:
-            path = os.path.join(args.output_dir, HISTORY_FILENAME)
-            _write_json(path, self._history)
+        # reduction together. Blocks that never get a gradient stay unscaled and cost nothing more.
+        if not all(sai.has_scale(p) for p in params):
+            register_sharded_model(model)
+            sai.initialize_scales(reduce_statistics=self.reduce_statistics)
+        scaled = len(sai.scales())
+        if scaled > self._reported:  # new scales, computed by this instance or by another one
+            self._reported = scaled
+            self._pending_summary = {**(self._pending_summary or {}), **self.summary(sai)}
+            if getattr(state, "is_world_process_zero", True) and args.output_dir:
+                self.write_report(os.path.join(args.output_dir, self.filename), sai, parameter_names(model))
+        step = getattr(state, "global_step", 0) + 1
+        if self.track_every and step > 1 and step % self.track_every == 0 and step != self._last_tracked:
+            self._last_tracked = step  # once per step, even if this instance was added twice
+            self.track_drift(args, state, model, sai)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._pending_summary is not None:
@@ -158,6 +320,93 @@ class GSNRCallback(TrainerCallback):
         if state.log_history:
             state.log_history[-1].update(self._pending_summary)
         self._pending_summary = None
+
+    def on_save(self, args, state, control, **kwargs):
+        """Copy the drift history into the checkpoint just saved (so a resume elsewhere continues it)."""
+        if self._history is None or self._standing_down or not state.is_world_process_zero or not args.output_dir:
+            return
+        folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
+        if os.path.isdir(folder):
+            _write_json(os.path.join(folder, os.path.basename(self.history_filename)), self._history)
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._begin(args, state, model, optimizer)  # a resumed run with no step left still reports
+
+    # -------------------------------------------------------------- drift
+    def track_drift(self, args, state, model: torch.nn.Module, sai: SGDSaI) -> None:
+        """Recompute every scaled block's g-SNR (scales unchanged), queue ``gsnr_drift/spearman``,
+        ``gsnr_drift/max_ratio``, ``gsnr_drift/median_ratio`` (against the g-SNR each block was
+        scaled with) and ``gsnr_drift/skipped`` for the next log, and append to the history file.
+
+        Blocks without a usable gradient at this step (absent, zero or non-finite) are left out of
+        the statistics and get ``NaN`` in the history; the other blocks are still measured.
+        """
+        register_sharded_model(model)
+        current = sai.measure_gsnr(reduce_statistics=self.reduce_statistics)
+        names = parameter_names(model)
+        scaled = [p for p in group_of_params(sai.param_groups) if sai.has_scale(p) and id(p) in names]
+        blocks = [p for p in scaled if p in current]
+        if not blocks:
+            return
+        drift = drift_summary([sai.state[p]["gsnr"] for p in blocks], [current[p] for p in blocks])
+        drift["skipped"] = float(len(scaled) - len(blocks))
+        self._pending_summary = {**(self._pending_summary or {}), **{f"gsnr_drift/{k}": v for k, v in drift.items()}}
+        if self._history is None:
+            self._history = self._new_history(sai, names)
+        history = self._history
+        history["steps"].append(getattr(state, "global_step", 0) + 1)
+        width = len(history["steps"])
+        for p in scaled:
+            history["blocks"].setdefault(names[id(p)], [sai.state[p]["gsnr"]])
+        measured = {names[id(p)]: current[p] for p in blocks}
+        for name, series in history["blocks"].items():
+            series.extend([math.nan] * (width - 1 - len(series)))
+            del series[width - 1 :]
+            series.append(measured.get(name, math.nan))
+        if getattr(state, "is_world_process_zero", True) and args.output_dir:
+            _write_json(self._history_path(args), history)
+
+    @staticmethod
+    def _new_history(sai: SGDSaI, names: dict[int, str]) -> dict[str, Any]:
+        """A history holding only the g-SNR every scaled block was scaled with (as step 1)."""
+        blocks = {names[id(p)]: [sai.state[p]["gsnr"]] for p in group_of_params(sai.param_groups) if sai.has_scale(p) and id(p) in names}
+        return {"steps": [1], "blocks": blocks}
+
+    def _resumed_history(self, args: Any, state: Any, sai: SGDSaI, names: dict[int, str]) -> dict[str, Any]:
+        """The history to append to after resuming at ``state.global_step``: ``output_dir``'s file,
+        else the resumed checkpoint's copy, else a new one (with a warning)."""
+        step = state.global_step
+        path = self._history_path(args)
+        problem, corrupt = f"{path} does not exist", False
+        if os.path.exists(path):
+            try:
+                return _load_history(path, step)
+            except ValueError as err:
+                corrupt, aside = True, f"{path}.corrupt"
+                try:
+                    os.replace(path, aside)
+                    problem = f"{path} is unreadable ({err}; kept as {aside})"
+                except OSError:
+                    problem = f"{path} is unreadable ({err})"
+        name = os.path.basename(self.history_filename)
+        folders = [getattr(args, "resume_from_checkpoint", None), os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{step}")]
+        for folder in folders:
+            if not isinstance(folder, str) or not os.path.isfile(os.path.join(folder, name)):
+                continue
+            try:
+                history = _load_history(os.path.join(folder, name), step)
+            except ValueError:
+                continue
+            if corrupt:
+                warnings.warn(f"GSNRCallback: {problem}; continuing the g-SNR history from {folder}", stacklevel=2)
+            return history
+        warnings.warn(
+            f"GSNRCallback: resuming at step {step} but {problem} and the checkpoint holds no copy: the g-SNR "
+            f"drift history restarts from the g-SNR the scales came from; measurements before step {step} are "
+            "not in it",
+            stacklevel=2,
+        )
+        return self._new_history(sai, names)
 
     # -------------------------------------------------------------- reports
     @staticmethod
@@ -190,6 +439,57 @@ class GSNRCallback(TrainerCallback):
     def write_report(self, path: str, sai: SGDSaI, names: dict[int, str]) -> None:
         """Write :meth:`report` to ``path`` atomically."""
         _write_json(path, self.report(sai, names))
+
+
+class AutoGSNRCallback(GSNRCallback):
+    """The :class:`GSNRCallback` that ``import sai_hf`` adds to every Trainer (through
+    ``transformers.trainer.DEFAULT_CALLBACKS``), with the default file names and
+    ``track_every`` from ``$SAI_HF_GSNR_TRACK_EVERY``. It stands down for a run in which the Trainer
+    also has a hand-added :class:`GSNRCallback`, so that the user's configuration is the one used."""
+
+    automatic = True
+
+
+def _load_history(path: str, upto_step: int) -> dict[str, Any]:
+    """A drift history file, cut to its steps ``<= upto_step``; ``ValueError`` saying what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as err:
+        raise ValueError(f"cannot read it: {err.strerror or err}") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"not JSON: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("steps"), list) or not isinstance(data.get("blocks"), dict):
+        raise ValueError('expected {"steps": [...], "blocks": {...}}')
+    steps = data["steps"]
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) for s in steps) or steps != sorted(set(steps)):
+        raise ValueError("'steps' is not an increasing list of step numbers")
+    keep = sum(1 for s in steps if s <= upto_step)
+    if keep == 0:
+        raise ValueError(f"no entry at or before step {upto_step}")
+    blocks: dict[str, list[float]] = {}
+    for name, series in data["blocks"].items():
+        if not isinstance(series, list) or len(series) > len(steps):
+            raise ValueError(f"block {name!r} does not hold one value per step")
+        values = []
+        for v in series[:keep]:
+            if v is None:
+                v = math.nan
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"block {name!r} holds a non-number {v!r}")
+            values.append(float(v))
+        values.extend([math.nan] * (keep - len(values)))
+        blocks[str(name)] = values
+    return {"steps": steps[:keep], "blocks": blocks}
+
+
+def _read_json_or_none(path: str) -> Any:
+    """The JSON in ``path``, or ``None`` if it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
 
 
 def _write_json(path: str, payload: Any) -> None:

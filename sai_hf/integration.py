@@ -10,7 +10,8 @@ already has, without replacing any of its functions:
 2. a handler in ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``, the table that
    ``Trainer.get_optimizer_cls_and_kwargs`` dispatches on.
 
-It also appends :class:`sai_hf.GSNRCallback` and :class:`OptimArgsCheck` to
+It also appends :class:`OptimArgsCheck` and :class:`sai_hf.callback.AutoGSNRCallback` (a
+:class:`sai_hf.GSNRCallback` that stands down when the Trainer has one added by hand) to
 ``transformers.trainer.DEFAULT_CALLBACKS``, so every Trainer gets them: the callback computes the
 scales and writes ``gsnr.json`` when the optimizer is SGD-SaI and does nothing otherwise, and the
 check rejects bad ``--optim_args`` when the Trainer is built. :func:`register` is idempotent.
@@ -192,13 +193,13 @@ class OptimArgsCheck(TrainerCallback):
 
 def register() -> None:
     """Make every :data:`REGISTRY` name a valid ``--optim`` in transformers (idempotent)."""
-    from .callback import GSNRCallback
+    from .callback import AutoGSNRCallback
 
     optimizer_names, handlers, default_callbacks = _transformers_hooks()
     for entry in REGISTRY.values():
         _add_enum_member(optimizer_names, entry.enum_name, entry.name)
         handlers[optimizer_names(entry.name)] = _handler
-    for callback_cls in (OptimArgsCheck, GSNRCallback):
+    for callback_cls in (OptimArgsCheck, AutoGSNRCallback):
         if callback_cls not in default_callbacks:
             default_callbacks.append(callback_cls)
 

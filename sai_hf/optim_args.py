@@ -80,30 +80,43 @@ def parse_str(text: str) -> str:
 def parse_optim_args(text: str | None, options: Mapping[str, OptionSpec], optimizer: str) -> dict[str, Any]:
     """Turn ``"k=v,k=v"`` into a dict of parsed values; ``ValueError`` naming the offending key.
 
+    Only what ``transformers`` itself can split is accepted (it splits ``--optim_args`` on ``,`` and
+    each entry on ``=`` before any optimizer sees it, and crashes on anything else inside
+    ``train()``): every entry is exactly one ``key=value``, so an empty entry (a trailing, leading or
+    doubled comma, or a blank string) and a second ``=`` are refused here, before training.
+
     Args:
         text: the ``--optim_args`` string (``None`` or empty: no options).
         options: the accepted keys of ``optimizer``.
         optimizer: the ``--optim`` name, for messages.
     """
     parsed: dict[str, Any] = {}
-    if not text or not text.strip():
+    if not text:
         return parsed
+    prefix = f"--optim_args for {optimizer}"
+    if not text.strip():
+        raise ValueError(f"{prefix}: {text!r} is blank; leave --optim_args out, or give key=value entries")
     for item in text.split(","):
         item = item.strip()
         if not item:
-            continue
+            raise ValueError(
+                f"{prefix}: empty entry in {text!r} (a trailing, leading or doubled comma); "
+                "write key=value entries separated by single commas"
+            )
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"--optim_args for {optimizer}: entry {item!r} is not of the form key=value")
+            raise ValueError(f"{prefix}: entry {item!r} is not of the form key=value")
+        if "=" in value:
+            raise ValueError(f"{prefix}: entry {item!r} has more than one '='; write one key=value per entry")
         if key not in options:
-            raise ValueError(
-                f"--optim_args for {optimizer}: unknown key {key!r}; accepted keys: {sorted(options)}"
-            )
+            raise ValueError(f"{prefix}: unknown key {key!r}; accepted keys: {sorted(options)}")
         if key in parsed:
-            raise ValueError(f"--optim_args for {optimizer}: key {key!r} given twice")
+            raise ValueError(f"{prefix}: key {key!r} given twice")
+        if not value.strip():
+            raise ValueError(f"{prefix}: key {key!r} has no value ({item!r})")
         try:
             parsed[key] = options[key].parse(value.strip())
         except ValueError as err:
-            raise ValueError(f"--optim_args for {optimizer}: cannot parse {key}={value.strip()!r}: {err}") from None
+            raise ValueError(f"{prefix}: cannot parse {key}={value.strip()!r}: {err}") from None
     return parsed

@@ -3,50 +3,88 @@
 ::
 
     python -m sai_hf.run SCRIPT.py [ARGS...]
+    python -m sai_hf.run DIR_OR_ZIP [ARGS...]          # holding a __main__.py, as python runs it
+    python -m sai_hf.run -m PACKAGE.MODULE [ARGS...]
     accelerate launch [LAUNCH ARGS...] -m sai_hf.run SCRIPT.py [ARGS...]
     torchrun [LAUNCH ARGS...] -m sai_hf.run SCRIPT.py [ARGS...]
-    python -m sai_hf.run -m PACKAGE.MODULE [ARGS...]
 
 ``--optim`` is validated against ``transformers.training_args.OptimizerNames`` when the script's
 ``HfArgumentParser`` is built, so the name must be registered before the script runs. Importing
 ``sai_hf`` registers it (and adds :class:`sai_hf.GSNRCallback` to every Trainer); this module then
-runs the script with :func:`runpy.run_path` exactly as ``python SCRIPT.py ARGS...`` would:
+runs the script with :mod:`runpy` exactly as ``python SCRIPT.py ARGS...`` would:
 
-* ``__name__ == "__main__"`` and ``__file__`` is the script's path;
+* ``__name__ == "__main__"`` and ``__file__`` is the script's path (for a directory or zip file,
+  its ``__main__.py``);
 * ``sys.argv == [SCRIPT.py, *ARGS]`` (everything after the script is passed through untouched,
-  ``--help`` included);
-* the script's directory is ``sys.path[0]`` (it replaces the working directory that ``-m`` put
-  there);
+  ``--help`` included; for a directory or zip file ``sys.argv[0]`` is its absolute path);
+* ``sys.path[0]`` is the script's directory (for a directory or zip file: itself), replacing the
+  working directory that ``-m`` put there;
 * the exit status is the script's: ``sys.exit(code)`` / ``SystemExit`` propagate unchanged, an
   uncaught exception prints its traceback and exits with 1, a normal end exits with 0.
 
 With ``-m PACKAGE.MODULE`` the module is run as ``python -m PACKAGE.MODULE`` would
-(:func:`runpy.run_module` with ``alter_sys=True``).
+(:func:`runpy.run_module` with ``alter_sys=True``; a package runs its ``__main__`` submodule).
+
+Launcher errors (no script, a file that does not exist or cannot be read, a directory without
+``__main__.py``, a module that cannot be found, an unknown option) print one line,
+``python -m sai_hf.run: error: ...``, and exit with 2 before anything is imported from the script.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pkgutil
 import runpy
 import sys
 from collections.abc import Sequence
 
 __all__ = ["main"]
 
-USAGE = "usage: python -m sai_hf.run SCRIPT.py [ARGS...]\n       python -m sai_hf.run -m MODULE [ARGS...]"
+PROG = "python -m sai_hf.run"
+USAGE = f"usage: {PROG} [-h] (SCRIPT | -m MODULE) [ARGS...]"
+HELP = f"""{USAGE}
+
+Run a training script exactly as `python SCRIPT ARGS...` (or `python -m MODULE ARGS...`) would,
+after importing sai_hf: the script's HfArgumentParser then accepts `--optim sgd_sai` (and
+`--optim adam_mini`), and every transformers Trainer it builds gets sai-hf's GSNRCallback and
+--optim_args checks. Use it for scripts that never `import sai_hf` themselves, e.g. the
+transformers examples. Works under `accelerate launch ... -m sai_hf.run` and `torchrun ... -m sai_hf.run`.
+
+arguments:
+  SCRIPT       a Python file, or a directory or zip file holding a __main__.py
+  -m MODULE    run a module (a package: its __main__) instead, as `python -m MODULE`
+  ARGS         passed to the script unchanged (its own --help included)
+  -h, --help   show this message and exit
+
+The script runs as __main__ with sys.argv = [SCRIPT, ARGS...] and its directory as sys.path[0];
+the exit status is the script's own.
+
+example:
+  {PROG} train.py --optim sgd_sai --learning_rate 1e-3 --optim_args "momentum=0.9"
+"""
+
+
+class _UsageError(Exception):
+    """A launcher error: printed as one ``error:`` line, exit status 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``argv[0]`` (a script path, or ``-m MODULE``) as ``__main__`` with ``argv[1:]`` as its arguments.
 
-    Returns 0 when the script ends normally and 2 for a usage error (no script, a script that
-    does not exist: Python's own status for ``python missing.py``). ``SystemExit`` and exceptions
+    Returns 0 when the script ends normally, 0 after ``-h``/``--help``, and 2 after printing one
+    ``error:`` line for a launcher error (see the module docstring). ``SystemExit`` and exceptions
     raised by the script propagate unchanged. ``sys.argv`` and ``sys.path`` are restored afterwards.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
+    if argv and argv[0] in ("-h", "--help"):
+        print(HELP, end="")
+        return 0
+    try:
+        target = _target(argv)
+    except _UsageError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
     import sai_hf
 
     sai_hf.register()  # importing sai_hf already did; idempotent, and explicit here
@@ -54,27 +92,82 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved_argv, saved_path = sys.argv, list(sys.path)
     try:
         if argv[0] == "-m":
-            if len(argv) < 2:
-                print(f"{USAGE}\nerror: -m needs a module name", file=sys.stderr)
-                return 2
             sys.argv = [argv[1], *argv[2:]]  # run_module replaces argv[0] by the module's file
             runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
             return 0
         script = argv[0]
-        if not os.path.isfile(script):
-            print(f"python -m sai_hf.run: can't open file {script!r}: no such file", file=sys.stderr)
-            return 2
         sys.argv = [script, *argv[1:]]
-        script_dir = os.path.dirname(os.path.realpath(script))
-        if sys.path:
-            sys.path[0] = script_dir
-        else:  # pragma: no cover - sys.path is never empty in practice
-            sys.path.insert(0, script_dir)
+        if target == "file":
+            script_dir = os.path.dirname(os.path.realpath(script))
+            if sys.path:
+                sys.path[0] = script_dir
+            else:  # pragma: no cover - sys.path is never empty in practice
+                sys.path.insert(0, script_dir)
+        else:
+            if sys.path:
+                del sys.path[0]  # run_path puts the directory / zip file itself first, as python does
+            script = os.path.abspath(script)  # python's sys.path[0] and __file__ are absolute there
         runpy.run_path(script, run_name="__main__")
         return 0
     finally:
         sys.argv = saved_argv
         sys.path[:] = saved_path
+
+
+def _target(argv: list[str]) -> str:
+    """What ``argv`` asks to run (``"module"``, ``"file"`` or ``"path_entry"``); ``_UsageError`` if it cannot."""
+    if not argv:
+        raise _UsageError(f"no script given; {USAGE[len('usage: '):]} (see --help)")
+    first = argv[0]
+    if first == "-m":
+        if len(argv) < 2 or not argv[1].strip():
+            raise _UsageError("-m needs a module name, e.g. -m some_package.train")
+        _check_module(argv[1])
+        return "module"
+    if first.startswith("-") and first != "-":
+        raise _UsageError(f"unknown option {first!r}: give a script, -m MODULE, or --help")
+    if os.path.isdir(first) or os.path.isfile(first) and pkgutil.get_importer(first) is not None:
+        if pkgutil.get_importer(first) is None or not _has_main(first):
+            raise _UsageError(f"can't find '__main__' module in {first!r}: a directory or zip file needs a __main__.py")
+        return "path_entry"
+    if not os.path.exists(first):
+        raise _UsageError(f"can't open file {first!r}: no such file")
+    if not os.path.isfile(first):
+        raise _UsageError(f"can't open file {first!r}: not a regular file")
+    if not os.access(first, os.R_OK):
+        raise _UsageError(f"can't open file {first!r}: permission denied")
+    return "file"
+
+
+def _has_main(path: str) -> bool:
+    """Whether ``path`` (a sys.path entry: a directory or a zip file) holds a ``__main__`` module."""
+    importer = pkgutil.get_importer(path)
+    return importer is not None and importer.find_spec("__main__") is not None
+
+
+def _check_module(name: str) -> None:
+    """``_UsageError`` unless ``name`` is a module ``runpy.run_module`` can run, with python's own wording.
+
+    Finding a submodule imports its parent packages; an error raised while doing so that is not an
+    import problem (a bug in the package) propagates with its traceback, as with ``python -m``."""
+    if name.startswith("."):
+        raise _UsageError(f"relative module names are not supported: {name!r}")
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
+        raise _UsageError(f"error while finding module specification for {name!r} ({type(err).__name__}: {err})") from None
+    if spec is None:
+        hint = f" (a file? use {PROG} {name.replace('.', os.sep)}.py)" if name.endswith(".py") else ""
+        raise _UsageError(f"no module named {name!r}{hint}")
+    if spec.submodule_search_locations is not None:  # a package: python -m runs its __main__
+        try:
+            main_spec = importlib.util.find_spec(f"{name}.__main__")
+        except (ImportError, AttributeError, TypeError, ValueError) as err:
+            raise _UsageError(
+                f"error while finding module specification for {name + '.__main__'!r} ({type(err).__name__}: {err})"
+            ) from None
+        if main_spec is None:
+            raise _UsageError(f"no module named {name + '.__main__'!r}; {name!r} is a package and cannot be directly executed")
 
 
 if __name__ == "__main__":

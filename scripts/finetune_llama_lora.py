@@ -23,7 +23,7 @@ except ImportError:  # running from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import sai_hf  # noqa: F401
 
-from transformers import DataCollatorForSeq2Seq, TrainingArguments, default_data_collator, set_seed
+from transformers import Trainer, DataCollatorForSeq2Seq, TrainingArguments, default_data_collator, set_seed
 
 from sai_hf.recipes.arguments import DiagnosticsArguments, FinetuneDataArguments, LlamaModelArguments, LoraArguments
 from sai_hf.recipes.config import parse_recipe_args
@@ -34,11 +34,26 @@ from sai_hf.recipes.models import count_parameters, fit_embeddings_to_tokenizer,
 from sai_hf.recipes.pretrained_base import pretrained_local_llama
 from sai_hf.recipes.text_datasets import dataset_source, select_first, uses_offline_corpus
 from sai_hf.recipes.tokenizer import recipe_tokenizer
-from sai_hf.recipes.training import RecipeResult, announce, build_trainer, setup_logging, train_and_evaluate
+from sai_hf.recipes.training import (
+    RecipeResult,
+    announce,
+    build_trainer,
+    prepare_or_exit,
+    setup_logging,
+    train_and_evaluate,
+)
+
+TITLE = "Llama LoRA fine-tuning"
 
 
 def main(argv: Sequence[str] | None = None) -> RecipeResult:
     """Run the recipe on ``argv`` (``CONFIG.yaml [--field value ...]``, default ``sys.argv[1:]``)."""
+    return train_and_evaluate(prepare(argv), title=TITLE)
+
+
+def prepare(argv: Sequence[str] | None = None) -> Trainer:
+    """Everything before training: parse ``argv``, load and tokenise the data, build (and, offline,
+    pretrain once) the base model, add LoRA, build the ``Trainer``. Bad input raises here."""
     model_args, data_args, lora_args, diagnostics, training_args = parse_recipe_args(
         argv,
         (LlamaModelArguments, FinetuneDataArguments, LoraArguments, DiagnosticsArguments, TrainingArguments),
@@ -75,11 +90,8 @@ def main(argv: Sequence[str] | None = None) -> RecipeResult:
         if data_args.data_format == "text"
         else DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=-100)
     )
-    trainer = build_trainer(
-        model, training_args, train_dataset, eval_dataset, tokenizer, collator, diagnostics.gsnr_track_every
-    )
-    return train_and_evaluate(trainer, title="Llama LoRA fine-tuning")
+    return build_trainer(model, training_args, train_dataset, eval_dataset, tokenizer, collator, diagnostics.gsnr_track_every)
 
 
 if __name__ == "__main__":
-    main()
+    train_and_evaluate(prepare_or_exit(prepare, None, "finetune_llama_lora.py"), title=TITLE)

@@ -22,7 +22,7 @@ except ImportError:  # running from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import sai_hf  # noqa: F401
 
-from transformers import TrainingArguments, default_data_collator, set_seed
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
 from sai_hf.recipes.arguments import DataArguments, DiagnosticsArguments, GPT2ModelArguments
 from sai_hf.recipes.config import parse_recipe_args
@@ -32,16 +32,31 @@ from sai_hf.recipes.packing import packed_lm_datasets
 from sai_hf.recipes.text_datasets import (
     dataset_source,
     load_raw_datasets,
-    require_columns,
+    require_text_columns,
     select_first,
     uses_offline_corpus,
 )
 from sai_hf.recipes.tokenizer import recipe_tokenizer
-from sai_hf.recipes.training import RecipeResult, announce, build_trainer, setup_logging, train_and_evaluate
+from sai_hf.recipes.training import (
+    RecipeResult,
+    announce,
+    build_trainer,
+    prepare_or_exit,
+    setup_logging,
+    train_and_evaluate,
+)
+
+TITLE = "GPT-2 pretraining"
 
 
 def main(argv: Sequence[str] | None = None) -> RecipeResult:
     """Run the recipe on ``argv`` (``CONFIG.yaml [--field value ...]``, default ``sys.argv[1:]``)."""
+    return train_and_evaluate(prepare(argv), title=TITLE)
+
+
+def prepare(argv: Sequence[str] | None = None) -> Trainer:
+    """Everything before training: parse ``argv``, load and pack the data, build the model and the
+    ``Trainer``. Bad input raises here (``ValueError``/``FileNotFoundError`` naming it)."""
     model_args, data_args, diagnostics, training_args = parse_recipe_args(
         argv, (GPT2ModelArguments, DataArguments, DiagnosticsArguments, TrainingArguments), prog="pretrain_gpt2.py"
     )
@@ -53,10 +68,13 @@ def main(argv: Sequence[str] | None = None) -> RecipeResult:
             raw = stdlib_corpus(data_args.corpus_max_files, data_args.validation_split_percentage)
         else:
             raw = load_raw_datasets(data_args, seed=training_args.seed)
-        require_columns(raw, {data_args.text_column: "the text column, set with --text_column"}, dataset_source(data_args))
+        source = dataset_source(data_args)
+        require_text_columns(
+            raw, {data_args.text_column: "the text column, set with --text_column"}, source, allow_missing_values=True
+        )
         tokenizer = recipe_tokenizer(model_args, raw["train"], data_args.text_column)
         blocks = packed_lm_datasets(
-            raw, tokenizer, data_args.text_column, data_args.block_size, data_args.preprocessing_num_workers
+            raw, tokenizer, data_args.text_column, data_args.block_size, data_args.preprocessing_num_workers, source
         )
     train_dataset = select_first(blocks["train"], data_args.max_train_samples)
     eval_dataset = select_first(blocks["validation"], data_args.max_eval_samples)
@@ -72,11 +90,10 @@ def main(argv: Sequence[str] | None = None) -> RecipeResult:
         f"{len(eval_dataset)} evaluation blocks of {data_args.block_size} tokens from {dataset_source(data_args)}",
     )
 
-    trainer = build_trainer(
+    return build_trainer(
         model, training_args, train_dataset, eval_dataset, tokenizer, default_data_collator, diagnostics.gsnr_track_every
     )
-    return train_and_evaluate(trainer, title="GPT-2 pretraining")
 
 
 if __name__ == "__main__":
-    main()
+    train_and_evaluate(prepare_or_exit(prepare, None, "pretrain_gpt2.py"), title=TITLE)

@@ -15,6 +15,7 @@ from transformers.training_args import OptimizerNames
 
 import sai_hf
 from sai_hf import GSNRCallback, SGDSaI, find_sgd_sai
+from sai_hf.callback import AutoGSNRCallback
 
 # --------------------------------------------------------------------------- registration
 
@@ -25,7 +26,8 @@ def test_import_twice_registers_once():
     sai_hf.register()
     assert list(OptimizerNames) == before[0]
     assert [m.value for m in OptimizerNames].count("sgd_sai") == 1
-    assert DEFAULT_CALLBACKS.count(GSNRCallback) == 1
+    assert DEFAULT_CALLBACKS.count(AutoGSNRCallback) == 1
+    assert GSNRCallback not in DEFAULT_CALLBACKS  # only the automatic subclass, which yields to hand-added ones
     assert OptimizerNames("sgd_sai") is OptimizerNames.SGD_SAI
 
 

@@ -6,8 +6,9 @@ clash with ``TrainingArguments`` (``HfArgumentParser`` parses them all into one 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..callback import checked_track_every
 
@@ -16,6 +17,35 @@ LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
+
+
+def _check(obj: Any, rules: dict[str, tuple[Any, str]]) -> None:
+    """``ValueError`` naming the first field of ``obj`` whose value fails its rule.
+
+    ``rules`` maps a field name to ``(predicate, what is expected)``; ``None`` values (unset
+    optional fields) are not checked."""
+    for name, (ok, expected) in rules.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+            raise ValueError(f"Invalid {name}={value!r}: expected {expected}")
+
+
+def _positive(value: Any) -> bool:
+    return value >= 1
+
+
+def _non_negative(value: Any) -> bool:
+    return value >= 0
+
+
+def _probability(value: Any) -> bool:
+    return 0 <= value < 1
+
+
+def _name(value: Any) -> bool:
+    return bool(str(value).strip())
 
 
 @dataclass
@@ -54,6 +84,9 @@ class ModelArguments:
         ),
     )
 
+    def __post_init__(self) -> None:
+        _check(self, {"tokenizer_vocab_size": (_positive, "a vocabulary size >= 1")})
+
 
 @dataclass
 class GPT2ModelArguments(ModelArguments):
@@ -64,6 +97,20 @@ class GPT2ModelArguments(ModelArguments):
     n_head: int = field(default=4, metadata=_help("Attention heads (gpt2: 12, medium: 16, large: 20, xl: 25)."))
     n_positions: int | None = field(default=None, metadata=_help("Context length (default: block_size)."))
     model_dropout: float = field(default=0.0, metadata=_help("Residual, embedding and attention dropout."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        size = (_positive, "a whole number >= 1")
+        _check(
+            self,
+            {
+                "n_layer": size,
+                "n_embd": size,
+                "n_head": size,
+                "n_positions": size,
+                "model_dropout": (_probability, "a probability in [0, 1)"),
+            },
+        )
 
 
 @dataclass
@@ -83,6 +130,22 @@ class LlamaModelArguments(ModelArguments):
         ),
     )
     base_learning_rate: float = field(default=1e-3, metadata=_help("Learning rate of that pretraining."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        size = (_positive, "a whole number >= 1")
+        _check(
+            self,
+            {
+                "hidden_size": size,
+                "intermediate_size": size,
+                "num_hidden_layers": size,
+                "num_attention_heads": size,
+                "num_key_value_heads": size,
+                "base_pretrain_steps": (_non_negative, "a number of steps >= 0 (0: no pretraining)"),
+                "base_learning_rate": (_non_negative, "a finite learning rate >= 0"),
+            },
+        )
 
 
 @dataclass
@@ -114,6 +177,17 @@ class LoraArguments:
         default_factory=lambda: list(LLAMA_LORA_TARGETS),
         metadata=_help("Module names that get adapters (Llama attention and MLP projections)."),
     )
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            {
+                "lora_r": (_positive, "a rank >= 1"),
+                "lora_alpha": (lambda v: v > 0, "a scaling numerator > 0"),
+                "lora_dropout": (_probability, "a probability in [0, 1)"),
+                "lora_target_modules": (lambda v: len(v) > 0 and all(map(_name, v)), "at least one module name"),
+            },
+        )
 
 
 @dataclass
@@ -148,6 +222,21 @@ class DataArguments:
         default=None, metadata=_help("Processes for datasets.map tokenisation (default: in-process).")
     )
 
+    def __post_init__(self) -> None:
+        samples = (_positive, "a number of examples >= 1 (leave it unset to keep them all)")
+        _check(
+            self,
+            {
+                "text_column": (_name, "a column name"),
+                "validation_split_percentage": (lambda v: 0 <= v < 100, "a percentage in [0, 100)"),
+                "block_size": (lambda v: v >= 2, "a number of tokens >= 2"),
+                "max_train_samples": samples,
+                "max_eval_samples": samples,
+                "corpus_max_files": (_positive, "a number of files >= 1 (leave it unset for all)"),
+                "preprocessing_num_workers": (_positive, "a number of processes >= 1 (leave it unset for in-process)"),
+            },
+        )
+
 
 @dataclass
 class FinetuneDataArguments(DataArguments):
@@ -165,3 +254,7 @@ class FinetuneDataArguments(DataArguments):
     completion_column: str = field(
         default="completion", metadata=_help("Completion column (data_format prompt_completion).")
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, {"prompt_column": (_name, "a column name"), "completion_column": (_name, "a column name")})

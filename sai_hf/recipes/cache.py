@@ -21,15 +21,25 @@ CACHE_ENV_VAR = "SAI_HF_CACHE"
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Return the sai_hf cache directory (created if needed)."""
+    """Return the sai_hf cache directory (created if needed).
+
+    ``ValueError`` naming where the directory came from (``recipe_cache_dir``, ``$SAI_HF_CACHE`` or
+    the default) if it cannot be created or is not a writable directory."""
     if cache_dir:
-        path = Path(cache_dir)
-    elif os.environ.get(CACHE_ENV_VAR):
-        path = Path(os.environ[CACHE_ENV_VAR])
+        path, origin = Path(cache_dir), f"recipe_cache_dir={os.fspath(cache_dir)!r}"
+    elif os.environ.get(CACHE_ENV_VAR, "").strip():
+        path, origin = Path(os.environ[CACHE_ENV_VAR]), f"environment variable {CACHE_ENV_VAR}={os.environ[CACHE_ENV_VAR]!r}"
     else:
-        path = Path.home() / ".cache" / "sai_hf"
+        path, origin = Path.home() / ".cache" / "sai_hf", "the default cache directory"
     path = path.expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cannot use {origin} as the sai_hf cache: {path} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot use {origin} as the sai_hf cache: {err.strerror or err} ({path})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot use {origin} as the sai_hf cache: {path} is not writable")
     return path
 
 

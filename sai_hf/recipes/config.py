@@ -4,9 +4,12 @@
 
 The YAML file is turned into command-line tokens placed *before* the overrides, and the whole
 list is parsed by one ``HfArgumentParser``, so an override always wins over the file and every
-value goes through the same type conversion. Problems are reported before anything runs:
-a missing config file raises ``FileNotFoundError``; an unknown key (in the file or on the
-command line), a malformed file or a value of the wrong type raises ``ValueError`` naming it.
+value goes through the same type conversion. An unquoted value reaches a text field as it was
+written (YAML 1.1 would turn ``save_strategy: no`` into false and ``run_name: 12:30`` into 750),
+YAML booleans and numbers still feed bool and numeric fields, and a value may start with ``-``.
+Problems are reported before anything runs: a missing config file raises ``FileNotFoundError``;
+an unknown key (in the file or on the command line), a key given twice, a malformed or
+undecodable file or a value of the wrong type raises ``ValueError`` naming it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, NoReturn
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 USAGE = "usage: {prog} CONFIG.yaml [--field value ...]"
 
@@ -35,19 +39,72 @@ class RecipeArgumentParser(HfArgumentParser):
 
 
 def load_yaml_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a recipe config: a YAML mapping from field names to values."""
+    """Read a recipe config: a YAML mapping from field names to values (YAML's own typing)."""
+    return _load_config(path)[0]
+
+
+class _Plain(str):
+    """The source text of an unquoted YAML scalar, kept next to YAML's reading of it.
+
+    YAML 1.1 (PyYAML) reads ``no``/``off`` as false, ``12:30`` as 750, ``010`` as 8 and ``1.10`` as
+    1.1; a string field must get what was written instead. ``typed`` is YAML's value."""
+
+    typed: Any
+
+
+def _load_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(typed, written)``: the config as YAML types it, and the same mapping with every unquoted
+    top-level scalar (and unquoted list item) replaced by a :class:`_Plain` of its source text.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for a
+    directory, undecodable bytes, invalid YAML, a top level that is not a mapping, or a key given twice.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory; the first argument must be a YAML config file")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path} (the first argument must be a YAML config file)")
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ValueError(f"config file {path} cannot be read: {err.strerror or err}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        config = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path} is not valid YAML: {err}") from err
     if config is None:
-        return {}
+        return {}, {}
     if not isinstance(config, dict):
         raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(config).__name__}")
-    return config
+    written: dict[str, Any] = dict(config)
+    seen: dict[Any, int] = {}
+    for key_node, value_node in node.value if isinstance(node, yaml.MappingNode) else []:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = key_node.value
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ValueError(f"config file {path}: key '{key}' is given twice (lines {seen[key]} and {line})")
+        seen[key] = line
+        if key in config:
+            written[key] = _written(config[key], value_node)
+    return config, written
+
+
+def _written(value: Any, node: Any) -> Any:
+    """``value`` with unquoted scalars replaced by their source text (see :func:`_load_config`)."""
+    if isinstance(node, yaml.ScalarNode):
+        if value is None or isinstance(value, str) or node.style is not None:
+            return value
+        plain = _Plain(node.value)
+        plain.typed = value
+        return plain
+    if isinstance(node, yaml.SequenceNode) and isinstance(value, list) and len(value) == len(node.value):
+        return [_written(v, n) for v, n in zip(value, node.value)]
+    return value
 
 
 def known_fields(dataclass_types: Iterable[type]) -> list[str]:
@@ -67,32 +124,66 @@ def check_config_keys(config: dict[str, Any], fields: Sequence[str], source: str
     raise ValueError(f"unknown config key{'s' if len(unknown) > 1 else ''} in {source}: {', '.join(hints)}")
 
 
-def config_to_cli_tokens(config: dict[str, Any], parser: argparse.ArgumentParser) -> list[str]:
-    """Turn a config mapping into ``--field value`` tokens for ``parser``.
+def _scalar_text(key: str, value: Any, action: argparse.Action) -> str:
+    """The command-line text of one config value for ``action``'s field.
 
-    Booleans become ``true``/``false``, mappings become JSON (TrainingArguments parses JSON for its
-    dict fields such as ``gradient_checkpointing_kwargs``), lists become several tokens for fields
-    that take several values. ``null`` keeps the field's default.
+    An unquoted scalar goes in as written, except where YAML's typing is what the field wants: a
+    YAML boolean for a bool field (``no``/``off`` -> ``false``) and a YAML number for a numeric field
+    (``0x10``, ``.inf``, ``1_000``)."""
+    if isinstance(value, _Plain):
+        typed = value.typed
+        if isinstance(typed, bool):
+            return str(typed).lower() if action.type is string_to_bool else str(value)
+        if isinstance(typed, (int, float)) and action.type in (int, float):
+            return repr(typed) if isinstance(typed, float) else str(typed)
+        return str(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def config_to_cli_tokens(config: dict[str, Any], parser: argparse.ArgumentParser) -> list[str]:
+    """Turn a config mapping into ``--field=value`` tokens for ``parser``.
+
+    Unquoted scalars go in as written (so ``save_strategy: no`` is ``no`` and ``run_name: 1.10`` is
+    ``1.10``), except that YAML booleans become ``true``/``false`` for bool fields and YAML numbers
+    feed numeric fields; mappings become JSON (TrainingArguments parses JSON for its dict fields
+    such as ``gradient_checkpointing_kwargs``). ``--field=value`` keeps a value that starts with
+    ``-`` a value. Lists are for fields that take several values and are set as that field's default
+    (converted and checked here: argparse would read an item starting with ``-`` as an option), so a
+    command-line override still wins. ``null`` keeps the field's default.
     """
     actions = {action.dest: action for action in parser._actions}
     tokens: list[str] = []
     for key, value in config.items():
         if value is None:
             continue
-        flag = f"--{key}"
-        if isinstance(value, bool):
-            tokens += [flag, str(value).lower()]
-        elif isinstance(value, dict):
-            tokens += [flag, json.dumps(value)]
-        elif isinstance(value, (list, tuple)):
-            if actions[key].nargs not in ("+", "*"):
-                raise ValueError(f"config key '{key}' takes a single value, got the list {value!r}")
+        action = actions[key]
+        if isinstance(value, (list, tuple)):
+            if action.nargs not in ("+", "*"):
+                raise ValueError(f"config key '{key}' takes a single value, got the list {list(value)!r}")
             if not value:
                 continue
-            tokens += [flag, *(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)]
-        else:
-            tokens += [flag, str(value)]
+            parser.set_defaults(**{action.dest: [_list_item(key, item, action) for item in value]})
+            continue
+        tokens.append(f"--{key}={_scalar_text(key, value, action)}")
     return tokens
+
+
+def _list_item(key: str, item: Any, action: argparse.Action) -> Any:
+    """One item of a list-valued config key, converted by ``action``'s type and checked against its choices."""
+    if item is None or isinstance(item, (list, dict)):
+        raise ValueError(f"config key '{key}': list item {item!r} is not a single value")
+    text = _scalar_text(key, item, action)
+    try:
+        converted = action.type(text) if callable(action.type) else text
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+        raise ValueError(f"config key '{key}': invalid list item {text!r} ({err})") from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"config key '{key}': invalid list item {text!r} (choose from {list(action.choices)})")
+    return converted
 
 
 def parse_recipe_args(
@@ -111,13 +202,13 @@ def parse_recipe_args(
     if not argv or argv[0].startswith("-"):
         raise ValueError(f"the first argument must be a YAML config file; {USAGE.format(prog=prog)}")
     config_path, overrides = argv[0], argv[1:]
-    config = load_yaml_config(config_path)
+    config, written = _load_config(config_path)
     fields = known_fields(dataclass_types)
     check_config_keys(config, fields, source=f"config file {config_path}")
     override_keys = {tok[2:].split("=", 1)[0]: None for tok in overrides if tok.startswith("--")}
     check_config_keys(override_keys, fields, source="the command line")
 
-    tokens = config_to_cli_tokens(config, parser) + overrides
+    tokens = config_to_cli_tokens(written, parser) + overrides
     *parsed, remaining = parser.parse_args_into_dataclasses(
         args=tokens, return_remaining_strings=True, look_for_args_file=False
     )

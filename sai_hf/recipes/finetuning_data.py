@@ -16,7 +16,7 @@ from .arguments import FinetuneDataArguments
 from .docstring_pairs import docstring_pairs
 from .packing import packed_lm_datasets
 from .prompt_completion import ALPACA_COLUMNS, alpaca_to_prompt_completion, tokenize_prompt_completion
-from .text_datasets import dataset_source, load_raw_datasets, require_columns
+from .text_datasets import dataset_source, load_raw_datasets, require_text_columns
 
 
 def finetuning_examples(
@@ -37,16 +37,18 @@ def finetuning_examples(
     num_proc = data_args.preprocessing_num_workers
     if data_args.data_format == "text":
         raw = offline_corpus if raw is None else raw
-        require_columns(raw, {data_args.text_column: "the text column, set with --text_column"}, source)
-        return packed_lm_datasets(raw, tokenizer, data_args.text_column, data_args.block_size, num_proc)
+        require_text_columns(
+            raw, {data_args.text_column: "the text column, set with --text_column"}, source, allow_missing_values=True
+        )
+        return packed_lm_datasets(raw, tokenizer, data_args.text_column, data_args.block_size, num_proc, source)
     if data_args.data_format == "alpaca":
-        require_columns(raw, ALPACA_COLUMNS, source)
+        require_text_columns(raw, ALPACA_COLUMNS, source)
         raw = alpaca_to_prompt_completion(raw, num_proc)
         prompt_column, completion_column = "prompt", "completion"
     else:
         raw = docstring_pairs(offline_corpus) if raw is None else raw
         prompt_column, completion_column = data_args.prompt_column, data_args.completion_column
-        require_columns(
+        require_text_columns(
             raw,
             {
                 prompt_column: "the prompt column, set with --prompt_column",
@@ -54,4 +56,6 @@ def finetuning_examples(
             },
             source,
         )
-    return tokenize_prompt_completion(raw, tokenizer, data_args.block_size, prompt_column, completion_column, num_proc)
+    return tokenize_prompt_completion(
+        raw, tokenizer, data_args.block_size, prompt_column, completion_column, num_proc, source
+    )

@@ -41,8 +41,12 @@ def tokenize_documents(
     )
 
 
-def pack_into_blocks(tokenized: DatasetDict, block_size: int, num_proc: int | None = None) -> DatasetDict:
-    """Concatenate ``input_ids`` and cut them into ``block_size`` blocks with labels and attention masks."""
+def pack_into_blocks(
+    tokenized: DatasetDict, block_size: int, num_proc: int | None = None, source: str | None = None
+) -> DatasetDict:
+    """Concatenate ``input_ids`` and cut them into ``block_size`` blocks with labels and attention masks.
+
+    ``ValueError`` naming the split and ``source`` (where the data came from) if a split yields no block."""
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}")
 
@@ -60,17 +64,25 @@ def pack_into_blocks(tokenized: DatasetDict, block_size: int, num_proc: int | No
     )
     for split, dataset in packed.items():
         if len(dataset) == 0:
+            where = f" of dataset {source}" if source else ""
             raise ValueError(
-                f"the '{split}' split has fewer than block_size={block_size} tokens; use more data or a smaller block_size"
+                f"the '{split}' split{where} has fewer than block_size={block_size} tokens; "
+                "use more data or a smaller block_size"
             )
     return packed
 
 
 def packed_lm_datasets(
-    raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, text_column: str, block_size: int, num_proc: int | None = None
+    raw: DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str,
+    block_size: int,
+    num_proc: int | None = None,
+    source: str | None = None,
 ) -> DatasetDict:
-    """Tokenise ``raw[...][text_column]`` and pack it into ``block_size`` blocks."""
-    return pack_into_blocks(tokenize_documents(raw, tokenizer, text_column, num_proc), block_size, num_proc)
+    """Tokenise ``raw[...][text_column]`` and pack it into ``block_size`` blocks (``source`` names the
+    data in errors)."""
+    return pack_into_blocks(tokenize_documents(raw, tokenizer, text_column, num_proc), block_size, num_proc, source)
 
 
 def count_tokens(dataset: Dataset) -> int:

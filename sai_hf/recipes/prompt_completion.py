@@ -51,8 +51,10 @@ def tokenize_prompt_completion(
     prompt_column: str = "prompt",
     completion_column: str = "completion",
     num_proc: int | None = None,
+    source: str | None = None,
 ) -> DatasetDict:
-    """Tokenise pairs into ``input_ids``/``attention_mask``/``labels`` with ``-100`` on the prompt."""
+    """Tokenise pairs into ``input_ids``/``attention_mask``/``labels`` with ``-100`` on the prompt
+    (``source`` names the data in errors)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token, which ends every completion")
     eos = tokenizer.eos_token_id
@@ -88,5 +90,9 @@ def tokenize_prompt_completion(
     )
     for split, dataset in tokenized.items():
         if len(dataset) == 0:
-            raise ValueError(f"no '{split}' example keeps a completion token within block_size={max_length}")
+            where = f" of dataset {source}" if source else ""
+            raise ValueError(
+                f"no '{split}' example{where} keeps a completion token within block_size={max_length} "
+                "(prompts too long, or empty splits); raise block_size or shorten the prompts"
+            )
     return tokenized

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,26 @@ def setup_logging(training_args: TrainingArguments) -> None:
     logging.getLogger("sai_hf").setLevel(level)
     datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
     transformers.utils.logging.set_verbosity(max(level, logging.WARNING))
+
+
+#: Errors that, raised while a recipe reads its config and data and builds its Trainer, are bad
+#: input (every sai-hf check raises one of them with a message naming the key, file or value).
+INPUT_ERRORS = (ValueError, OSError, ImportError)
+
+
+def prepare_or_exit(prepare: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None, prog: str) -> Any:
+    """``prepare(argv)``, turning bad input into one ``PROG: error: ...`` line and exit status 2.
+
+    For the scripts' command line only: ``prepare`` is everything before training (config, data,
+    model, Trainer), so a ``ValueError``/``OSError``/``ImportError`` there is the user's input,
+    reported without a traceback. Errors during training keep their traceback. Calling the
+    scripts' ``main(argv)`` from Python raises the exceptions themselves."""
+    try:
+        return prepare(argv)
+    except INPUT_ERRORS as err:
+        message = str(err) or type(err).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def announce(training_args: TrainingArguments, message: str) -> None:
