@@ -78,10 +78,10 @@ def _bf16_nearest_bits(x):
 def _bf16_stochastic_bits(x, index, seed_offset):
     """Bits of ``x`` (float32) stochastically rounded to bfloat16, exactly as
     ``sai_hf.functional.stochastic_round_to_bf16``: with ``b`` the float32 bits of the element at
-    flat index ``i`` of its tensor, ``u = top 16 bits of K (b + i + c)`` (mod 2^32) and the result is
+    flat index ``i`` of its tensor, ``u = top 16 bits of K ((b + i) xor c)`` (mod 2^32) and the result is
     the top 16 bits of ``b + u``. All arithmetic is on uint32, so it wraps mod 2^32."""
     bits = x.to(tl.uint32, bitcast=True)
-    u = ((bits + index + seed_offset) * _K) >> 16
+    u = (((bits + index) ^ seed_offset) * _K) >> 16
     return ((bits + u) >> 16).to(tl.uint16)
 
 

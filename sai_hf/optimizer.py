@@ -126,13 +126,14 @@ class SGDSaI(Optimizer):
       formula (bit-compatible with ``sgd-sai``).
     * **Degenerate blocks.** A one-element block, or a non-zero gradient with (near) zero
       variance, has no meaningful g-SNR (the official code gives ``|g| / eps``, ~1e8, and the
-      weight runs to -inf). It gets the largest well-defined g-SNR of the first scaling step as its
-      g-SNR (scale 1.0 under ``normalize="max"``; 1.0 if no block had a well-defined g-SNR), and a
-      warning is issued once.
+      weight runs to -inf). It gets ``gsnr_max`` as its g-SNR (scale 1.0 under
+      ``normalize="max"``), and a warning is issued once. ``gsnr_max`` is the largest well-defined
+      g-SNR of the first scaling step that has one (the first step, unless it scaled only
+      degenerate blocks); before it is known a degenerate block gets 1.0.
 
     State (``state_dict``): per block ``momentum_buffer`` (when ``momentum > 0``), ``gsnr`` and
     ``scale`` (floats), ``step`` (the block's update count, an int); per group ``gsnr_max`` (the largest well-defined g-SNR of the first scaling
-    step). Resuming from a state dict continues exactly; scales are never recomputed.
+    step that has one). Resuming from a state dict continues exactly; scales are never recomputed.
 
     Host syncs: scales are host floats, so a step syncs the device only while some block that has a
     gradient is still waiting for its scale (one batched transfer for all of them; normally just the
