@@ -37,6 +37,7 @@ Mersenne-Twister draw made it ~30x).
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 
@@ -176,13 +177,15 @@ def _fused_sgd_block(
     slab by slab on CPU, so that one pass reads ``p, g, m`` and writes ``p, m``."""
     numel = param.numel()
     size = _DECAY_SLAB if decay != 1.0 and param.device.type == "cpu" else max(1, numel)
-    flat = [t.view(-1) for t in (param, grad)] + ([buf.view(-1)] if buf is not None else [])
-    for start in range(0, numel, size):
-        p, g, *m = (t[start : start + size] for t in flat)
+    blocks = [(param, grad, buf)]
+    if numel > size:
+        flat = [param.view(-1), grad.view(-1), buf.view(-1) if buf is not None else None]
+        blocks = [[t[start : start + size] if t is not None else None for t in flat] for start in range(0, numel, size)]
+    for p, g, m in blocks:
         if decay != 1.0:
             p.mul_(decay)
         torch._fused_sgd_(
-            [p], [g], m,
+            [p], [g], [m] if m is not None else [],
             weight_decay=0.0, momentum=momentum, lr=-step_size, dampening=momentum,
             nesterov=False, maximize=maximize, is_first_step=first,
         )
@@ -194,14 +197,19 @@ def _fused_sgd_block(
 _CPU_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
+@functools.cache
+def _fused_devices() -> frozenset[str]:
+    """Device types with torch's fused optimizer kernels."""
+    return frozenset(_get_fused_kernels_supported_devices())
+
+
 def single_pass_supported(param: Tensor, grad: Tensor, buf: Tensor | None, momentum_dtype: torch.dtype | None) -> bool:
     """Whether one block can take the single-pass kernel: ``param``, ``grad`` and ``buf`` contiguous
     (the fused kernels read raw memory: a slice, strided or transposed view would be misread),
     floating-point, on a device with fused kernels (float32/float64 only on CPU), and the momentum
     buffer in the parameter's dtype or bfloat16 for a float32 parameter; on CUDA with Triton, any
     float32/float16/bfloat16 combination (:mod:`sai_hf.triton_update`)."""
-    devices = _get_fused_kernels_supported_devices()
-    if param.device.type not in devices or not param.is_floating_point() or param.is_complex():
+    if param.device.type not in _fused_devices() or not param.is_floating_point() or param.is_complex():
         return False
     if not (param.is_contiguous() and grad.is_contiguous() and (buf is None or buf.is_contiguous())):
         return False
