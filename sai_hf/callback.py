@@ -39,7 +39,7 @@ from transformers import TrainerCallback
 
 from .distributed import block_numel, register_sharded_model
 from .drift import drift_summary
-from .optimizer import SGDSaI, StatisticsReducer, group_of_params
+from .optimizer import SGDSaI, StatisticsReducer
 
 __all__ = ["GSNRCallback", "find_sgd_sai", "GSNR_FILENAME", "clean_parameter_name", "parameter_names", "unwrap_model"]
 
@@ -98,23 +98,32 @@ class GSNRCallback(TrainerCallback):
         self.track_every = track_every
         self._pending_summary: dict[str, float] | None = None
         self._history: dict[str, Any] | None = None
+        self._reported_blocks = 0  # scaled blocks in the last report
 
     # -------------------------------------------------------------- events
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        # Scales restored from a checkpoint were reported by the run that computed them.
+        sai = find_sgd_sai(optimizer)
+        self._reported_blocks = len(sai.scales()) if sai is not None else 0
+
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         sai = find_sgd_sai(optimizer)
         if sai is None or model is None:
             return
         # Whether blocks lack a scale is the same on every rank (unlike which local gradients are
         # present: FSDP1 leaves grad=None outside the local shard), so all ranks take part in the
-        # reduction together.
-        if all(sai.has_scale(p) for p in group_of_params(sai.param_groups)):
+        # reduction together. Under DeepSpeed ZeRO the step already ran (inside backward) and set
+        # the scales; initialize_scales() has nothing to do there.
+        if sai.all_blocks_scaled():
             if self.track_every and (state.global_step + 1) % self.track_every == 0:
                 self.track_drift(args, state, model, sai)
+        else:
+            register_sharded_model(model)
+            sai.initialize_scales(reduce_statistics=self.reduce_statistics)
+        scaled = len(sai.scales())
+        if scaled <= self._reported_blocks:
             return
-        register_sharded_model(model)
-        records = sai.initialize_scales(reduce_statistics=self.reduce_statistics)
-        if not records:
-            return
+        self._reported_blocks = scaled
         names = parameter_names(model)
         self._pending_summary = self.summary(sai)
         if state.is_world_process_zero and args.output_dir:
@@ -179,13 +188,11 @@ class GSNRCallback(TrainerCallback):
     @staticmethod
     def report(sai: SGDSaI, names: dict[int, str]) -> dict[str, dict[str, float | int]]:
         """``{name: {"gsnr", "scale", "numel"}}`` for every parameter of ``names`` that has a scale."""
-        out: dict[str, dict[str, float | int]] = {}
-        for group in sai.param_groups:
-            for p in group["params"]:
-                state = sai.state.get(p, {})
-                if "scale" in state and id(p) in names:
-                    out[names[id(p)]] = {"gsnr": state["gsnr"], "scale": state["scale"], "numel": block_numel(p)}
-        return out
+        return {
+            names[id(p)]: {"gsnr": state["gsnr"], "scale": state["scale"], "numel": block_numel(p)}
+            for p, state in sai.block_states()
+            if "scale" in state and id(p) in names
+        }
 
     def write_report(self, path: str, sai: SGDSaI, names: dict[int, str]) -> None:
         """Write :meth:`report` to ``path`` atomically."""

@@ -27,7 +27,8 @@ the list that is checked on every rank.
 Layouts that cannot give exact per-tensor statistics are refused with
 :class:`UnsupportedShardingError` instead of training with silently wrong scales: FSDP1 with
 ``use_orig_params=False`` (the optimizer sees the ``FlatParameter``: many tensors concatenated),
-DeepSpeed ZeRO (flattens and partitions parameters before the optimizer sees them), ``Partial``
+DeepSpeed ZeRO-3 (partitions parameters before the optimizer exists; ZeRO-1/2 are handled by
+:mod:`sai_hf.deepspeed_zero`), ``Partial``
 DTensor gradients, and device meshes that do not span all ranks (e.g. pipeline parallelism).
 """
 
@@ -42,6 +43,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .deepspeed_zero import DEEPSPEED_ZERO3_MESSAGE, deepspeed_config, refuse_unsupported_zero
 from .gsnr import _accumulation_dtype, _local, gradient_statistics
 
 __all__ = [
@@ -53,7 +55,7 @@ __all__ = [
     "block_numel",
     "reduction_due",
     "deepspeed_in_use",
-    "refuse_deepspeed",
+    "refuse_unsupported_deepspeed",
     "refuse_unsupported_setup",
 ]
 
@@ -68,14 +70,6 @@ _FINGERPRINT_MODULUS = 65521
 class UnsupportedShardingError(RuntimeError):
     """The parameters are distributed in a way that does not allow exact per-tensor g-SNR."""
 
-
-_DEEPSPEED_MESSAGE = (
-    "SGD-SaI (sai_hf.SGDSaI, --optim sgd_sai) does not support DeepSpeed: ZeRO flattens and partitions "
-    "the parameters before the optimizer sees them, so the per-tensor g-SNR statistics would be "
-    "silently wrong. Use FSDP2 instead (accelerate config: distributed_type: FSDP, fsdp_version: 2; "
-    "e.g. `accelerate launch --config_file configs/accelerate/fsdp.yaml ...`), which sai-hf reduces "
-    "exactly, or DDP."
-)
 
 _FLAT_PARAMETER_MESSAGE = (
     "SGD-SaI does not support FSDP1 with use_orig_params=False: the optimizer gets FlatParameters, "
@@ -183,7 +177,7 @@ def _layout(param: Tensor, rank: int, world: int, dtensor: tuple[type, ...]) -> 
     if getattr(param, "_is_flat_param", False):
         raise UnsupportedShardingError(_FLAT_PARAMETER_MESSAGE)
     if hasattr(param, "ds_id") or hasattr(param, "ds_tensor"):
-        raise UnsupportedShardingError(_DEEPSPEED_MESSAGE)
+        raise UnsupportedShardingError(DEEPSPEED_ZERO3_MESSAGE)
     view = _FSDP1_VIEWS.get(param)
     if view is not None and view.sharded:
         dist = torch.distributed
@@ -262,18 +256,20 @@ def deepspeed_in_use(args: Any = None) -> bool:
     return shared.get("distributed_type") == DistributedType.DEEPSPEED
 
 
-def refuse_deepspeed(args: Any = None) -> None:
-    """Raise :class:`UnsupportedShardingError` (naming DeepSpeed, suggesting FSDP2) if DeepSpeed is in use."""
+def refuse_unsupported_deepspeed(args: Any = None) -> None:
+    """If DeepSpeed is in use, raise :class:`UnsupportedShardingError` for the configurations that
+    SGD-SaI cannot run exactly (ZeRO stage 3, optimizer offload, a DeepSpeed ``optimizer`` section;
+    :func:`sai_hf.deepspeed_zero.refuse_unsupported_zero`). ZeRO stages 1 and 2 are supported."""
     if deepspeed_in_use(args):
-        raise UnsupportedShardingError(_DEEPSPEED_MESSAGE)
+        refuse_unsupported_zero(deepspeed_config(args))
 
 
 def refuse_unsupported_setup(args: Any = None) -> None:
     """Refuse, before any training, the configurations whose per-tensor statistics cannot be exact:
-    DeepSpeed, and an accelerate FSDP1 plugin with ``use_orig_params=False`` (the optimizer would
+    DeepSpeed ZeRO-3 or optimizer offload, and an accelerate FSDP1 plugin with ``use_orig_params=False`` (the optimizer would
     get FlatParameters). Called by :class:`sai_hf.integration.OptimArgsCheck` when the Trainer is
     built; the same layouts are also refused at the first step by :func:`statistics_reducer`."""
-    refuse_deepspeed(args)
+    refuse_unsupported_deepspeed(args)
     try:
         from accelerate.state import AcceleratorState
     except ImportError:  # pragma: no cover - accelerate is a dependency
@@ -353,10 +349,9 @@ def statistics_reducer(blocks: Sequence[Tensor]) -> _Reducer | None:
     with the same blocks in the same order.
 
     Raises :class:`UnsupportedShardingError` for layouts without exact per-tensor statistics
-    (FSDP1 ``use_orig_params=False``, DeepSpeed, ``Partial`` gradients, meshes not spanning all
+    (FSDP1 ``use_orig_params=False``, DeepSpeed ZeRO-3, ``Partial`` gradients, meshes not spanning all
     ranks, unregistered FSDP1 views).
     """
-    refuse_deepspeed()
     rank, world = _world()
     dtensor = _dtensor_types()
     layouts = [_layout(p, rank, world, dtensor) for p in blocks]

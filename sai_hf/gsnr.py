@@ -35,7 +35,11 @@ __all__ = [
     "DEGENERATE_RELATIVE_STD",
     "gradient_statistics",
     "gsnr_from_statistics",
+    "STATISTICS_WIDTH",
 ]
+
+#: Columns of a statistics row (rows are additive over disjoint pieces of a block).
+STATISTICS_WIDTH = 3
 
 #: A gradient whose unbiased std is below this fraction of its RMS is treated as having zero
 #: variance (its g-SNR would be > ~1e6 * sqrt(n), a learning-rate multiplier no block should get).
@@ -81,7 +85,7 @@ def gradient_statistics(grads: Sequence[torch.Tensor]) -> torch.Tensor:
       The selection reads the statistics on the host, which costs nothing on CPU.
     """
     if not grads:
-        return torch.zeros((0, 3), dtype=torch.float64)
+        return torch.zeros((0, STATISTICS_WIDTH), dtype=torch.float64)
     local = [_real(_local(g).detach()) for g in grads]
     device = local[0].device
     dtype = _accumulation_dtype(device)

@@ -25,11 +25,12 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from .deepspeed_zero import ZeroPartitions, is_zero_partitioned
 from .distributed import gradient_may_be_absent_locally, local_statistics, reduction_due, statistics_reducer
 from .functional import sgd_sai
 from .gsnr import BlockStatus, _local, gsnr_from_statistics
 
-__all__ = ["SGDSaI", "ScaleRecord", "NORMALIZATIONS", "validate_hyperparameters"]
+__all__ = ["SGDSaI", "ScaleRecord", "AssignedScale", "NORMALIZATIONS", "validate_hyperparameters"]
 
 #: Accepted values of ``normalize``.
 NORMALIZATIONS = ("none", "max")
@@ -77,6 +78,15 @@ class ScaleRecord:
     gsnr: float
     scale: float
     numel: int
+    status: BlockStatus
+
+
+@dataclass(frozen=True)
+class AssignedScale:
+    """The g-SNR a block is scaled with (after the degenerate fallback) and its scale."""
+
+    gsnr: float
+    scale: float
     status: BlockStatus
 
 
@@ -176,6 +186,7 @@ class SGDSaI(Optimizer):
         if len(normalizations) > 1:
             raise ValueError(f"Invalid normalize: all parameter groups must share one, got {sorted(normalizations)}")
         self._warned_degenerate = False
+        self._zero_partitions: ZeroPartitions | None | bool = None  # decided at the first step
         self._register_state_dict_layout()
 
     def _register_state_dict_layout(self) -> None:
@@ -193,6 +204,10 @@ class SGDSaI(Optimizer):
         checked = {k: v for k, v in param_group.items() if k not in ("params", "gsnr_max") and k in self.defaults}
         validate_hyperparameters(**checked)
         super().add_param_group(param_group)
+        # The model's parameters as constructed: DeepSpeed ZeRO later replaces them by flat partitions.
+        if not hasattr(self, "_model_param_groups"):
+            self._model_param_groups: list[list[Tensor]] = []
+        self._model_param_groups.append(list(self.param_groups[-1]["params"]))
         # A group added after scaling started shares the divisor of the first scaling step.
         known = [g["gsnr_max"] for g in self.param_groups if g.get("gsnr_max") is not None]
         if known:
@@ -201,6 +216,7 @@ class SGDSaI(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._warned_degenerate = getattr(self, "_warned_degenerate", False)
+        self._zero_partitions = getattr(self, "_zero_partitions", None)
         self._register_state_dict_layout()
         for group in self.param_groups:
             group.setdefault("normalize", "none")
@@ -249,7 +265,12 @@ class SGDSaI(Optimizer):
         on every rank, with the same ``params``; blocks whose gradient may be absent on this rank
         only (FSDP1 views outside the local shard) take part with zero statistics, and at most
         one reduction runs per optimizer step (:func:`sai_hf.distributed.reduction_due`).
+
+        Under DeepSpeed ZeRO the scales are computed inside :meth:`step` (DeepSpeed steps from
+        within ``backward``, and only there do the partitions have gradients): this returns ``[]``.
         """
+        if self.zero_partitions() is not None:
+            return []
         group_of = self._group_of()
         candidates = group_of_params(self.param_groups) if params is None else params
         todo = [
@@ -267,47 +288,83 @@ class SGDSaI(Optimizer):
         stats = local_statistics(todo)
         if reduce_statistics is not None:
             stats = reduce_statistics(stats)
-        eps = torch.tensor([group_of[id(p)]["eps"] for p in todo], dtype=stats.dtype, device=stats.device)
-        gsnr, status = gsnr_from_statistics(stats, eps, eps_free=scaling_started)
-        gsnr_host, status_host = torch.stack((gsnr, status.to(gsnr.dtype))).tolist()  # the one sync
-
+        values, statuses = self.measured_gsnr(stats, [group_of[id(p)]["eps"] for p in todo], eps_free=scaling_started)
         gsnr_max = self.gsnr_max
         if gsnr_max is None:
-            well_defined = [v for v, s in zip(gsnr_host, status_host) if s == BlockStatus.SCALED]
-            if well_defined:
-                gsnr_max = max(well_defined)
+            gsnr_max = self.first_step_gsnr_max(values, statuses)
+            if gsnr_max is not None:
                 for group in self.param_groups:
                     group["gsnr_max"] = gsnr_max
-        normalize = self.param_groups[0]["normalize"]
-
+        assigned = self.assigned_scales(values, statuses, gsnr_max, self.param_groups[0]["normalize"])
         records: list[ScaleRecord] = []
-        degenerate: list[Tensor] = []
-        for p, value, code in zip(todo, gsnr_host, status_host):
-            status_code = BlockStatus(int(code))
-            if status_code == BlockStatus.PENDING:
+        for p, scaled in zip(todo, assigned):
+            if scaled is None:
                 continue
-            if status_code == BlockStatus.DEGENERATE:
+            state = self.state[p]
+            state["gsnr"] = scaled.gsnr
+            state["scale"] = scaled.scale
+            state["gsnr_eps_free"] = bool(scaling_started)
+            records.append(ScaleRecord(p, scaled.gsnr, scaled.scale, int(p.numel()), scaled.status))
+        return records
+
+    # ------------------------------------------------------------------ measuring and assigning
+    @staticmethod
+    def measured_gsnr(
+        stats: Tensor, eps: Sequence[float], eps_free: bool | Sequence[bool] = False
+    ) -> tuple[list[float], list[BlockStatus]]:
+        """Measuring: the g-SNR and :class:`BlockStatus` of each row of the (reduced) statistics
+        ``stats`` (:func:`sai_hf.gsnr.gsnr_from_statistics`), as host values: the one host sync.
+
+        ``eps[i]`` is block ``i``'s eps; ``eps_free`` (one bool, or one per block) drops it:
+        ``gsnr = norm / std`` (see "deferred blocks drop eps" in the class docstring)."""
+        eps_t = torch.tensor(list(eps), dtype=stats.dtype, device=stats.device)
+        eps_free_t = torch.as_tensor(eps_free, device=stats.device)
+        gsnr, status = gsnr_from_statistics(stats, eps_t, eps_free=eps_free_t)
+        values, codes = torch.stack((gsnr, status.to(gsnr.dtype))).tolist()
+        return values, [BlockStatus(int(c)) for c in codes]
+
+    @staticmethod
+    def first_step_gsnr_max(values: Sequence[float], statuses: Sequence[BlockStatus]) -> float | None:
+        """Largest well-defined (``SCALED``) g-SNR among ``values``, ``None`` if there is none."""
+        well_defined = [v for v, s in zip(values, statuses) if s == BlockStatus.SCALED]
+        return max(well_defined) if well_defined else None
+
+    def assigned_scales(
+        self,
+        values: Sequence[float],
+        statuses: Sequence[BlockStatus],
+        gsnr_max: float | None,
+        normalize: str,
+    ) -> list[AssignedScale | None]:
+        """Assigning: the scale of each measured block (``None`` where it stays ``PENDING``)::
+
+            gsnr_i  = gsnr_max (1.0 before any well-defined g-SNR)   if DEGENERATE (warned once)
+            scale_i = gsnr_i                                          normalize="none"
+            scale_i = gsnr_i / gsnr_max (1.0 before ...)              normalize="max"
+        """
+        out: list[AssignedScale | None] = []
+        degenerate = 0
+        for value, status in zip(values, statuses):
+            if status == BlockStatus.PENDING:
+                out.append(None)
+                continue
+            if status == BlockStatus.DEGENERATE:
                 value = gsnr_max if gsnr_max is not None else 1.0
-                degenerate.append(p)
+                degenerate += 1
             if normalize == "max":
                 scale = value / gsnr_max if gsnr_max is not None else 1.0
             else:
                 scale = value
-            state = self.state[p]
-            state["gsnr"] = float(value)
-            state["scale"] = float(scale)
-            state["gsnr_eps_free"] = bool(scaling_started)
-            records.append(ScaleRecord(p, float(value), float(scale), int(p.numel()), status_code))
+            out.append(AssignedScale(float(value), float(scale), status))
         if degenerate and not self._warned_degenerate:
             self._warned_degenerate = True
-            shapes = ", ".join(str(tuple(p.shape)) for p in degenerate[:5])
             warnings.warn(
-                f"SGDSaI: {len(degenerate)} block(s) (shapes {shapes}) have a gradient with no usable "
-                "variance (one element, or all entries equal): g-SNR is undefined there. They get the "
-                "largest well-defined g-SNR of the first step instead of |g|/eps.",
-                stacklevel=2,
+                f"SGDSaI: {degenerate} block(s) have a gradient with no usable variance (one element, or all "
+                "entries equal): g-SNR is undefined there. They get the largest well-defined g-SNR of the "
+                "first step instead of |g|/eps.",
+                stacklevel=3,
             )
-        return records
+        return out
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -317,6 +374,11 @@ class SGDSaI(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+
+        zero = self.zero_partitions()
+        if zero is not None:
+            zero.step(self)
+            return loss
 
         if self.pending_params():
             self.initialize_scales()
@@ -384,19 +446,44 @@ class SGDSaI(Optimizer):
         if reduce_statistics is not None:
             stats = reduce_statistics(stats)
         group_of = self._group_of()
-        eps = torch.tensor([group_of[id(p)]["eps"] for p in blocks], dtype=stats.dtype, device=stats.device)
-        eps_free = torch.tensor([bool(self.state[p].get("gsnr_eps_free", False)) for p in blocks], device=stats.device)
-        gsnr, status = gsnr_from_statistics(stats, eps, eps_free=eps_free)
-        values, codes = torch.stack((gsnr, status.to(gsnr.dtype))).tolist()
-        return {p: v for p, v, c in zip(blocks, values, codes) if c == BlockStatus.SCALED}
+        eps_free = [bool(self.state[p].get("gsnr_eps_free", False)) for p in blocks]
+        values, statuses = self.measured_gsnr(stats, [group_of[id(p)]["eps"] for p in blocks], eps_free=eps_free)
+        return {p: v for p, v, c in zip(blocks, values, statuses) if c == BlockStatus.SCALED}
 
     def scales(self, names: Mapping[Tensor, str] | None = None) -> dict[Any, float]:
-        """The fixed scale of every scaled block, keyed by parameter (or by name with ``names``)."""
-        out: dict[Any, float] = {}
-        for p in group_of_params(self.param_groups):
-            if self.has_scale(p):
-                out[names.get(p, p) if names is not None else p] = self.state[p]["scale"]
-        return out
+        """The fixed scale of every scaled block, keyed by model parameter (or by name with ``names``)."""
+        return {
+            (names.get(p, p) if names is not None else p): state["scale"]
+            for p, state in self.block_states()
+            if "scale" in state
+        }
+
+    # ------------------------------------------------------------------ blocks and their layout
+    def zero_partitions(self) -> ZeroPartitions | None:
+        """The DeepSpeed ZeRO-1/2 layout (:class:`sai_hf.deepspeed_zero.ZeroPartitions`) when DeepSpeed
+        has replaced this optimizer's parameters by flat partitions, else ``None``. Decided at the
+        first call (the first step), once DeepSpeed has wrapped the optimizer."""
+        if self._zero_partitions is None:
+            current = group_of_params(self.param_groups)
+            model_params = group_of_params([{"params": g} for g in self._model_param_groups])
+            if not model_params or (len(current) == len(model_params) and current[0] is model_params[0]):
+                return None  # the optimizer still holds the model's own tensors (undecided until they change)
+            partitioned = is_zero_partitioned(model_params)
+            self._zero_partitions = ZeroPartitions(self._model_param_groups) if partitioned else False
+        return self._zero_partitions or None
+
+    def block_states(self) -> list[tuple[Tensor, Mapping[str, Any]]]:
+        """``(model parameter, its SGD-SaI state)`` of every block: ``gsnr``, ``scale``,
+        ``gsnr_eps_free`` once it is scaled. The model parameters are those the optimizer was built
+        with (under DeepSpeed ZeRO the optimizer itself only holds flat partitions)."""
+        zero = self.zero_partitions()
+        if zero is not None:
+            return zero.block_states(self)
+        return [(p, self.state.get(p, {})) for p in group_of_params(self.param_groups)]
+
+    def all_blocks_scaled(self) -> bool:
+        """Whether every block has its fixed scale (the same answer on every rank)."""
+        return all("scale" in state for _, state in self.block_states())
 
 
 def _like(local: Tensor, param: Tensor) -> Tensor:

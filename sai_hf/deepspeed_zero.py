@@ -1,0 +1,356 @@
+"""DeepSpeed ZeRO stage 1 and 2: exact per-tensor g-SNR on DeepSpeed's flat fp32 partitions.
+
+Under ZeRO-1/2 the optimizer that DeepSpeed wraps no longer holds the model's tensors: for every
+parameter group ``k`` DeepSpeed concatenates the group's trainable parameters (the *blocks*
+``b_1, b_2, ...``) into one flat buffer, pads it to a multiple of the world size, cuts it into one
+contiguous *partition* per rank and replaces ``param_groups[k]["params"]`` by this rank's fp32
+partition ``P_k``. Each block's entries form at most one contiguous *fragment* of ``P_k`` on a
+rank (a block may be split between neighbouring ranks); DeepSpeed records it on the model
+parameter as ``param._hp_mapping.hp_fragment_address`` (``start``, ``numel`` inside ``P_k``).
+
+The statistics of a block are additive over disjoint pieces, so for every group being stepped::
+
+    rows_b = statistics(g[start_b : start_b + numel_b])   if b has a fragment in this rank's P_k
+           = zero row                                     otherwise
+    stats  = all_reduce(SUM, rows)                        one collective for all blocks of the group
+
+gives every rank the whole tensors' statistics, hence the single-process g-SNR and scale
+(:meth:`sai_hf.SGDSaI.measured_gsnr` and :meth:`sai_hf.SGDSaI.assigned_scales`). The update runs per
+fragment: :func:`sai_hf.functional.sgd_sai` on the views ``P_k[start:start+numel]``, its gradient and
+momentum views, with the block's scale. Momentum lives in the partition's layout (one buffer like
+``P_k``; zero in padding and in fragments not updated yet).
+
+DeepSpeed steps the groups one at a time (``DeepSpeedZeroOptimizer._optimizer_step`` narrows
+``param_groups`` to group ``k`` and calls ``step()``; the gradient of group ``k + 1`` does not exist
+yet). So the reduction runs once per group, and quantities that couple groups are handled as:
+
+* "deferred blocks drop eps" (a block scaled after the first scaling *optimizer step*) is decided
+  from the partition step counters, identical to one process;
+* ``gsnr_max`` (largest well-defined g-SNR of the first scaling step) is the max over the groups
+  of that step, kept in every partition's state; a *degenerate* block of an earlier group of that
+  same step falls back to the max over the groups measured so far (one process: over all groups);
+* ``normalize="max"`` with more than one group would divide the first groups' scales by a partial
+  max: refused with :class:`~sai_hf.distributed.UnsupportedShardingError`.
+
+State of partition ``P_k`` (``optimizer.state[P_k]``, which DeepSpeed saves per rank in its
+checkpoint)::
+
+    momentum_buffer   tensor like P_k (absent with momentum=0)
+    step              optimizer steps taken by this partition
+    gsnr_max          see above (None before the first scaling step)
+    blocks            {index of the block in its group: {"gsnr", "scale", "gsnr_eps_free",
+                       "scaled_at", "step"}}
+
+``blocks`` is indexed by the block's position in its parameter group, not by fragments, and holds
+every block of the group on every rank (the scales are the same everywhere): it does not depend on
+the world size.
+
+ZeRO-3 (parameters partitioned before the optimizer exists; ``ds_id``) and ``offload_optimizer``
+(DeepSpeed's CPU optimizer path) are refused before training: :func:`refuse_unsupported_zero`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .gsnr import STATISTICS_WIDTH, _accumulation_dtype, gradient_statistics
+
+__all__ = [
+    "ZeroPartitions",
+    "Fragment",
+    "is_zero_partitioned",
+    "deepspeed_config",
+    "refuse_unsupported_zero",
+    "DEEPSPEED_ZERO3_MESSAGE",
+    "DEEPSPEED_OFFLOAD_MESSAGE",
+]
+
+DEEPSPEED_ZERO3_MESSAGE = (
+    "SGD-SaI (--optim sgd_sai) does not support DeepSpeed ZeRO stage 3: the parameters are partitioned "
+    "before the optimizer exists, so per-tensor g-SNR statistics cannot be attributed exactly. Use ZeRO "
+    "stage 2 (configs/deepspeed/zero2.json) or FSDP2 (configs/accelerate/fsdp.yaml), both exact."
+)
+DEEPSPEED_OFFLOAD_MESSAGE = (
+    "SGD-SaI (--optim sgd_sai) does not support DeepSpeed zero_optimization.offload_optimizer: "
+    "its CPU-offloaded step path is not covered by sai-hf's exact per-tensor g-SNR. Remove "
+    "offload_optimizer and use ZeRO stage 2 (configs/deepspeed/zero2.json) or FSDP2."
+)
+DEEPSPEED_OPTIMIZER_SECTION_MESSAGE = (
+    "--optim sgd_sai with a DeepSpeed config that has an 'optimizer' section: DeepSpeed would build "
+    "its own optimizer and SGD-SaI would not be used. Remove the 'optimizer' section (see "
+    "configs/deepspeed/zero2.json)."
+)
+_NORMALIZE_MAX_MESSAGE = (
+    "SGD-SaI: normalize='max' under DeepSpeed ZeRO with {groups} parameter groups is not exact: "
+    "DeepSpeed steps the groups one at a time, so the largest g-SNR over all blocks is not known "
+    "when the first group is updated. Use normalize='none' (the default), one parameter group, or FSDP2."
+)
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """The entries ``[start, start + numel)`` of partition ``P_k`` that belong to block ``index``
+    (the ``index``-th trainable parameter of group ``k``)."""
+
+    index: int
+    start: int
+    numel: int
+
+
+def is_zero_partitioned(model_params: Sequence[Tensor]) -> bool:
+    """Whether DeepSpeed ZeRO-1/2 has linked ``model_params`` to flat partitions (``_hp_mapping``)."""
+    return any(hasattr(p, "_hp_mapping") for p in model_params)
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+class ZeroPartitions:
+    """SGD-SaI's view of DeepSpeed ZeRO-1/2: which blocks live where in the flat partitions.
+
+    Built by :class:`sai_hf.SGDSaI` at its first step under DeepSpeed, from the parameter groups it
+    was constructed with (``model_groups``: the model's parameters, in DeepSpeed's order).
+    """
+
+    def __init__(self, model_groups: Sequence[Sequence[Tensor]]) -> None:
+        # DeepSpeed links (sets ``_hp_mapping`` on) exactly the trainable parameters of each group.
+        self.blocks: list[list[Tensor]] = [[p for p in group if hasattr(p, "_hp_mapping")] for group in model_groups]
+        self._group_of_partition: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ layout
+    def group_index(self, partition: Tensor) -> int:
+        """Index ``k`` of the parameter group whose partition is ``partition``."""
+        key = id(partition)
+        if key not in self._group_of_partition:
+            found = [
+                k
+                for k, blocks in enumerate(self.blocks)
+                if any(p._hp_mapping is not None and _same_storage(p._hp_mapping.hp_fragment, partition) for p in blocks)
+            ]
+            if not found:  # this rank's partition is all padding: the one group not located yet
+                located = set(self._group_of_partition.values())
+                found = [k for k in range(len(self.blocks)) if k not in located]
+            if len(found) != 1:
+                raise RuntimeError(f"SGD-SaI: cannot tell which DeepSpeed parameter group a partition belongs to ({found})")
+            self._group_of_partition[key] = found[0]
+        return self._group_of_partition[key]
+
+    def fragments(self, k: int) -> list[Fragment]:
+        """The fragments of group ``k``'s blocks inside this rank's partition, in partition order."""
+        out = []
+        for index, p in enumerate(self.blocks[k]):
+            mapping = p._hp_mapping
+            if mapping is not None:
+                address = mapping.hp_fragment_address
+                out.append(Fragment(index, int(address.start), int(address.numel)))
+        return sorted(out, key=lambda f: f.start)
+
+    # ------------------------------------------------------------------ statistics
+    def local_statistics(self, k: int, grad: Tensor, indices: Sequence[int]) -> Tensor:
+        """Statistics rows of blocks ``indices`` of group ``k`` from this rank's fragments of
+        ``grad`` (the partition's gradient); a zero row for a block with no fragment here."""
+        where = {f.index: f for f in self.fragments(k)}
+        rows = torch.zeros((len(indices), STATISTICS_WIDTH), dtype=_accumulation_dtype(grad.device), device=grad.device)
+        present = [j for j, i in enumerate(indices) if i in where]
+        if present:
+            views = [grad.narrow(0, where[indices[j]].start, where[indices[j]].numel) for j in present]
+            rows[torch.tensor(present, device=grad.device)] = gradient_statistics(views).to(rows)
+        return rows
+
+    @staticmethod
+    def reduce(stats: Tensor) -> Tensor:
+        """Sum ``stats`` over all ranks (one ``all_reduce``); every block's entries are counted once
+        because the partitions are disjoint."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return stats
+        buffer = stats.clone()
+        torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+        return buffer
+
+    # ------------------------------------------------------------------ state
+    @staticmethod
+    def partition_state(optimizer: Any, partition: Tensor) -> dict[str, Any]:
+        state = optimizer.state[partition]
+        state.setdefault("step", 0)
+        state.setdefault("gsnr_max", None)
+        state.setdefault("blocks", {})
+        return state
+
+    def block_states(self, optimizer: Any) -> list[tuple[Tensor, Mapping[str, Any]]]:
+        """``(model parameter, its per-block state)`` of every block, from whichever partition state
+        (every rank keeps every block of its groups)."""
+        out = []
+        partitions = self._partitions(optimizer)
+        for k, blocks in enumerate(self.blocks):
+            state = optimizer.state.get(partitions[k], {}) if k in partitions else {}
+            entries = state.get("blocks", {})
+            out.extend((p, entries.get(i, {})) for i, p in enumerate(blocks))
+        return out
+
+    def _partitions(self, optimizer: Any) -> dict[int, Tensor]:
+        out = {}
+        for p in optimizer.state:
+            if id(p) in self._group_of_partition:
+                out[self._group_of_partition[id(p)]] = p
+        return out
+
+    def _scaling_started_before(self, optimizer: Any, step: int) -> bool:
+        return any(
+            entry.get("scaled_at", step) < step
+            for state in optimizer.state.values()
+            for entry in state.get("blocks", {}).values()
+        )
+
+    def _first_step_gsnr_max(self, optimizer: Any) -> float | None:
+        for state in optimizer.state.values():
+            if state.get("gsnr_max") is not None:
+                return state["gsnr_max"]
+        return None
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, optimizer: Any) -> None:
+        """One ZeRO optimizer step of every group in ``optimizer.param_groups`` (DeepSpeed passes one)."""
+        for group in optimizer.param_groups:
+            for partition in group["params"]:
+                if partition.grad is not None:
+                    self._step_partition(optimizer, group, partition)
+
+    def _step_partition(self, optimizer: Any, group: dict[str, Any], partition: Tensor) -> None:
+        k = self.group_index(partition)
+        if group["normalize"] == "max" and len(self.blocks) > 1:
+            raise_unsupported(_NORMALIZE_MAX_MESSAGE.format(groups=len(self.blocks)))
+        state = self.partition_state(optimizer, partition)
+        state["step"] += 1
+        grad = partition.grad
+        # Blocks without a scale are the same on every rank (scales are global): all ranks reduce.
+        pending = [i for i in range(len(self.blocks[k])) if "scale" not in state["blocks"].get(i, {})]
+        if pending:
+            self._assign(optimizer, group, state, k, grad, pending)
+        self._update(optimizer, group, state, k, partition, grad)
+
+    def _assign(self, optimizer, group, state, k: int, grad: Tensor, pending: list[int]) -> None:
+        stats = self.reduce(self.local_statistics(k, grad, pending))
+        step = state["step"]
+        started = self._scaling_started_before(optimizer, step)
+        values, statuses = optimizer.measured_gsnr(stats, [group["eps"]] * len(pending), eps_free=started)
+        stored = self._first_step_gsnr_max(optimizer)
+        if not started:  # the first scaling step: the max runs over the groups of this step
+            first = optimizer.first_step_gsnr_max(values, statuses)
+            candidates = [v for v in (stored, first) if v is not None]
+            stored = max(candidates) if candidates else None
+        assigned = optimizer.assigned_scales(values, statuses, stored, group["normalize"])
+        for partition_state in optimizer.state.values():
+            if "blocks" in partition_state:
+                partition_state["gsnr_max"] = stored
+        state["gsnr_max"] = stored
+        group["gsnr_max"] = stored
+        for i, scaled in zip(pending, assigned):
+            if scaled is None:
+                continue
+            state["blocks"][i] = {
+                "gsnr": scaled.gsnr,
+                "scale": scaled.scale,
+                "gsnr_eps_free": bool(started),
+                "scaled_at": step,
+                "step": 0,
+            }
+
+    def _update(self, optimizer, group, state, k: int, partition: Tensor, grad: Tensor) -> None:
+        from .functional import sgd_sai
+
+        momentum = group["momentum"]
+        fragments = [f for f in self.fragments(k) if "scale" in state["blocks"].get(f.index, {})]
+        if not fragments:
+            return
+        if momentum != 0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(partition, dtype=group["momentum_dtype"] or partition.dtype)
+        flat_buffer = state.get("momentum_buffer")
+        entries = [state["blocks"][f.index] for f in fragments]
+        params = [partition.narrow(0, f.start, f.numel) for f in fragments]
+        grads = [grad.narrow(0, f.start, f.numel) for f in fragments]
+        buffers: list[Tensor | None] = [
+            None if flat_buffer is None or e["step"] == 0 else flat_buffer.narrow(0, f.start, f.numel)
+            for f, e in zip(fragments, entries)
+        ]
+        sgd_sai(
+            params,
+            grads,
+            buffers,
+            [e["scale"] for e in entries],
+            lr=group["lr"],
+            momentum=momentum,
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+            fused=group["fused"],
+            momentum_dtype=group["momentum_dtype"],
+            steps=[e["step"] for e in entries],
+        )
+        for f, e, buf in zip(fragments, entries, buffers):
+            if flat_buffer is not None and e["step"] == 0:  # a first update made a new buffer: m_1 = g_1
+                flat_buffer.narrow(0, f.start, f.numel).copy_(buf)
+            e["step"] += 1
+
+
+def raise_unsupported(message: str) -> None:
+    from .distributed import UnsupportedShardingError
+
+    raise UnsupportedShardingError(message)
+
+
+# --------------------------------------------------------------------------- configuration checks
+def deepspeed_config(args: Any = None) -> dict[str, Any] | None:
+    """The DeepSpeed config in use as a dict (``args.hf_deepspeed_config``, ``args.deepspeed`` as a
+    dict or JSON path, or accelerate's DeepSpeed plugin), or ``None`` if unknown."""
+    import json
+
+    hf_config = getattr(args, "hf_deepspeed_config", None)
+    if hf_config is not None and isinstance(getattr(hf_config, "config", None), dict):
+        return hf_config.config
+    value = getattr(args, "deepspeed", None)
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and os.path.isfile(value):
+        with open(value, encoding="utf-8") as fh:
+            return json.load(fh)
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is None:
+        try:
+            from accelerate.state import AcceleratorState
+
+            plugin = AcceleratorState._shared_state.get("deepspeed_plugin")
+        except ImportError:  # pragma: no cover
+            plugin = None
+    config = getattr(plugin, "deepspeed_config", None)
+    return config if isinstance(config, dict) else None
+
+
+def _offloaded(section: Any) -> bool:
+    if not isinstance(section, Mapping):
+        return False
+    device = section.get("device", "none")
+    return str(device).lower() not in ("none", "", "null")
+
+
+def refuse_unsupported_zero(config: Mapping[str, Any] | None) -> None:
+    """Raise :class:`~sai_hf.distributed.UnsupportedShardingError` for a DeepSpeed config SGD-SaI
+    cannot run exactly: ZeRO stage 3, ``offload_optimizer``, or an ``optimizer`` section (DeepSpeed
+    would replace SGD-SaI). Stages 0, 1 and 2 pass."""
+    if not config:
+        return
+    zero = config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if str(stage) == "3":
+        raise_unsupported(DEEPSPEED_ZERO3_MESSAGE)
+    if _offloaded(zero.get("offload_optimizer")) or _offloaded(zero.get("offload_param")):
+        raise_unsupported(DEEPSPEED_OFFLOAD_MESSAGE)
+    if "optimizer" in config:
+        raise_unsupported(DEEPSPEED_OPTIMIZER_SECTION_MESSAGE)
