@@ -126,21 +126,27 @@ class ZeroPartitions:
 
     # ------------------------------------------------------------------ layout
     def group_index(self, partition: Tensor) -> int:
-        """Index ``k`` of the parameter group whose partition is ``partition``."""
+        """Index ``k`` of the parameter group whose partition is ``partition`` (the partition being
+        stepped: a partition that holds no fragment here, only padding, is the one group that no
+        fragment locates)."""
         key = id(partition)
         if key not in self._group_of_partition:
-            found = [
-                k
-                for k, blocks in enumerate(self.blocks)
-                if any(p._hp_mapping is not None and _same_storage(p._hp_mapping.hp_fragment, partition) for p in blocks)
-            ]
-            if not found:  # this rank's partition is all padding: the one group not located yet
+            found = self._located_group(partition)
+            if found is None:
                 located = set(self._group_of_partition.values())
-                found = [k for k in range(len(self.blocks)) if k not in located]
-            if len(found) != 1:
-                raise RuntimeError(f"SGD-SaI: cannot tell which DeepSpeed parameter group a partition belongs to ({found})")
-            self._group_of_partition[key] = found[0]
+                unlocated = [k for k in range(len(self.blocks)) if k not in located]
+                if len(unlocated) != 1:
+                    raise RuntimeError("SGD-SaI: cannot tell which DeepSpeed parameter group a partition belongs to")
+                found = unlocated[0]
+            self._group_of_partition[key] = found
         return self._group_of_partition[key]
+
+    def _located_group(self, partition: Tensor) -> int | None:
+        """The group one of whose blocks has a fragment in ``partition`` (same storage), if any."""
+        for k, blocks in enumerate(self.blocks):
+            if any(p._hp_mapping is not None and _same_storage(p._hp_mapping.hp_fragment, partition) for p in blocks):
+                return k
+        return None
 
     def fragments(self, k: int) -> list[Fragment]:
         """The fragments of group ``k``'s blocks inside this rank's partition, in partition order."""
@@ -195,10 +201,14 @@ class ZeroPartitions:
         return out
 
     def _partitions(self, optimizer: Any) -> dict[int, Tensor]:
+        """Group index -> partition, for the partitions ``optimizer`` has state for."""
         out = {}
         for p in optimizer.state:
-            if id(p) in self._group_of_partition:
-                out[self._group_of_partition[id(p)]] = p
+            k = self._group_of_partition.get(id(p))
+            if k is None:
+                k = self._located_group(p)
+            if k is not None:
+                out[k] = p
         return out
 
     def _scaling_started_before(self, optimizer: Any, step: int) -> bool:

@@ -46,16 +46,12 @@ def count_sai_all_reduces() -> None:
     dist.all_reduce = all_reduce
 
 
-def zero_config(stage: int, **extra) -> dict:
-    """What configs/deepspeed/zero{stage}.json holds, with the Trainer's "auto" values."""
-    return {
-        "zero_optimization": {"stage": stage},
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "zero_allow_untested_optimizer": True,
-        **extra,
-    }
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+def zero_config(stage: int) -> dict:
+    """The shipped configs/deepspeed/zero{stage}.json ("auto" values filled in by the Trainer)."""
+    return json.loads((CONFIGS / f"zero{stage}.json").read_text())
 
 
 def trainer_run(out: Path, name: str, stage: int, model=None, dataset=None, resume=None, **overrides) -> dict:
@@ -100,7 +96,15 @@ def plain_deepspeed(out: Path) -> dict:
     SAI_ALL_REDUCES.clear()
     model = tiny_gpt2()
     optimizer = SGDSaI(model.parameters(), lr=1e-3, weight_decay=0.01)
-    config = {**zero_config(2), "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0}
+    config = {
+        **zero_config(2),
+        "train_micro_batch_size_per_gpu": 2,
+        "train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+    }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     rank = dist.get_rank()
     for ids in token_batches(3, batch=4):
