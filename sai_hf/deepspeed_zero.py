@@ -45,6 +45,11 @@ checkpoint)::
 every block of the group on every rank (the scales are the same everywhere): it does not depend on
 the world size.
 
+Resuming from a DeepSpeed checkpoint restores ``optimizer.state`` per rank: the same world size
+continues bit-exactly; another world size would hand a partition the momentum of another layout,
+which :meth:`ZeroPartitions.step` refuses (DeepSpeed's universal checkpoint keeps only tensor state
+per parameter, not ``blocks``: the scales would be lost, so it is not supported).
+
 ZeRO-3 (parameters partitioned before the optimizer exists; ``ds_id``) and ``offload_optimizer``
 (DeepSpeed's CPU optimizer path) are refused before training: :func:`refuse_unsupported_zero`.
 """
@@ -85,6 +90,11 @@ DEEPSPEED_OPTIMIZER_SECTION_MESSAGE = (
     "--optim sgd_sai with a DeepSpeed config that has an 'optimizer' section: DeepSpeed would build "
     "its own optimizer and SGD-SaI would not be used. Remove the 'optimizer' section (see "
     "configs/deepspeed/zero2.json)."
+)
+_LAYOUT_MISMATCH_MESSAGE = (
+    "SGD-SaI: the momentum buffer restored for a DeepSpeed partition has shape {saved}, the partition "
+    "{now}: the checkpoint was saved with another world size (or parameter grouping). Resuming "
+    "SGD-SaI from a ZeRO checkpoint is supported at the same world size only."
 )
 _NORMALIZE_MAX_MESSAGE = (
     "SGD-SaI: normalize='max' under DeepSpeed ZeRO with {groups} parameter groups is not exact: "
@@ -283,6 +293,8 @@ class ZeroPartitions:
         if momentum != 0 and "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(partition, dtype=group["momentum_dtype"] or partition.dtype)
         flat_buffer = state.get("momentum_buffer")
+        if flat_buffer is not None and flat_buffer.shape != partition.shape:
+            raise_unsupported(_LAYOUT_MISMATCH_MESSAGE.format(saved=tuple(flat_buffer.shape), now=tuple(partition.shape)))
         entries = [state["blocks"][f.index] for f in fragments]
         params = [partition.narrow(0, f.start, f.numel) for f in fragments]
         grads = [grad.narrow(0, f.start, f.numel) for f in fragments]
