@@ -20,7 +20,10 @@ picked up at the first later step where they have a usable gradient. After each 
 Multi-process: every rank calls :meth:`sai_hf.SGDSaI.initialize_scales` for all blocks without a
 scale (the same list on every rank); sharded gradients (FSDP2, FSDP1 ``use_orig_params=True``, whose
 modules the callback registers with :func:`sai_hf.register_sharded_model`) are reduced exactly
-across ranks by :mod:`sai_hf.distributed`, so every rank stores the same scales.
+across ranks by :mod:`sai_hf.distributed`, so every rank stores the same scales. Under DeepSpeed
+ZeRO-1/2 the engine steps inside ``backward``, before this hook: the scales come from
+``optimizer.step()`` itself (:mod:`sai_hf.deepspeed_zero`), and the callback only reports them
+(whenever the number of scaled blocks grew since its last report).
 
 ``import sai_hf`` adds the callback to every Trainer; it does nothing unless the Trainer's optimizer
 is an :class:`sai_hf.SGDSaI`. Adding it by hand as well is harmless: whichever instance runs

@@ -53,7 +53,7 @@ __all__ = [
     "local_statistics",
     "gradient_may_be_absent_locally",
     "block_numel",
-    "reduction_due",
+    "ReductionSchedule",
     "deepspeed_in_use",
     "refuse_unsupported_deepspeed",
     "refuse_unsupported_setup",
@@ -364,24 +364,29 @@ def statistics_reducer(blocks: Sequence[Tensor]) -> _Reducer | None:
 
 
 # --------------------------------------------------------------------------- rank agreement
-def _count_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    optimizer._sai_completed_steps = getattr(optimizer, "_sai_completed_steps", 0) + 1
-
-
-def reduction_due(optimizer: torch.optim.Optimizer) -> bool:
-    """``True`` for the first cross-rank reduction of an optimizer step, ``False`` after it.
+class ReductionSchedule:
+    """At most one cross-rank reduction per optimizer step; owned by :class:`sai_hf.SGDSaI`.
 
     :class:`sai_hf.GSNRCallback` reduces just before ``optimizer.step()``, and ``step()`` then calls
     :meth:`sai_hf.SGDSaI.initialize_scales` again when some local gradient still has no scale (a
     deferred block). Under FSDP1 that second call happens only on the ranks holding a piece of the
-    deferred block, and a collective that some ranks skip deadlocks; so at most one reduction runs
-    per step (counted by a step post-hook, the same on every rank). Nothing is lost: the gradients
-    have not changed since the first reduction of the step.
+    deferred block, and a collective that some ranks skip deadlocks; so :meth:`due` says ``True``
+    for the first reduction of a step and ``False`` after it (steps are counted by a step
+    post-hook, the same on every rank). Nothing is lost: the gradients have not changed since the
+    first reduction of the step.
     """
-    if getattr(optimizer, "_sai_step_hook", None) is None:
-        optimizer._sai_step_hook = optimizer.register_step_post_hook(_count_step)
-    step = getattr(optimizer, "_sai_completed_steps", 0)
-    if getattr(optimizer, "_sai_reduced_at_step", None) == step:
-        return False
-    optimizer._sai_reduced_at_step = step
-    return True
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.completed_steps = 0
+        self.reduced_at_step: int | None = None
+        optimizer.register_step_post_hook(self._count_step)
+
+    def _count_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.completed_steps += 1
+
+    def due(self) -> bool:
+        """``True`` for the first reduction of the current optimizer step (and records it)."""
+        if self.reduced_at_step == self.completed_steps:
+            return False
+        self.reduced_at_step = self.completed_steps
+        return True

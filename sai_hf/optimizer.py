@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from .deepspeed_zero import ZeroPartitions, is_zero_partitioned
-from .distributed import gradient_may_be_absent_locally, local_statistics, reduction_due, statistics_reducer
+from .distributed import ReductionSchedule, gradient_may_be_absent_locally, local_statistics, statistics_reducer
 from .functional import sgd_sai
 from .gsnr import BlockStatus, _local, gsnr_from_statistics
 
@@ -187,6 +187,7 @@ class SGDSaI(Optimizer):
             raise ValueError(f"Invalid normalize: all parameter groups must share one, got {sorted(normalizations)}")
         self._warned_degenerate = False
         self._zero_partitions: ZeroPartitions | None | bool = None  # decided at the first step
+        self._reduction_schedule = ReductionSchedule(self)
         self._register_state_dict_layout()
 
     def _register_state_dict_layout(self) -> None:
@@ -217,6 +218,10 @@ class SGDSaI(Optimizer):
         super().__setstate__(state)
         self._warned_degenerate = getattr(self, "_warned_degenerate", False)
         self._zero_partitions = getattr(self, "_zero_partitions", None)
+        if not hasattr(self, "_model_param_groups"):
+            self._model_param_groups = [list(g["params"]) for g in self.param_groups]
+        if not hasattr(self, "_reduction_schedule"):
+            self._reduction_schedule = ReductionSchedule(self)
         self._register_state_dict_layout()
         for group in self.param_groups:
             group.setdefault("normalize", "none")
@@ -264,7 +269,7 @@ class SGDSaI(Optimizer):
         shard (FSDP2 DTensors, registered FSDP1 views). With a reducer this is a collective: call it
         on every rank, with the same ``params``; blocks whose gradient may be absent on this rank
         only (FSDP1 views outside the local shard) take part with zero statistics, and at most
-        one reduction runs per optimizer step (:func:`sai_hf.distributed.reduction_due`).
+        one reduction runs per optimizer step (:class:`sai_hf.distributed.ReductionSchedule`).
 
         Under DeepSpeed ZeRO the scales are computed inside :meth:`step` (DeepSpeed steps from
         within ``backward``, and only there do the partitions have gradients): this returns ``[]``.
@@ -282,7 +287,7 @@ class SGDSaI(Optimizer):
             return []
         if reduce_statistics is None:
             reduce_statistics = statistics_reducer(todo)
-        if reduce_statistics is not None and not reduction_due(self):
+        if reduce_statistics is not None and not self._reduction_schedule.due():
             return []
         scaling_started = any(self.has_scale(p) for p in group_of_params(self.param_groups))
         stats = local_statistics(todo)
