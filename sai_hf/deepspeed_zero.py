@@ -64,11 +64,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .gsnr import STATISTICS_WIDTH, _accumulation_dtype, gradient_statistics
+from .gsnr import gradient_statistics, zero_statistics
 
 __all__ = [
     "ZeroPartitions",
     "Fragment",
+    "PARTITION_STATE_KEYS",
     "is_zero_partitioned",
     "deepspeed_config",
     "refuse_unsupported_zero",
@@ -101,6 +102,10 @@ _NORMALIZE_MAX_MESSAGE = (
     "DeepSpeed steps the groups one at a time, so the largest g-SNR over all blocks is not known "
     "when the first group is updated. Use normalize='none' (the default), one parameter group, or FSDP2."
 )
+
+
+#: Keys of a partition's state besides ``momentum_buffer`` and ``step`` (see the module docstring).
+PARTITION_STATE_KEYS = frozenset({"blocks", "gsnr_max"})
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,7 @@ class ZeroPartitions:
         """Statistics rows of blocks ``indices`` of group ``k`` from this rank's fragments of
         ``grad`` (the partition's gradient); a zero row for a block with no fragment here."""
         where = {f.index: f for f in self.fragments(k)}
-        rows = torch.zeros((len(indices), STATISTICS_WIDTH), dtype=_accumulation_dtype(grad.device), device=grad.device)
+        rows = zero_statistics(len(indices), grad.device)
         present = [j for j, i in enumerate(indices) if i in where]
         if present:
             views = [grad.narrow(0, where[indices[j]].start, where[indices[j]].numel) for j in present]

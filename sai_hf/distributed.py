@@ -3,11 +3,11 @@
 SGD-SaI's scale of a block is a function of the whole tensor's gradient (see :mod:`sai_hf.gsnr`).
 Under FSDP2 (DTensor ``Shard`` placements) and FSDP1 with ``use_orig_params=True`` (flattened
 views into a sharded ``FlatParameter``) each rank only holds a part of every gradient. The g-SNR
-is computed from the additive statistics ``(n, sum g, sum g^2)``, and for any partition of a
+is computed from the additive statistics (:mod:`sai_hf.gsnr`), and for any partition of a
 tensor's entries into disjoint pieces the whole tensor's statistics are the element-wise sum of the
 pieces' statistics. So the exact reduction is:
 
-* every rank computes the ``(B, 3)`` statistics of its local pieces
+* every rank computes the ``(B, STATISTICS_WIDTH)`` statistics of its local pieces
   (:func:`sai_hf.gsnr.gradient_statistics`; an absent local gradient is a zero row);
 * for every block, exactly one copy of each entry is counted: rows of ranks that hold a *replica*
   of data another rank also counts (a plain, unsharded tensor on every rank but rank 0; a DTensor on
@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .deepspeed_zero import DEEPSPEED_ZERO3_MESSAGE, deepspeed_config, refuse_unsupported_zero
-from .gsnr import _accumulation_dtype, _local, gradient_statistics
+from .gsnr import STATISTICS_WIDTH, _local, gradient_statistics, zero_statistics
 
 __all__ = [
     "UnsupportedShardingError",
@@ -59,7 +59,7 @@ __all__ = [
     "refuse_unsupported_setup",
 ]
 
-# ``(B, 3)`` per-shard statistics -> their sums over ranks (``sai_hf.optimizer.StatisticsReducer``).
+# ``(B, STATISTICS_WIDTH)`` per-shard statistics -> their sums over ranks (``sai_hf.optimizer.StatisticsReducer``).
 _Reducer = Callable[[Tensor], Tensor]
 
 # Fingerprint of the block list: values below 2**16, so a sum of squares over up to 2**21 ranks is
@@ -281,12 +281,12 @@ def refuse_unsupported_setup(args: Any = None) -> None:
 
 def local_statistics(blocks: Sequence[Tensor]) -> Tensor:
     """:func:`sai_hf.gsnr.gradient_statistics` of ``blocks``' local gradients, with a zero row
-    ``[0, 0, 0]`` (no entries here) for a block whose gradient is ``None`` on this rank."""
+    (no entries here) for a block whose gradient is ``None`` on this rank."""
     present = [i for i, p in enumerate(blocks) if p.grad is not None]
     if len(present) == len(blocks):
         return gradient_statistics([p.grad for p in blocks])
     device = _local(blocks[0]).device if blocks else torch.device("cpu")
-    rows = torch.zeros((len(blocks), 3), dtype=_accumulation_dtype(device), device=device)
+    rows = zero_statistics(len(blocks), device)
     if present:
         found = gradient_statistics([blocks[i].grad for i in present])
         rows = rows.to(found.device, found.dtype)
@@ -308,7 +308,7 @@ def _collective_device(device: torch.device) -> torch.device:
 
 
 class _ExactReducer:
-    """Sums the ``(B, 3)`` statistics of fixed blocks over all ranks, counting each entry once."""
+    """Sums the ``(B, STATISTICS_WIDTH)`` statistics of fixed blocks over all ranks, counting each entry once."""
 
     def __init__(self, layouts: Sequence[_Layout], world: int) -> None:
         self.contributes = [layout.contributes for layout in layouts]
@@ -316,11 +316,13 @@ class _ExactReducer:
         fingerprint = 0
         for i, layout in enumerate(layouts):
             fingerprint = (fingerprint + (i + 1) * (layout.numel % _FINGERPRINT_MODULUS)) % _FINGERPRINT_MODULUS
-        self.check = [float(len(layouts)), float(fingerprint), float(fingerprint) ** 2]
+        self.check = [float(len(layouts)), float(fingerprint), float(fingerprint) ** 2] + [0.0] * (STATISTICS_WIDTH - 3)
 
     def __call__(self, stats: Tensor) -> Tensor:
-        if stats.shape != (len(self.contributes), 3):
-            raise ValueError(f"expected statistics of shape ({len(self.contributes)}, 3), got {tuple(stats.shape)}")
+        if stats.shape != (len(self.contributes), STATISTICS_WIDTH):
+            raise ValueError(
+                f"expected statistics of shape ({len(self.contributes)}, {STATISTICS_WIDTH}), got {tuple(stats.shape)}"
+            )
         mask = torch.tensor(self.contributes, device=stats.device).unsqueeze(1)
         check = torch.tensor([self.check], dtype=stats.dtype, device=stats.device)
         # where(), not a product: a NaN row of a non-contributing replica must not leak into the sum.
@@ -344,7 +346,7 @@ def statistics_reducer(blocks: Sequence[Tensor]) -> _Reducer | None:
 
     ``None`` when no block is sharded across ranks (one process; DDP, whose gradients are already
     all-reduced and identical everywhere): the local statistics are the whole tensors' already.
-    Otherwise a function ``(B, 3) -> (B, 3)`` that zeroes the rows this rank must not count, and
+    Otherwise a function ``(B, STATISTICS_WIDTH) -> (B, STATISTICS_WIDTH)`` that zeroes the rows this rank must not count, and
     sums over all ranks with one ``all_reduce`` (see the module docstring). Call it on every rank,
     with the same blocks in the same order.
 

@@ -1,14 +1,32 @@
 """Gradient signal-to-noise ratio (g-SNR) of parameter blocks: the one place this math lives.
 
-For a block (one parameter tensor) whose gradient ``g`` has ``n`` entries::
+For a block (one parameter tensor) whose gradient ``g`` has ``n`` entries with mean ``mu``::
 
-    norm(g)  = sqrt(sum_j g_j^2)
-    std(g)   = sqrt( (sum_j g_j^2 - (sum_j g_j)^2 / n) / (n - 1) )        (unbiased, as torch.std)
+    norm(g)  = sqrt(sum_j |g_j|^2)
+    M2(g)    = sum_j |g_j - mu|^2                                   (centred sum of squares)
+    std(g)   = sqrt(M2 / (n - 1))                                   (unbiased, as torch.std)
     gsnr(g)  = norm(g) / (std(g) + eps)
 
-Everything is computed from the three additive *statistics* ``(n, sum g, sum g^2)`` accumulated in
-float64. Additive statistics can be summed across the shards of a tensor (FSDP, tensor parallel)
-and give exactly the numbers of the whole tensor, which a two-pass ``torch.std`` on a shard cannot.
+(complex gradients: torch's definitions, ``|.|`` the modulus).
+
+**Statistics.** Everything is computed from ``STATISTICS_WIDTH`` additive float64 *statistics* per
+block, so that a block split into disjoint pieces (FSDP shards, rows of a CPU reduction, fragments
+of a ZeRO partition) gives the whole block's numbers by summing the pieces' rows. For a piece ``k``
+with ``n_k`` entries, sum ``S_k`` and centred sum of squares ``C_k = sum_j |g_j - S_k/n_k|^2``::
+
+    row_k = [n_k,  Re S_k,  Im S_k,  C_k,  |S_k|^2 / n_k]
+
+and for the sums ``n, S, C, P`` of the rows (Chan et al.'s parallel variance)::
+
+    M2          = C + (P - |S|^2 / n)       the bracket: sum_k n_k |mu_k - mu|^2, between pieces
+    sum |g|^2   = C + P
+
+The variance is *never* a difference of the two large numbers ``sum g^2`` and ``(sum g)^2 / n``:
+with float64 accumulation that difference has an error of ~1e-12 of ``sum g^2`` at a million
+entries (measured), enough to give a constant gradient a g-SNR of ~5e8. Each piece's ``C_k`` is
+accumulated from centred values; the bracket is exactly zero for an unsharded block (one piece:
+``P`` and ``|S|^2 / n`` are the same float64 operations) and, across pieces, wrong by at most
+~1e-16 of ``n mu^2``, i.e. a std error below ~1e-8 ``|mu|`` whatever the block size.
 
 Each block is classified by :class:`BlockStatus`:
 
@@ -17,10 +35,11 @@ Each block is classified by :class:`BlockStatus`:
   variance undefined) or a gradient whose std is below ``DEGENERATE_RELATIVE_STD`` of its RMS (e.g.
   all entries equal). The official formula gives ``norm / eps`` there (~1e8: the weights explode),
   so the caller substitutes a finite fallback.
-* ``PENDING``: the gradient is all zero or has a NaN/inf entry: it carries no information yet.
+* ``PENDING``: the gradient is absent, empty, all zero or has a NaN/inf entry: it carries no
+  information yet.
 
 Only :func:`gradient_statistics` touches the gradients (no host sync on accelerators);
-:func:`gsnr_from_statistics` is pure arithmetic on the ``(B, 3)`` statistics tensor.
+:func:`gsnr_from_statistics` is pure arithmetic on the ``(B, STATISTICS_WIDTH)`` statistics.
 """
 
 from __future__ import annotations
@@ -33,17 +52,18 @@ import torch
 __all__ = [
     "BlockStatus",
     "DEGENERATE_RELATIVE_STD",
+    "STATISTICS_WIDTH",
     "gradient_statistics",
     "gsnr_from_statistics",
-    "STATISTICS_WIDTH",
+    "zero_statistics",
 ]
-
-#: Columns of a statistics row (rows are additive over disjoint pieces of a block).
-STATISTICS_WIDTH = 3
 
 #: A gradient whose unbiased std is below this fraction of its RMS is treated as having zero
 #: variance (its g-SNR would be > ~1e6 * sqrt(n), a learning-rate multiplier no block should get).
 DEGENERATE_RELATIVE_STD = 1e-6
+
+#: Columns of a statistics row: ``[n, Re S, Im S, C, |S|^2 / n]`` (see the module docstring).
+STATISTICS_WIDTH = 5
 
 
 class BlockStatus(enum.IntEnum):
@@ -60,105 +80,161 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
-def _accumulation_dtype(device: torch.device) -> torch.dtype:
-    # MPS has no float64; everything else accumulates in float64.
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """dtype of the statistics on ``device``: float64 (MPS has none: float32)."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def zero_statistics(blocks: int, device: torch.device) -> torch.Tensor:
+    """Statistics of ``blocks`` pieces with no entries (a block with no gradient on this rank)."""
+    return torch.zeros((blocks, STATISTICS_WIDTH), dtype=accumulation_dtype(device), device=device)
+
+
+def _mean_mass(sum_re: torch.Tensor, sum_im: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``|S|^2 / n`` (0 where ``n == 0``): the same float64 operations for a piece and for a block,
+    so the between-pieces bracket of an unsharded block is exactly zero."""
+    return (sum_re.square() + sum_im.square()) / n.clamp_min(1)
+
+
+def _row(n: torch.Tensor, total: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
+    """The statistics row of one piece from its entry count, (real or complex) sum and ``C``."""
+    sum_re, sum_im = (total.real, total.imag) if total.is_complex() else (total, torch.zeros_like(total))
+    return torch.stack((n, sum_re, sum_im, centred, _mean_mass(sum_re, sum_im, n)))
+
+
 def gradient_statistics(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Additive statistics ``[n, sum(g), sum(g^2)]`` of each gradient, as a ``(B, 3)`` tensor.
+    """Statistics rows (see the module docstring) of each gradient, as a ``(B, STATISTICS_WIDTH)`` tensor.
 
     DTensor gradients contribute their local shard (sum the rows across ranks to get the whole
     tensor's statistics). The result lives on the device of the first gradient.
 
-    Accuracy is that of float64 accumulation on every device. How it is reached depends on the
-    device, because float64 reductions of float32 data are ~10x slower than float32 ones on CPU:
+    Accuracy is that of float64 accumulation of centred values on every device; how it is reached
+    depends on the device, because float64 reductions of float32 data are ~10x slower than float32
+    ones on CPU:
 
-    * CUDA / MPS / anything but CPU: one float64 (MPS: float32) reduction per statistic and
-      tensor; no host sync.
-    * CPU: a large tensor is reduced in float32 over rows of :data:`_CPU_CHUNK` entries, and the
-      row results are summed in float64 (one float32 pass per statistic, ~10x faster). Rounding
-      is then relative to each row's ``sum(g^2)``, which is only a problem where the mean
-      dominates the spread (the variance is a small difference of large numbers), or where
-      float32 squares overflow or underflow. Such blocks (:func:`_needs_exact_statistics`) are
-      recomputed with the float64 reductions, so a constant gradient still has zero variance.
-      The selection reads the statistics on the host, which costs nothing on CPU.
+    * CUDA / MPS / anything but CPU, and small CPU tensors: :func:`_shifted_statistics`, float64
+      reductions of ``g - mean(g)`` computed in float64; no host sync.
+    * large CPU tensors: :func:`_row_statistics`, rows of :data:`_CPU_ROW` entries each centred on
+      its own float32 mean and reduced in float32 in cache-sized slabs, rows combined in float64:
+      ``C`` to ~1e-7 relative (float32 rounding of centred values), a g-SNR to ~1e-8. Blocks where
+      float32 squares of the centred values may overflow or underflow (:func:`_needs_float64`) are
+      recomputed with :func:`_shifted_statistics`.
     """
     if not grads:
         return torch.zeros((0, STATISTICS_WIDTH), dtype=torch.float64)
-    local = [_real(_local(g).detach()) for g in grads]
+    local = [_local(g).detach() for g in grads]
     device = local[0].device
-    dtype = _accumulation_dtype(device)
-    rows = [
-        _chunked_row(g, dtype) if g.device.type == "cpu" and g.numel() >= _CPU_CHUNKED_MIN_NUMEL else _exact_row(g, dtype)
-        for g in local
-    ]
-    stats = torch.stack([row.to(device) for row in rows])
-    if device.type == "cpu":
-        for i in _needs_exact_statistics(stats).nonzero().flatten().tolist():
-            stats[i] = _exact_row(local[i], dtype)
-    return stats
+    dtype = accumulation_dtype(device)
+    rows = []
+    for g in local:
+        fast = g.device.type == "cpu" and g.numel() >= _CPU_ROWS_MIN_NUMEL and not g.is_complex()
+        row = _row_statistics(g, dtype) if fast else None
+        if row is None or _needs_float64(row):
+            row = _shifted_statistics(g, dtype)
+        rows.append(row.to(device))
+    return torch.stack(rows)
 
 
-#: Entries per float32 row of the CPU reduction: short enough that a row's float32 sums are
-#: accurate, long enough that the per-row float64 work is negligible.
-_CPU_CHUNK = 1024
+#: Entries per row of the CPU reduction: short enough that a row's float32 sums are accurate, long
+#: enough that the per-row float64 work is negligible.
+_CPU_ROW = 1024
+#: Rows per slab of the CPU reduction: the slab's input and its centred copy stay in cache.
+_CPU_SLAB_ROWS = 512
 #: Tensors smaller than this are reduced in float64 directly (it is cheap at that size).
-_CPU_CHUNKED_MIN_NUMEL = 16 * _CPU_CHUNK
-#: The float32 row reduction is trusted where ``variance >= _CPU_MIN_RELATIVE_VARIANCE * mean(g^2)``
-#: (|mean| below ~10 std); its relative error there is below ~1e-6 of the std.
-_CPU_MIN_RELATIVE_VARIANCE = 1e-2
-#: ... and where ``mean(g^2)`` is far from float32's underflow (squares of |g| < ~1e-19 are lost).
-_CPU_MIN_MEAN_SQUARE = 1e-30
+_CPU_ROWS_MIN_NUMEL = 16 * _CPU_ROW
+#: The float32 rows are trusted where the centred mean square is above float32's underflow (squares
+#: of |g - mu| below ~1e-19 are lost; this includes exactly constant blocks, which are cheap to redo).
+_CPU_MIN_CENTRED_MEAN_SQUARE = 1e-30
+#: Elements per chunk of the float64 reduction (bounds its temporary to 64 MiB).
+_SHIFTED_CHUNK = 1 << 23
 
 
-def _real(g: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(g) if g.is_complex() else g
+def _shifted_statistics(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The statistics row of ``g`` with ``dtype`` (float64) accumulation, from shifted data::
 
+        K = mean(g);   D1 = sum(g - K);   D2 = sum |g - K|^2;   S = n K + D1;   C = D2 - |D1|^2 / n
 
-def _exact_row(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[n, sum, sumsq]`` of ``g`` with ``dtype`` (float64) accumulation."""
-    n = torch.tensor(float(g.numel()), dtype=dtype, device=g.device)
-    total = g.sum(dtype=dtype)
-    sumsq = torch.linalg.vector_norm(g, dtype=dtype).square()
-    return torch.stack((n, total, sumsq))
-
-
-def _chunked_row(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[n, sum, sumsq]`` of a large CPU tensor: float32 per row of ``_CPU_CHUNK``, ``dtype`` across rows."""
+    exact algebra for any ``K``; ``K`` close to the mean makes ``D1`` tiny, so ``C`` is accumulated
+    from centred values (zero for a constant gradient). The centring runs in ``dtype`` too, chunk by
+    chunk (bounded temporaries: ``_SHIFTED_CHUNK`` entries).
+    """
     flat = g.reshape(-1)
-    row_dtype = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16, torch.float32) else flat.dtype
-    whole = flat.numel() // _CPU_CHUNK * _CPU_CHUNK
-    rows = flat[:whole].view(-1, _CPU_CHUNK)
-    tail = flat[whole:]
-    total = rows.sum(1, dtype=row_dtype).sum(dtype=dtype) + tail.sum(dtype=dtype)
-    sumsq = torch.linalg.vector_norm(rows, dim=1, dtype=row_dtype).to(dtype).square().sum()
-    sumsq = sumsq + torch.linalg.vector_norm(tail, dtype=dtype).square()
-    n = torch.tensor(float(flat.numel()), dtype=dtype)
-    return torch.stack((n, total, sumsq))
+    numel = flat.numel()
+    n = torch.tensor(float(numel), dtype=dtype, device=g.device)
+    wide = torch.complex128 if g.is_complex() else dtype
+    d1 = torch.zeros((), dtype=wide, device=g.device)
+    d2 = torch.zeros((), dtype=dtype, device=g.device)
+    if numel == 0:
+        return _row(n, d1, d2)
+    shift = flat.sum(dtype=wide) / numel
+    for chunk in flat.split(_SHIFTED_CHUNK):
+        centred = chunk.to(wide) - shift
+        d1 = d1 + centred.sum(dtype=wide)
+        real = torch.view_as_real(centred) if centred.is_complex() else centred
+        d2 = d2 + torch.linalg.vector_norm(real, dtype=dtype).square()
+    total = shift * n + d1
+    return _row(n, total, (d2 - d1.abs().square() / n).clamp_min(0))
 
 
-def _needs_exact_statistics(stats: torch.Tensor) -> torch.Tensor:
-    """Rows whose float32-row statistics may be inaccurate (see :func:`gradient_statistics`)."""
-    n, total, sumsq = stats.unbind(-1)
-    mean_square = sumsq / n
-    variance = mean_square - (total / n).square()
-    trusted = (
-        torch.isfinite(sumsq)
-        & torch.isfinite(total)
-        & (mean_square >= _CPU_MIN_MEAN_SQUARE)
-        & (variance >= _CPU_MIN_RELATIVE_VARIANCE * mean_square)
-    )
-    return ~trusted & (n >= _CPU_CHUNKED_MIN_NUMEL)
+def _row_statistics(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The statistics row of a large real CPU tensor, from float32 rows centred on their own means.
+
+    Per row ``r`` of ``m = _CPU_ROW`` entries: ``K_r`` its float32 mean, ``D1_r = sum(g - K_r)`` and
+    ``D2_r = sum (g - K_r)^2`` in float32 (centred values: accurate to float32 rounding of the row's
+    own spread); then in ``dtype``::
+
+        S_r = m K_r + D1_r;   C_r = D2_r - D1_r^2 / m
+        S   = sum_r S_r;      C   = sum_r C_r + sum_r m_r (S_r / m_r - S / n)^2    (no cancellation)
+
+    The tail (``numel % m`` entries) is one more piece, reduced by :func:`_shifted_statistics`.
+    Slab by slab (:data:`_CPU_SLAB_ROWS` rows), so the centred copy never leaves the cache.
+    """
+    flat = g.reshape(-1)
+    numel = flat.numel()
+    whole = numel // _CPU_ROW * _CPU_ROW
+    rows = flat[:whole].view(-1, _CPU_ROW)
+    count = rows.shape[0]
+    means = torch.empty(count, dtype=torch.float32)
+    d1 = torch.empty(count, dtype=torch.float32)
+    d2 = torch.empty(count, dtype=torch.float32)
+    scratch = torch.empty((min(count, _CPU_SLAB_ROWS), _CPU_ROW), dtype=torch.float32)
+    for start in range(0, count, _CPU_SLAB_ROWS):
+        end = min(count, start + _CPU_SLAB_ROWS)
+        slab, centred = rows[start:end], scratch[: end - start]
+        mean = torch.sum(slab, 1, dtype=torch.float32, out=means[start:end]).div_(_CPU_ROW)
+        torch.sub(slab, mean.unsqueeze(1), out=centred)
+        torch.sum(centred, 1, out=d1[start:end])
+        torch.linalg.vector_norm(centred, dim=1, out=d2[start:end])
+    d1_wide = d1.to(dtype)
+    piece_n = torch.full((count,), float(_CPU_ROW), dtype=dtype)
+    piece_sum = means.to(dtype) * _CPU_ROW + d1_wide
+    piece_centred = (d2.to(dtype).square() - d1_wide.square() / _CPU_ROW).clamp_min(0)
+    if whole < numel:
+        tail = _shifted_statistics(flat[whole:], dtype)
+        piece_n = torch.cat((piece_n, tail[:1]))
+        piece_sum = torch.cat((piece_sum, tail[1:2]))
+        piece_centred = torch.cat((piece_centred, tail[3:4]))
+    n = piece_n.sum()
+    total = piece_sum.sum()
+    between = (piece_n * (piece_sum / piece_n - total / n).square()).sum()
+    return _row(n, total, piece_centred.sum() + between)
+
+
+def _needs_float64(row: torch.Tensor) -> bool:
+    """Whether float32 row statistics may be inaccurate: non-finite (squares overflowed) or a
+    centred mean square near float32's underflow (see :data:`_CPU_MIN_CENTRED_MEAN_SQUARE`)."""
+    n, centred = row[0].item(), row[3].item()
+    return not (torch.isfinite(row).all().item() and centred / n >= _CPU_MIN_CENTRED_MEAN_SQUARE)
 
 
 def gsnr_from_statistics(
     stats: torch.Tensor, eps: float | torch.Tensor, eps_free: torch.Tensor | bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """g-SNR and :class:`BlockStatus` of each row ``[n, sum, sumsq]`` of ``stats``.
+    """g-SNR and :class:`BlockStatus` of each statistics row of ``stats``.
 
     Args:
-        stats: ``(B, 3)`` statistics from :func:`gradient_statistics` (summed over shards).
+        stats: ``(B, STATISTICS_WIDTH)`` statistics from :func:`gradient_statistics` (summed over
+            the pieces of each block).
         eps: the ``eps`` added to the std (a float, or a ``(B,)`` tensor of per-block values).
         eps_free: ``True`` (or a ``(B,)`` bool tensor) where the block's g-SNR is the scale-free
             limit ``norm / std`` (eps dropped). Used for blocks whose first non-zero gradient is
@@ -167,12 +243,13 @@ def gsnr_from_statistics(
     Returns:
         ``(gsnr, status)``: float64 ``(B,)`` g-SNR (0 where not ``SCALED``) and int64 ``(B,)`` status.
     """
-    n, total, sumsq = stats.unbind(-1)
-    finite = torch.isfinite(total) & torch.isfinite(sumsq)
+    n, sum_re, sum_im, centred, mean_mass = stats.unbind(-1)
+    between = (mean_mass - _mean_mass(sum_re, sum_im, n)).clamp_min(0)
+    m2 = centred + between
+    sumsq = centred + mean_mass
+    finite = torch.isfinite(stats).all(-1)
     nonzero = sumsq > 0
-    # Unbiased variance from the additive statistics; clamp the rounding residue at 0.
-    variance = ((sumsq - total.square() / n.clamp_min(1)) / (n - 1).clamp_min(1)).clamp_min(0)
-    std = variance.sqrt()
+    std = (m2 / (n - 1).clamp_min(1)).sqrt()
     rms = (sumsq / n.clamp_min(1)).sqrt()
     spread = (n > 1) & (std > DEGENERATE_RELATIVE_STD * rms)
     eps_t = torch.as_tensor(eps, dtype=stats.dtype, device=stats.device)

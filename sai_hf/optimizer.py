@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from .checkpoint import buffers_in_saved_dtype, prepare_state_dict
 from .deepspeed_zero import ZeroPartitions, is_zero_partitioned
 from .distributed import ReductionSchedule, gradient_may_be_absent_locally, local_statistics, statistics_reducer
 from .functional import sgd_sai
@@ -43,12 +44,18 @@ def validate_hyperparameters(**values: Any) -> None:
     """Raise ``ValueError`` naming the first invalid hyperparameter among ``values``.
 
     Known keys: ``lr`` (>= 0), ``momentum`` (in [0, 1)), ``weight_decay`` (>= 0), ``eps`` (>= 0),
-    ``normalize`` (one of :data:`NORMALIZATIONS`), every number finite; ``momentum_dtype`` (a
-    floating ``torch.dtype`` or None); ``fused`` / ``foreach`` (not both True; ``fused`` keeps
-    momentum in the parameter dtype, so not with ``momentum_dtype``).
+    ``normalize`` (one of :data:`NORMALIZATIONS`), every number finite; ``maximize`` (a bool);
+    ``momentum_dtype`` (a floating ``torch.dtype`` or None); ``fused`` / ``foreach`` (a bool or
+    None, not both True).
     """
     for key, value in values.items():
+        if key == "maximize":
+            if not isinstance(value, bool):
+                raise ValueError(f"Invalid maximize={value!r}: expected True or False")
+            continue
         if key in ("fused", "foreach"):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"Invalid {key}={value!r}: expected True, False or None")
             continue
         if key == "normalize":
             if value not in NORMALIZATIONS:
@@ -66,8 +73,6 @@ def validate_hyperparameters(**values: Any) -> None:
             raise ValueError(f"Invalid {key}={value!r}: must be >= 0")
     if values.get("fused") and values.get("foreach"):
         raise ValueError("Invalid fused=True with foreach=True: choose one path")
-    if values.get("fused") and values.get("momentum_dtype") is not None:
-        raise ValueError("Invalid fused=True with momentum_dtype: the fused kernel keeps momentum in the parameter dtype")
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,7 @@ class SGDSaI(Optimizer):
             weight_decay=weight_decay,
             eps=eps,
             normalize=normalize,
+            maximize=maximize,
             fused=fused,
             foreach=foreach,
             momentum_dtype=momentum_dtype,
@@ -182,9 +188,6 @@ class SGDSaI(Optimizer):
             gsnr_max=None,
         )
         super().__init__(params, defaults)
-        normalizations = {group["normalize"] for group in self.param_groups}
-        if len(normalizations) > 1:
-            raise ValueError(f"Invalid normalize: all parameter groups must share one, got {sorted(normalizations)}")
         self._warned_degenerate = False
         self._zero_partitions: ZeroPartitions | None | bool = None  # decided at the first step
         self._reduction_schedule = ReductionSchedule(self)
@@ -204,6 +207,12 @@ class SGDSaI(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         checked = {k: v for k, v in param_group.items() if k not in ("params", "gsnr_max") and k in self.defaults}
         validate_hyperparameters(**checked)
+        normalize = param_group.get("normalize", self.defaults["normalize"])
+        if self.param_groups and normalize != self.param_groups[0]["normalize"]:
+            raise ValueError(
+                f"Invalid normalize={normalize!r} in an added parameter group: all groups share one "
+                f"normalization (the optimizer's is {self.param_groups[0]['normalize']!r})"
+            )
         super().add_param_group(param_group)
         # The model's parameters as constructed: DeepSpeed ZeRO later replaces them by flat partitions.
         if not hasattr(self, "_model_param_groups"):
@@ -213,6 +222,15 @@ class SGDSaI(Optimizer):
         known = [g["gsnr_max"] for g in self.param_groups if g.get("gsnr_max") is not None]
         if known:
             param_group["gsnr_max"] = known[0]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this package (any version) or of the official ``sgd-sai`` package
+        (imported: its g-SNR values become the scales), after checking that every buffer fits its
+        parameter; momentum buffers keep the dtype they were saved in (see :mod:`sai_hf.checkpoint`).
+        Raises ``ValueError`` for another optimizer's state, naming what it looks like."""
+        state_dict = prepare_state_dict(self, state_dict)
+        super().load_state_dict(state_dict)
+        buffers_in_saved_dtype(self, state_dict)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -276,6 +294,7 @@ class SGDSaI(Optimizer):
         """
         if self.zero_partitions() is not None:
             return []
+        _refuse_sparse_gradients(self.param_groups)
         group_of = self._group_of()
         candidates = group_of_params(self.param_groups) if params is None else params
         todo = [
@@ -380,6 +399,7 @@ class SGDSaI(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        _refuse_sparse_gradients(self.param_groups)
         zero = self.zero_partitions()
         if zero is not None:
             zero.step(self)
@@ -400,8 +420,6 @@ class SGDSaI(Optimizer):
                 state = self.state.get(p)
                 if not state or "scale" not in state:
                     continue  # deferred: no scale yet, leave the block untouched
-                if p.grad.is_sparse:
-                    raise RuntimeError("SGDSaI does not support sparse gradients")
                 params.append(p)
                 grads.append(p.grad)
                 buffers.append(state.get("momentum_buffer"))
@@ -535,6 +553,16 @@ def _drop_placeholders(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict
         if entry:
             state[key] = entry
     return {**state_dict, "state": state}
+
+
+def _refuse_sparse_gradients(param_groups: Sequence[Mapping[str, Any]]) -> None:
+    """``ValueError`` naming the first parameter with a sparse gradient (g-SNR and the update are dense)."""
+    for index, p in enumerate(group_of_params(param_groups)):
+        if p.grad is not None and p.grad.layout != torch.strided:
+            raise ValueError(
+                f"SGDSaI does not support sparse gradients: parameter #{index} (shape {tuple(p.shape)}) has a "
+                f"{p.grad.layout} gradient. Use dense gradients (e.g. torch.nn.Embedding(..., sparse=False))."
+            )
 
 
 def group_of_params(param_groups: Sequence[Mapping[str, Any]]) -> list[Tensor]:

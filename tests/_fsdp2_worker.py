@@ -24,7 +24,7 @@ from _models import TokenDataset, tiny_gpt2, training_args
 from transformers import Trainer, TrainerCallback
 
 import sai_hf.distributed
-from sai_hf import GSNRCallback, find_sgd_sai, gradient_statistics, statistics_reducer
+from sai_hf import GSNRCallback, find_sgd_sai, gradient_statistics, gsnr_from_statistics, statistics_reducer
 from sai_hf.callback import parameter_names
 
 #: Same data, hyperparameters and global batch (2 x 2) as the single-process reference in the test.
@@ -56,6 +56,10 @@ def count_report_writes() -> None:
     GSNRCallback.write_report = write_report
 
 
+def gsnr(stats: torch.Tensor) -> torch.Tensor:
+    return gsnr_from_statistics(stats, 1e-8)[0]
+
+
 class ReducerCheck(TrainerCallback):
     """At the first optimizer step (after GSNRCallback): reduced per-shard statistics vs whole-tensor ones."""
 
@@ -76,7 +80,7 @@ class ReducerCheck(TrainerCallback):
             "dtensor_grads": sum(type(p.grad).__name__ == "DTensor" for p in blocks),
             "sharded_blocks": int((local_n < whole[:, 0]).sum()),
             "count_equal": bool(torch.equal(reduced[:, 0], whole[:, 0])),
-            "max_rel_diff": float(((reduced - whole).abs() / whole.abs().clamp_min(1e-300)).max()),
+            "max_rel_diff": float(((gsnr(reduced) - gsnr(whole)).abs() / gsnr(whole).clamp_min(1e-300)).max()),
             "check_all_reduces": len(SAI_ALL_REDUCES) - before,
         }
         del SAI_ALL_REDUCES[before:]

@@ -185,10 +185,12 @@ def test_fsdp2_reducer_equals_whole_tensor_statistics_in_one_all_reduce(fsdp2_ru
         assert check["blocks"] == check["dtensor_grads"] == 28  # every gradient is a DTensor shard
         assert check["sharded_blocks"] == 28  # no local shard is the whole tensor
         assert check["count_equal"]  # sum of the shards' n is each tensor's numel
-        assert check["max_rel_diff"] < 1e-12
+        # g-SNR of the reduced shards vs of the whole tensors; large CPU tensors are reduced in float32
+        # rows (gradient_statistics), whose boundaries differ between a shard and the whole tensor.
+        assert check["max_rel_diff"] < 1e-7
         assert check["check_all_reduces"] == 1
         # The Trainer run: one all_reduce for all 28 blocks (+1 row: the block-list fingerprint).
-        assert rank["all_reduces_a"] == ["(29, 3) torch.float64"]
+        assert rank["all_reduces_a"] == ["(29, 5) torch.float64"]
 
 
 @pytest.mark.slow
@@ -245,13 +247,13 @@ def shard_run(tmp_path_factory) -> SimpleNamespace:
 def test_dtensor_layouts_reduce_exactly_in_one_all_reduce(shard_run):
     for rank in shard_run.ranks:
         d = rank["dtensor"]
-        assert d["reducer_all_reduces"] == [[9, 3]]  # 8 blocks + fingerprint row, one collective
+        assert d["reducer_all_reduces"] == [[9, 5]]  # 8 blocks + fingerprint row, one collective
         assert d["reduced_n"] == d["whole_n"]  # replicas counted once, shards summed, empty shard ok
         assert d["reduced_finite"]  # the NaN of a non-contributing replica did not leak
         assert d["reduced_vs_whole_max_rel"] < 1e-12
         assert d["unsharded_only_reducer_is_none"]
         assert "Partial" in d["partial_refused"]
-        assert d["auto_all_reduces"] == [[8, 3]]  # initialize_scales() picked the reducer by itself
+        assert d["auto_all_reduces"] == [[8, 5]]  # initialize_scales() picked the reducer by itself
         assert d["auto_second_call_in_same_step"] == 0
         assert d["auto_records"] == 7
         assert max(abs(a - b) / b for a, b in zip(d["auto_scales"], d["single_scales"])) < 1e-12
@@ -266,9 +268,9 @@ def test_fsdp1_use_orig_params_callback_and_lazy_path(shard_run):
     has_grad = [[s["deferred_has_grad_here"] for s in f["steps"]] for f in (rank0, rank1)]
     assert has_grad[0] != has_grad[1]
     for f in (rank0, rank1):
-        assert f["steps"][0]["all_reduces"] == [[29, 3]]  # the callback's; step() adds none
+        assert f["steps"][0]["all_reduces"] == [[29, 5]]  # the callback's; step() adds none
         assert not f["steps"][0]["deferred_scaled"]
-        assert f["steps"][1]["all_reduces"] == [[2, 3]] and f["steps"][1]["deferred_scaled"]
+        assert f["steps"][1]["all_reduces"] == [[2, 5]] and f["steps"][1]["deferred_scaled"]
         assert set(f["scales"]) == set(f["reference_scales"]) and len(f["scales"]) == 28
         assert f["scales_vs_reference_max_rel"] < 1e-6
         assert f["lazy_scaled"] == 28 and f["lazy_scales_vs_single_max_rel"] < 1e-6

@@ -79,23 +79,25 @@ def test_gsnr_matches_torch_std_and_norm():
     assert status.tolist() == [BlockStatus.SCALED] * 3
 
 
-def test_statistics_of_shards_sum_to_whole_tensor():
+@pytest.mark.parametrize("offset", [0.0, 50.0], ids=["zero-mean", "mean-dominated"])
+def test_statistics_of_shards_sum_to_whole_tensor(offset):
     torch.manual_seed(0)
-    g = torch.randn(10, 6)
-    whole = gradient_statistics([g])
-    shards = gradient_statistics(list(g.chunk(3, dim=0)))
-    torch.testing.assert_close(shards.sum(0, keepdim=True), whole)
+    g = torch.randn(10, 6, dtype=torch.float64) + offset
+    whole = gsnr_from_statistics(gradient_statistics([g]), eps=1e-8)
+    shards = gsnr_from_statistics(gradient_statistics(list(g.chunk(3, dim=0))).sum(0, keepdim=True), eps=1e-8)
+    assert shards[1].tolist() == whole[1].tolist() == [BlockStatus.SCALED]
+    assert shards[0].item() == pytest.approx(whole[0].item(), rel=1e-12)
 
 
 def _float64_gsnr(g: torch.Tensor) -> tuple[float, int]:
-    """g-SNR of ``g`` from float64 reductions, the slow exact reference."""
-    g = torch.view_as_real(g) if g.is_complex() else g
-    row = torch.stack(
-        (torch.tensor(float(g.numel()), dtype=torch.float64), g.sum(dtype=torch.float64),
-         torch.linalg.vector_norm(g, dtype=torch.float64).square())
-    )
-    gsnr, status = gsnr_from_statistics(row[None], eps=1e-8)
-    return gsnr.item(), int(status.item())
+    """g-SNR of ``g`` in float64 by definition (two-pass: mean, then centred squares), the slow
+    exact reference, with the status rule: one element or std <= 1e-6 rms is DEGENERATE."""
+    g = g.to(torch.complex128 if g.is_complex() else torch.float64).reshape(-1)
+    std = (g - g.mean()).abs().square().sum().div(g.numel() - 1).sqrt().item()
+    norm = g.abs().square().sum().sqrt().item()
+    if std <= 1e-6 * norm / g.numel() ** 0.5:
+        return 0.0, int(BlockStatus.DEGENERATE)
+    return norm / (std + 1e-8), int(BlockStatus.SCALED)
 
 
 @pytest.mark.parametrize(
@@ -105,6 +107,10 @@ def _float64_gsnr(g: torch.Tensor) -> tuple[float, int]:
         lambda: (torch.randn(70_000) + 3.0) * 1e-3,  # mean 3 std: still the fast path
         lambda: (torch.randn(70_000) + 300.0) * 1e-3,  # mean dominates: recomputed in float64
         lambda: torch.full((70_000,), 3e-4),  # constant: zero variance must survive (DEGENERATE)
+        lambda: torch.full((1 << 20,), 0.1),  # constant over a million entries (float64 sums err by 1e-12)
+        lambda: torch.full((3 << 20,) , 3.7, dtype=torch.bfloat16),
+        lambda: torch.randn(1 << 20) * 1e-5 + 1.0,  # std 1e-5 of the mean: 10x above the threshold
+        lambda: (torch.arange(768_000) // 768).float() * 100 + torch.randn(768_000),  # per-row means
         lambda: torch.randn(70_000) * 1e20,  # float32 squares overflow
         lambda: torch.randn(70_000) * 1e-21,  # float32 squares underflow
         lambda: torch.randn(50_001, dtype=torch.bfloat16),  # not a multiple of the row length
@@ -112,7 +118,7 @@ def _float64_gsnr(g: torch.Tensor) -> tuple[float, int]:
         lambda: torch.randn(20_000, dtype=torch.complex64),
         lambda: torch.randn(300, 300)[:, ::2],  # non-contiguous
     ],
-    ids=["zero-mean", "mean-3std", "mean-300std", "constant", "huge", "tiny", "bf16", "fp16", "complex", "strided"],
+    ids=["zero-mean", "mean-3std", "mean-300std", "constant", "constant-1M", "constant-3M-bf16", "std-1e-5", "row-means", "huge", "tiny", "bf16", "fp16", "complex", "strided"],
 )
 def test_cpu_statistics_of_large_tensors_match_float64(make):
     torch.manual_seed(0)

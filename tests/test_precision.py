@@ -46,9 +46,22 @@ def test_slabbed_bf16_momentum_update_equals_whole_tensor_formula(monkeypatch):
     want_buf, want_p = stochastic_round_to_bf16(value, seed=11), p.clone().add_(value, alpha=-0.01)
     monkeypatch.setattr(functional, "_SLAB", 300)  # 2500 elements: 8 full slabs and a partial one
     assert torch.equal(stochastic_round_to_bf16(value, seed=11), want_buf)
-    functional._bf16_momentum_update(p, g, buf, 0.9, -0.01, seed=11)
+    functional._bf16_momentum_update(p, g, buf, 0.9, -0.01, 1.0, False, seed=11)
     assert torch.equal(buf, want_buf)
     assert torch.equal(p, want_p)
+
+
+def test_slabbed_bf16_momentum_update_with_decay_and_first_step(monkeypatch):
+    from sai_hf import functional
+
+    torch.manual_seed(0)
+    p, g = torch.randn(10, 250), torch.randn(10, 250)
+    buf = torch.empty(10, 250, dtype=torch.bfloat16)
+    want_buf, want_p = stochastic_round_to_bf16(g, seed=5), p.clone().mul_(0.99).add_(g, alpha=-0.01)
+    monkeypatch.setattr(functional, "_SLAB", 300)
+    functional._bf16_momentum_update(p, g, buf, 0.9, -0.01, 0.99, True, seed=5)
+    assert torch.equal(buf, want_buf)
+    torch.testing.assert_close(p, want_p, rtol=0, atol=1e-7)
 
 
 def test_bf16_momentum_paths_agree():
@@ -59,7 +72,7 @@ def test_bf16_momentum_paths_agree():
     base = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
     results = []
-    for path in (dict(foreach=True), dict(foreach=False, fused=False)):
+    for path in (dict(foreach=True), dict(foreach=False, fused=False), dict(fused=True)):
         params = [t.clone().requires_grad_() for t in base]
         opt = SGDSaI(params, lr=2e-3, weight_decay=0.1, momentum_dtype=torch.bfloat16, **path)
         with warnings.catch_warnings():
@@ -69,10 +82,11 @@ def test_bf16_momentum_paths_agree():
                     p.grad = g.clone()
                 opt.step()
         results.append(([p.detach() for p in params], [opt.state[p]["momentum_buffer"] for p in params]))
-    (params_a, bufs_a), (params_b, bufs_b) = results
+    (params_a, bufs_a), *others = results
     assert all(b.dtype == torch.bfloat16 for b in bufs_a)
-    assert all(torch.equal(a, b) for a, b in zip(bufs_a, bufs_b))
-    for a, b in zip(params_a, params_b):
+    for params_b, bufs_b in others:
+        assert all(torch.equal(a, b) for a, b in zip(bufs_a, bufs_b))
+    for a, b in ((a, b) for params_b, _ in others for a, b in zip(params_a, params_b)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -154,10 +168,22 @@ def test_compiled_step_matches_eager(momentum_dtype):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_refuses_cpu_half_precision_instead_of_skipping_elements():
-    p = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
-    opt = SGDSaI([p, torch.randn(8, 8, requires_grad=True)], lr=0.1, fused=True)
-    p.grad = torch.randn(64).to(torch.bfloat16)
-    opt.param_groups[0]["params"][1].grad = torch.randn(8, 8)
-    with pytest.raises(RuntimeError, match="float32/float64"):
-        opt.step()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_updates_every_element_of_cpu_half_precision(dtype):
+    # torch's CPU fused SGD skips the vectorised part of half-precision tensors: such blocks must
+    # take the multi-tensor path, and match the for-loop reference exactly.
+    torch.manual_seed(0)
+    base, other = torch.randn(4096).to(dtype), torch.randn(8, 8)
+    grads = [(torch.randn(4096).to(dtype), torch.randn(8, 8)) for _ in range(3)]
+    results = []
+    for path in (dict(fused=True), dict(foreach=True)):
+        params = [base.clone().requires_grad_(), other.clone().requires_grad_()]
+        opt = SGDSaI(params, lr=0.1, weight_decay=0.1, **path)
+        for g0, g1 in grads:
+            params[0].grad, params[1].grad = g0.clone(), g1.clone()
+            opt.step()
+        results.append([p.detach() for p in params])
+    (fused_half, fused_fp32), (multi_half, multi_fp32) = results
+    assert (fused_half != base).float().mean() > 0.9  # every element moves, not only the first 16
+    assert torch.equal(fused_half, multi_half)
+    torch.testing.assert_close(fused_fp32, multi_fp32, rtol=1e-6, atol=1e-7)
