@@ -22,11 +22,17 @@ from test_distributed import free_port, launch_two_ranks, max_rel_diff, max_weig
 from transformers import Trainer
 
 from sai_hf import SGDSaI, UnsupportedShardingError
+from sai_hf.gsnr import STATISTICS_WIDTH
 from sai_hf.distributed import deepspeed_in_use, refuse_unsupported_deepspeed
 
 TESTS = Path(__file__).resolve().parent
 CONFIGS = TESTS.parent / "configs"
 SCALE_TOLERANCE = 1e-6  # the issue's bound on the relative scale difference vs one process
+
+
+def rows(blocks: int) -> str:
+    """How the worker records an all_reduce of the statistics of ``blocks`` blocks."""
+    return f"({blocks}, {STATISTICS_WIDTH}) torch.float64"
 
 
 def has_deepspeed() -> bool:
@@ -98,7 +104,7 @@ def test_zero2_trainer_scales_equal_single_process(trainer_runs, single_gpt2):
     print(f"\n[zero2] max relative scale difference vs 1 process: {diff:.3e}")
     assert diff <= SCALE_TOLERANCE
     # One all_reduce per parameter group (DeepSpeed steps the groups one at a time), at step 1 only.
-    assert rank0["all_reduces"] == ["(10, 3) torch.float64", "(18, 3) torch.float64"]
+    assert rank0["all_reduces"] == [rows(10), rows(18)]
 
 
 @needs_deepspeed
@@ -129,7 +135,7 @@ def test_zero2_lora_deferred_lora_a_trains_and_matches_single_process(trainer_ru
     lora = trainer_runs.ranks[0]["lora"]
     assert trainer_runs.ranks[1]["lora"]["scales"] == lora["scales"]
     # Step 1: all 8 LoRA blocks reduced, lora_A's zero gradient leaves it deferred; step 2: the 4 lora_A.
-    assert lora["all_reduces"] == ["(8, 3) torch.float64", "(4, 3) torch.float64"]
+    assert lora["all_reduces"] == [rows(8), rows(4)]
     assert all(moved > 0 for moved in lora["moved"].values())
     reference, _ = single_trainer(tmp_path, lora_llama(), max_steps=3, weight_decay=0.0)
     diff = max_rel_diff(lora["scales"], reference)
@@ -160,7 +166,7 @@ def test_plain_deepspeed_initialize_with_sgd_sai(zero1_runs):
     names = {id(p): n for n, p in model.named_parameters()}
     reference = {names[id(p)]: s for p, s in optimizer.scales().items()}
     plain = zero1_runs.ranks[0]["plain"]
-    assert plain["all_reduces"] == ["(28, 3) torch.float64"]  # one group: one collective for every block
+    assert plain["all_reduces"] == [rows(28)]  # one group: one collective for every block
     diff = max_rel_diff(plain["scales"], reference)
     print(f"\n[plain deepspeed.initialize] max relative scale difference vs 1 process: {diff:.3e}")
     assert diff <= SCALE_TOLERANCE
