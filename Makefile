@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup quickstart test test-fast
+.PHONY: setup quickstart test test-fast test-gpu
 setup: $(VENV)/.sai_hf_installed
 
 $(VENV)/.sai_hf_installed: pyproject.toml
@@ -20,3 +20,7 @@ test: setup
 # Everything but the tests marked slow.
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow"
+
+# The CUDA suite (tests/gpu, marker `cuda`): on a machine without a GPU every test is skipped with its reason.
+test-gpu: setup
+	$(PY) -m pytest tests/gpu -m cuda

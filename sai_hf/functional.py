@@ -194,18 +194,30 @@ def single_pass_supported(param: Tensor, grad: Tensor, buf: Tensor | None, momen
     """Whether one block can take the single-pass kernel: ``param``, ``grad`` and ``buf`` contiguous
     (the fused kernels read raw memory: a slice, strided or transposed view would be misread),
     floating-point, on a device with fused kernels (float32/float64 only on CPU), and the momentum
-    buffer in the parameter's dtype or bfloat16 for a float32 parameter."""
+    buffer in the parameter's dtype or bfloat16 for a float32 parameter; on CUDA with Triton, any
+    float32/float16/bfloat16 combination (:mod:`sai_hf.triton_update`)."""
     devices = _get_fused_kernels_supported_devices()
     if param.device.type not in devices or not param.is_floating_point() or param.is_complex():
         return False
     if not (param.is_contiguous() and grad.is_contiguous() and (buf is None or buf.is_contiguous())):
         return False
     buf_dtype = buf.dtype if buf is not None else (momentum_dtype or param.dtype)
+    if _on_triton(param, grad, buf_dtype):
+        return True
     if buf_dtype == torch.bfloat16 and param.dtype == torch.float32:
         return True
     if buf_dtype != param.dtype:
         return False
     return param.device.type != "cpu" or param.dtype in _CPU_FUSED_DTYPES
+
+
+def _on_triton(param: Tensor, grad: Tensor, buf_dtype: torch.dtype) -> bool:
+    """Whether a contiguous block runs in the Triton kernel: CUDA with Triton, supported dtypes."""
+    if param.device.type != "cuda":
+        return False
+    from .triton_update import SUPPORTED_DTYPES, triton_available
+
+    return triton_available(param.device) and {param.dtype, grad.dtype, buf_dtype} <= set(SUPPORTED_DTYPES)
 
 
 def sgd_sai(
@@ -393,18 +405,38 @@ def _single_pass_sgd_sai(
     seeds: Sequence[int],
 ) -> None:
     """One pass per block (blocks that :func:`single_pass_supported` allows): decay, momentum and
-    the scaled update read ``p, g, m`` and write ``p, m`` once."""
+    the scaled update read ``p, g, m`` and write ``p, m`` once. CUDA blocks run in the Triton kernel
+    where it is available (one launch per dtype group, :mod:`sai_hf.triton_update`); the others
+    block by block (:func:`_fused_sgd_block`, :func:`_bf16_momentum_update`)."""
     decay = 1 - lr * weight_decay
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        step_size = -lr * scales[i]
+    first = [buf is None for buf in momentum_buffer_list]
+    for i, param in enumerate(params):
         buf = momentum_buffer_list[i]
-        first = buf is None
-        if momentum != 0 and first:
+        if momentum != 0 and buf is None:
             buf = torch.empty_like(param, dtype=momentum_dtype or param.dtype, memory_format=torch.contiguous_format)
             momentum_buffer_list[i] = buf
         if momentum != 0 and buf.shape != param.shape:
             raise RuntimeError(f"SGDSaI: momentum buffer of shape {tuple(buf.shape)} for a parameter of shape {tuple(param.shape)}")
-        if momentum != 0 and buf.dtype != param.dtype:
-            _bf16_momentum_update(param, -grad if maximize else grad, buf, momentum, step_size, decay, first, seeds[i])
+    step_sizes = [-lr * scale for scale in scales]
+    triton = [
+        i for i, (p, g) in enumerate(zip(params, grads))
+        if _on_triton(p, g, momentum_buffer_list[i].dtype if momentum != 0 else p.dtype)
+    ]
+    if triton:
+        from .triton_update import triton_sgd_sai_
+
+        triton_sgd_sai_(
+            [params[i] for i in triton], [grads[i] for i in triton],
+            [momentum_buffer_list[i] for i in triton] if momentum != 0 else None, [step_sizes[i] for i in triton],
+            decay=decay, momentum=momentum, first=[first[i] for i in triton], maximize=maximize,
+            seeds=[seeds[i] for i in triton],
+        )  # fmt: skip
+    done = set(triton)
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        if i in done:
+            continue
+        buf, step_size = momentum_buffer_list[i] if momentum != 0 else None, step_sizes[i]
+        if buf is not None and buf.dtype != param.dtype:
+            _bf16_momentum_update(param, -grad if maximize else grad, buf, momentum, step_size, decay, first[i], seeds[i])
         else:
-            _fused_sgd_block(param, grad, buf if momentum != 0 else None, momentum, step_size, decay, maximize, first)
+            _fused_sgd_block(param, grad, buf, momentum, step_size, decay, maximize, first[i])

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_optimizers.py"
 
@@ -51,8 +52,12 @@ def installed_keys(bench: ModuleType) -> set[str]:
     return keys
 
 
-def rows_by(report: dict, size: str) -> dict[str, dict]:
-    return {row["optimizer"]: row for row in report["results"] if row["size"] == size}
+def rows_by(report: dict, size: str, weight_decay: float = 0.1) -> dict[str, dict]:
+    return {
+        row["optimizer"]: row
+        for row in report["results"]
+        if row["size"] == size and row["weight_decay"] == weight_decay
+    }
 
 
 def test_json_has_every_installed_optimizer_with_positive_times(bench: ModuleType, quick_run: tuple) -> None:
@@ -61,6 +66,7 @@ def test_json_has_every_installed_optimizer_with_positive_times(bench: ModuleTyp
     assert on_disk["results"] == json.loads(json.dumps(report["results"]))
     expected = installed_keys(bench)
     for size in bench.QUICK_SIZES:
+        assert rows_by(on_disk, size, 0.0).keys() == rows_by(on_disk, size).keys()  # default: decay on, then off
         rows = rows_by(on_disk, size)
         assert set(rows) == expected, on_disk["skipped"]
         for row in rows.values():
@@ -99,7 +105,8 @@ def test_markdown_table_and_plot(bench: ModuleType, quick_run: tuple) -> None:
     assert header in printed
     lines = printed.splitlines()
     assert lines[lines.index(header) + 1].startswith("| --- |")
-    assert sum(line.startswith("| tiny | sai_hf.SGDSaI |") for line in lines) == 1
+    assert sum(line.startswith("| tiny | 0.1 (HF groups) | sai_hf.SGDSaI |") for line in lines) == 1
+    assert sum(line.startswith("| tiny | 0 | sai_hf.SGDSaI |") for line in lines) == 1
     assert len([line for line in lines if line.startswith(("| tiny |", "| mini |"))]) == len(report["results"])
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out_dir / "bench.png").stat().st_size > 0
@@ -108,10 +115,20 @@ def test_markdown_table_and_plot(bench: ModuleType, quick_run: tuple) -> None:
 def test_optimizer_filter_and_unknown_key(bench: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown"):
         bench.main(["--quick", "--device", "cpu", "--optimizers", "nope", "--out-dir", str(tmp_path)])
-    argv = ["--quick", "--device", "cpu", "--sizes", "tiny", "--repeats", "1", "--optimizers", "sgdsai"]
+    argv = ["--quick", "--device", "cpu", "--sizes", "tiny", "--repeats", "1", "--optimizers", "sgdsai", "--weight-decay", "0.1"]
     report = bench.main([*argv, "--out-dir", str(tmp_path)])
     assert [row["optimizer"] for row in report["results"]] == ["sgdsai"]
     assert report["results"][0]["ratio_to_sgd_fused"] is None  # the floor was not run
+
+
+def test_decay_goes_on_transformers_decay_groups(bench: ModuleType) -> None:
+    workload = bench.build_workload(bench.SIZES["tiny"], torch.device("cpu"), torch.float32)
+    decay, no_decay = workload.param_groups(0.1)
+    names = {id(p): n for n, p in workload.named_params}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(n.endswith(".weight") and ".ln_" not in n for n in (names[id(p)] for p in decay["params"]))
+    assert all(n.endswith(".bias") or "ln_" in n for n in (names[id(p)] for p in no_decay["params"]))
+    assert len(decay["params"]) + len(no_decay["params"]) == len(workload.named_params)
 
 
 def test_e2e_throughput_reads_trainer_files(bench: ModuleType, tmp_path: Path) -> None:

@@ -1,0 +1,191 @@
+"""Triton kernels behind :mod:`sai_hf.triton_update` (import that module, not this one).
+
+This module needs ``triton``. :mod:`sai_hf.triton_update` loads it twice at most: once as itself,
+compiled for CUDA, and once as a private copy decorated while ``TRITON_INTERPRET=1`` (Triton's
+numpy interpreter, which runs the same kernel on CPU tensors: the tests). ``triton.jit`` picks the
+mode when it decorates, hence the two copies.
+
+One launch updates a whole group of tensors that share dtypes. Its argument is a *table* (int64,
+field-major: ``table[field * n_tensors + t]``) with, for every tensor ``t``, the addresses of its
+parameter, gradient and momentum buffer, its size, its first program id, its first-update flag, its
+rounding offset and its two float64 factors. Program ``pid`` finds its tensor by a binary search of
+the first-program column (``ceil(log2(n_tensors))`` scalar loads), then updates up to
+``CHUNK_BLOCKS`` blocks of ``BLOCK`` elements of that tensor: full blocks unmasked (vectorised), a
+tail block masked.
+"""
+
+import triton
+import triton.language as tl
+
+from .functional import _HASH_MULTIPLIER
+
+# Rows of the table (see the module docstring). Rows up to SEED_OFFSET hold ints; STEP_SIZE and KEEP
+# hold float64 bit patterns.
+P_PTR, G_PTR, M_PTR, NUMEL, FIRST_PROGRAM, IS_FIRST, SEED_OFFSET, STEP_SIZE, KEEP = range(9)
+N_INT_FIELDS = 7
+N_FIELDS = 9
+
+# Element kinds (constexpr codes). bfloat16 is handled as its 16-bit pattern (uint16) with integer
+# conversions, so the compiled kernel and the interpreter round exactly alike.
+FP32, FP16, BF16 = 0, 1, 2
+
+#: The odd multiplier of ``sai_hf.functional``'s rounding hash, as an unsigned 32-bit constant.
+_K: tl.constexpr = tl.constexpr(_HASH_MULTIPLIER & 0xFFFFFFFF)
+_P_PTR: tl.constexpr = tl.constexpr(P_PTR)
+_G_PTR: tl.constexpr = tl.constexpr(G_PTR)
+_M_PTR: tl.constexpr = tl.constexpr(M_PTR)
+_NUMEL: tl.constexpr = tl.constexpr(NUMEL)
+_FIRST_PROGRAM: tl.constexpr = tl.constexpr(FIRST_PROGRAM)
+_IS_FIRST: tl.constexpr = tl.constexpr(IS_FIRST)
+_SEED_OFFSET: tl.constexpr = tl.constexpr(SEED_OFFSET)
+_STEP_SIZE: tl.constexpr = tl.constexpr(STEP_SIZE)
+_KEEP: tl.constexpr = tl.constexpr(KEEP)
+
+
+@triton.jit
+def _typed_pointer(address, KIND: tl.constexpr, ALIGNED: tl.constexpr):
+    """The int64 ``address`` as a pointer to elements of ``KIND`` (bfloat16 as uint16)."""
+    if KIND == 2:
+        ptr = address.to(tl.pointer_type(tl.uint16))
+    elif KIND == 1:
+        ptr = address.to(tl.pointer_type(tl.float16))
+    else:
+        ptr = address.to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # every address of the launch is a multiple of 16 bytes (checked on the host)
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _load_f32(address, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr):
+    x = tl.load(_typed_pointer(address, KIND, ALIGNED) + offs, mask=mask)
+    if KIND == 2:
+        return (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)  # exact
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _bf16_nearest_bits(x):
+    """Bits of ``x`` (float32) rounded to the nearest bfloat16, ties to even (as torch's
+    ``.to(torch.bfloat16)``; NaN becomes 0x7FC0)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
+
+
+@triton.jit
+def _bf16_stochastic_bits(x, index, seed_offset):
+    """Bits of ``x`` (float32) stochastically rounded to bfloat16, exactly as
+    ``sai_hf.functional.stochastic_round_to_bf16``: with ``b`` the float32 bits of the element at
+    flat index ``i`` of its tensor, ``u = top 16 bits of K (b + i + c)`` (mod 2^32) and the result is
+    the top 16 bits of ``b + u``. All arithmetic is on uint32, so it wraps mod 2^32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    u = ((bits + index + seed_offset) * _K) >> 16
+    return ((bits + u) >> 16).to(tl.uint16)
+
+
+@triton.jit
+def _store_f32(address, offs, mask, x, KIND: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = _typed_pointer(address, KIND, ALIGNED) + offs
+    if KIND == 2:
+        tl.store(ptr, _bf16_nearest_bits(x), mask=mask)
+    elif KIND == 1:
+        tl.store(ptr, x.to(tl.float16), mask=mask)
+    else:
+        tl.store(ptr, x, mask=mask)
+
+
+@triton.jit
+def _update_block(
+    p_address,
+    g_address,
+    m_address,
+    offs,
+    mask,
+    step_size,
+    keep,
+    mu,
+    one_minus_mu,
+    is_first,
+    seed_offset,
+    P_KIND: tl.constexpr,
+    G_KIND: tl.constexpr,
+    M_KIND: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    g = _load_f32(g_address, offs, mask, G_KIND, ALIGNED)
+    if MAXIMIZE:
+        g = -g
+    if HAS_MOMENTUM:
+        if is_first:
+            m = g
+        else:
+            m = mu * _load_f32(m_address, offs, mask, M_KIND, ALIGNED) + one_minus_mu * g
+        if STOCHASTIC:
+            ptr = _typed_pointer(m_address, 2, ALIGNED) + offs
+            tl.store(ptr, _bf16_stochastic_bits(m, offs.to(tl.uint32), seed_offset), mask=mask)
+        else:
+            _store_f32(m_address, offs, mask, m, M_KIND, ALIGNED)
+    else:
+        m = g
+    p = _load_f32(p_address, offs, mask, P_KIND, ALIGNED)
+    _store_f32(p_address, offs, mask, p * keep + step_size * m, P_KIND, ALIGNED)
+
+
+@triton.jit
+def sgd_sai_kernel(
+    table,
+    n_tensors,
+    search_steps,
+    mu,
+    one_minus_mu,
+    P_KIND: tl.constexpr,
+    G_KIND: tl.constexpr,
+    M_KIND: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # The tensor of this program: the largest t with first_program[t] <= pid (non-decreasing column).
+    lo = pid * 0
+    hi = lo + n_tensors
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        right = tl.load(table + _FIRST_PROGRAM * n_tensors + mid) <= pid
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    t = lo
+
+    numel = tl.load(table + _NUMEL * n_tensors + t)
+    start = (pid - tl.load(table + _FIRST_PROGRAM * n_tensors + t)) * (BLOCK * CHUNK_BLOCKS)  # int64
+    end = tl.minimum(start + BLOCK * CHUNK_BLOCKS, numel)
+    p_address = tl.load(table + _P_PTR * n_tensors + t)
+    g_address = tl.load(table + _G_PTR * n_tensors + t)
+    m_address = tl.load(table + _M_PTR * n_tensors + t)
+    is_first = tl.load(table + _IS_FIRST * n_tensors + t) != 0
+    seed_offset = tl.load(table + _SEED_OFFSET * n_tensors + t).to(tl.uint32)
+    step_size = tl.load(table + _STEP_SIZE * n_tensors + t).to(tl.float64, bitcast=True).to(tl.float32)
+    keep = tl.load(table + _KEEP * n_tensors + t).to(tl.float64, bitcast=True).to(tl.float32)
+
+    lanes = tl.arange(0, BLOCK)
+    n_full = (end - start) // BLOCK
+    for k in range(n_full):
+        _update_block(
+            p_address, g_address, m_address, start + k * BLOCK + lanes, None, step_size, keep, mu, one_minus_mu,
+            is_first, seed_offset, P_KIND, G_KIND, M_KIND, HAS_MOMENTUM, STOCHASTIC, MAXIMIZE, ALIGNED,
+        )  # fmt: skip
+    tail = start + n_full * BLOCK
+    if tail < end:
+        offs = tail + lanes
+        _update_block(
+            p_address, g_address, m_address, offs, offs < end, step_size, keep, mu, one_minus_mu,
+            is_first, seed_offset, P_KIND, G_KIND, M_KIND, HAS_MOMENTUM, STOCHASTIC, MAXIMIZE, ALIGNED,
+        )  # fmt: skip

@@ -1,0 +1,233 @@
+"""The whole SGD-SaI update as one Triton kernel launch per group of same-dtype tensors (CUDA).
+
+For every tensor ``i`` and every element, computed in float32 whatever the storage dtypes::
+
+    g <- -g                              if maximize
+    m <- g                               if first[i]   (the block's first update: m_1 = g_1)
+    m <- mu * m + (1 - mu) * g           otherwise     (momentum != 0; m is read from the buffer)
+    p <- p * decay + step_sizes[i] * m                 (decay = 1 - lr * wd; step_sizes[i] = -lr * s_i)
+
+With ``momentum == 0`` there is no buffer and ``m = g``. The new ``m`` is written back to the buffer
+in the buffer's dtype: with *stochastic rounding* when the buffer is bfloat16 and the parameter is
+not (bit for bit ``sai_hf.functional.stochastic_round_to_bf16(m, seeds[i])``, whose constants this
+module imports), otherwise rounded to nearest. Parameters and gradients may be float32, float16 or
+bfloat16; the parameter is updated from the unrounded float32 ``m``. Every float32 operation above is
+rounded separately (no fused multiply-add: the kernel is compiled with ``enable_fp_fusion=False``), so
+the results are bit for bit those of the same torch float32 operations, on the GPU and in the
+interpreter alike; bfloat16 and float16 stores round to nearest-even.
+
+Launches: tensors are grouped by (parameter, gradient, buffer) dtype and 16-byte alignment; each group
+is one launch whose tensors are described by a small int64 table (addresses, sizes, flags, factors:
+9 values per tensor) copied host-to-device from pinned memory without a sync. A model whose
+parameters share one dtype is one launch per call, whatever its number of tensors.
+
+Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors through Triton's numpy interpreter
+(slow: for tests); CUDA tensors then are not accepted (the interpreter cannot follow device addresses).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from .functional import _seed_offset
+
+__all__ = ["triton_available", "triton_sgd_sai_", "SUPPORTED_DTYPES"]
+
+#: Storage dtypes of parameters, gradients and momentum buffers that the kernel accepts.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Elements per block (one masked or unmasked load per array) and blocks per program.
+BLOCK = 1024
+CHUNK_BLOCKS = 8
+NUM_WARPS = 4
+
+_KERNEL_MODULE = "sai_hf._triton_kernels"
+_INTERPRETED_MODULE = "sai_hf._triton_kernels_interpreted"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether :func:`triton_sgd_sai_` can update tensors on ``device``: ``triton`` is importable and
+    ``device`` is CUDA, or ``TRITON_INTERPRET=1`` is set and ``device`` is the CPU."""
+    device = torch.device(device)
+    if _interpreting():
+        return device.type == "cpu" and _triton_importable()
+    return device.type == "cuda" and torch.cuda.is_available() and _triton_importable()
+
+
+def _kernels() -> ModuleType:
+    """The kernel module for the current mode: compiled (the real ``sai_hf._triton_kernels``), or
+    under ``TRITON_INTERPRET=1`` a private copy decorated in interpreter mode."""
+    if not _interpreting():
+        return importlib.import_module(_KERNEL_MODULE)
+    module = sys.modules.get(_INTERPRETED_MODULE)
+    if module is None:
+        spec = importlib.util.find_spec(_KERNEL_MODULE)
+        assert spec is not None and spec.origin is not None
+        spec = importlib.util.spec_from_file_location(_INTERPRETED_MODULE, spec.origin)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # triton.jit reads TRITON_INTERPRET now
+        sys.modules[_INTERPRETED_MODULE] = module
+    return module
+
+
+def _kind(dtype: torch.dtype, what: str) -> int:
+    if dtype == torch.float32:
+        return 0
+    if dtype == torch.float16:
+        return 1
+    if dtype == torch.bfloat16:
+        return 2
+    raise TypeError(f"triton_sgd_sai_: {what} dtype {dtype} is not supported (float32, float16, bfloat16)")
+
+
+def _aligned(*tensors: Tensor | None) -> bool:
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def triton_sgd_sai_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Sequence[Tensor | None] | None,
+    step_sizes: Sequence[float],
+    *,
+    decay: float | Sequence[float],
+    momentum: float,
+    first: Sequence[bool],
+    maximize: bool,
+    seeds: Sequence[int] | None,
+    block: int = BLOCK,
+    chunk_blocks: int = CHUNK_BLOCKS,
+) -> None:
+    """Apply one SGD-SaI step in place to ``params`` and ``buffers`` (equations in the module docstring).
+
+    Args:
+        params, grads: contiguous tensors on one device (CUDA; CPU under ``TRITON_INTERPRET=1``),
+            ``grads[i].numel() == params[i].numel()``; float32, float16 or bfloat16 each.
+        buffers: the momentum buffers, preallocated by the caller (contiguous, same numel, any
+            supported dtype; ``torch.empty`` is fine where ``first[i]``). Ignored (may be ``None``)
+            when ``momentum == 0``.
+        step_sizes: ``-lr * s_i`` per tensor.
+        decay: the decoupled weight-decay *factor* ``1 - lr * weight_decay`` (one float, or one per
+            tensor; 1.0 for no decay): ``p <- p * decay + ...``, as ``decay`` in ``sai_hf.functional``.
+        momentum: ``mu`` (0 keeps no buffer).
+        first: per tensor, whether this is the block's first update (then ``m = g``; the buffer is
+            written, not read).
+        maximize: negate the gradients.
+        seeds: per tensor, the seed of the stochastic rounding (``sai_hf.functional._seed(step, i)``
+            to match the other paths); only used for bfloat16 buffers of non-bfloat16 parameters.
+        block, chunk_blocks: elements per block and blocks per program (tuning/testing only).
+
+    No host-device sync: one small pinned host-to-device copy and one kernel launch per group.
+    """
+    n = len(params)
+    has_momentum = momentum != 0
+    if len(grads) != n or len(step_sizes) != n or len(first) != n:
+        raise ValueError("params, grads, step_sizes and first must have the same length")
+    if has_momentum and (buffers is None or len(buffers) != n):
+        raise ValueError("momentum != 0 needs one buffer per parameter")
+    if seeds is not None and len(seeds) != n:
+        raise ValueError("seeds must have one entry per parameter")
+    decays = [float(decay)] * n if isinstance(decay, (int, float)) else [float(d) for d in decay]
+    if len(decays) != n:
+        raise ValueError("decay must be a float or have one entry per parameter")
+    if block <= 0 or block & (block - 1) or chunk_blocks <= 0:
+        raise ValueError("block must be a power of two and chunk_blocks positive")
+    if n == 0:
+        return
+
+    device = params[0].device
+    groups: dict[tuple, list[int]] = {}
+    for i in range(n):
+        p, g = params[i], grads[i]
+        m = buffers[i] if has_momentum else None  # type: ignore[index]
+        if has_momentum and m is None:
+            raise ValueError(f"buffers[{i}] is None with momentum={momentum}")
+        for t, what in ((p, "param"), (g, "grad"), (m, "buffer")):
+            if t is None:
+                continue
+            if t.device != device:
+                raise ValueError(f"triton_sgd_sai_: {what} {i} is on {t.device}, expected {device}")
+            if not t.is_contiguous():
+                raise ValueError(f"triton_sgd_sai_: {what} {i} is not contiguous")
+            if t.numel() != p.numel():
+                raise ValueError(f"triton_sgd_sai_: {what} {i} has {t.numel()} elements, the param {p.numel()}")
+        if p.numel() == 0:
+            continue
+        p_kind, g_kind = _kind(p.dtype, "param"), _kind(g.dtype, "grad")
+        m_kind = _kind(m.dtype, "buffer") if m is not None else 0
+        stochastic = m is not None and m.dtype == torch.bfloat16 and p.dtype != torch.bfloat16
+        if stochastic and seeds is None:
+            raise ValueError("seeds are needed for bfloat16 buffers of non-bfloat16 parameters")
+        key = (p_kind, g_kind, m_kind, stochastic, _aligned(p, g, m))
+        groups.setdefault(key, []).append(i)
+    if not groups:
+        return
+    if not triton_available(device):
+        raise RuntimeError(
+            f"triton_sgd_sai_: no Triton kernel for {device} tensors (needs triton and CUDA, "
+            "or TRITON_INTERPRET=1 and CPU tensors)"
+        )
+
+    kernels = _kernels()
+    chunk = block * chunk_blocks
+    mu = float(momentum)
+    for (p_kind, g_kind, m_kind, stochastic, aligned), indices in groups.items():
+        count = len(indices)
+        first_program, programs = [], 0
+        for i in indices:
+            first_program.append(programs)
+            programs += -(-params[i].numel() // chunk)
+        ints = [
+            [params[i].data_ptr() for i in indices],
+            [grads[i].data_ptr() for i in indices],
+            [buffers[i].data_ptr() if has_momentum else 0 for i in indices],  # type: ignore[index,union-attr]
+            [params[i].numel() for i in indices],
+            first_program,
+            [int(bool(first[i])) for i in indices],
+            [_seed_offset(int(seeds[i])) if stochastic else 0 for i in indices],  # type: ignore[index]
+        ]
+        floats = [[float(step_sizes[i]) for i in indices], [decays[i] for i in indices]]
+        pinned = device.type == "cuda"
+        host = torch.empty((kernels.N_FIELDS, count), dtype=torch.int64, pin_memory=pinned)
+        host[: kernels.N_INT_FIELDS] = torch.tensor(ints, dtype=torch.int64)
+        host[kernels.N_INT_FIELDS :].view(torch.float64).copy_(torch.tensor(floats, dtype=torch.float64))
+        table = host.to(device, non_blocking=True) if pinned else host
+        kernels.sgd_sai_kernel[(programs,)](
+            table,
+            count,
+            (count - 1).bit_length(),  # binary-search steps: ceil(log2(count))
+            mu,
+            1.0 - mu,
+            P_KIND=p_kind,
+            G_KIND=g_kind,
+            M_KIND=m_kind,
+            HAS_MOMENTUM=has_momentum,
+            STOCHASTIC=stochastic,
+            MAXIMIZE=bool(maximize),
+            ALIGNED=aligned,
+            BLOCK=block,
+            CHUNK_BLOCKS=chunk_blocks,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,  # no FMA contraction: GPU == interpreter == separately rounded torch ops
+        )
