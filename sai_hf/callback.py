@@ -19,11 +19,12 @@ picked up at the first later step where they have a usable gradient. After each 
 
 Multi-process: every rank calls :meth:`sai_hf.SGDSaI.initialize_scales` for all blocks without a
 scale (the same list on every rank); sharded gradients (FSDP2, FSDP1 ``use_orig_params=True``, whose
-modules the callback registers with :func:`sai_hf.register_sharded_model`) are reduced exactly
-across ranks by :mod:`sai_hf.distributed`, so every rank stores the same scales. Under DeepSpeed
-ZeRO-1/2 the engine steps inside ``backward``, before this hook: the scales come from
-``optimizer.step()`` itself (:mod:`sai_hf.deepspeed_zero`), and the callback only reports them
-(whenever the number of scaled blocks grew since its last report).
+modules the callback tells the optimizer about with :meth:`sai_hf.SGDSaI.register_model`) are
+reduced exactly across ranks by the optimizer's layout (:mod:`sai_hf.sharding`), so every rank
+stores the same scales. Under DeepSpeed ZeRO-1/2 the engine steps inside ``backward``, before this
+hook: the scales come from ``optimizer.step()`` itself (:mod:`sai_hf.sharding.deepspeed_zero`), and
+the callback only reports them (whenever the number of scaled blocks grew since its last report).
+The callback knows no backend: it only talks to :class:`sai_hf.SGDSaI`.
 
 ``import sai_hf`` adds the callback to every Trainer; it does nothing unless the Trainer's optimizer
 is an :class:`sai_hf.SGDSaI`. Adding it by hand as well is harmless: whichever instance runs
@@ -40,7 +41,6 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .distributed import block_numel, register_sharded_model
 from .drift import drift_summary
 from .optimizer import SGDSaI, StatisticsReducer
 
@@ -78,7 +78,7 @@ class GSNRCallback(TrainerCallback):
     Args:
         filename: name of the report written into ``args.output_dir``.
         reduce_statistics: sums per-shard gradient statistics across ranks; ``None`` (default)
-            picks it automatically (:func:`sai_hf.distributed.statistics_reducer`: exact for FSDP2
+            picks it automatically (the optimizer's layout, :mod:`sai_hf.sharding`: exact for FSDP2
             and FSDP1 ``use_orig_params=True``, nothing to do for one process or DDP).
         track_every: every this many optimizer steps, recompute the g-SNR of all blocks *without
             changing the scales* and log how far it drifted from the g-SNR the scales came from
@@ -121,7 +121,7 @@ class GSNRCallback(TrainerCallback):
             if self.track_every and (state.global_step + 1) % self.track_every == 0:
                 self.track_drift(args, state, model, sai)
         else:
-            register_sharded_model(model)
+            sai.register_model(model)
             sai.initialize_scales(reduce_statistics=self.reduce_statistics)
         scaled = len(sai.scales())
         if scaled <= self._reported_blocks:
@@ -139,7 +139,7 @@ class GSNRCallback(TrainerCallback):
 
             {"steps": [1, N, 2N, ...], "blocks": {"<name>": [gsnr at scaling, at N, at 2N, ...]}}
         """
-        register_sharded_model(model)
+        sai.register_model(model)
         current = sai.measure_gsnr(reduce_statistics=self.reduce_statistics)
         if not current:
             return
@@ -192,7 +192,7 @@ class GSNRCallback(TrainerCallback):
     def report(sai: SGDSaI, names: dict[int, str]) -> dict[str, dict[str, float | int]]:
         """``{name: {"gsnr", "scale", "numel"}}`` for every parameter of ``names`` that has a scale."""
         return {
-            names[id(p)]: {"gsnr": state["gsnr"], "scale": state["scale"], "numel": block_numel(p)}
+            names[id(p)]: {"gsnr": state["gsnr"], "scale": state["scale"], "numel": sai.block_numel(p)}
             for p, state in sai.block_states()
             if "scale" in state and id(p) in names
         }

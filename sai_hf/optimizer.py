@@ -26,18 +26,13 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from .checkpoint import buffers_in_saved_dtype, prepare_state_dict
-from .deepspeed_zero import ZeroPartitions, is_zero_partitioned
-from .distributed import ReductionSchedule, gradient_may_be_absent_locally, local_statistics, statistics_reducer
-from .functional import sgd_sai
-from .gsnr import BlockStatus, _local, gsnr_from_statistics
+from .gsnr import BlockStatus, gsnr_from_statistics
+from .sharding import BlockLayout, ScaleRecord, StatisticsReducer, new_layout, replaced_layout
 
-__all__ = ["SGDSaI", "ScaleRecord", "AssignedScale", "NORMALIZATIONS", "validate_hyperparameters"]
+__all__ = ["SGDSaI", "ScaleRecord", "AssignedScale", "StatisticsReducer", "NORMALIZATIONS", "validate_hyperparameters"]
 
 #: Accepted values of ``normalize``.
 NORMALIZATIONS = ("none", "max")
-
-#: A function that sums ``(B, 3)`` per-shard gradient statistics over the ranks that hold the shards.
-StatisticsReducer = Callable[[Tensor], Tensor]
 
 
 def validate_hyperparameters(**values: Any) -> None:
@@ -73,17 +68,6 @@ def validate_hyperparameters(**values: Any) -> None:
             raise ValueError(f"Invalid {key}={value!r}: must be >= 0")
     if values.get("fused") and values.get("foreach"):
         raise ValueError("Invalid fused=True with foreach=True: choose one path")
-
-
-@dataclass(frozen=True)
-class ScaleRecord:
-    """A block that received its scale: what :meth:`SGDSaI.initialize_scales` returns."""
-
-    param: Tensor
-    gsnr: float
-    scale: float
-    numel: int
-    status: BlockStatus
 
 
 @dataclass(frozen=True)
@@ -189,8 +173,8 @@ class SGDSaI(Optimizer):
         )
         super().__init__(params, defaults)
         self._warned_degenerate = False
-        self._zero_partitions: ZeroPartitions | None | bool = None  # decided at the first step
-        self._reduction_schedule = ReductionSchedule(self)
+        self._layout: BlockLayout = new_layout(self)
+        self._layout_decided = False  # see layout()
         self._register_state_dict_layout()
 
     def _register_state_dict_layout(self) -> None:
@@ -235,11 +219,11 @@ class SGDSaI(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._warned_degenerate = getattr(self, "_warned_degenerate", False)
-        self._zero_partitions = getattr(self, "_zero_partitions", None)
         if not hasattr(self, "_model_param_groups"):
             self._model_param_groups = [list(g["params"]) for g in self.param_groups]
-        if not hasattr(self, "_reduction_schedule"):
-            self._reduction_schedule = ReductionSchedule(self)
+        if not hasattr(self, "_layout"):
+            self._layout = new_layout(self)
+            self._layout_decided = False
         self._register_state_dict_layout()
         for group in self.param_groups:
             group.setdefault("normalize", "none")
@@ -264,9 +248,7 @@ class SGDSaI(Optimizer):
 
     def pending_params(self) -> list[Tensor]:
         """Parameters that have a gradient now but no scale yet."""
-        return [
-            p for group in self.param_groups for p in group["params"] if p.grad is not None and not self.has_scale(p)
-        ]
+        return self.layout().pending_blocks(self)
 
     @torch.no_grad()
     def initialize_scales(
@@ -282,54 +264,19 @@ class SGDSaI(Optimizer):
         cross-rank reduction adds one: the check that all ranks reduced the same blocks).
 
         ``reduce_statistics`` sums the per-shard statistics across ranks. By default
-        (``None``) it is :func:`sai_hf.distributed.statistics_reducer`: ``None`` for unsharded
-        gradients (one process, DDP), the exact one-``all_reduce`` reducer when some gradient is a
-        shard (FSDP2 DTensors, registered FSDP1 views). With a reducer this is a collective: call it
-        on every rank, with the same ``params``; blocks whose gradient may be absent on this rank
-        only (FSDP1 views outside the local shard) take part with zero statistics, and at most
-        one reduction runs per optimizer step (:class:`sai_hf.distributed.ReductionSchedule`).
+        (``None``) the optimizer's layout picks it (:meth:`layout`,
+        :meth:`sai_hf.sharding.tensors.TensorBlocks.reducer`): none for unsharded gradients (one
+        process, DDP), the exact one-``all_reduce`` reducer when some gradient is a shard (FSDP2
+        DTensors, registered FSDP1 views). With a reducer this is a collective: call it on every
+        rank, with the same ``params``; blocks whose gradient may be absent on this rank only (FSDP1
+        views outside the local shard) take part with zero statistics, and at most one reduction
+        runs per optimizer step (:class:`sai_hf.sharding.base.ReductionSchedule`).
 
         Under DeepSpeed ZeRO the scales are computed inside :meth:`step` (DeepSpeed steps from
         within ``backward``, and only there do the partitions have gradients): this returns ``[]``.
         """
-        if self.zero_partitions() is not None:
-            return []
         _refuse_sparse_gradients(self.param_groups)
-        group_of = self._group_of()
-        candidates = group_of_params(self.param_groups) if params is None else params
-        todo = [
-            p
-            for p in candidates
-            if id(p) in group_of and not self.has_scale(p) and (p.grad is not None or gradient_may_be_absent_locally(p))
-        ]
-        if not todo:
-            return []
-        if reduce_statistics is None:
-            reduce_statistics = statistics_reducer(todo)
-        if reduce_statistics is not None and not self._reduction_schedule.due():
-            return []
-        scaling_started = any(self.has_scale(p) for p in group_of_params(self.param_groups))
-        stats = local_statistics(todo)
-        if reduce_statistics is not None:
-            stats = reduce_statistics(stats)
-        values, statuses = self.measured_gsnr(stats, [group_of[id(p)]["eps"] for p in todo], eps_free=scaling_started)
-        gsnr_max = self.gsnr_max
-        if gsnr_max is None:
-            gsnr_max = self.first_step_gsnr_max(values, statuses)
-            if gsnr_max is not None:
-                for group in self.param_groups:
-                    group["gsnr_max"] = gsnr_max
-        assigned = self.assigned_scales(values, statuses, gsnr_max, self.param_groups[0]["normalize"])
-        records: list[ScaleRecord] = []
-        for p, scaled in zip(todo, assigned):
-            if scaled is None:
-                continue
-            state = self.state[p]
-            state["gsnr"] = scaled.gsnr
-            state["scale"] = scaled.scale
-            state["gsnr_eps_free"] = bool(scaling_started)
-            records.append(ScaleRecord(p, scaled.gsnr, scaled.scale, int(p.numel()), scaled.status))
-        return records
+        return self.layout().initialize_scales(self, None if params is None else list(params), reduce_statistics)
 
     # ------------------------------------------------------------------ measuring and assigning
     @staticmethod
@@ -400,58 +347,7 @@ class SGDSaI(Optimizer):
                 loss = closure()
 
         _refuse_sparse_gradients(self.param_groups)
-        zero = self.zero_partitions()
-        if zero is not None:
-            zero.step(self)
-            return loss
-
-        if self.pending_params():
-            self.initialize_scales()
-
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            buffers: list[Tensor | None] = []
-            scales: list[float] = []
-            steps: list[int] = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state.get(p)
-                if not state or "scale" not in state:
-                    continue  # deferred: no scale yet, leave the block untouched
-                params.append(p)
-                grads.append(p.grad)
-                buffers.append(state.get("momentum_buffer"))
-                scales.append(state["scale"])
-                steps.append(state.get("step", 0))
-            if not params:
-                continue
-            # DTensors (FSDP2): update the local shards; a new momentum buffer is wrapped like its
-            # parameter so that sharded checkpoints see a DTensor.
-            local_buffers = [None if b is None else _local(b) for b in buffers]
-            sgd_sai(
-                [_local(p) for p in params],
-                [_local(g) for g in grads],
-                local_buffers,
-                scales,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-                fused=group["fused"],
-                momentum_dtype=group["momentum_dtype"],
-                steps=steps,
-            )
-            buffers = [
-                b if b is not None or lb is None else _like(lb, p) for b, lb, p in zip(buffers, local_buffers, params)
-            ]
-            for p, buf, count in zip(params, buffers, steps):
-                state = self.state[p]
-                state["step"] = count + 1
-                if buf is not None:
-                    state["momentum_buffer"] = buf
+        self.layout().step(self)
         return loss
 
     @torch.no_grad()
@@ -459,19 +355,7 @@ class SGDSaI(Optimizer):
         """g-SNR of every scaled block's *current* gradient, computed exactly as its scale was
         (same eps rule, same cross-rank reduction); the scales are not changed. Blocks without a
         gradient on every rank are left out. A collective under sharding: call it on every rank."""
-        blocks = [p for p in group_of_params(self.param_groups) if self.has_scale(p)]
-        blocks = [p for p in blocks if p.grad is not None or gradient_may_be_absent_locally(p)]
-        if not blocks:
-            return {}
-        if reduce_statistics is None:
-            reduce_statistics = statistics_reducer(blocks)
-        stats = local_statistics(blocks)
-        if reduce_statistics is not None:
-            stats = reduce_statistics(stats)
-        group_of = self._group_of()
-        eps_free = [bool(self.state[p].get("gsnr_eps_free", False)) for p in blocks]
-        values, statuses = self.measured_gsnr(stats, [group_of[id(p)]["eps"] for p in blocks], eps_free=eps_free)
-        return {p: v for p, v, c in zip(blocks, values, statuses) if c == BlockStatus.SCALED}
+        return self.layout().measure_gsnr(self, reduce_statistics)
 
     def scales(self, names: Mapping[Tensor, str] | None = None) -> dict[Any, float]:
         """The fixed scale of every scaled block, keyed by model parameter (or by name with ``names``)."""
@@ -482,42 +366,41 @@ class SGDSaI(Optimizer):
         }
 
     # ------------------------------------------------------------------ blocks and their layout
-    def zero_partitions(self) -> ZeroPartitions | None:
-        """The DeepSpeed ZeRO-1/2 layout (:class:`sai_hf.deepspeed_zero.ZeroPartitions`) when DeepSpeed
-        has replaced this optimizer's parameters by flat partitions, else ``None``. Decided at the
-        first call (the first step), once DeepSpeed has wrapped the optimizer."""
-        if self._zero_partitions is None:
+    def layout(self) -> BlockLayout:
+        """This optimizer's :class:`~sai_hf.sharding.base.BlockLayout`: where each block's entries
+        live on this rank and how its statistics are summed across ranks (:mod:`sai_hf.sharding`).
+
+        A :class:`~sai_hf.sharding.tensors.TensorBlocks` (every parameter is a block) from
+        construction on. Decided once, at the first call after the optimizer's parameters stopped
+        being the model's own tensors (DeepSpeed ZeRO replaces them by flat partitions when it wraps
+        the optimizer; so in practice at the first step): the layout that recognises the
+        replacement (:func:`sai_hf.sharding.replaced_layout`) takes over."""
+        if not self._layout_decided:
             current = group_of_params(self.param_groups)
             model_params = group_of_params([{"params": g} for g in self._model_param_groups])
-            if not model_params or (len(current) == len(model_params) and current[0] is model_params[0]):
-                return None  # the optimizer still holds the model's own tensors (undecided until they change)
-            partitioned = is_zero_partitioned(model_params)
-            self._zero_partitions = ZeroPartitions(self._model_param_groups) if partitioned else False
-        return self._zero_partitions or None
+            if model_params and not (len(current) == len(model_params) and current[0] is model_params[0]):
+                self._layout = replaced_layout(self._model_param_groups) or self._layout
+                self._layout_decided = True
+        return self._layout
+
+    def register_model(self, model: torch.nn.Module) -> int:
+        """Tell the layout about ``model`` (FSDP1 views, which the parameters do not reveal);
+        idempotent, returns the number of parameters recorded. See :func:`sai_hf.register_sharded_model`."""
+        return self.layout().register_model(model)
+
+    def block_numel(self, param: Tensor) -> int:
+        """Number of elements of the whole block of model parameter ``param`` (not of a local shard)."""
+        return self.layout().block_numel(param)
 
     def block_states(self) -> list[tuple[Tensor, Mapping[str, Any]]]:
         """``(model parameter, its SGD-SaI state)`` of every block: ``gsnr``, ``scale``,
         ``gsnr_eps_free`` once it is scaled. The model parameters are those the optimizer was built
         with (under DeepSpeed ZeRO the optimizer itself only holds flat partitions)."""
-        zero = self.zero_partitions()
-        if zero is not None:
-            return zero.block_states(self)
-        return [(p, self.state.get(p, {})) for p in group_of_params(self.param_groups)]
+        return self.layout().block_states(self)
 
     def all_blocks_scaled(self) -> bool:
         """Whether every block has its fixed scale (the same answer on every rank)."""
         return all("scale" in state for _, state in self.block_states())
-
-
-def _like(local: Tensor, param: Tensor) -> Tensor:
-    """``local`` as a tensor laid out like ``param`` (a DTensor with ``param``'s mesh and placements)."""
-    if hasattr(param, "device_mesh") and hasattr(param, "placements"):
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(
-            local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride(), run_check=False
-        )
-    return local
 
 
 def _complete_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ yet). So the reduction runs once per group, and quantities that couple groups ar
   of that step, kept in every partition's state; a *degenerate* block of an earlier group of that
   same step falls back to the max over the groups measured so far (one process: over all groups);
 * ``normalize="max"`` with more than one group would divide the first groups' scales by a partial
-  max: refused with :class:`~sai_hf.distributed.UnsupportedShardingError`.
+  max: refused with :class:`~sai_hf.sharding.base.UnsupportedShardingError`.
 
 State of partition ``P_k`` (``optimizer.state[P_k]``, which DeepSpeed saves per rank in its
 checkpoint)::
@@ -51,7 +51,12 @@ which :meth:`ZeroPartitions.step` refuses (DeepSpeed's universal checkpoint keep
 per parameter, not ``blocks``: the scales would be lost, so it is not supported).
 
 ZeRO-3 (parameters partitioned before the optimizer exists; ``ds_id``) and ``offload_optimizer``
-(DeepSpeed's CPU optimizer path) are refused before training: :func:`refuse_unsupported_zero`.
+(DeepSpeed's CPU optimizer path) are refused before training (:func:`refuse_unsupported_zero`, via
+:meth:`ZeroPartitions.refuse_setup`), and ZeRO-3 parameters again at the first step
+(:class:`Zero3Parameters`).
+
+:class:`ZeroPartitions` is the optimizer's :class:`~sai_hf.sharding.base.BlockLayout` once
+DeepSpeed has replaced its parameters by partitions (:meth:`ZeroPartitions.detect`).
 """
 
 from __future__ import annotations
@@ -64,15 +69,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .gsnr import gradient_statistics, zero_statistics
+from ..functional import sgd_sai
+from ..gsnr import gradient_statistics, zero_statistics
+from .base import BlockLayout, Placement, ScaleRecord, StatisticsReducer, TensorBackend, UnsupportedShardingError
 
 __all__ = [
     "ZeroPartitions",
+    "Zero3Parameters",
+    "deepspeed_in_use",
     "Fragment",
     "PARTITION_STATE_KEYS",
     "is_zero_partitioned",
     "deepspeed_config",
     "refuse_unsupported_zero",
+    "refuse_unsupported_deepspeed",
     "DEEPSPEED_ZERO3_MESSAGE",
     "DEEPSPEED_OFFLOAD_MESSAGE",
 ]
@@ -127,12 +137,25 @@ def _same_storage(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-class ZeroPartitions:
+class ZeroPartitions(BlockLayout):
     """SGD-SaI's view of DeepSpeed ZeRO-1/2: which blocks live where in the flat partitions.
 
-    Built by :class:`sai_hf.SGDSaI` at its first step under DeepSpeed, from the parameter groups it
-    was constructed with (``model_groups``: the model's parameters, in DeepSpeed's order).
+    Built by :class:`sai_hf.SGDSaI` at its first step under DeepSpeed (:meth:`detect`), from the
+    parameter groups it was constructed with (``model_groups``: the model's parameters, in
+    DeepSpeed's order).
     """
+
+    STATE_KEYS = PARTITION_STATE_KEYS
+
+    @classmethod
+    def detect(cls, model_groups: Sequence[Sequence[Tensor]]) -> ZeroPartitions | None:
+        """The layout, if DeepSpeed ZeRO-1/2 has linked the model's parameters to flat partitions."""
+        return cls(model_groups) if is_zero_partitioned([p for g in model_groups for p in g]) else None
+
+    @classmethod
+    def refuse_setup(cls, args: Any = None) -> None:
+        """DeepSpeed ZeRO-3, optimizer offload or an ``optimizer`` section (:func:`refuse_unsupported_deepspeed`)."""
+        refuse_unsupported_deepspeed(args)
 
     def __init__(self, model_groups: Sequence[Sequence[Tensor]]) -> None:
         # DeepSpeed links (sets ``_hp_mapping`` on) exactly the trainable parameters of each group.
@@ -215,6 +238,22 @@ class ZeroPartitions:
             out.extend((p, entries.get(i, {})) for i, p in enumerate(blocks))
         return out
 
+    def pending_blocks(self, optimizer: Any) -> list[Tensor]:
+        """The partitions that have a gradient and no scale (partitions never get one: blocks inside
+        them do, in :meth:`step`)."""
+        return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+    def initialize_scales(
+        self, optimizer: Any, params: Sequence[Tensor] | None, reduce_statistics: StatisticsReducer | None
+    ) -> list[ScaleRecord]:
+        """Nothing: DeepSpeed steps from within ``backward``, and only there do the partitions have
+        gradients, so the scales are computed inside :meth:`step`."""
+        return []
+
+    def measure_gsnr(self, optimizer: Any, reduce_statistics: StatisticsReducer | None) -> dict[Tensor, float]:
+        """Not measured under ZeRO (the gradients are gone after the engine's step): ``{}``."""
+        return {}
+
     def _partitions(self, optimizer: Any) -> dict[int, Tensor]:
         """Group index -> partition, for the partitions ``optimizer`` has state for."""
         out = {}
@@ -289,8 +328,6 @@ class ZeroPartitions:
             }
 
     def _update(self, optimizer, group, state, k: int, partition: Tensor, grad: Tensor) -> None:
-        from .functional import sgd_sai
-
         momentum = group["momentum"]
         fragments = [f for f in self.fragments(k) if "scale" in state["blocks"].get(f.index, {})]
         if not fragments:
@@ -328,9 +365,18 @@ class ZeroPartitions:
 
 
 def raise_unsupported(message: str) -> None:
-    from .distributed import UnsupportedShardingError
-
     raise UnsupportedShardingError(message)
+
+
+class Zero3Parameters(TensorBackend):
+    """A ZeRO-3 parameter (``ds_id`` / ``ds_tensor``: partitioned before the optimizer exists):
+    claimed only to be refused, in one process too."""
+
+    def claims(self, param: Tensor) -> bool:
+        return hasattr(param, "ds_id") or hasattr(param, "ds_tensor")
+
+    def placement(self, param: Tensor, rank: int, world_size: int) -> Placement:
+        raise UnsupportedShardingError(DEEPSPEED_ZERO3_MESSAGE)
 
 
 # --------------------------------------------------------------------------- configuration checks
@@ -368,7 +414,7 @@ def _offloaded(section: Any) -> bool:
 
 
 def refuse_unsupported_zero(config: Mapping[str, Any] | None) -> None:
-    """Raise :class:`~sai_hf.distributed.UnsupportedShardingError` for a DeepSpeed config SGD-SaI
+    """Raise :class:`~sai_hf.sharding.base.UnsupportedShardingError` for a DeepSpeed config SGD-SaI
     cannot run exactly: ZeRO stage 3, ``offload_optimizer``, or an ``optimizer`` section (DeepSpeed
     would replace SGD-SaI). Stages 0, 1 and 2 pass."""
     if not config:
@@ -381,3 +427,28 @@ def refuse_unsupported_zero(config: Mapping[str, Any] | None) -> None:
         raise_unsupported(DEEPSPEED_OFFLOAD_MESSAGE)
     if "optimizer" in config:
         raise_unsupported(DEEPSPEED_OPTIMIZER_SECTION_MESSAGE)
+
+
+def deepspeed_in_use(args: Any = None) -> bool:
+    """Whether DeepSpeed is configured: ``args.deepspeed`` (TrainingArguments), the DeepSpeed plugin
+    that transformers derives from ``accelerate launch`` (``args.deepspeed_plugin``), the environment
+    ``accelerate launch`` sets (``ACCELERATE_USE_DEEPSPEED``), or an initialised accelerate state."""
+    if args is not None and (getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None):
+        return True
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    try:
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return False
+    shared = getattr(AcceleratorState, "_shared_state", {})
+    return shared.get("distributed_type") == DistributedType.DEEPSPEED
+
+
+def refuse_unsupported_deepspeed(args: Any = None) -> None:
+    """If DeepSpeed is in use, raise :class:`~sai_hf.sharding.base.UnsupportedShardingError` for the
+    configurations that SGD-SaI cannot run exactly (ZeRO stage 3, optimizer offload, a DeepSpeed
+    ``optimizer`` section; :func:`refuse_unsupported_zero`). ZeRO stages 1 and 2 are supported."""
+    if deepspeed_in_use(args):
+        refuse_unsupported_zero(deepspeed_config(args))
