@@ -104,7 +104,8 @@ class TensorBackend:
     """
 
     def claims(self, param: Tensor) -> bool:
-        """Whether this backend answers for ``param`` (the first claiming backend does)."""
+        """Whether this backend answers for ``param`` (the first claiming backend does). The answer
+        is cached per parameter: it may only change through :meth:`register_model`."""
         return False
 
     def placement(self, param: Tensor, rank: int, world_size: int) -> Placement:

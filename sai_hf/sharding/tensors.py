@@ -34,12 +34,19 @@ class TensorBlocks(BlockLayout):
     def __init__(self, backends: Sequence[TensorBackend], schedule: ReductionSchedule | None = None) -> None:
         self.backends = list(backends)
         self.schedule = schedule  # the optimizer's; None: every reduction is due (no optimizer steps)
+        # id(param) -> (param, its backend): the step asks for every parameter; cleared when a model
+        # is registered (registration changes which backend claims a parameter).
+        self._claimed: dict[int, tuple[Tensor, TensorBackend]] = {}
 
     # ------------------------------------------------------------------ where the entries live
     def backend(self, param: Tensor) -> TensorBackend:
-        """The backend that answers for ``param``."""
+        """The backend that answers for ``param`` (the first that claims it)."""
+        cached = self._claimed.get(id(param))
+        if cached is not None and cached[0] is param:
+            return cached[1]
         for backend in self.backends:
             if backend.claims(param):
+                self._claimed[id(param)] = (param, backend)
                 return backend
         raise LookupError("no sharding backend claims this parameter")  # the last one claims all
 
@@ -47,6 +54,7 @@ class TensorBlocks(BlockLayout):
         return self.backend(param).numel(param)
 
     def register_model(self, model: torch.nn.Module) -> int:
+        self._claimed.clear()
         return sum(backend.register_model(model) for backend in self.backends)
 
     def may_lack_gradient(self, param: Tensor) -> bool:
