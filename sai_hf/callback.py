@@ -25,8 +25,12 @@ state and are never recomputed. If the report in ``output_dir`` is missing (a re
 
 Multi-process: every rank calls :meth:`sai_hf.SGDSaI.initialize_scales` for all blocks without a
 scale (the same list on every rank); sharded gradients (FSDP2, FSDP1 ``use_orig_params=True``, whose
-modules the callback registers with :func:`sai_hf.register_sharded_model`) are reduced exactly
-across ranks by :mod:`sai_hf.distributed`, so every rank stores the same scales.
+modules the callback tells the optimizer about with :meth:`sai_hf.SGDSaI.register_model`) are
+reduced exactly across ranks by the optimizer's layout (:mod:`sai_hf.sharding`), so every rank
+stores the same scales. Under DeepSpeed ZeRO-1/2 the engine steps inside ``backward``, before this
+hook: the scales come from ``optimizer.step()`` itself (:mod:`sai_hf.sharding.deepspeed_zero`), and
+the callback only reports them (whenever the number of scaled blocks grew since its last report).
+The callback knows no backend: it only talks to :class:`sai_hf.SGDSaI`.
 
 Automatic and hand-added callbacks: ``import sai_hf`` adds an :class:`AutoGSNRCallback` to every
 Trainer; it does nothing unless the Trainer's optimizer is an :class:`sai_hf.SGDSaI`. A
@@ -52,9 +56,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .distributed import block_numel, register_sharded_model
 from .drift import drift_summary
-from .optimizer import SGDSaI, StatisticsReducer, group_of_params
+from .optimizer import SGDSaI, StatisticsReducer
 
 __all__ = [
     "GSNRCallback",
@@ -161,7 +164,7 @@ class GSNRCallback(TrainerCallback):
     Args:
         filename: name of the report written into ``args.output_dir``.
         reduce_statistics: sums per-shard gradient statistics across ranks; ``None`` (default)
-            picks it automatically (:func:`sai_hf.distributed.statistics_reducer`: exact for FSDP2
+            picks it automatically (the optimizer's layout, :mod:`sai_hf.sharding`: exact for FSDP2
             and FSDP1 ``use_orig_params=True``, nothing to do for one process or DDP).
         track_every: every this many optimizer steps, recompute the g-SNR of all scaled blocks
             *without changing the scales* and log how far it drifted from the g-SNR the scales came
@@ -291,12 +294,12 @@ class GSNRCallback(TrainerCallback):
         sai = self._begin(args, state, model, optimizer)
         if sai is None or model is None:
             return
-        params = group_of_params(sai.param_groups)
         # Whether blocks lack a scale is the same on every rank (unlike which local gradients are
         # present: FSDP1 leaves grad=None outside the local shard), so all ranks take part in the
         # reduction together. Blocks that never get a gradient stay unscaled and cost nothing more.
-        if not all(sai.has_scale(p) for p in params):
-            register_sharded_model(model)
+        # Under DeepSpeed ZeRO the step already ran (inside backward) and set the scales.
+        if not sai.all_blocks_scaled():
+            sai.register_model(model)
             sai.initialize_scales(reduce_statistics=self.reduce_statistics)
         scaled = len(sai.scales())
         if scaled > self._reported:  # new scales, computed by this instance or by another one
@@ -341,14 +344,14 @@ class GSNRCallback(TrainerCallback):
         Blocks without a usable gradient at this step (absent, zero or non-finite) are left out of
         the statistics and get ``NaN`` in the history; the other blocks are still measured.
         """
-        register_sharded_model(model)
+        sai.register_model(model)
         current = sai.measure_gsnr(reduce_statistics=self.reduce_statistics)
         names = parameter_names(model)
-        scaled = [p for p in group_of_params(sai.param_groups) if sai.has_scale(p) and id(p) in names]
+        scaled = _scaled_blocks(sai, names)
         blocks = [p for p in scaled if p in current]
         if not blocks:
             return
-        drift = drift_summary([sai.state[p]["gsnr"] for p in blocks], [current[p] for p in blocks])
+        drift = drift_summary([scaled[p]["gsnr"] for p in blocks], [current[p] for p in blocks])
         drift["skipped"] = float(len(scaled) - len(blocks))
         self._pending_summary = {**(self._pending_summary or {}), **{f"gsnr_drift/{k}": v for k, v in drift.items()}}
         if self._history is None:
@@ -356,8 +359,8 @@ class GSNRCallback(TrainerCallback):
         history = self._history
         history["steps"].append(getattr(state, "global_step", 0) + 1)
         width = len(history["steps"])
-        for p in scaled:
-            history["blocks"].setdefault(names[id(p)], [sai.state[p]["gsnr"]])
+        for p, state in scaled.items():
+            history["blocks"].setdefault(names[id(p)], [state["gsnr"]])
         measured = {names[id(p)]: current[p] for p in blocks}
         for name, series in history["blocks"].items():
             series.extend([math.nan] * (width - 1 - len(series)))
@@ -369,7 +372,7 @@ class GSNRCallback(TrainerCallback):
     @staticmethod
     def _new_history(sai: SGDSaI, names: dict[int, str]) -> dict[str, Any]:
         """A history holding only the g-SNR every scaled block was scaled with (as step 1)."""
-        blocks = {names[id(p)]: [sai.state[p]["gsnr"]] for p in group_of_params(sai.param_groups) if sai.has_scale(p) and id(p) in names}
+        blocks = {names[id(p)]: [state["gsnr"]] for p, state in _scaled_blocks(sai, names).items()}
         return {"steps": [1], "blocks": blocks}
 
     def _resumed_history(self, args: Any, state: Any, sai: SGDSaI, names: dict[int, str]) -> dict[str, Any]:
@@ -428,17 +431,20 @@ class GSNRCallback(TrainerCallback):
     @staticmethod
     def report(sai: SGDSaI, names: dict[int, str]) -> dict[str, dict[str, float | int]]:
         """``{name: {"gsnr", "scale", "numel"}}`` for every parameter of ``names`` that has a scale."""
-        out: dict[str, dict[str, float | int]] = {}
-        for group in sai.param_groups:
-            for p in group["params"]:
-                state = sai.state.get(p, {})
-                if "scale" in state and id(p) in names:
-                    out[names[id(p)]] = {"gsnr": state["gsnr"], "scale": state["scale"], "numel": block_numel(p)}
-        return out
+        return {
+            names[id(p)]: {"gsnr": state["gsnr"], "scale": state["scale"], "numel": sai.block_numel(p)}
+            for p, state in sai.block_states()
+            if "scale" in state and id(p) in names
+        }
 
     def write_report(self, path: str, sai: SGDSaI, names: dict[int, str]) -> None:
         """Write :meth:`report` to ``path`` atomically."""
         _write_json(path, self.report(sai, names))
+
+
+def _scaled_blocks(sai: SGDSaI, names: dict[int, str]) -> dict[torch.Tensor, Any]:
+    """``{model parameter: its SGD-SaI state}`` of the named blocks that have their scale."""
+    return {p: state for p, state in sai.block_states() if "scale" in state and id(p) in names}
 
 
 class AutoGSNRCallback(GSNRCallback):

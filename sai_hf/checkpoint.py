@@ -28,10 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .sharding import extra_state_keys
+
 __all__ = ["SGDSAI_STATE_KEYS", "state_dict_kind", "prepare_state_dict", "buffers_in_saved_dtype"]
 
-#: Keys a block's state may have in an SGDSaI state dict (any version of this package).
-SGDSAI_STATE_KEYS = frozenset({"momentum_buffer", "gsnr", "scale", "step", "gsnr_eps_free"})
+#: Keys a block's state may have in an SGDSaI state dict (any version of this package), and those the
+#: sharding layouts add (a DeepSpeed ZeRO flat partition's state: :mod:`sai_hf.sharding.deepspeed_zero`).
+SGDSAI_STATE_KEYS = frozenset({"momentum_buffer", "gsnr", "scale", "step", "gsnr_eps_free"}) | extra_state_keys()
 #: Keys of a parameter group that only this package writes.
 _SGDSAI_GROUP_KEY = "normalize"
 #: Keys of the official package's parameter groups and block state.

@@ -55,6 +55,7 @@ __all__ = [
     "STATISTICS_WIDTH",
     "gradient_statistics",
     "gsnr_from_statistics",
+    "local_part",
     "zero_statistics",
 ]
 
@@ -74,8 +75,11 @@ class BlockStatus(enum.IntEnum):
     DEGENERATE = 2
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The locally stored part of ``t`` (a DTensor's shard; ``t`` itself otherwise)."""
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """The entries of ``t`` stored on this rank: ``t.to_local()`` for a tensor subclass that holds a
+    shard of a larger tensor (a DTensor), ``t`` itself otherwise. The sharding backends
+    (:mod:`sai_hf.sharding`) hand local tensors to :func:`gradient_statistics` already; this keeps
+    the public function usable on DTensor gradients directly."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
 
@@ -122,7 +126,7 @@ def gradient_statistics(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not grads:
         return torch.zeros((0, STATISTICS_WIDTH), dtype=torch.float64)
-    local = [_local(g).detach() for g in grads]
+    local = [local_part(g).detach() for g in grads]
     device = local[0].device
     dtype = accumulation_dtype(device)
     rows = []

@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .distributed import refuse_unsupported_setup
+from .sharding import refuse_unsupported_setup
 from .optim_args import (
     OptionSpec,
     parse_bool,
@@ -176,13 +176,15 @@ def _transformers_hooks() -> tuple[type[enum.Enum], dict, list]:
 
 
 class OptimArgsCheck(TrainerCallback):
-    """Rejects a bad ``--optim_args`` for a sai-hf optimizer (and DeepSpeed for SGD-SaI) when the Trainer is built.
+    """Rejects a bad ``--optim_args`` for a sai-hf optimizer (and unsupported sharding for SGD-SaI) when the Trainer is built.
 
     ``Trainer`` only reads ``--optim_args`` when it creates the optimizer, inside ``train()``; this
     callback checks them at the end of ``Trainer.__init__`` so the error comes before any data
-    loading or training. For SGD-SaI, DeepSpeed ZeRO and FSDP1 with ``use_orig_params=False`` (which
-    hand the optimizer flattened parameters, on which per-tensor g-SNR would be silently wrong) are
-    refused here too, with :class:`sai_hf.distributed.UnsupportedShardingError` (suggesting FSDP2).
+    loading or training. For SGD-SaI, DeepSpeed ZeRO-3, optimizer offload or a DeepSpeed ``optimizer``
+    section, and FSDP1 with ``use_orig_params=False`` (FlatParameters, on which per-tensor g-SNR would be
+    silently wrong) are refused here too, with :class:`sai_hf.UnsupportedShardingError`
+    (naming the stage or option, suggesting ZeRO-2 or FSDP2). ZeRO-1/2 are supported
+    (:mod:`sai_hf.sharding.deepspeed_zero`).
     """
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

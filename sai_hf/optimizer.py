@@ -25,18 +25,14 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .distributed import gradient_may_be_absent_locally, local_statistics, reduction_due, statistics_reducer
 from .checkpoint import buffers_in_saved_dtype, prepare_state_dict
-from .functional import sgd_sai
-from .gsnr import BlockStatus, _local, gsnr_from_statistics
+from .gsnr import BlockStatus, gsnr_from_statistics
+from .sharding import BlockLayout, ScaleRecord, StatisticsReducer, new_layout, replaced_layout
 
-__all__ = ["SGDSaI", "ScaleRecord", "NORMALIZATIONS", "validate_hyperparameters"]
+__all__ = ["SGDSaI", "ScaleRecord", "AssignedScale", "StatisticsReducer", "NORMALIZATIONS", "validate_hyperparameters"]
 
 #: Accepted values of ``normalize``.
 NORMALIZATIONS = ("none", "max")
-
-#: A function that sums ``(B, 3)`` per-shard gradient statistics over the ranks that hold the shards.
-StatisticsReducer = Callable[[Tensor], Tensor]
 
 
 def validate_hyperparameters(**values: Any) -> None:
@@ -75,13 +71,11 @@ def validate_hyperparameters(**values: Any) -> None:
 
 
 @dataclass(frozen=True)
-class ScaleRecord:
-    """A block that received its scale: what :meth:`SGDSaI.initialize_scales` returns."""
+class AssignedScale:
+    """The g-SNR a block is scaled with (after the degenerate fallback) and its scale."""
 
-    param: Tensor
     gsnr: float
     scale: float
-    numel: int
     status: BlockStatus
 
 
@@ -180,6 +174,8 @@ class SGDSaI(Optimizer):
         )
         super().__init__(params, defaults)
         self._warned_degenerate = False
+        self._layout: BlockLayout = new_layout(self)
+        self._layout_decided = False  # see layout()
         self._register_state_dict_layout()
 
     def _register_state_dict_layout(self) -> None:
@@ -203,6 +199,10 @@ class SGDSaI(Optimizer):
                 f"normalization (the optimizer's is {self.param_groups[0]['normalize']!r})"
             )
         super().add_param_group(param_group)
+        # The model's parameters as constructed: DeepSpeed ZeRO later replaces them by flat partitions.
+        if not hasattr(self, "_model_param_groups"):
+            self._model_param_groups: list[list[Tensor]] = []
+        self._model_param_groups.append(list(self.param_groups[-1]["params"]))
         # A group added after scaling started shares the divisor of the first scaling step.
         known = [g["gsnr_max"] for g in self.param_groups if g.get("gsnr_max") is not None]
         if known:
@@ -220,6 +220,11 @@ class SGDSaI(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._warned_degenerate = getattr(self, "_warned_degenerate", False)
+        if not hasattr(self, "_model_param_groups"):
+            self._model_param_groups = [list(g["params"]) for g in self.param_groups]
+        if not hasattr(self, "_layout"):
+            self._layout = new_layout(self)
+            self._layout_decided = False
         self._register_state_dict_layout()
         for group in self.param_groups:
             group.setdefault("normalize", "none")
@@ -244,9 +249,7 @@ class SGDSaI(Optimizer):
 
     def pending_params(self) -> list[Tensor]:
         """Parameters that have a gradient now but no scale yet."""
-        return [
-            p for group in self.param_groups for p in group["params"] if p.grad is not None and not self.has_scale(p)
-        ]
+        return self.layout().pending_blocks(self)
 
     @torch.no_grad()
     def initialize_scales(
@@ -262,72 +265,78 @@ class SGDSaI(Optimizer):
         cross-rank reduction adds one: the check that all ranks reduced the same blocks).
 
         ``reduce_statistics`` sums the per-shard statistics across ranks. By default
-        (``None``) it is :func:`sai_hf.distributed.statistics_reducer`: ``None`` for unsharded
-        gradients (one process, DDP), the exact one-``all_reduce`` reducer when some gradient is a
-        shard (FSDP2 DTensors, registered FSDP1 views). With a reducer this is a collective: call it
-        on every rank, with the same ``params``; blocks whose gradient may be absent on this rank
-        only (FSDP1 views outside the local shard) take part with zero statistics, and at most
-        one reduction runs per optimizer step (:func:`sai_hf.distributed.reduction_due`).
+        (``None``) the optimizer's layout picks it (:meth:`layout`,
+        :meth:`sai_hf.sharding.tensors.TensorBlocks.reducer`): none for unsharded gradients (one
+        process, DDP), the exact one-``all_reduce`` reducer when some gradient is a shard (FSDP2
+        DTensors, registered FSDP1 views). With a reducer this is a collective: call it on every
+        rank, with the same ``params``; blocks whose gradient may be absent on this rank only (FSDP1
+        views outside the local shard) take part with zero statistics, and at most one reduction
+        runs per optimizer step (:class:`sai_hf.sharding.base.ReductionSchedule`).
+
+        Under DeepSpeed ZeRO the scales are computed inside :meth:`step` (DeepSpeed steps from
+        within ``backward``, and only there do the partitions have gradients): this returns ``[]``.
         """
         _refuse_sparse_gradients(self.param_groups)
-        group_of = self._group_of()
-        candidates = group_of_params(self.param_groups) if params is None else params
-        todo = [
-            p
-            for p in candidates
-            if id(p) in group_of and not self.has_scale(p) and (p.grad is not None or gradient_may_be_absent_locally(p))
-        ]
-        if not todo:
-            return []
-        if reduce_statistics is None:
-            reduce_statistics = statistics_reducer(todo)
-        if reduce_statistics is not None and not reduction_due(self):
-            return []
-        scaling_started = any(self.has_scale(p) for p in group_of_params(self.param_groups))
-        stats = local_statistics(todo)
-        if reduce_statistics is not None:
-            stats = reduce_statistics(stats)
-        eps = torch.tensor([group_of[id(p)]["eps"] for p in todo], dtype=stats.dtype, device=stats.device)
-        gsnr, status = gsnr_from_statistics(stats, eps, eps_free=scaling_started)
-        gsnr_host, status_host = torch.stack((gsnr, status.to(gsnr.dtype))).tolist()  # the one sync
+        return self.layout().initialize_scales(self, None if params is None else list(params), reduce_statistics)
 
-        gsnr_max = self.gsnr_max
-        if gsnr_max is None:
-            well_defined = [v for v, s in zip(gsnr_host, status_host) if s == BlockStatus.SCALED]
-            if well_defined:
-                gsnr_max = max(well_defined)
-                for group in self.param_groups:
-                    group["gsnr_max"] = gsnr_max
-        normalize = self.param_groups[0]["normalize"]
+    # ------------------------------------------------------------------ measuring and assigning
+    @staticmethod
+    def measured_gsnr(
+        stats: Tensor, eps: Sequence[float], eps_free: bool | Sequence[bool] = False
+    ) -> tuple[list[float], list[BlockStatus]]:
+        """Measuring: the g-SNR and :class:`BlockStatus` of each row of the (reduced) statistics
+        ``stats`` (:func:`sai_hf.gsnr.gsnr_from_statistics`), as host values: the one host sync.
 
-        records: list[ScaleRecord] = []
-        degenerate: list[Tensor] = []
-        for p, value, code in zip(todo, gsnr_host, status_host):
-            status_code = BlockStatus(int(code))
-            if status_code == BlockStatus.PENDING:
+        ``eps[i]`` is block ``i``'s eps; ``eps_free`` (one bool, or one per block) drops it:
+        ``gsnr = norm / std`` (see "deferred blocks drop eps" in the class docstring)."""
+        eps_t = torch.tensor(list(eps), dtype=stats.dtype, device=stats.device)
+        eps_free_t = torch.as_tensor(eps_free, device=stats.device)
+        gsnr, status = gsnr_from_statistics(stats, eps_t, eps_free=eps_free_t)
+        values, codes = torch.stack((gsnr, status.to(gsnr.dtype))).tolist()
+        return values, [BlockStatus(int(c)) for c in codes]
+
+    @staticmethod
+    def first_step_gsnr_max(values: Sequence[float], statuses: Sequence[BlockStatus]) -> float | None:
+        """Largest well-defined (``SCALED``) g-SNR among ``values``, ``None`` if there is none."""
+        well_defined = [v for v, s in zip(values, statuses) if s == BlockStatus.SCALED]
+        return max(well_defined) if well_defined else None
+
+    def assigned_scales(
+        self,
+        values: Sequence[float],
+        statuses: Sequence[BlockStatus],
+        gsnr_max: float | None,
+        normalize: str,
+    ) -> list[AssignedScale | None]:
+        """Assigning: the scale of each measured block (``None`` where it stays ``PENDING``)::
+
+            gsnr_i  = gsnr_max (1.0 before any well-defined g-SNR)   if DEGENERATE (warned once)
+            scale_i = gsnr_i                                          normalize="none"
+            scale_i = gsnr_i / gsnr_max (1.0 before ...)              normalize="max"
+        """
+        out: list[AssignedScale | None] = []
+        degenerate = 0
+        for value, status in zip(values, statuses):
+            if status == BlockStatus.PENDING:
+                out.append(None)
                 continue
-            if status_code == BlockStatus.DEGENERATE:
+            if status == BlockStatus.DEGENERATE:
                 value = gsnr_max if gsnr_max is not None else 1.0
-                degenerate.append(p)
+                degenerate += 1
             if normalize == "max":
                 scale = value / gsnr_max if gsnr_max is not None else 1.0
             else:
                 scale = value
-            state = self.state[p]
-            state["gsnr"] = float(value)
-            state["scale"] = float(scale)
-            state["gsnr_eps_free"] = bool(scaling_started)
-            records.append(ScaleRecord(p, float(value), float(scale), int(p.numel()), status_code))
+            out.append(AssignedScale(float(value), float(scale), status))
         if degenerate and not self._warned_degenerate:
             self._warned_degenerate = True
-            shapes = ", ".join(str(tuple(p.shape)) for p in degenerate[:5])
             warnings.warn(
-                f"SGDSaI: {len(degenerate)} block(s) (shapes {shapes}) have a gradient with no usable "
-                "variance (one element, or all entries equal): g-SNR is undefined there. They get the "
-                "largest well-defined g-SNR of the first step instead of |g|/eps.",
-                stacklevel=2,
+                f"SGDSaI: {degenerate} block(s) have a gradient with no usable variance (one element, or all "
+                "entries equal): g-SNR is undefined there. They get the largest well-defined g-SNR of the "
+                "first step instead of |g|/eps.",
+                stacklevel=3,
             )
-        return records
+        return out
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -339,53 +348,7 @@ class SGDSaI(Optimizer):
                 loss = closure()
 
         _refuse_sparse_gradients(self.param_groups)
-        if self.pending_params():
-            self.initialize_scales()
-
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            buffers: list[Tensor | None] = []
-            scales: list[float] = []
-            steps: list[int] = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state.get(p)
-                if not state or "scale" not in state:
-                    continue  # deferred: no scale yet, leave the block untouched
-                params.append(p)
-                grads.append(p.grad)
-                buffers.append(state.get("momentum_buffer"))
-                scales.append(state["scale"])
-                steps.append(state.get("step", 0))
-            if not params:
-                continue
-            # DTensors (FSDP2): update the local shards; a new momentum buffer is wrapped like its
-            # parameter so that sharded checkpoints see a DTensor.
-            local_buffers = [None if b is None else _local(b) for b in buffers]
-            sgd_sai(
-                [_local(p) for p in params],
-                [_local(g) for g in grads],
-                local_buffers,
-                scales,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-                fused=group["fused"],
-                momentum_dtype=group["momentum_dtype"],
-                steps=steps,
-            )
-            buffers = [
-                b if b is not None or lb is None else _like(lb, p) for b, lb, p in zip(buffers, local_buffers, params)
-            ]
-            for p, buf, count in zip(params, buffers, steps):
-                state = self.state[p]
-                state["step"] = count + 1
-                if buf is not None:
-                    state["momentum_buffer"] = buf
+        self.layout().step(self)
         return loss
 
     @torch.no_grad()
@@ -393,40 +356,52 @@ class SGDSaI(Optimizer):
         """g-SNR of every scaled block's *current* gradient, computed exactly as its scale was
         (same eps rule, same cross-rank reduction); the scales are not changed. Blocks without a
         gradient on every rank are left out. A collective under sharding: call it on every rank."""
-        blocks = [p for p in group_of_params(self.param_groups) if self.has_scale(p)]
-        blocks = [p for p in blocks if p.grad is not None or gradient_may_be_absent_locally(p)]
-        if not blocks:
-            return {}
-        if reduce_statistics is None:
-            reduce_statistics = statistics_reducer(blocks)
-        stats = local_statistics(blocks)
-        if reduce_statistics is not None:
-            stats = reduce_statistics(stats)
-        group_of = self._group_of()
-        eps = torch.tensor([group_of[id(p)]["eps"] for p in blocks], dtype=stats.dtype, device=stats.device)
-        eps_free = torch.tensor([bool(self.state[p].get("gsnr_eps_free", False)) for p in blocks], device=stats.device)
-        gsnr, status = gsnr_from_statistics(stats, eps, eps_free=eps_free)
-        values, codes = torch.stack((gsnr, status.to(gsnr.dtype))).tolist()
-        return {p: v for p, v, c in zip(blocks, values, codes) if c == BlockStatus.SCALED}
+        return self.layout().measure_gsnr(self, reduce_statistics)
 
     def scales(self, names: Mapping[Tensor, str] | None = None) -> dict[Any, float]:
-        """The fixed scale of every scaled block, keyed by parameter (or by name with ``names``)."""
-        out: dict[Any, float] = {}
-        for p in group_of_params(self.param_groups):
-            if self.has_scale(p):
-                out[names.get(p, p) if names is not None else p] = self.state[p]["scale"]
-        return out
+        """The fixed scale of every scaled block, keyed by model parameter (or by name with ``names``)."""
+        return {
+            (names.get(p, p) if names is not None else p): state["scale"]
+            for p, state in self.block_states()
+            if "scale" in state
+        }
 
+    # ------------------------------------------------------------------ blocks and their layout
+    def layout(self) -> BlockLayout:
+        """This optimizer's :class:`~sai_hf.sharding.base.BlockLayout`: where each block's entries
+        live on this rank and how its statistics are summed across ranks (:mod:`sai_hf.sharding`).
 
-def _like(local: Tensor, param: Tensor) -> Tensor:
-    """``local`` as a tensor laid out like ``param`` (a DTensor with ``param``'s mesh and placements)."""
-    if hasattr(param, "device_mesh") and hasattr(param, "placements"):
-        from torch.distributed.tensor import DTensor
+        A :class:`~sai_hf.sharding.tensors.TensorBlocks` (every parameter is a block) from
+        construction on. Decided once, at the first call after the optimizer's parameters stopped
+        being the model's own tensors (DeepSpeed ZeRO replaces them by flat partitions when it wraps
+        the optimizer; so in practice at the first step): the layout that recognises the
+        replacement (:func:`sai_hf.sharding.replaced_layout`) takes over."""
+        if not self._layout_decided:
+            current = group_of_params(self.param_groups)
+            model_params = group_of_params([{"params": g} for g in self._model_param_groups])
+            if model_params and not (len(current) == len(model_params) and current[0] is model_params[0]):
+                self._layout = replaced_layout(self._model_param_groups) or self._layout
+                self._layout_decided = True
+        return self._layout
 
-        return DTensor.from_local(
-            local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride(), run_check=False
-        )
-    return local
+    def register_model(self, model: torch.nn.Module) -> int:
+        """Tell the layout about ``model`` (FSDP1 views, which the parameters do not reveal);
+        idempotent, returns the number of parameters recorded. See :func:`sai_hf.register_sharded_model`."""
+        return self.layout().register_model(model)
+
+    def block_numel(self, param: Tensor) -> int:
+        """Number of elements of the whole block of model parameter ``param`` (not of a local shard)."""
+        return self.layout().block_numel(param)
+
+    def block_states(self) -> list[tuple[Tensor, Mapping[str, Any]]]:
+        """``(model parameter, its SGD-SaI state)`` of every block: ``gsnr``, ``scale``,
+        ``gsnr_eps_free`` once it is scaled. The model parameters are those the optimizer was built
+        with (under DeepSpeed ZeRO the optimizer itself only holds flat partitions)."""
+        return self.layout().block_states(self)
+
+    def all_blocks_scaled(self) -> bool:
+        """Whether every block has its fixed scale (the same answer on every rank)."""
+        return all("scale" in state for _, state in self.block_states())
 
 
 def _complete_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:

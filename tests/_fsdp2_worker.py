@@ -23,7 +23,8 @@ from _cpu_fsdp import enable_fsdp_on_cpu
 from _models import TokenDataset, tiny_gpt2, training_args
 from transformers import Trainer, TrainerCallback
 
-import sai_hf.distributed
+import sai_hf.sharding
+import sai_hf.sharding.base
 from sai_hf import GSNRCallback, find_sgd_sai, gradient_statistics, gsnr_from_statistics, statistics_reducer
 from sai_hf.callback import parameter_names
 
@@ -35,11 +36,11 @@ WRITES: list[str] = []
 
 
 def count_sai_all_reduces() -> None:
-    """Record every ``all_reduce`` issued from :mod:`sai_hf.distributed`."""
+    """Record every ``all_reduce`` issued by the exact reducer (:mod:`sai_hf.sharding.base`)."""
     original = dist.all_reduce
 
     def all_reduce(tensor, *args, **kwargs):
-        if sys._getframe(1).f_globals.get("__name__") == sai_hf.distributed.__name__:
+        if sys._getframe(1).f_globals.get("__name__") == sai_hf.sharding.base.__name__:
             SAI_ALL_REDUCES.append(f"{tuple(tensor.shape)} {tensor.dtype}")
         return original(tensor, *args, **kwargs)
 
@@ -72,7 +73,7 @@ class ReducerCheck(TrainerCallback):
         sai = find_sgd_sai(optimizer)
         blocks = [p for group in sai.param_groups for p in group["params"] if p.grad is not None]
         before = len(SAI_ALL_REDUCES)
-        reduced = statistics_reducer(blocks)(sai_hf.distributed.local_statistics(blocks))
+        reduced = statistics_reducer(blocks)(sai_hf.sharding.local_statistics(blocks))
         whole = gradient_statistics([p.grad.full_tensor() for p in blocks])
         local_n = gradient_statistics([p.grad for p in blocks])[:, 0]
         self.result = {

@@ -34,7 +34,8 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-import sai_hf.distributed
+import sai_hf.sharding
+import sai_hf.sharding.base
 from sai_hf import GSNRCallback, SGDSaI, UnsupportedShardingError, gradient_statistics, gsnr_from_statistics, register_sharded_model
 from sai_hf.callback import parameter_names
 
@@ -45,7 +46,7 @@ def count_sai_all_reduces() -> None:
     original = dist.all_reduce
 
     def all_reduce(tensor, *args, **kwargs):
-        if sys._getframe(1).f_globals.get("__name__") == sai_hf.distributed.__name__:
+        if sys._getframe(1).f_globals.get("__name__") == sai_hf.sharding.base.__name__:
             SAI_ALL_REDUCES.append(tuple(tensor.shape))
         return original(tensor, *args, **kwargs)
 
@@ -103,7 +104,7 @@ def dtensor_checks(rank: int) -> dict:
 
     before = len(SAI_ALL_REDUCES)
     reducer = sai_hf.statistics_reducer(params)
-    reduced = reducer(sai_hf.distributed.local_statistics(params))
+    reduced = reducer(sai_hf.sharding.local_statistics(params))
     whole = gradient_statistics(whole_grads)
     out = {
         "reducer_all_reduces": SAI_ALL_REDUCES[before:],
@@ -195,8 +196,8 @@ def fsdp1_checks(rank: int, out_dir: Path) -> dict:
 
     # The plain lazy path: register once, then step() alone.
     lazy_model = fsdp1(tiny_gpt2(), use_orig_params=True)
-    register_sharded_model(lazy_model)
     lazy_opt = SGDSaI(lazy_model.parameters(), lr=1e-2)
+    register_sharded_model(lazy_model, lazy_opt)
     backward(lazy_model, batches[0][mine])
     lazy_opt.step()
     lazy_names = parameter_names(lazy_model)

@@ -1,4 +1,4 @@
-"""Multi-process SGD-SaI: DDP, FSDP2, FSDP1, the ``sai_hf.run`` launcher and the DeepSpeed refusal.
+"""Multi-process SGD-SaI: DDP, FSDP2, FSDP1 and the ``sai_hf.run`` launcher (DeepSpeed: test_deepspeed.py).
 
 The multi-process tests run 2 CPU processes with gloo (``torchrun`` / ``accelerate launch``), one
 launch per test module fixture; each compares against a single process on the same global batch
@@ -26,7 +26,6 @@ from transformers import Trainer
 import sai_hf
 from sai_hf import SGDSaI, UnsupportedShardingError, statistics_reducer
 from sai_hf.callback import clean_parameter_name, parameter_names
-from sai_hf.distributed import deepspeed_in_use, refuse_deepspeed
 from sai_hf.run import main as run_main
 
 TESTS = Path(__file__).resolve().parent
@@ -325,39 +324,7 @@ def test_parameter_names_unwrap_data_parallel_compile_and_checkpoint_wrapper():
     assert parameter_names(wrapped) == expected
 
 
-# --------------------------------------------------------------------------- DeepSpeed refusal
-def test_trainer_refuses_deepspeed_before_training(tmp_path):
-    args = training_args(tmp_path)
-    # What --deepspeed ds.json leaves in the arguments (set afterwards: deepspeed is not installed here).
-    args.deepspeed = {"zero_optimization": {"stage": 2}}
-    with pytest.raises(UnsupportedShardingError, match="DeepSpeed") as err:
-        Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
-    assert "FSDP2" in str(err.value)
-    assert not (tmp_path / "gsnr.json").exists()
-
-
-def test_deepspeed_config_is_fine_for_other_optimizers(tmp_path):
-    args = training_args(tmp_path, optim="adamw_torch")
-    args.deepspeed = {"zero_optimization": {"stage": 2}}
-    Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())  # not ours to refuse
-
-
-def test_deepspeed_detected_from_accelerate_launch_environment(monkeypatch):
-    assert not deepspeed_in_use(SimpleNamespace(deepspeed=None, deepspeed_plugin=None))
-    assert deepspeed_in_use(SimpleNamespace(deepspeed=None, deepspeed_plugin=object()))
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    assert deepspeed_in_use()
-    with pytest.raises(UnsupportedShardingError, match="DeepSpeed"):
-        refuse_deepspeed()
-    # Plain PyTorch under `accelerate launch` with a DeepSpeed config: refused at the first step.
-    model = tiny_gpt2()
-    opt = SGDSaI(model.parameters())
-    model(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
-    with pytest.raises(UnsupportedShardingError, match="DeepSpeed"):
-        opt.step()
-    assert not opt.scales()
-
-
+# --------------------------------------------------------------------------- refusals (DeepSpeed: test_deepspeed.py)
 def test_trainer_refuses_fsdp1_without_orig_params(tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState
 
@@ -380,8 +347,9 @@ def test_deepspeed_zero3_parameters_refused():
     p = torch.nn.Parameter(torch.zeros(0))  # ZeRO-3 leaves an empty placeholder with ds_* attributes
     p.ds_id = 0
     p.grad = torch.zeros(0)
-    with pytest.raises(UnsupportedShardingError, match="DeepSpeed"):
+    with pytest.raises(UnsupportedShardingError, match="ZeRO stage 3") as err:
         statistics_reducer([p])
+    assert "FSDP2" in str(err.value)
 
 
 # --------------------------------------------------------------------------- the launcher
@@ -464,7 +432,7 @@ def test_launcher_main_in_process(tmp_path, capsys):
     assert sys.argv == argv and sys.path == path
     assert run_main([str(tmp_path / "missing.py")]) == 2
     assert run_main([]) == 2
-    assert "usage: python -m sai_hf.run" in capsys.readouterr().err
+    assert "python -m sai_hf.run: error: no script given" in capsys.readouterr().err
     assert run_main(["--help"]) == 0
 
 

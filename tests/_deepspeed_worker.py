@@ -1,0 +1,144 @@
+"""DeepSpeed ZeRO worker for tests/test_deepspeed.py (2 CPU processes, gloo)::
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/_deepspeed_worker.py OUT PART
+
+PART ``trainer`` (ZeRO-2 through the HF Trainer, ``deepspeed=<config dict>``):
+
+* ``a``: 4 steps (2 sequences per rank, the global batch of the single-process reference), a
+  DeepSpeed checkpoint at step 2; gsnr.json, final weights, every SGD-SaI all_reduce;
+* ``b``: resume from ``a``'s checkpoint-2 to step 4 (the scales must come from the checkpoint);
+* ``lora``: PEFT LoRA on the tiny Llama under ZeRO-2 (lora_A's first gradient is exactly 0).
+
+PART ``zero1``: ZeRO-1 through the Trainer with 1 sequence per rank and gradient accumulation 2
+(same global batch), and plain ``deepspeed.initialize(model=..., optimizer=SGDSaI(...))`` under ZeRO-2.
+
+Writes ``OUT/rank{r}.json`` (and per run ``OUT/<run>/gsnr.json`` from rank 0, ``OUT/weights_<run>.pt``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from _models import TokenDataset, tiny_gpt2, tiny_llama, token_batches, training_args
+from transformers import Trainer
+
+import sai_hf
+import sai_hf.sharding.deepspeed_zero
+from sai_hf import SGDSaI
+from sai_hf.callback import find_sgd_sai, parameter_names
+
+SAI_ALL_REDUCES: list[str] = []
+
+
+def count_sai_all_reduces() -> None:
+    """Record every ``all_reduce`` issued from :mod:`sai_hf.sharding.deepspeed_zero`."""
+    original = dist.all_reduce
+
+    def all_reduce(tensor, *args, **kwargs):
+        if sys._getframe(1).f_globals.get("__name__") == sai_hf.sharding.deepspeed_zero.__name__:
+            SAI_ALL_REDUCES.append(f"{tuple(tensor.shape)} {tensor.dtype}")
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = all_reduce
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+def zero_config(stage: int) -> dict:
+    """The shipped configs/deepspeed/zero{stage}.json ("auto" values filled in by the Trainer)."""
+    return json.loads((CONFIGS / f"zero{stage}.json").read_text())
+
+
+def trainer_run(out: Path, name: str, stage: int, model=None, dataset=None, resume=None, **overrides) -> dict:
+    SAI_ALL_REDUCES.clear()
+    kwargs = dict(per_device_train_batch_size=2, weight_decay=0.01, max_steps=4, deepspeed=zero_config(stage))
+    kwargs.update(overrides)
+    args = training_args(out / name, **kwargs)
+    model = model if model is not None else tiny_gpt2()
+    trainer = Trainer(model=model, args=args, train_dataset=dataset if dataset is not None else TokenDataset())
+    trainer.train(resume_from_checkpoint=resume)
+    sai = find_sgd_sai(trainer.optimizer)
+    names = parameter_names(trainer.model)
+    scales = {names[id(p)]: s for p, s in sai.scales().items()}
+    weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    if dist.get_rank() == 0:
+        torch.save(weights, out / f"weights_{name}.pt")
+    return {
+        "scales": scales,
+        "all_reduces": list(SAI_ALL_REDUCES),
+        "partition_shapes": [[tuple(p.shape) for p in g["params"]] for g in sai.param_groups],
+        "zero_layout": isinstance(sai.layout(), sai_hf.sharding.deepspeed_zero.ZeroPartitions),
+        "steps": trainer.state.global_step,
+        "weights": weights,
+    }
+
+
+def lora_run(out: Path) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    run = trainer_run(out, "lora", 2, model=model, max_steps=3, weight_decay=0.0)
+    moved = {n: float((p.detach() - initial[n]).abs().max()) for n, p in model.named_parameters() if p.requires_grad}
+    run.pop("weights")
+    return {**run, "moved": moved}
+
+
+def plain_deepspeed(out: Path) -> dict:
+    """``deepspeed.initialize(model=..., optimizer=SGDSaI(...))`` and the usual engine loop."""
+    import deepspeed
+
+    SAI_ALL_REDUCES.clear()
+    model = tiny_gpt2()
+    optimizer = SGDSaI(model.parameters(), lr=1e-3, weight_decay=0.01)
+    config = {
+        **zero_config(2),
+        "train_micro_batch_size_per_gpu": 2,
+        "train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    rank = dist.get_rank()
+    for ids in token_batches(3, batch=4):
+        local = ids[2 * rank : 2 * rank + 2]
+        loss = engine(input_ids=local, labels=local).loss
+        engine.backward(loss)
+        engine.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    scales = {names[id(p)]: s for p, s in optimizer.scales().items()}
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "weights_plain.pt")
+    return {"scales": scales, "all_reduces": list(SAI_ALL_REDUCES)}
+
+
+def main() -> None:
+    out, part = Path(sys.argv[1]), sys.argv[2]
+    count_sai_all_reduces()
+    result: dict = {}
+    if part == "trainer":
+        a = trainer_run(out, "a", 2, save_strategy="steps", save_steps=2)
+        b = trainer_run(out, "b", 2, resume=str(out / "a" / "checkpoint-2"))
+        result["a"] = {k: v for k, v in a.items() if k != "weights"}
+        result["b"] = {k: v for k, v in b.items() if k != "weights"}
+        result["resumed_weights_max_abs_diff"] = max(float((a["weights"][k] - b["weights"][k]).abs().max()) for k in a["weights"])
+        result["lora"] = lora_run(out)
+    elif part == "zero1":
+        run = trainer_run(out, "zero1", 1, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+        run.pop("weights")
+        result["zero1"] = run
+        result["plain"] = plain_deepspeed(out)
+    rank = dist.get_rank()
+    result["world"] = dist.get_world_size()
+    (out / f"rank{rank}.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""DeepSpeed ZeRO-1/2 with exact per-tensor g-SNR (``sai_hf.deepspeed_zero``), and what is refused.
+
+Multi-process tests run 2 CPU processes (``DS_ACCELERATOR=cpu``, gloo, ``torchrun``) through
+tests/_deepspeed_worker.py and compare against one process on the same global batch (4 sequences
+a step). In-process tests lay a flat partition out by hand, as DeepSpeed does, to check the layout
+logic without DeepSpeed; the refusals need only the Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _models import TokenDataset, tiny_gpt2, tiny_llama, token_batches, training_args
+from test_distributed import free_port, launch_two_ranks, max_rel_diff, max_weight_diff
+from transformers import Trainer
+
+from sai_hf import SGDSaI, UnsupportedShardingError
+from sai_hf.gsnr import STATISTICS_WIDTH
+from sai_hf.sharding.deepspeed_zero import ZeroPartitions, deepspeed_in_use, refuse_unsupported_deepspeed
+
+TESTS = Path(__file__).resolve().parent
+CONFIGS = TESTS.parent / "configs"
+SCALE_TOLERANCE = 1e-6  # the issue's bound on the relative scale difference vs one process
+
+
+def rows(blocks: int) -> str:
+    """How the worker records an all_reduce of the statistics of ``blocks`` blocks."""
+    return f"({blocks}, {STATISTICS_WIDTH}) torch.float64"
+
+
+def has_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:  # ImportError, or a broken build
+        return False
+    return True
+
+
+needs_deepspeed = pytest.mark.skipif(not has_deepspeed(), reason="deepspeed not installed (pip install 'sai-hf[deepspeed]')")
+
+
+# --------------------------------------------------------------------------- launches and references
+def launch_worker(tmp_path_factory, part: str) -> SimpleNamespace:
+    out = tmp_path_factory.mktemp(f"deepspeed_{part}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           TESTS / "_deepspeed_worker.py", out, part]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU: gloo without oneCCL
+        return launch_two_ranks(cmd, out, f"[deepspeed {part}] torchrun, 2 processes")
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory) -> SimpleNamespace:
+    return launch_worker(tmp_path_factory, "trainer")
+
+
+@pytest.fixture(scope="module")
+def zero1_runs(tmp_path_factory) -> SimpleNamespace:
+    return launch_worker(tmp_path_factory, "zero1")
+
+
+def single_trainer(out: Path, model, **overrides) -> tuple[dict, dict]:
+    """gsnr.json scales and final weights of one process on the 2-rank runs' global batch."""
+    kwargs = dict(per_device_train_batch_size=4, weight_decay=0.01, max_steps=4)
+    kwargs.update(overrides)
+    trainer = Trainer(model=model, args=training_args(out, **kwargs), train_dataset=TokenDataset())
+    trainer.train()
+    report = json.loads((out / "gsnr.json").read_text())
+    weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return {k: v["scale"] for k, v in report.items()}, weights
+
+
+@pytest.fixture(scope="module")
+def single_gpt2(tmp_path_factory) -> SimpleNamespace:
+    out = tmp_path_factory.mktemp("single_gpt2")
+    scales, weights = single_trainer(out, tiny_gpt2())
+    return SimpleNamespace(scales=scales, weights=weights, report=json.loads((out / "gsnr.json").read_text()))
+
+
+def lora_llama():
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+# --------------------------------------------------------------------------- ZeRO-2 under the Trainer
+@needs_deepspeed
+@pytest.mark.slow
+def test_zero2_trainer_scales_equal_single_process(trainer_runs, single_gpt2):
+    rank0, rank1 = (rank["a"] for rank in trainer_runs.ranks)
+    assert rank0["zero_layout"] and rank0["partition_shapes"] == [[[14848]], [[448]]]  # flat partitions
+    assert rank0["scales"] == rank1["scales"]  # every rank reduced to the same statistics
+    report = json.loads((trainer_runs.out / "a" / "gsnr.json").read_text())
+    assert {k: v["numel"] for k, v in report.items()} == {k: v["numel"] for k, v in single_gpt2.report.items()}
+    assert {k: v["scale"] for k, v in report.items()} == rank0["scales"]  # original names, whole tensors
+    diff = max_rel_diff(rank0["scales"], single_gpt2.scales)
+    print(f"\n[zero2] max relative scale difference vs 1 process: {diff:.3e}")
+    assert diff <= SCALE_TOLERANCE
+    # One all_reduce per parameter group (DeepSpeed steps the groups one at a time), at step 1 only.
+    assert rank0["all_reduces"] == [rows(10), rows(18)]
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_zero2_trainer_training_matches_single_process(trainer_runs, single_gpt2):
+    weights = torch.load(trainer_runs.out / "weights_a.pt")
+    initial = tiny_gpt2().state_dict()
+    assert all(not torch.equal(weights[k], initial[k]) for k in weights if k != "lm_head.weight")  # all trained
+    diff = max_weight_diff(weights, single_gpt2.weights)
+    print(f"\n[zero2] max abs weight difference vs 1 process after 4 steps: {diff:.3e}")
+    assert diff < 1e-5  # the DDP test holds DDP to the same bound against the same reference
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_zero2_trainer_resume_keeps_scales_bit_exact(trainer_runs):
+    for rank in trainer_runs.ranks:
+        assert rank["b"]["scales"] == rank["a"]["scales"]  # restored from the checkpoint
+        assert rank["b"]["all_reduces"] == []  # nothing was measured again
+        assert rank["b"]["steps"] == 4
+        assert rank["resumed_weights_max_abs_diff"] == 0.0
+    # The resume went into a new output_dir: the restored scales are reported there, unchanged.
+    report_a = json.loads((trainer_runs.out / "a" / "gsnr.json").read_text())
+    assert json.loads((trainer_runs.out / "b" / "gsnr.json").read_text()) == report_a
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_zero2_lora_deferred_lora_a_trains_and_matches_single_process(trainer_runs, tmp_path):
+    lora = trainer_runs.ranks[0]["lora"]
+    assert trainer_runs.ranks[1]["lora"]["scales"] == lora["scales"]
+    # Step 1: all 8 LoRA blocks reduced, lora_A's zero gradient leaves it deferred; step 2: the 4 lora_A.
+    assert lora["all_reduces"] == [rows(8), rows(4)]
+    assert all(moved > 0 for moved in lora["moved"].values())
+    reference, _ = single_trainer(tmp_path, lora_llama(), max_steps=3, weight_decay=0.0)
+    diff = max_rel_diff(lora["scales"], reference)
+    print(f"\n[zero2 lora] max relative scale difference vs 1 process: {diff:.3e}")
+    assert diff <= SCALE_TOLERANCE
+
+
+# --------------------------------------------------------------------------- ZeRO-1, plain DeepSpeed
+@needs_deepspeed
+@pytest.mark.slow
+def test_zero1_with_gradient_accumulation_scales_equal_single_process(zero1_runs, single_gpt2):
+    rank0, rank1 = (rank["zero1"] for rank in zero1_runs.ranks)
+    assert rank0["zero_layout"] and rank0["scales"] == rank1["scales"]
+    diff = max_rel_diff(rank0["scales"], single_gpt2.scales)
+    print(f"\n[zero1, 1 sequence x 2 accumulation steps] max relative scale difference vs 1 process: {diff:.3e}")
+    assert diff <= SCALE_TOLERANCE
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_plain_deepspeed_initialize_with_sgd_sai(zero1_runs):
+    model = tiny_gpt2()
+    optimizer = SGDSaI(model.parameters(), lr=1e-3, weight_decay=0.01)
+    for ids in token_batches(3, batch=4):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    names = {id(p): n for n, p in model.named_parameters()}
+    reference = {names[id(p)]: s for p, s in optimizer.scales().items()}
+    plain = zero1_runs.ranks[0]["plain"]
+    assert plain["all_reduces"] == [rows(28)]  # one group: one collective for every block
+    diff = max_rel_diff(plain["scales"], reference)
+    print(f"\n[plain deepspeed.initialize] max relative scale difference vs 1 process: {diff:.3e}")
+    assert diff <= SCALE_TOLERANCE
+    assert max_weight_diff(torch.load(zero1_runs.out / "weights_plain.pt"), model.state_dict()) < 1e-5
+
+
+# --------------------------------------------------------------------------- the layout, in one process
+def partition_by_hand(optimizer: SGDSaI, params: list[torch.Tensor]) -> torch.Tensor:
+    """Do to ``optimizer`` what ZeRO-1/2 does on one rank: one flat fp32 partition (with trailing
+    padding) holding every parameter, ``_hp_mapping`` fragment addresses on the parameters."""
+    sizes = [p.numel() for p in params]
+    flat = torch.zeros(sum(sizes) + 3)  # padding at the end, as on the last rank
+    start = 0
+    for p, n in zip(params, sizes):
+        flat[start : start + n] = p.detach().reshape(-1)
+        p._hp_mapping = SimpleNamespace(
+            hp_fragment=flat.narrow(0, start, n), hp_fragment_address=SimpleNamespace(start=start, numel=n)
+        )
+        start += n
+    flat.requires_grad_(True)
+    optimizer.param_groups[0]["params"] = [flat]
+    return flat
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_flat_partition_layout_equals_per_tensor_optimizer(momentum):
+    torch.manual_seed(0)
+    shapes = [(8, 4), (4,), (1,), (3, 5, 2)]
+    base = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    grads[0][3] = torch.zeros(shapes[3])  # deferred at step 1, scaled at step 2 (eps dropped)
+    reference_params = [torch.nn.Parameter(b.clone()) for b in base]
+    reference = SGDSaI(reference_params, lr=1e-2, momentum=momentum, weight_decay=0.1)
+    zero_params = [torch.nn.Parameter(b.clone()) for b in base]
+    zero = SGDSaI(zero_params, lr=1e-2, momentum=momentum, weight_decay=0.1)
+    flat = partition_by_hand(zero, zero_params)
+    with pytest.warns(UserWarning, match="no usable"):  # the (1,) block is degenerate
+        for step_grads in grads:
+            for p, g in zip(reference_params, step_grads):
+                p.grad = g.clone()
+            reference.step()
+            flat.grad = torch.cat([g.reshape(-1) for g in step_grads] + [torch.zeros(3)])
+            zero.step()
+    assert isinstance(zero.layout(), ZeroPartitions)
+    assert list(zero.scales()) == zero_params  # keyed by the model's parameters
+    assert list(zero.scales().values()) == list(reference.scales().values())
+    got = [flat.detach()[int(p._hp_mapping.hp_fragment_address.start) :][: p.numel()].view(p.shape) for p in zero_params]
+    for a, b in zip(got, reference_params):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-7)
+    assert torch.equal(flat.detach()[-3:], torch.zeros(3))  # padding untouched
+    state = zero.state[flat]
+    assert sorted(state["blocks"]) == [0, 1, 2, 3] and state["blocks"][3]["gsnr_eps_free"]
+    assert state["blocks"][3]["scaled_at"] == 2 and state["step"] == 3
+    # The state dict round-trips through load_state_dict (what DeepSpeed's checkpoint does per rank).
+    restored = SGDSaI([torch.nn.Parameter(b.clone()) for b in base], lr=1e-2, momentum=momentum, weight_decay=0.1)
+    restored.param_groups[0]["params"] = [flat]
+    restored.load_state_dict(zero.state_dict())
+    assert restored.state[flat]["blocks"] == state["blocks"]
+
+
+def test_flat_partition_normalize_max_with_two_groups_refused():
+    params = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))]
+    optimizer = SGDSaI([{"params": [params[0]]}, {"params": [params[1]], "weight_decay": 0.0}], normalize="max")
+    flats = []
+    for k, p in enumerate(params):
+        flat = torch.zeros(p.numel())
+        p._hp_mapping = SimpleNamespace(hp_fragment=flat.narrow(0, 0, p.numel()), hp_fragment_address=SimpleNamespace(start=0, numel=p.numel()))
+        optimizer.param_groups[k]["params"] = [flat]
+        flat.grad = torch.randn(p.numel())
+        flats.append(flat)
+    with pytest.raises(UnsupportedShardingError, match="normalize='max'"):
+        optimizer.step()
+    assert not optimizer.scales()
+
+
+# --------------------------------------------------------------------------- refusals before training
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"zero_optimization": {"stage": 3}}, "stage 3"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {}}}, "'optimizer' section"),
+    ],
+    ids=["zero3", "offload_optimizer", "optimizer_section"],
+)
+def test_trainer_refuses_unsupported_deepspeed_before_training(tmp_path, config, match):
+    args = training_args(tmp_path)
+    args.deepspeed = config  # what --deepspeed leaves in the arguments (set afterwards: one process)
+    with pytest.raises(UnsupportedShardingError, match=match) as err:
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
+    assert "ZeRO stage 2" in str(err.value) or "configs/deepspeed/zero2.json" in str(err.value)
+    assert not (tmp_path / "gsnr.json").exists()
+
+
+@pytest.mark.parametrize("name", ["zero1.json", "zero2.json"])
+def test_trainer_accepts_the_shipped_zero_configs(tmp_path, name):
+    args = training_args(tmp_path)
+    args.deepspeed = str(CONFIGS / "deepspeed" / name)
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())  # no refusal
+    assert json.loads((CONFIGS / "deepspeed" / name).read_text())["zero_allow_untested_optimizer"] is True
+
+
+def test_deepspeed_zero3_config_from_accelerate_launch_environment(monkeypatch, tmp_path):
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert not deepspeed_in_use(SimpleNamespace(deepspeed=None, deepspeed_plugin=None))
+    assert deepspeed_in_use(SimpleNamespace(deepspeed=None, deepspeed_plugin=object()))
+    refuse_unsupported_deepspeed(SimpleNamespace(deepspeed=str(CONFIGS / "deepspeed" / "zero2.json"), deepspeed_plugin=None))
+    with pytest.raises(UnsupportedShardingError, match="stage 3"):
+        refuse_unsupported_deepspeed(SimpleNamespace(deepspeed=str(config), deepspeed_plugin=None))
+    # Under `accelerate launch` with DeepSpeed, a plain PyTorch model is not partitioned: it just trains.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    model = tiny_gpt2()
+    opt = SGDSaI(model.parameters())
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
+    opt.step()
+    assert len(opt.scales()) == 28 and all(math.isfinite(s) for s in opt.scales().values())
