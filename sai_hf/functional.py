@@ -265,6 +265,11 @@ def sgd_sai(
         raise ValueError("params, grads, momentum_buffer_list and scales must have the same length")
     if fused and foreach:
         raise ValueError("fused and foreach cannot both be True")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.shape != p.shape:  # the fused kernels would read past the gradient
+            raise ValueError(f"SGD-SaI: block #{i} has a gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+        if p.is_complex() and momentum_dtype is not None and momentum != 0 and not momentum_dtype.is_complex:
+            raise ValueError(f"SGD-SaI: momentum_dtype={momentum_dtype} cannot hold the momentum of complex block #{i}")
     compiling = torch.compiler.is_compiling()
     if fused is None and foreach is None:
         fused = not compiling
@@ -315,7 +320,7 @@ def _mixed_precision_update(
         _bf16_momentum_update(param, grad, buf, momentum, step_size, 1.0, False, seed)
         return
     value = buf.to(wide).lerp_(grad.to(wide), 1 - momentum)
-    buf.copy_(value)
+    buf.copy_(stochastic_round_to_bf16(value, seed) if buf.dtype == torch.bfloat16 else value)
     param.add_(value, alpha=step_size)
 
 

@@ -133,7 +133,7 @@ def gradient_statistics(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     for g in local:
         fast = g.device.type == "cpu" and g.numel() >= _CPU_ROWS_MIN_NUMEL and not g.is_complex()
         row = _row_statistics(g, dtype) if fast else None
-        if row is None or _needs_float64(row):
+        if row is None or (_needs_float64(row) and not _all_zero(row, g)):
             row = _shifted_statistics(g, dtype)
         rows.append(row.to(device))
     return torch.stack(rows)
@@ -222,6 +222,14 @@ def _row_statistics(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     total = piece_sum.sum()
     between = (piece_n * (piece_sum / piece_n - total / n).square()).sum()
     return _row(n, total, piece_centred.sum() + between)
+
+
+def _all_zero(row: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether float32 row statistics that found nothing (every sum 0) belong to an all-zero ``g``
+    (one boolean pass) rather than to entries whose float32 squares underflow. A block whose
+    gradient stays zero (an unused module) is measured at every step until it gets a gradient: this
+    keeps that to one fast pass instead of the float64 recomputation."""
+    return not row[1:].any().item() and not g.any().item()
 
 
 def _needs_float64(row: torch.Tensor) -> bool:

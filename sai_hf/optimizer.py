@@ -87,8 +87,10 @@ class SGDSaI(Optimizer):
         lr: learning rate ``eta``. Under ``normalize="none"`` the effective rate of block ``i`` is
             ``lr * gsnr_i``; g-SNR of a large matrix is about ``sqrt(numel)`` (tens to hundreds), so
             useful values are of AdamW's order (1e-4 .. 1e-3), and published ``sgd-sai`` learning
-            rates carry over unchanged. Under ``normalize="max"`` scales are in (0, 1] and ``lr`` is
-            the rate of the highest-g-SNR block: useful values are 10-100x larger (SGD's order).
+            rates carry over unchanged. Under ``normalize="max"`` the scales of the blocks scaled at
+            the first step are in (0, 1] and ``lr`` is the rate of the highest-g-SNR block: useful
+            values are 10-100x larger (SGD's order). Blocks scaled later (deferred, e.g. LoRA's
+            ``lora_A``) share that divisor, so their scale can exceed 1.
         momentum: ``mu`` in [0, 1); ``m = mu m + (1 - mu) g``. ``0`` keeps no buffer.
         weight_decay: decoupled weight decay ``p *= 1 - lr * weight_decay`` (not scaled by g-SNR).
         eps: added to the gradient std in the g-SNR denominator.
@@ -194,9 +196,10 @@ class SGDSaI(Optimizer):
         validate_hyperparameters(**checked)
         normalize = param_group.get("normalize", self.defaults["normalize"])
         if self.param_groups and normalize != self.param_groups[0]["normalize"]:
+            source = "given" if "normalize" in param_group else "the optimizer's default"
             raise ValueError(
-                f"Invalid normalize={normalize!r} in an added parameter group: all groups share one "
-                f"normalization (the optimizer's is {self.param_groups[0]['normalize']!r})"
+                f"Invalid normalize={normalize!r} ({source}) for parameter group #{len(self.param_groups)}: "
+                f"all groups share one normalization, and group #0 has {self.param_groups[0]['normalize']!r}"
             )
         super().add_param_group(param_group)
         # The model's parameters as constructed: DeepSpeed ZeRO later replaces them by flat partitions.
@@ -214,6 +217,14 @@ class SGDSaI(Optimizer):
         parameter; momentum buffers keep the dtype they were saved in (see :mod:`sai_hf.checkpoint`).
         Raises ``ValueError`` for another optimizer's state, naming what it looks like."""
         state_dict = prepare_state_dict(self, state_dict)
+        for index, group in enumerate(state_dict["param_groups"]):
+            missing = [key for key in ("lr", "momentum", "weight_decay", "eps") if key not in group]
+            try:
+                if missing:
+                    raise ValueError(f"missing {missing}")
+                validate_hyperparameters(**{k: v for k, v in group.items() if k in self.defaults and k != "gsnr_max"})
+            except ValueError as err:
+                raise ValueError(f"Optimizer state dict: parameter group #{index}: {err}") from None
         super().load_state_dict(state_dict)
         buffers_in_saved_dtype(self, state_dict)
 

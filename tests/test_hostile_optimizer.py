@@ -230,3 +230,71 @@ def test_garbage_state_dict_names_what_is_wrong():
     bad["state"] = {0: {"scale": "big", "gsnr": 1.0, "step": 1}}
     with pytest.raises(ValueError, match="scale of parameter #0"):
         opt.load_state_dict(bad)
+
+
+# --------------------------------------------------------------------------- found by the adversarial pass
+def test_gradient_of_another_shape_is_refused_on_every_path():
+    for flags in ({}, dict(fused=True), dict(foreach=True), dict(foreach=False, fused=False)):
+        w = torch.nn.Parameter(torch.zeros(4))
+        opt = SGDSaI([w], lr=1e-3, momentum=0.0, **flags)
+        w.grad = torch.randn(4)
+        opt.step()
+        w.data = torch.zeros(4096)  # a resized layer whose gradient is stale
+        with pytest.raises(ValueError, match=r"gradient of shape \(4,\) for a parameter of shape \(4096,\)"):
+            opt.step()
+        assert torch.equal(w, torch.zeros(4096))
+
+
+def test_complex_parameter_with_real_momentum_dtype_is_refused():
+    p = torch.nn.Parameter(torch.randn(8, dtype=torch.complex64))
+    opt = SGDSaI([p], lr=1e-3, momentum_dtype=torch.bfloat16)
+    p.grad = torch.randn(8, dtype=torch.complex64)
+    with pytest.raises(ValueError, match="complex block #0"):
+        opt.step()
+
+
+def test_bf16_momentum_of_float64_parameters_is_stochastically_rounded():
+    # Round-to-nearest would lose every (1 - mu) * 0.003 increment on a bf16 buffer around 1.0.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(4096, dtype=torch.float64))
+    opt = SGDSaI([p], lr=1e-6, momentum=0.9, momentum_dtype=torch.bfloat16)
+    p.grad = torch.randn(4096, dtype=torch.float64) * 0.01 + 1.0
+    opt.step()
+    for _ in range(100):
+        p.grad = torch.full((4096,), 1.003, dtype=torch.float64)
+        opt.step()
+    # 0.9^100 of the start is left; bf16 spacing near 1 is 0.0078, the mean of 4096 dithers ~1e-4.
+    assert opt.state[p]["momentum_buffer"].double().mean().item() == pytest.approx(1.003, abs=3e-4)
+
+
+def test_zero_gradient_block_costs_one_fast_pass_per_step(monkeypatch):
+    from sai_hf import gsnr
+
+    calls, shifted = [], gsnr._shifted_statistics
+    monkeypatch.setattr(gsnr, "_shifted_statistics", lambda g, dtype: calls.append(g.numel()) or shifted(g, dtype))
+    used, unused = torch.nn.Parameter(torch.randn(300, 300)), torch.nn.Parameter(torch.zeros(2000, 1000))
+    opt = SGDSaI([used, unused], lr=1e-3)
+    for _ in range(3):
+        used.grad, unused.grad = torch.randn(300, 300) + 0.0, torch.zeros(2000, 1000)
+        opt.step()
+    assert 2_000_000 not in calls  # never the float64 recomputation
+    assert opt.has_scale(used) and not opt.has_scale(unused)
+
+
+@pytest.mark.parametrize(
+    "change, key", [({"momentum": 1.5}, "momentum"), ({"lr": -1.0}, "lr"), ({"normalize": "bogus"}, "normalize")]
+)
+def test_loaded_group_hyperparameters_are_checked(change, key):
+    _, opt = _trained([(4, 3)])
+    state = opt.state_dict()
+    state["param_groups"][0].update(change)
+    with pytest.raises(ValueError, match=f"parameter group #0: Invalid {key}"):
+        opt.load_state_dict(state)
+    del state["param_groups"][0]["momentum"]
+    with pytest.raises(ValueError, match=r"parameter group #0: missing \['momentum'\]"):
+        opt.load_state_dict(state)
+
+
+def test_normalize_mismatch_names_the_group_and_the_default():
+    with pytest.raises(ValueError, match=r"'none' \(the optimizer's default\) for parameter group #1.*group #0 has 'max'"):
+        SGDSaI([{"params": [torch.zeros(2, requires_grad=True)], "normalize": "max"}, {"params": [torch.zeros(3, requires_grad=True)]}])
