@@ -12,6 +12,10 @@ PART ``trainer`` (ZeRO-2 through the HF Trainer, ``deepspeed=<config dict>``):
 PART ``zero1``: ZeRO-1 through the Trainer with 1 sequence per rank and gradient accumulation 2
 (same global batch), and plain ``deepspeed.initialize(model=..., optimizer=SGDSaI(...))`` under ZeRO-2.
 
+PART ``bf16``: ZeRO-2 through the Trainer as ``a``, with ``"bf16": {"enabled": true}`` set in the
+DeepSpeed config itself (``bf16=True`` in the arguments too: the Trainer refuses a mismatch): bf16
+model weights, activations and gradients, fp32 partitions; also the training losses and dtypes.
+
 Writes ``OUT/rank{r}.json`` (and per run ``OUT/<run>/gsnr.json`` from rank 0, ``OUT/weights_<run>.pt``).
 """
 
@@ -75,6 +79,7 @@ def trainer_run(out: Path, name: str, stage: int, model=None, dataset=None, resu
         "zero_layout": isinstance(sai.layout(), sai_hf.sharding.deepspeed_zero.ZeroPartitions),
         "steps": trainer.state.global_step,
         "weights": weights,
+        "trainer": trainer,
     }
 
 
@@ -86,7 +91,29 @@ def lora_run(out: Path) -> dict:
     run = trainer_run(out, "lora", 2, model=model, max_steps=3, weight_decay=0.0)
     moved = {n: float((p.detach() - initial[n]).abs().max()) for n, p in model.named_parameters() if p.requires_grad}
     run.pop("weights")
+    run.pop("trainer")
     return {**run, "moved": moved}
+
+
+def bf16_run(out: Path) -> dict:
+    """ZeRO-2 with ``"bf16": {"enabled": true}`` in the DeepSpeed config (part ``bf16``)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    config = {**zero_config(2), "bf16": {"enabled": True}}
+    run = trainer_run(out, "bf16", 2, bf16=True, deepspeed=config)
+    trainer = run.pop("trainer")
+    run.pop("weights")  # bf16 model weights: saved as weights_bf16.pt
+    sai = find_sgd_sai(trainer.optimizer)
+    # The fp32 master weights SGD-SaI updates (the partitions), gathered per parameter (a collective).
+    master = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in trainer.model.named_parameters()}
+    if dist.get_rank() == 0:
+        torch.save(master, out / "weights_bf16_master.pt")
+    return {
+        **run,
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "model_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()}),
+        "partition_dtypes": sorted({str(p.dtype) for g in sai.param_groups for p in g["params"]}),
+    }
 
 
 def plain_deepspeed(out: Path) -> dict:
@@ -126,15 +153,18 @@ def main() -> None:
     if part == "trainer":
         a = trainer_run(out, "a", 2, save_strategy="steps", save_steps=2)
         b = trainer_run(out, "b", 2, resume=str(out / "a" / "checkpoint-2"))
-        result["a"] = {k: v for k, v in a.items() if k != "weights"}
-        result["b"] = {k: v for k, v in b.items() if k != "weights"}
+        result["a"] = {k: v for k, v in a.items() if k not in ("weights", "trainer")}
+        result["b"] = {k: v for k, v in b.items() if k not in ("weights", "trainer")}
         result["resumed_weights_max_abs_diff"] = max(float((a["weights"][k] - b["weights"][k]).abs().max()) for k in a["weights"])
         result["lora"] = lora_run(out)
     elif part == "zero1":
         run = trainer_run(out, "zero1", 1, per_device_train_batch_size=1, gradient_accumulation_steps=2)
         run.pop("weights")
+        run.pop("trainer")
         result["zero1"] = run
         result["plain"] = plain_deepspeed(out)
+    elif part == "bf16":
+        result["bf16"] = bf16_run(out)
     rank = dist.get_rank()
     result["world"] = dist.get_world_size()
     (out / f"rank{rank}.json").write_text(json.dumps(result, indent=1, default=str))

@@ -28,6 +28,14 @@ from sai_hf.sharding.deepspeed_zero import ZeroPartitions, deepspeed_in_use, ref
 TESTS = Path(__file__).resolve().parent
 CONFIGS = TESTS.parent / "configs"
 SCALE_TOLERANCE = 1e-6  # the issue's bound on the relative scale difference vs one process
+# bf16 ZeRO-2 vs one fp32 process: scale = g-SNR, and gsnr^2 = (n - 1)(1 + n mu^2 / M2) (sai_hf.gsnr),
+# so a gradient error moves the scale only through the mean-to-spread ratio x = n mu^2 / M2, by at
+# most ~x/(1+x) times the relative error of mu and M2. bf16 keeps 8 significant bits (unit roundoff
+# 2^-8 ~ 3.9e-3) and the bf16 forward/backward/reduce round the gradient a few times: a few units,
+# ~1e-2. Measured: 7.2e-4 (transformer.h.0.ln_1.bias; median 6e-7), and one process in bf16
+# (autocast: 1.0e-3, a bf16 model: 5.2e-4) is no closer, so fp32 is the reference. A block counted
+# from one rank's half only would be off by ~30% (sqrt(n/2) vs sqrt(n)).
+BF16_SCALE_TOLERANCE = 1e-2
 
 
 def rows(blocks: int) -> str:
@@ -64,6 +72,11 @@ def trainer_runs(tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def zero1_runs(tmp_path_factory) -> SimpleNamespace:
     return launch_worker(tmp_path_factory, "zero1")
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory) -> SimpleNamespace:
+    return launch_worker(tmp_path_factory, "bf16")
 
 
 def single_trainer(out: Path, model, **overrides) -> tuple[dict, dict]:
@@ -143,6 +156,39 @@ def test_zero2_lora_deferred_lora_a_trains_and_matches_single_process(trainer_ru
     diff = max_rel_diff(lora["scales"], reference)
     print(f"\n[zero2 lora] max relative scale difference vs 1 process: {diff:.3e}")
     assert diff <= SCALE_TOLERANCE
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_zero2_trainer_bf16_from_deepspeed_config(bf16_runs, single_gpt2):
+    """``"bf16": {"enabled": true}`` in the DeepSpeed config: bf16 model, fp32 partitions; every block
+    scaled, same report as fp32, scales within bf16 rounding of one fp32 process, weights trained."""
+    rank0, rank1 = (rank["bf16"] for rank in bf16_runs.ranks)
+    assert rank0["model_dtypes"] == ["torch.bfloat16"] and rank0["partition_dtypes"] == ["torch.float32"]
+    assert rank0["steps"] == 4 and len(rank0["losses"]) == 4 and all(math.isfinite(x) for x in rank0["losses"])
+    assert rank0["zero_layout"] and rank0["partition_shapes"] == [[[14848]], [[448]]]
+    assert rank0["all_reduces"] == [rows(10), rows(18)]  # as in fp32: one per group, at step 1 only
+    assert rank0["scales"] == rank1["scales"]
+    report = json.loads((bf16_runs.out / "bf16" / "gsnr.json").read_text())
+    assert {k: v["numel"] for k, v in report.items()} == {k: v["numel"] for k, v in single_gpt2.report.items()}
+    assert {k: v["scale"] for k, v in report.items()} == rank0["scales"]
+    assert all(math.isfinite(s) and s > 0 for s in rank0["scales"].values())
+    diff = max_rel_diff(rank0["scales"], single_gpt2.scales)
+    print(f"\n[zero2 bf16] max relative scale difference vs 1 fp32 process: {diff:.3e}")
+    assert diff <= BF16_SCALE_TOLERANCE
+    # SGD-SaI steps the fp32 master weights; DeepSpeed copies them, rounded, into the bf16 model.
+    master = torch.load(bf16_runs.out / "weights_bf16_master.pt")
+    model = torch.load(bf16_runs.out / "weights_bf16.pt")
+    assert all(torch.equal(model[k], master[k].to(torch.bfloat16)) for k in master)
+    initial = dict(tiny_gpt2().named_parameters())
+    worst = 0.0
+    for k, w in master.items():
+        start = initial[k].detach().to(torch.bfloat16).float()  # the master copy starts from the bf16 model
+        moved, moved_fp32 = w - start, single_gpt2.weights[k] - initial[k].detach()
+        assert torch.isfinite(w).all() and moved.abs().max() > 0, k
+        worst = max(worst, float((moved - moved_fp32).norm() / moved_fp32.norm()))
+    print(f"[zero2 bf16] max relative L2 difference of the weight updates vs 1 fp32 process: {worst:.3e}")
+    assert worst < 0.1  # bf16 gradients, a bf16 starting point: measured ~2e-2
 
 
 # --------------------------------------------------------------------------- ZeRO-1, plain DeepSpeed
