@@ -13,11 +13,15 @@ it. After each step in which blocks receive their scale the callback
 * writes ``<output_dir>/gsnr.json`` (world process zero only; rewritten, atomically, whenever
   further blocks receive their scale)::
 
-      {"<name in model.named_parameters()>": {"gsnr": float, "scale": float, "numel": int}, ...}
+      {"<name in model.named_parameters()>":
+          {"gsnr": float, "scale": float, "numel": int, "gsnr_over_sqrt_numel": float}, ...}
 
   listing every parameter that has a scale, under its original name (wrapper components such as
   DDP's ``module.``, FSDP1's ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` and
   ``torch.compile``'s ``_orig_mod.`` removed) and with the whole tensor's ``numel``.
+  ``gsnr_over_sqrt_numel`` is ``gsnr / sqrt(numel)`` = ``sqrt(1 + mu^2 / var)`` up to the unbiased
+  correction: 1 where the block's g-SNR is just its size (what ``scale_rule="sqrt_numel"`` assumes),
+  larger where the gradient's mean dominates its spread.
 
 Resuming (``trainer.train(resume_from_checkpoint=...)``): the scales come back with the optimizer
 state and are never recomputed. If the report in ``output_dir`` is missing (a resume into a new
@@ -430,12 +434,19 @@ class GSNRCallback(TrainerCallback):
 
     @staticmethod
     def report(sai: SGDSaI, names: dict[int, str]) -> dict[str, dict[str, float | int]]:
-        """``{name: {"gsnr", "scale", "numel"}}`` for every parameter of ``names`` that has a scale."""
-        return {
-            names[id(p)]: {"gsnr": state["gsnr"], "scale": state["scale"], "numel": sai.block_numel(p)}
-            for p, state in sai.block_states()
-            if "scale" in state and id(p) in names
-        }
+        """``{name: {"gsnr", "scale", "numel", "gsnr_over_sqrt_numel"}}`` for every parameter of
+        ``names`` that has a scale."""
+        out: dict[str, dict[str, float | int]] = {}
+        for p, state in sai.block_states():
+            if "scale" in state and id(p) in names:
+                numel = sai.block_numel(p)
+                out[names[id(p)]] = {
+                    "gsnr": state["gsnr"],
+                    "scale": state["scale"],
+                    "numel": numel,
+                    "gsnr_over_sqrt_numel": state["gsnr"] / math.sqrt(numel),
+                }
+        return out
 
     def write_report(self, path: str, sai: SGDSaI, names: dict[int, str]) -> None:
         """Write :meth:`report` to ``path`` atomically."""

@@ -77,6 +77,9 @@ SGD_SAI = OptimizerRegistration(
         "eps": OptionSpec(parse_float, "added to the gradient std in the g-SNR (default 1e-8)"),
         "normalize": OptionSpec(parse_str, "'none' (official sgd-sai scales, default) or 'max' (paper)"),
         "maximize": OptionSpec(parse_bool, "maximize the objective (default false)"),
+        "scale_rule": OptionSpec(
+            parse_str, "'gsnr' (default) or 'sqrt_numel' (the authors' later v1.1.0-nightly: sqrt(numel) for g-SNR)"
+        ),
         "foreach": OptionSpec(parse_optional_bool, "multi-tensor kernels: true/false/none (default none)"),
         "fused": OptionSpec(parse_optional_bool, "one-pass fused kernel: true/false/none (default none: where it applies)"),
         "momentum_dtype": OptionSpec(parse_dtype, "momentum buffer dtype: bf16/fp32/fp16/none (default none: the parameter's)"),

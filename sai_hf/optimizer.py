@@ -29,17 +29,30 @@ from .checkpoint import buffers_in_saved_dtype, prepare_state_dict
 from .gsnr import BlockStatus, gsnr_from_statistics
 from .sharding import BlockLayout, ScaleRecord, StatisticsReducer, new_layout, replaced_layout
 
-__all__ = ["SGDSaI", "ScaleRecord", "AssignedScale", "StatisticsReducer", "NORMALIZATIONS", "validate_hyperparameters"]
+__all__ = [
+    "SGDSaI",
+    "ScaleRecord",
+    "AssignedScale",
+    "StatisticsReducer",
+    "NORMALIZATIONS",
+    "SCALE_RULES",
+    "validate_hyperparameters",
+]
 
 #: Accepted values of ``normalize``.
 NORMALIZATIONS = ("none", "max")
+#: Accepted values of ``scale_rule``: what a block's scale is built from (see :class:`SGDSaI`).
+SCALE_RULES = ("gsnr", "sqrt_numel")
+#: Hyperparameters every parameter group must share (the first scaling step's divisor is global).
+SHARED_HYPERPARAMETERS = ("normalize", "scale_rule")
 
 
 def validate_hyperparameters(**values: Any) -> None:
     """Raise ``ValueError`` naming the first invalid hyperparameter among ``values``.
 
     Known keys: ``lr`` (>= 0), ``momentum`` (in [0, 1)), ``weight_decay`` (>= 0), ``eps`` (>= 0),
-    ``normalize`` (one of :data:`NORMALIZATIONS`), every number finite; ``maximize`` (a bool);
+    ``normalize`` (one of :data:`NORMALIZATIONS`), ``scale_rule`` (one of :data:`SCALE_RULES`), every
+    number finite; ``maximize`` (a bool);
     ``momentum_dtype`` (a floating ``torch.dtype`` or None); ``fused`` / ``foreach`` (a bool or
     None, not both True).
     """
@@ -52,9 +65,10 @@ def validate_hyperparameters(**values: Any) -> None:
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"Invalid {key}={value!r}: expected True, False or None")
             continue
-        if key == "normalize":
-            if value not in NORMALIZATIONS:
-                raise ValueError(f"Invalid normalize={value!r}: expected one of {list(NORMALIZATIONS)}")
+        if key in ("normalize", "scale_rule"):
+            accepted = NORMALIZATIONS if key == "normalize" else SCALE_RULES
+            if value not in accepted:
+                raise ValueError(f"Invalid {key}={value!r}: expected one of {list(accepted)}")
             continue
         if key == "momentum_dtype":
             if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
@@ -72,7 +86,8 @@ def validate_hyperparameters(**values: Any) -> None:
 
 @dataclass(frozen=True)
 class AssignedScale:
-    """The g-SNR a block is scaled with (after the degenerate fallback) and its scale."""
+    """A block's g-SNR (the measured one; under ``scale_rule="gsnr"`` after the degenerate
+    fallback: the value its scale is built from) and its scale."""
 
     gsnr: float
     scale: float
@@ -98,6 +113,14 @@ class SGDSaI(Optimizer):
             paper: divide by the largest g-SNR among the blocks scaled at the first step; blocks
             scaled later use that same divisor).
         maximize: ascend instead of descend (negates the gradient).
+        scale_rule: what the scale is built from. ``"gsnr"`` (default): the g-SNR above.
+            ``"sqrt_numel"``: ``sqrt(numel_i)`` in place of ``gsnr_i`` (then divided by the largest
+            ``sqrt(numel)`` of the first scaling step under ``normalize="max"``), the rule of the
+            authors' later, unreleased ``v1.1.0-nightly`` branch. Since
+            ``gsnr = sqrt(n) sqrt(1 + mu^2 / var)`` (unbiased corrections aside), the two differ only
+            where a block's gradient mean is large against its spread; the g-SNR is still measured
+            and stored (``gsnr.json`` shows both), and blocks are still scaled at their first usable
+            gradient (deferred blocks stay untouched until then).
         foreach: use the multi-tensor ``torch._foreach_*`` path.
         fused: use torch's fused SGD kernel, one pass per block (the memory-bandwidth floor). With
             ``foreach=None, fused=None`` (default) the fused path is taken wherever it applies
@@ -148,6 +171,7 @@ class SGDSaI(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         momentum_dtype: torch.dtype | None = None,
+        scale_rule: str = "gsnr",
     ) -> None:
         if isinstance(lr, Tensor):
             raise ValueError("Invalid lr: a Tensor learning rate is not supported, pass a float")
@@ -161,6 +185,7 @@ class SGDSaI(Optimizer):
             fused=fused,
             foreach=foreach,
             momentum_dtype=momentum_dtype,
+            scale_rule=scale_rule,
         )
         defaults = dict(
             lr=lr,
@@ -172,6 +197,7 @@ class SGDSaI(Optimizer):
             foreach=foreach,
             fused=fused,
             momentum_dtype=momentum_dtype,
+            scale_rule=scale_rule,
             gsnr_max=None,
         )
         super().__init__(params, defaults)
@@ -194,13 +220,14 @@ class SGDSaI(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         checked = {k: v for k, v in param_group.items() if k not in ("params", "gsnr_max") and k in self.defaults}
         validate_hyperparameters(**checked)
-        normalize = param_group.get("normalize", self.defaults["normalize"])
-        if self.param_groups and normalize != self.param_groups[0]["normalize"]:
-            source = "given" if "normalize" in param_group else "the optimizer's default"
-            raise ValueError(
-                f"Invalid normalize={normalize!r} ({source}) for parameter group #{len(self.param_groups)}: "
-                f"all groups share one normalization, and group #0 has {self.param_groups[0]['normalize']!r}"
-            )
+        for key in SHARED_HYPERPARAMETERS:
+            value = param_group.get(key, self.defaults[key])
+            if self.param_groups and value != self.param_groups[0][key]:
+                source = "given" if key in param_group else "the optimizer's default"
+                raise ValueError(
+                    f"Invalid {key}={value!r} ({source}) for parameter group #{len(self.param_groups)}: "
+                    f"all groups share one {key}, and group #0 has {self.param_groups[0][key]!r}"
+                )
         super().add_param_group(param_group)
         # The model's parameters as constructed: DeepSpeed ZeRO later replaces them by flat partitions.
         if not hasattr(self, "_model_param_groups"):
@@ -239,6 +266,7 @@ class SGDSaI(Optimizer):
         self._register_state_dict_layout()
         for group in self.param_groups:
             group.setdefault("normalize", "none")
+            group.setdefault("scale_rule", "gsnr")
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
@@ -307,10 +335,20 @@ class SGDSaI(Optimizer):
         return values, [BlockStatus(int(c)) for c in codes]
 
     @staticmethod
-    def first_step_gsnr_max(values: Sequence[float], statuses: Sequence[BlockStatus]) -> float | None:
-        """Largest well-defined (``SCALED``) g-SNR among ``values``, ``None`` if there is none."""
-        well_defined = [v for v, s in zip(values, statuses) if s == BlockStatus.SCALED]
-        return max(well_defined) if well_defined else None
+    def first_step_gsnr_max(
+        values: Sequence[float],
+        statuses: Sequence[BlockStatus],
+        numels: Sequence[int] | None = None,
+        scale_rule: str = "gsnr",
+    ) -> float | None:
+        """The ``normalize="max"`` divisor of a first scaling step, ``None`` if there is none: the
+        largest well-defined (``SCALED``) g-SNR among ``values``; under ``scale_rule="sqrt_numel"``
+        the largest ``sqrt(numels[i])`` among the blocks that are not ``PENDING``."""
+        if scale_rule == "sqrt_numel":
+            known = [math.sqrt(n) for n, s in zip(_required(numels), statuses) if s != BlockStatus.PENDING]
+        else:
+            known = [v for v, s in zip(values, statuses) if s == BlockStatus.SCALED]
+        return max(known) if known else None
 
     def assigned_scales(
         self,
@@ -318,26 +356,39 @@ class SGDSaI(Optimizer):
         statuses: Sequence[BlockStatus],
         gsnr_max: float | None,
         normalize: str,
+        numels: Sequence[int] | None = None,
+        scale_rule: str = "gsnr",
     ) -> list[AssignedScale | None]:
         """Assigning: the scale of each measured block (``None`` where it stays ``PENDING``)::
 
-            gsnr_i  = gsnr_max (1.0 before any well-defined g-SNR)   if DEGENERATE (warned once)
-            scale_i = gsnr_i                                          normalize="none"
-            scale_i = gsnr_i / gsnr_max (1.0 before ...)              normalize="max"
+            basis_i = gsnr_i                                          scale_rule="gsnr"
+            basis_i = gsnr_max (1.0 before any well-defined g-SNR)    ... if DEGENERATE (warned once)
+            basis_i = sqrt(numels[i])                                 scale_rule="sqrt_numel"
+            scale_i = basis_i                                         normalize="none"
+            scale_i = basis_i / gsnr_max (1.0 before it is known)     normalize="max"
+
+        ``gsnr_max`` is the divisor of :meth:`first_step_gsnr_max` (same ``scale_rule``). The
+        returned g-SNR is ``basis_i`` under ``"gsnr"``, the measured g-SNR (0 if degenerate) under
+        ``"sqrt_numel"``.
         """
         out: list[AssignedScale | None] = []
         degenerate = 0
-        for value, status in zip(values, statuses):
+        sizes = _required(numels) if scale_rule == "sqrt_numel" else [0] * len(values)
+        for value, status, numel in zip(values, statuses, sizes):
             if status == BlockStatus.PENDING:
                 out.append(None)
                 continue
-            if status == BlockStatus.DEGENERATE:
-                value = gsnr_max if gsnr_max is not None else 1.0
-                degenerate += 1
-            if normalize == "max":
-                scale = value / gsnr_max if gsnr_max is not None else 1.0
+            if scale_rule == "sqrt_numel":
+                basis = math.sqrt(numel)
             else:
-                scale = value
+                if status == BlockStatus.DEGENERATE:
+                    value = gsnr_max if gsnr_max is not None else 1.0
+                    degenerate += 1
+                basis = value
+            if normalize == "max":
+                scale = basis / gsnr_max if gsnr_max is not None else 1.0
+            else:
+                scale = basis
             out.append(AssignedScale(float(value), float(scale), status))
         if degenerate and not self._warned_degenerate:
             self._warned_degenerate = True
@@ -458,6 +509,12 @@ def _refuse_sparse_gradients(param_groups: Sequence[Mapping[str, Any]]) -> None:
                 f"SGDSaI does not support sparse gradients: parameter #{index} (shape {tuple(p.shape)}) has a "
                 f"{p.grad.layout} gradient. Use dense gradients (e.g. torch.nn.Embedding(..., sparse=False))."
             )
+
+
+def _required(numels: Sequence[int] | None) -> Sequence[int]:
+    if numels is None:
+        raise ValueError('scale_rule="sqrt_numel" needs the blocks\' numels')
+    return numels
 
 
 def group_of_params(param_groups: Sequence[Mapping[str, Any]]) -> list[Tensor]:

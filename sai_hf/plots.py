@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LAYER_TYPES", "layer_type", "plot_gsnr_bars", "plot_gsnr_history"]
+__all__ = ["LAYER_TYPES", "figure", "layer_type", "plot_gsnr_bars", "plot_gsnr_history", "save_figure"]
 
 #: Layer types in display order, each with the name pattern that identifies it (first match wins).
 LAYER_TYPES: tuple[tuple[str, str], ...] = (
@@ -44,6 +44,27 @@ def _pyplot() -> Any:
     return plt
 
 
+def figure(size: tuple[float, float]) -> tuple[Any, Any]:
+    """A new ``(figure, axes)`` of ``size`` inches (headless backend); ``ImportError`` without matplotlib."""
+    return _pyplot().subplots(figsize=size)
+
+
+def save_figure(
+    fig: Any, ax: Any, path: str | Path, xlabel: str, ylabel: str, title: str, legend: bool = True
+) -> Path:
+    """Label ``ax``, add its legend, write ``fig`` to ``path`` (PNG, 120 dpi), close it; return the path."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_gsnr_bars(report: Mapping[str, Mapping[str, float]], path: str | Path, key: str = "gsnr") -> Path:
     """Bar chart of ``report[name][key]`` (a ``gsnr.json``) per block, log scale, grouped and
     coloured by :func:`layer_type`. Returns the PNG path."""
@@ -57,20 +78,18 @@ def plot_gsnr_bars(report: Mapping[str, Mapping[str, float]], path: str | Path, 
     fig, ax = plt.subplots(figsize=(max(8.0, 0.12 * len(names) + 3), 5))
     ax.bar(range(len(names)), values, color=colors, width=0.85)
     ax.set_yscale("log")
-    ax.set_ylabel(key)
-    ax.set_xlabel("parameter block (grouped by layer type)")
-    ax.set_title(f"SGD-SaI {key} per block ({len(names)} blocks)")
+    if key == "gsnr_over_sqrt_numel":
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")  # g-SNR = sqrt(numel): what scale_rule="sqrt_numel" assumes
     if len(names) <= 60:
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     else:
         ax.set_xticks([])
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette(order.index(t) % 10)) for t in order if t in types]
     ax.legend(handles, [t for t in order if t in types], fontsize=8, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(
+        fig, ax, path, "parameter block (grouped by layer type)", key,
+        f"SGD-SaI {key} per block ({len(names)} blocks)", legend=False,
+    )  # fmt: skip
 
 
 def plot_gsnr_history(history: Mapping[str, Any], path: str | Path, max_lines: int = 40) -> Path:
@@ -94,12 +113,6 @@ def plot_gsnr_history(history: Mapping[str, Any], path: str | Path, max_lines: i
                 label=kind if kind not in seen else None)
         seen.add(kind)
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("g-SNR (recomputed; scales stay fixed at step 1)")
-    ax.set_title("g-SNR drift per block")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(
+        fig, ax, path, "optimizer step", "g-SNR (recomputed; scales stay fixed at step 1)", "g-SNR drift per block"
+    )

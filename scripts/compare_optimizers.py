@@ -1,67 +1,121 @@
 #!/usr/bin/env python
-"""Does SGD-SaI match AdamW here? Run the GPT-2 recipe with several optimizers and learning rates.
+"""Does SGD-SaI match AdamW here? Run a recipe with several optimizers, learning rates and seeds.
 
-    python scripts/compare_optimizers.py                      # offline default, full grid
+    python scripts/compare_optimizers.py                      # GPT-2 offline default, full grid
+    python scripts/compare_optimizers.py --config configs/llama-lora-local.yaml   # the LoRA recipe
     python scripts/compare_optimizers.py --quick              # a couple of minutes (CI smoke test)
-    python scripts/compare_optimizers.py --config configs/gpt2-124m.yaml --max_steps 2000
+    python scripts/compare_optimizers.py --optimizers sgd_sai,adamw_torch_fused \
+        --grid sgd_sai=3e-3 --grid adamw_torch_fused=1e-3 --seeds 42,43,44        # seed spread
 
-Every run uses the same recipe config, seed, data order and number of tokens; only ``--optim`` and
-``--learning_rate`` change. Each run is a fresh subprocess (so peak memory is per run). Output in
-``--out_dir`` (default ``outputs/compare``): ``compare.md`` (the table), ``compare.json`` (every
-run's metrics and loss history), ``loss_curves.png`` (train and eval loss of each optimizer's best
-learning rate) and ``lr_sensitivity.png`` (final eval loss against learning rate). ``sgd_sai`` runs
-also track g-SNR drift (``--gsnr_track_every``, default every quarter of the run): the table's last
-column says how far the blocks' g-SNR moved from the one their scales were fixed with.
+The recipe (``scripts/pretrain_gpt2.py`` or ``scripts/finetune_llama_lora.py``) is chosen from the
+config (a config with ``lora_r`` is the LoRA recipe; ``--recipe`` overrides). Every run uses the same
+recipe config, data and number of steps; only the optimizer, ``--learning_rate`` and ``--seed``
+(model initialisation and data order) change. Each run is a fresh subprocess (so peak memory is per
+run), in ``--out_dir/runs/<name>-lr<lr>-seed<seed>``; ``--resume`` reuses finished runs with the
+same arguments. Output in ``--out_dir`` (default ``outputs/compare``): ``compare.md`` (mean ± std
+over seeds per optimizer and lr), ``compare.json`` (the aggregate rows, one row per run with its
+seed, and every run's loss history), ``loss_curves.png`` (train and eval loss of each optimizer's
+best learning rate: the seeds' mean with a ± std band) and ``lr_sensitivity.png`` (final eval loss
+against learning rate, ± std bars). ``sgd_sai`` runs also track g-SNR drift
+(``--gsnr_track_every``, default every quarter of the run): the table's last column says how far
+the blocks' g-SNR moved from the one their scales were fixed with.
 
-Learning-rate grids (``--grid`` overrides, e.g. ``--grid sgd_sai=1e-4,1e-3``):
+Optimizers are ``--optim`` names, plus ``sgd_sai_sqrt_numel``: ``sgd_sai`` with
+``scale_rule=sqrt_numel`` (sqrt(numel) in place of each block's g-SNR, the authors' later variant;
+the ablation of what the g-SNR adds).
 
-* ``sgd_sai``            3e-4, 1e-3, 3e-3, 1e-2  (raw g-SNR scales: AdamW's order of magnitude and above)
-* ``adamw_torch_fused``  3e-4, 1e-3, 3e-3
-* ``adam_mini``          3e-4, 1e-3, 3e-3
-* ``sgd`` (momentum 0.9) 1e-2, 3e-2, 1e-1, 3e-1
+Learning-rate grids (``--grid`` overrides, e.g. ``--grid sgd_sai=1e-4,1e-3``), GPT-2 recipe:
 
-(the SGD grids reach one point further: on the offline default their best was at 3e-3 and 1e-1.)
+* ``sgd_sai``, ``sgd_sai_sqrt_numel``  3e-4, 1e-3, 3e-3, 1e-2
+* ``adamw_torch_fused``, ``adam_mini``  3e-4, 1e-3, 3e-3
+* ``sgd`` (momentum 0.9)               1e-2, 3e-2, 1e-1, 3e-1
+
+LoRA recipe: ``sgd_sai`` and ``sgd_sai_sqrt_numel`` 3e-3 .. 3e-1, ``adamw_torch_fused`` and
+``adam_mini`` 1e-4 .. 1e-2, ``sgd`` 3e-2 .. 1 (factors of ~3).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
+import statistics
 import resource
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Learning-rate grid of each optimizer (``--optim`` name -> lrs).
+#: Learning-rate grid of each optimizer (name -> lrs), per recipe.
 DEFAULT_GRIDS: dict[str, list[float]] = {
     "sgd_sai": [3e-4, 1e-3, 3e-3, 1e-2],
+    "sgd_sai_sqrt_numel": [3e-4, 1e-3, 3e-3, 1e-2],
     "adamw_torch_fused": [3e-4, 1e-3, 3e-3],
     "adam_mini": [3e-4, 1e-3, 3e-3],
     "sgd": [1e-2, 3e-2, 1e-1, 3e-1],
 }
+LORA_GRIDS: dict[str, list[float]] = {
+    "sgd_sai": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+    "sgd_sai_sqrt_numel": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+    "adamw_torch_fused": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "adam_mini": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "sgd": [3e-2, 1e-1, 3e-1, 1.0],
+}
+#: Optimizers run by default (``--optimizers``).
+DEFAULT_OPTIMIZERS = ("sgd_sai", "adamw_torch_fused", "adam_mini", "sgd")
+#: Recipe scripts (``--recipe``), each with its default grids.
+RECIPES: dict[str, tuple[str, dict[str, list[float]]]] = {
+    "gpt2": ("pretrain_gpt2", DEFAULT_GRIDS),
+    "lora": ("finetune_llama_lora", LORA_GRIDS),
+}
+#: Comparison names that are an ``--optim`` with extra ``--optim_args`` (added to the config's).
+VARIANTS: dict[str, tuple[str, str]] = {"sgd_sai_sqrt_numel": ("sgd_sai", "scale_rule=sqrt_numel")}
 #: ``--optim_args`` of each optimizer. The recipe config's own ``optim_args`` are meant for its
 #: ``optim`` (SGD-SaI in the shipped configs), so ``sgd_sai`` keeps them and every other optimizer
 #: gets these (none, unless listed).
 OPTIM_ARGS: dict[str, str] = {"sgd": "momentum=0.9"}
 
 
-def optim_overrides(optim: str) -> list[str]:
-    """The ``--optim_args`` override of ``optim``'s runs (none for ``sgd_sai``: the config's)."""
-    return [] if optim == "sgd_sai" else ["--optim_args", OPTIM_ARGS.get(optim, "")]
-#: ``--quick``: a tiny model for a few steps, the lowest and highest point of each grid.
-QUICK_OVERRIDES = [
-    "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--tokenizer_vocab_size", "512",
-    "--corpus_max_files", "30", "--block_size", "64", "--max_steps", "12", "--warmup_steps", "2",
-    "--eval_steps", "6", "--logging_steps", "2", "--per_device_train_batch_size", "8",
-    "--max_eval_samples", "16", "--eval_on_start", "true",
-]
+def optim_overrides(name: str, config_optim_args: str | None = None) -> list[str]:
+    """``--optim`` and ``--optim_args`` of comparison ``name``: ``sgd_sai`` keeps the config's
+    ``optim_args`` (no override), a :data:`VARIANTS` entry adds its own to them, any other optimizer
+    gets :data:`OPTIM_ARGS`."""
+    optim, added = VARIANTS.get(name, (name, ""))
+    if optim != "sgd_sai":
+        return ["--optim", optim, "--optim_args", OPTIM_ARGS.get(optim, "")]
+    if not added:
+        return ["--optim", optim]
+    return ["--optim", optim, "--optim_args", ",".join(filter(None, [config_optim_args, added]))]
+
+
+def recipe_of(config: dict[str, Any], choice: str | None) -> str:
+    """``--recipe`` if given, else ``lora`` for a config with ``lora_r`` and ``gpt2`` otherwise."""
+    if choice is not None:
+        return choice
+    return "lora" if "lora_r" in config else "gpt2"
+
+
+#: ``--quick``: a tiny model for a few steps, the lowest and highest point of each grid (per recipe).
+QUICK_SCHEDULE = [
+    "--tokenizer_vocab_size", "512", "--corpus_max_files", "30", "--max_steps", "12", "--warmup_steps", "2",
+    "--eval_steps", "6", "--logging_steps", "2", "--per_device_train_batch_size", "8", "--max_eval_samples", "16",
+    "--eval_on_start", "true",
+]  # fmt: skip
+QUICK_OVERRIDES: dict[str, list[str]] = {
+    "gpt2": ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--block_size", "64", *QUICK_SCHEDULE],
+    "lora": [
+        "--hidden_size", "32", "--intermediate_size", "64", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+        "--num_key_value_heads", "1", "--base_pretrain_steps", "3", "--block_size", "96", "--lora_r", "4",
+        "--lora_alpha", "8", *QUICK_SCHEDULE,
+    ],
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- one run (child)
@@ -72,7 +126,7 @@ def _single_run(spec: dict[str, Any]) -> None:
     from transformers import trainer as trainer_module
 
     class StepTimer(TrainerCallback):
-        """Wall time of the training steps alone (evaluations excluded) and optimizer-state bytes."""
+        """Wall time of the training steps alone (evaluations excluded) and the largest optimizer-state bytes."""
 
         def __init__(self) -> None:
             self.seconds = 0.0
@@ -85,21 +139,23 @@ def _single_run(spec: dict[str, Any]) -> None:
 
         def on_step_end(self, args, state, control, optimizer=None, model=None, **kwargs):
             self.seconds += time.perf_counter() - self._start
+            # the largest state of the run (deferred blocks, e.g. LoRA's lora_A, get theirs after step 1)
+            self.state_bytes = max(self.state_bytes, optimizer_state_bytes(optimizer))
             if state.global_step == 1:
-                self.state_bytes = optimizer_state_bytes(optimizer)
                 self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
     timer = StepTimer()
     trainer_module.DEFAULT_CALLBACKS.append(timer)  # every Trainer of this process reports to it
-    import pretrain_gpt2
+    recipe = importlib.import_module(spec["recipe_module"])
 
-    result = pretrain_gpt2.main(spec["argv"])
+    result = recipe.main(spec["argv"])
     args = result.trainer.args
     tokens = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * spec["block_size"]
     out = {
         "argv": spec["argv"],
         "optim": spec["optim"],
         "learning_rate": spec["learning_rate"],
+        "seed": spec["seed"],
         "metrics": result.metrics,
         "log_history": result.trainer.state.log_history,
         "state_bytes": timer.state_bytes,
@@ -122,9 +178,11 @@ def optimizer_state_bytes(optimizer: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- the sweep (parent)
-def parse_grid(items: Sequence[str], optimizers: Sequence[str]) -> dict[str, list[float]]:
-    """``DEFAULT_GRIDS`` restricted to ``optimizers``, with ``name=lr,lr`` overrides."""
-    grids = {name: list(DEFAULT_GRIDS.get(name, [1e-3])) for name in optimizers}
+def parse_grid(
+    items: Sequence[str], optimizers: Sequence[str], defaults: dict[str, list[float]] = DEFAULT_GRIDS
+) -> dict[str, list[float]]:
+    """``defaults`` restricted to ``optimizers``, with ``name=lr,lr`` overrides."""
+    grids = {name: list(defaults.get(name, [1e-3])) for name in optimizers}
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or name not in grids:
@@ -136,30 +194,40 @@ def parse_grid(items: Sequence[str], optimizers: Sequence[str]) -> dict[str, lis
     return grids
 
 
-def run_one(
-    config: str,
-    optim: str,
-    lr: float,
-    out_dir: Path,
-    extra: Sequence[str],
-    block_size: int,
-    gsnr_track_every: int = 0,
-    resume: bool = False,
-) -> dict[str, Any]:
-    """Run one (optimizer, lr) point in a fresh interpreter and return its measurements.
+@dataclass(frozen=True)
+class Sweep:
+    """What every run of one comparison shares."""
 
-    ``sgd_sai`` runs also track g-SNR drift every ``gsnr_track_every`` steps (0: off). With
-    ``resume``, a finished run of the same arguments in ``out_dir`` is reused instead."""
-    if optim == "sgd_sai" and gsnr_track_every:
-        extra = [*extra, "--gsnr_track_every", str(gsnr_track_every)]
-    run_dir = out_dir / "runs" / f"{optim}-lr{lr:g}"
+    config: str
+    recipe: str
+    out_dir: Path
+    extra: Sequence[str]
+    block_size: int
+    config_optim_args: str | None = None
+    gsnr_track_every: int = 0
+    resume: bool = False
+
+
+def run_one(sweep: Sweep, optim: str, lr: float, seed: int) -> dict[str, Any]:
+    """Run one (optimizer, lr, seed) point in a fresh interpreter and return its measurements.
+
+    ``sgd_sai`` runs (and its variants) also track g-SNR drift every ``sweep.gsnr_track_every``
+    steps (0: off). With ``sweep.resume``, a finished run of the same arguments is reused instead."""
+    extra = list(sweep.extra)
+    overrides = optim_overrides(optim, sweep.config_optim_args)
+    if overrides[1] == "sgd_sai" and sweep.gsnr_track_every:
+        extra += ["--gsnr_track_every", str(sweep.gsnr_track_every)]
+    run_dir = sweep.out_dir / "runs" / f"{optim}-lr{lr:g}-seed{seed}"
     result_file = run_dir / "result.json"
     argv = [
-        config, "--optim", optim, "--learning_rate", repr(lr), "--output_dir", str(run_dir),
-        "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
-        *optim_overrides(optim), *extra,
+        sweep.config, *overrides, "--learning_rate", repr(lr), "--seed", str(seed), "--output_dir", str(run_dir),
+        "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", *extra,
     ]  # fmt: skip
-    spec = {"argv": argv, "optim": optim, "learning_rate": lr, "result": str(result_file), "block_size": block_size}
+    spec = {
+        "argv": argv, "optim": optim, "learning_rate": lr, "seed": seed, "result": str(result_file),
+        "block_size": sweep.block_size, "recipe_module": RECIPES[sweep.recipe][0],
+    }  # fmt: skip
+    resume = sweep.resume
     if resume and result_file.is_file():
         previous = json.loads(result_file.read_text())
         if previous.get("argv") == argv:
@@ -187,7 +255,7 @@ def train_losses(run: dict[str, Any]) -> list[tuple[int, float]]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run: best and final eval loss, perplexity, tokens/s, memory."""
+    """One row per run: best and final eval loss, perplexity, tokens/s, memory, seed."""
     rows = []
     for run in runs:
         evals = [loss for _, loss in eval_losses(run)]
@@ -196,9 +264,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "optim": run["optim"],
                 "learning_rate": run["learning_rate"],
+                "seed": run.get("seed"),
                 "best_eval_loss": min(evals + [final]),
                 "final_eval_loss": final,
-                "perplexity": math.exp(final) if final < 50 else float("inf"),
+                "perplexity": perplexity(final),
                 "tokens_per_second": run["tokens_per_second"],
                 "state_bytes": run["state_bytes"],
                 "state_over_params": run["state_bytes"] / run["param_bytes"] if run["param_bytes"] else float("nan"),
@@ -207,6 +276,48 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for one value) of ``values``; NaN mean if any is not finite."""
+    if not values or not all(math.isfinite(v) for v in values):
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (optimizer, lr): the per-run rows' means, the final eval loss's std and seeds."""
+    grouped: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault((row["optim"], row["learning_rate"]), []).append(row)
+    out = []
+    for (optim, lr), members in grouped.items():
+        final, final_std = mean_std([r["final_eval_loss"] for r in members])
+        best, _ = mean_std([r["best_eval_loss"] for r in members])
+        first = members[0]
+        out.append(
+            {
+                **{k: v for k, v in first.items() if k.startswith("drift_")},
+                "optim": optim,
+                "learning_rate": lr,
+                "seeds": [r["seed"] for r in members],
+                "final_eval_loss": final,
+                "final_eval_loss_std": final_std,
+                "best_eval_loss": best,
+                "perplexity": perplexity(final),
+                "tokens_per_second": statistics.fmean(r["tokens_per_second"] for r in members),
+                "state_bytes": first["state_bytes"],
+                "state_over_params": first["state_over_params"],
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in members),
+            }
+        )
+    return out
+
+
+def perplexity(loss: float) -> float:
+    from sai_hf.recipes.metrics import perplexity as recipe_perplexity
+
+    return recipe_perplexity(loss) if math.isfinite(loss) else float("nan")
 
 
 def last_drift(run: dict[str, Any]) -> dict[str, float]:
@@ -224,6 +335,7 @@ def last_drift(run: dict[str, Any]) -> dict[str, float]:
 
 
 def best_per_optimizer(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each optimizer's (aggregate) row with the lowest mean final eval loss."""
     best: dict[str, dict[str, Any]] = {}
     for row in rows:
         if row["optim"] not in best or _key(row) < _key(best[row["optim"]]):
@@ -237,21 +349,42 @@ def _key(row: dict[str, Any]) -> float:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The aggregate rows as a table (best lr of each optimizer marked)."""
     best = best_per_optimizer(rows)
     lines = [
-        "| optimizer | lr | best eval loss | final eval loss | perplexity | tokens/s | optimizer state | state / params "
-        "| peak RSS | g-SNR drift at the end (Spearman / max / median ratio) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| optimizer | lr | seeds | final eval loss (mean ± std) | best eval loss | perplexity | tokens/s "
+        "| optimizer state | state / params | peak RSS | g-SNR drift at the end (Spearman / max / median ratio) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in sorted(rows, key=lambda r: (r["optim"], r["learning_rate"])):
         mark = " **(best)**" if best[row["optim"]] is row else ""
+        spread = f" ± {row['final_eval_loss_std']:.3f}" if len(row["seeds"]) > 1 else ""
         lines.append(
-            f"| {row['optim']}{mark} | {row['learning_rate']:g} | {row['best_eval_loss']:.3f} | "
-            f"{row['final_eval_loss']:.3f} | {row['perplexity']:.1f} | {row['tokens_per_second']:.0f} | "
-            f"{row['state_bytes'] / 2**20:.2f} MiB | {row['state_over_params']:.2f}x | {row['peak_rss_mb']:.0f} MB | "
-            f"{drift_cell(row)} |"
+            f"| {row['optim']}{mark} | {row['learning_rate']:g} | {len(row['seeds'])} | "
+            f"{row['final_eval_loss']:.3f}{spread} | {row['best_eval_loss']:.3f} | {row['perplexity']:.1f} | "
+            f"{row['tokens_per_second']:.0f} | {row['state_bytes'] / 2**20:.2f} MiB | {row['state_over_params']:.2f}x | "
+            f"{row['peak_rss_mb']:.0f} MB | {drift_cell(row)} |"
         )
     return "\n".join(lines)
+
+
+def separations(rows: list[dict[str, Any]]) -> list[str]:
+    """For each pair of optimizers' best rows run with several seeds: is the difference of their
+    mean final eval losses larger than the sum of their stds (the seed spread)?"""
+    best = sorted(best_per_optimizer(rows).values(), key=_key)
+    out = []
+    for i, a in enumerate(best):
+        for b in best[i + 1 :]:
+            if len(a["seeds"]) < 2 or len(b["seeds"]) < 2:
+                continue
+            gap = b["final_eval_loss"] - a["final_eval_loss"]
+            spread = a["final_eval_loss_std"] + b["final_eval_loss_std"]
+            verdict = "larger than" if gap > spread else "within"
+            out.append(
+                f"{a['optim']} (lr {a['learning_rate']:g}) vs {b['optim']} (lr {b['learning_rate']:g}): "
+                f"{gap:+.3f}, {verdict} the seed spread ({spread:.3f} = sum of the stds)"
+            )
+    return out
 
 
 def drift_cell(row: dict[str, Any]) -> str:
@@ -263,65 +396,63 @@ def drift_cell(row: dict[str, Any]) -> str:
     )
 
 
-def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
-    """Label ``ax``, add its legend, write ``fig`` to ``path`` and close it."""
-    import matplotlib.pyplot as plt
-
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def mean_curve(runs: list[dict[str, Any]], curve: Any) -> tuple[list[int], list[float], list[float]]:
+    """Steps every run logged in ``curve(run)``, with the runs' mean and std there."""
+    points = [dict(curve(run)) for run in runs]
+    steps = sorted(set.intersection(*(set(p) for p in points))) if points else []
+    stats = [mean_std([p[s] for p in points]) for s in steps]
+    return steps, [m for m, _ in stats], [sd for _, sd in stats]
 
 
-def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """``loss_curves.png`` (best lr of each optimizer) and ``lr_sensitivity.png``."""
+def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
+    """``loss_curves.png`` (best lr of each optimizer: seed mean, ± std band) and ``lr_sensitivity.png``."""
+    from sai_hf.plots import figure, save_figure
+
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        fig, ax = figure((8, 5))
     except ImportError:
         print("matplotlib not installed: no plots (pip install 'sai-hf[plots]')")
         return []
     best = best_per_optimizer(rows)
-    palette = plt.get_cmap("tab10")
-    colors = {name: palette(i) for i, name in enumerate(sorted(best))}
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for run in runs:
-        if best[run["optim"]]["learning_rate"] != run["learning_rate"]:
-            continue
-        label = f"{run['optim']} lr={run['learning_rate']:g}"
-        steps, losses = zip(*train_losses(run)) if train_losses(run) else ((), ())
-        ax.plot(steps, losses, color=colors[run["optim"]], alpha=0.45, lw=1)
-        if eval_losses(run):
-            steps, losses = zip(*eval_losses(run))
-            ax.plot(steps, losses, "o-", color=colors[run["optim"]], label=f"{label} (eval)")
-    curves = _save(
-        fig, ax, "step", "loss (faint: train, markers: eval)", "GPT-2 recipe: best learning rate of each optimizer",
-        out_dir / "loss_curves.png",
+    colors = {name: f"C{i}" for i, name in enumerate(sorted(best))}
+    for name, row in sorted(best.items()):
+        chosen = [r for r in runs if r["optim"] == name and r["learning_rate"] == row["learning_rate"]]
+        label = f"{name} lr={row['learning_rate']:g}" + (f" ({len(chosen)} seeds)" if len(chosen) > 1 else "")
+        steps, mean, std = mean_curve(chosen, train_losses)
+        ax.plot(steps, mean, color=colors[name], alpha=0.45, lw=1)
+        steps, mean, std = mean_curve(chosen, eval_losses)
+        if steps:
+            ax.plot(steps, mean, "o-", color=colors[name], label=f"{label} (eval)")
+            if len(chosen) > 1:
+                low = [m - s for m, s in zip(mean, std)]
+                high = [m + s for m, s in zip(mean, std)]
+                ax.fill_between(steps, low, high, color=colors[name], alpha=0.2)
+    ax.set_ylim(top=min(ax.get_ylim()[1], 1.5 * max((r["final_eval_loss"] for r in best.values()), default=1)))
+    curves = save_figure(
+        fig, ax, out_dir / "loss_curves.png", xlabel="step", ylabel="loss (faint: train, markers: eval; band: ± std)",
+        title=f"{title}: best learning rate of each optimizer",
     )  # fmt: skip
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = figure((7, 5))
     for name in sorted(best):
-        points = sorted((r["learning_rate"], r["final_eval_loss"]) for r in rows if r["optim"] == name)
-        lrs, losses = zip(*points)
-        ax.plot(lrs, [l if math.isfinite(l) else float("nan") for l in losses], "o-", color=colors[name], label=name)
+        points = sorted((r["learning_rate"], r["final_eval_loss"], r["final_eval_loss_std"]) for r in rows if r["optim"] == name)
+        lrs, losses, stds = zip(*points)
+        ax.errorbar(lrs, losses, yerr=[s if math.isfinite(s) else 0 for s in stds], fmt="o-", color=colors[name], label=name, capsize=3)
     ax.set_xscale("log")
-    sensitivity = _save(
-        fig, ax, "learning rate", "final eval loss", "Learning-rate sensitivity", out_dir / "lr_sensitivity.png"
-    )
+    sensitivity = save_figure(
+        fig, ax, out_dir / "lr_sensitivity.png", xlabel="learning rate", ylabel="final eval loss (± std over seeds)",
+        title=f"{title}: learning-rate sensitivity",
+    )  # fmt: skip
     return [curves, sensitivity]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "gpt2-local.yaml"), help="recipe config")
-    parser.add_argument("--optimizers", default=",".join(DEFAULT_GRIDS), help="comma-separated --optim names")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="default: from the config")
+    parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help="comma-separated names")
     parser.add_argument("--grid", action="append", default=[], metavar="NAME=LR,LR", help="override a grid")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's seed)")
     parser.add_argument("--out_dir", type=Path, default=ROOT / "outputs" / "compare")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps, two lrs each (CI smoke test)")
     parser.add_argument("--max_steps", type=int, default=None, help="override the config's max_steps")
@@ -343,12 +474,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from sai_hf.recipes.config import load_yaml_config
 
     config = load_yaml_config(args.config)
+    recipe = recipe_of(config, args.recipe)
     optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
-    grids = parse_grid(args.grid, optimizers)
+    grids = parse_grid(args.grid, optimizers, RECIPES[recipe][1])
+    seeds = parse_seeds(args.seeds, config.get("seed", 42))
     extra = list(recipe_overrides)
     if args.quick:
         grids = {name: [lrs[0], lrs[-1]] if len(lrs) > 1 else lrs for name, lrs in grids.items()}
-        extra = QUICK_OVERRIDES + extra
+        extra = QUICK_OVERRIDES[recipe] + extra
     if args.max_steps is not None:
         extra += ["--max_steps", str(args.max_steps)]
     block_size = int(_last_override(extra, "--block_size", config.get("block_size", 128)))
@@ -356,33 +489,59 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     default_every = max(1, max_steps // 4) if max_steps > 0 else 0
     track_every = args.gsnr_track_every if args.gsnr_track_every is not None else default_every
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    sweep = Sweep(
+        args.config, recipe, args.out_dir, extra, block_size, config.get("optim_args"), track_every, args.resume
+    )
 
     runs = []
     started = time.perf_counter()
     for optim in optimizers:
         for lr in grids[optim]:
-            print(f"[compare] {optim} lr={lr:g} ...", flush=True)
-            runs.append(run_one(args.config, optim, lr, args.out_dir, extra, block_size, track_every, args.resume))
-    rows = summarize(runs)
+            for seed in seeds:
+                print(f"[compare] {optim} lr={lr:g} seed={seed} ...", flush=True)
+                runs.append(run_one(sweep, optim, lr, seed))
+    per_run = summarize(runs)
+    rows = aggregate(per_run)
     table = markdown_table(rows)
+    spreads = separations(rows)
     report = {
         "config": args.config,
+        "recipe": recipe,
         "overrides": extra,
         "grids": grids,
+        "seeds": seeds,
         "gsnr_track_every": track_every,
         "rows": rows,
+        "per_run": per_run,
+        "separations": spreads,
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     (args.out_dir / "compare.json").write_text(json.dumps(report, indent=1, default=float))
-    (args.out_dir / "compare.md").write_text(table + "\n")
-    pictures = plot(runs, rows, args.out_dir)
+    (args.out_dir / "compare.md").write_text(table + "\n" + "".join(f"\n- {line}" for line in spreads) + "\n")
+    title = "LoRA recipe" if recipe == "lora" else "GPT-2 recipe"
+    pictures = plot(runs, rows, args.out_dir, title)
     print(table)
+    for line in spreads:
+        print(f"- {line}")
     print(f"[compare] {len(runs)} runs in {report['wall_seconds'] / 60:.1f} min; results in {args.out_dir}")
     for path in pictures:
         print(f"[compare] wrote {path}")
     return report
+
+
+def parse_seeds(text: str | None, default: int) -> list[int]:
+    """``--seeds 1,2,3`` as ints (the config's seed when not given)."""
+    if text is None:
+        return [int(default)]
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected comma-separated integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: expected distinct integers")
+    return seeds
 
 
 def _last_override(tokens: Sequence[str], flag: str, default: Any) -> Any:

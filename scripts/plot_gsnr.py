@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Render a run's g-SNR: ``python scripts/plot_gsnr.py OUTPUT_DIR``.
 
-Writes ``gsnr.png`` (per-block bar chart of ``gsnr.json``, log scale, grouped by layer type) and,
+Writes ``gsnr.png`` (per-block bar chart of ``gsnr.json``, log scale, grouped by layer type; ``--key
+gsnr_over_sqrt_numel`` shows how far each block's g-SNR is from sqrt(numel), ``--key scale`` the
+scales) and,
 when the run tracked drift (``GSNRCallback(track_every=N)`` / recipe flag ``--gsnr_track_every N``),
 ``gsnr_history.png`` (g-SNR per block over training) next to the JSON files.
 """
@@ -19,7 +21,7 @@ from sai_hf.plots import plot_gsnr_bars, plot_gsnr_history
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a Trainer output_dir containing gsnr.json")
-    parser.add_argument("--key", default="gsnr", choices=["gsnr", "scale"], help="what to plot per block")
+    parser.add_argument("--key", default="gsnr", choices=["gsnr", "scale", "gsnr_over_sqrt_numel"], help="what to plot per block")
     args = parser.parse_args(argv)
     report_path = args.run_dir / "gsnr.json"
     if not report_path.is_file():

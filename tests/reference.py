@@ -9,6 +9,8 @@ Equations (one block = one parameter tensor)::
     gsnr   = ||g|| / (std(g) + eps)        ||g||^2 = sum |g_j|^2,  std^2 = sum |g_j - mean|^2 / (n - 1)
     scale  = gsnr                          normalize="none"
     scale  = gsnr / gsnr_max               normalize="max"
+    (scale_rule="sqrt_numel": sqrt(numel) in place of gsnr, and gsnr_max = max sqrt(numel) of the
+    first scaling step; gsnr is still measured and stored, 0 for a degenerate block)
     g      = -g                            maximize
     m_1    = g_1;  m_t = mu m_{t-1} + (1 - mu) g_t        (mu = 0: m = g, no buffer)
     p      = p (1 - lr wd) - lr scale m
@@ -108,10 +110,11 @@ class ReferenceSGDSaI:
     (``lr``, ``momentum``, ``weight_decay``, ``eps``, ``maximize``; missing ones take ``defaults``,
     then SGDSaI's documented defaults). Blocks are numbered in group order."""
 
-    def __init__(self, groups: list[dict], normalize: str = "none", **defaults) -> None:
-        if normalize not in ("none", "max"):
-            raise ValueError(normalize)
+    def __init__(self, groups: list[dict], normalize: str = "none", scale_rule: str = "gsnr", **defaults) -> None:
+        if normalize not in ("none", "max") or scale_rule not in ("gsnr", "sqrt_numel"):
+            raise ValueError((normalize, scale_rule))
         self.normalize = normalize
+        self.scale_rule = scale_rule
         self.blocks: list[Block] = []
         for spec in groups:
             hyper = {k: spec.get(k, defaults.get(k, v)) for k, v in GROUP_DEFAULTS.items()}
@@ -134,17 +137,26 @@ class ReferenceSGDSaI:
         if not new:
             return
         self.scaling_started = True
+        sqrt_numel = self.scale_rule == "sqrt_numel"
         if self.gsnr_max is None:  # set at the first scaling step that has a well-defined g-SNR
-            well_defined = [v for _, s, v in new if s == SCALED]
+            if sqrt_numel:
+                well_defined = [math.sqrt(self.blocks[i].param.numel()) for i, _, _ in new]
+            else:
+                well_defined = [v for _, s, v in new if s == SCALED]
             self.gsnr_max = max(well_defined) if well_defined else None
         divisor = self.gsnr_max if self.gsnr_max is not None else 1.0
         for i, status, gsnr in new:
             b = self.blocks[i]
-            if status == DEGENERATE:
-                gsnr = divisor
-                self.degenerate_blocks.append(i)
+            if sqrt_numel:
+                gsnr = gsnr if status == SCALED else 0.0
+                basis = math.sqrt(b.param.numel())
+            else:
+                if status == DEGENERATE:
+                    gsnr = divisor
+                    self.degenerate_blocks.append(i)
+                basis = gsnr
             b.status, b.gsnr, b.eps_free = status, gsnr, not first
-            b.scale = gsnr / divisor if self.normalize == "max" else gsnr
+            b.scale = basis / divisor if self.normalize == "max" else basis
 
     # -------------------------------------------------------------- update
     def step(self, grads: list[Tensor | None]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_optimizers.p
 def _compare_module():
     spec = importlib.util.spec_from_file_location("compare_optimizers", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -49,6 +51,7 @@ def test_quick_comparison_produces_table_json_and_plots(tmp_path, capsys):
     assert report["gsnr_track_every"] == 3
     assert all(r["drift_step"] == 12 and -1.0 <= r["drift_spearman"] <= 1.0 for r in rows if r["optim"] == "sgd_sai")
     assert all("drift_spearman" not in r for r in rows if r["optim"] != "sgd_sai")
+    assert all(r["seed"] == 42 for r in report["per_run"])  # the config's seed
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert len(saved["runs"]) == 5 and all(run["log_history"] for run in saved["runs"])
     assert "| sgd_sai" in (tmp_path / "compare.md").read_text()
@@ -62,6 +65,66 @@ def test_quick_comparison_produces_table_json_and_plots(tmp_path, capsys):
 
 def test_config_optim_args_stay_with_sgd_sai():
     compare = _compare_module()
-    assert compare.optim_overrides("sgd_sai") == []
-    assert compare.optim_overrides("sgd") == ["--optim_args", "momentum=0.9"]
-    assert compare.optim_overrides("adam_mini") == ["--optim_args", ""]
+    assert compare.optim_overrides("sgd_sai", "momentum=0.9") == ["--optim", "sgd_sai"]
+    assert compare.optim_overrides("sgd") == ["--optim", "sgd", "--optim_args", "momentum=0.9"]
+    assert compare.optim_overrides("adam_mini", "momentum=0.9") == ["--optim", "adam_mini", "--optim_args", ""]
+    # the sqrt(numel) ablation is sgd_sai with the config's optim_args plus scale_rule
+    assert compare.optim_overrides("sgd_sai_sqrt_numel", "momentum=0.9") == [
+        "--optim", "sgd_sai", "--optim_args", "momentum=0.9,scale_rule=sqrt_numel",
+    ]  # fmt: skip
+    assert compare.optim_overrides("sgd_sai_sqrt_numel", None)[-1] == "scale_rule=sqrt_numel"
+
+
+def test_recipe_seeds_and_aggregation():
+    compare = _compare_module()
+    assert compare.recipe_of({"lora_r": 8}, None) == "lora" and compare.recipe_of({}, None) == "gpt2"
+    assert compare.recipe_of({"lora_r": 8}, "gpt2") == "gpt2"
+    assert compare.parse_seeds(None, 42) == [42] and compare.parse_seeds("1,2,3", 42) == [1, 2, 3]
+    for bad in ("1,1", "a", ""):
+        with pytest.raises(ValueError, match="--seeds"):
+            compare.parse_seeds(bad, 42)
+    base = {"best_eval_loss": 0.0, "tokens_per_second": 1.0, "state_bytes": 8, "state_over_params": 1.0, "peak_rss_mb": 1}
+    per_run = [
+        {**base, "optim": "a", "learning_rate": 0.1, "seed": 1, "final_eval_loss": 2.0},
+        {**base, "optim": "a", "learning_rate": 0.1, "seed": 2, "final_eval_loss": 2.2},
+        {**base, "optim": "a", "learning_rate": 0.3, "seed": 1, "final_eval_loss": float("nan")},
+        {**base, "optim": "b", "learning_rate": 0.1, "seed": 1, "final_eval_loss": 3.0},
+        {**base, "optim": "b", "learning_rate": 0.1, "seed": 2, "final_eval_loss": 3.0},
+    ]
+    rows = {(r["optim"], r["learning_rate"]): r for r in compare.aggregate(per_run)}
+    assert rows["a", 0.1]["final_eval_loss"] == pytest.approx(2.1) and rows["a", 0.1]["seeds"] == [1, 2]
+    assert rows["a", 0.1]["final_eval_loss_std"] == pytest.approx(0.1414213, rel=1e-5)
+    assert math.isnan(rows["a", 0.3]["final_eval_loss"])  # a diverged seed is not averaged away
+    best = compare.best_per_optimizer(list(rows.values()))
+    assert best["a"]["learning_rate"] == 0.1
+    (line,) = compare.separations(list(rows.values()))
+    assert line.startswith("a (lr 0.1) vs b (lr 0.1): +0.900, larger than")
+
+
+@pytest.mark.slow
+def test_lora_comparison_with_seeds_and_the_sqrt_numel_ablation(tmp_path):
+    """The LoRA recipe through compare: two seeds per point, per-seed rows, mean ± std, and
+    sgd_sai_sqrt_numel really running with scale_rule=sqrt_numel."""
+    compare = _compare_module()
+    argv = ["--quick", "--config", str(SCRIPT.parents[1] / "configs" / "llama-lora-local.yaml"),
+            "--optimizers", "sgd_sai,sgd_sai_sqrt_numel", "--grid", "sgd_sai=0.1", "--grid", "sgd_sai_sqrt_numel=0.1",
+            "--seeds", "3,4", "--out_dir", str(tmp_path)]  # fmt: skip
+    report = compare.main(argv)
+    assert report["recipe"] == "lora" and report["seeds"] == [3, 4]
+    assert sorted((r["optim"], r["seed"]) for r in report["per_run"]) == [
+        ("sgd_sai", 3), ("sgd_sai", 4), ("sgd_sai_sqrt_numel", 3), ("sgd_sai_sqrt_numel", 4),
+    ]  # fmt: skip
+    finals = {(r["optim"], r["seed"]): r["final_eval_loss"] for r in report["per_run"]}
+    assert finals["sgd_sai", 3] != finals["sgd_sai", 4]  # the seed reaches the run
+    for row in report["rows"]:
+        assert row["seeds"] == [3, 4] and row["final_eval_loss_std"] > 0
+    reports = {
+        optim: json.loads((tmp_path / "runs" / f"{optim}-lr0.1-seed3" / "gsnr.json").read_text())
+        for optim in ("sgd_sai", "sgd_sai_sqrt_numel")
+    }
+    assert any(name.endswith("lora_A.default.weight") for name in reports["sgd_sai_sqrt_numel"])  # deferred, then scaled
+    for name, entry in reports["sgd_sai_sqrt_numel"].items():
+        assert entry["scale"] == pytest.approx(math.sqrt(entry["numel"]), rel=1e-12), name
+    assert any(e["scale"] != pytest.approx(math.sqrt(e["numel"]), rel=1e-3) for e in reports["sgd_sai"].values())
+    assert "± " in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000

@@ -341,3 +341,65 @@ def test_mixed_normalize_groups_rejected():
         SGDSaI(
             [{"params": [torch.zeros(2, requires_grad=True)]}, {"params": [torch.zeros(2, requires_grad=True)], "normalize": "max"}]
         )
+
+
+# --------------------------------------------------------------------------- scale_rule="sqrt_numel"
+
+
+@pytest.mark.parametrize("normalize", ["none", "max"])
+def test_sqrt_numel_rule_scales_by_block_size_and_keeps_the_measured_gsnr(normalize):
+    """The authors' later rule: sqrt(numel) in place of the g-SNR (divided by the largest sqrt(numel)
+    of the first scaling step under normalize="max"); the g-SNR is still measured and stored; a
+    constant-gradient block is no special case (no fallback, no warning)."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (17,), (1,), (8, 8)]
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    grads[3] = torch.full((8, 8), 0.25)  # zero variance: degenerate under the g-SNR rule
+    opt = SGDSaI(params, lr=0.1, momentum=0.0, normalize=normalize, scale_rule="sqrt_numel")
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    top = max(math.sqrt(p.numel()) for p in params)
+    for p, g, p0 in zip(params, grads, before):
+        state = opt.state[p]
+        expected = math.sqrt(p.numel()) / (top if normalize == "max" else 1.0)
+        assert state["scale"] == pytest.approx(expected, rel=1e-12)
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * expected * g)
+    assert opt.gsnr_max == pytest.approx(top if normalize == "max" else top)
+    stats = gradient_statistics([grads[0]])
+    measured, _ = gsnr_from_statistics(stats, 1e-8)
+    assert opt.state[params[0]]["gsnr"] == pytest.approx(float(measured[0]), rel=1e-12)
+    assert opt.state[params[3]]["gsnr"] == 0.0  # measured: no usable variance
+
+
+def test_sqrt_numel_rule_still_defers_blocks_without_a_gradient():
+    """Deferred blocks (LoRA's lora_A: zero first gradient) stay untouched until their first usable
+    gradient, then get sqrt(numel) like the others."""
+    a, b = torch.ones(4, 8, requires_grad=True), torch.ones(16, requires_grad=True)
+    opt = SGDSaI([a, b], lr=0.1, weight_decay=0.1, scale_rule="sqrt_numel")
+    a.grad, b.grad = torch.zeros(4, 8), torch.randn(16)
+    opt.step()
+    assert "scale" not in opt.state[a] and torch.equal(a.detach(), torch.ones(4, 8))
+    a.grad = torch.randn(4, 8)
+    opt.step()
+    assert opt.state[a]["scale"] == pytest.approx(math.sqrt(32))
+
+
+def test_scale_rule_is_checked_and_shared_by_every_group():
+    with pytest.raises(ValueError, match="scale_rule='numel'"):
+        SGDSaI([torch.zeros(2, requires_grad=True)], scale_rule="numel")
+    with pytest.raises(ValueError, match="scale_rule"):
+        SGDSaI(
+            [{"params": [torch.zeros(2, requires_grad=True)]},
+             {"params": [torch.zeros(2, requires_grad=True)], "scale_rule": "sqrt_numel"}]
+        )  # fmt: skip
+    opt = SGDSaI([torch.zeros(2, requires_grad=True)], scale_rule="sqrt_numel")
+    state = opt.state_dict()
+    del state["param_groups"][0]["scale_rule"]  # a checkpoint of an earlier version
+    fresh = SGDSaI([torch.zeros(2, requires_grad=True)])
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["scale_rule"] == "gsnr"

@@ -112,6 +112,7 @@ class Case:
     grads: tuple[tuple[str, ...], ...]  # grads[t][i]: kind of block i's gradient at step t + 1
     path: str = "default"
     normalize: str = "none"
+    scale_rule: str = "gsnr"
     maximize: bool = False
     seed: int = 0
     round_trip_after: int | None = None  # state-dict round trip after this many steps
@@ -210,6 +211,7 @@ def cases(
         grads=tuple(grads),
         path=path,
         normalize=draw(st.sampled_from(("none", "max"))),
+        scale_rule=draw(st.sampled_from(("gsnr", "gsnr", "sqrt_numel"))),
         maximize=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
         round_trip_after=draw(st.integers(1, steps - 1)) if round_trip and steps > 1 else None,
@@ -373,6 +375,7 @@ class Run:
                 for k, g in enumerate(self.case.groups)
             ],
             normalize=self.case.normalize,
+            scale_rule=self.case.scale_rule,
         )
         self.overflowed: set[int] = set()
         self.opt: SGDSaI | None = None
@@ -430,7 +433,13 @@ class Run:
                 d["maximize"] = g.maximize
             groups.append(d)
         try:
-            self.opt = SGDSaI(groups, normalize=self.case.normalize, maximize=self.case.maximize, **PATH_FLAGS[self.case.path])
+            self.opt = SGDSaI(
+                groups,
+                normalize=self.case.normalize,
+                scale_rule=self.case.scale_rule,
+                maximize=self.case.maximize,
+                **PATH_FLAGS[self.case.path],
+            )
         except (ValueError, RuntimeError):
             if self.may_refuse():
                 return False

@@ -64,6 +64,21 @@ def test_optim_args_reach_every_constructor_option(tmp_path):
     assert optimizer.param_groups[0]["momentum_dtype"] is torch.bfloat16
 
 
+def test_optim_args_scale_rule_sqrt_numel(tmp_path):
+    """``--optim_args scale_rule=sqrt_numel`` (the authors' later variant) reaches the optimizer and
+    scales by sqrt(numel); a typo names the key's accepted values before training."""
+    args = training_args(tmp_path, optim_args="scale_rule=sqrt_numel")
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert kwargs["scale_rule"] == "sqrt_numel"
+    with pytest.raises(ValueError, match="scale_rule"):
+        Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim_args="scale_rule=sqrt"))
+    trainer = _train(tmp_path, optim_args="scale_rule=sqrt_numel")
+    report = json.loads((tmp_path / "gsnr.json").read_text())
+    assert report and all(e["scale"] == pytest.approx(math.sqrt(e["numel"]), rel=1e-12) for e in report.values())
+    assert all(e["gsnr"] > 0 and e["gsnr"] != e["scale"] for e in report.values() if e["numel"] > 1)
+    assert find_sgd_sai(trainer.optimizer).param_groups[0]["scale_rule"] == "sqrt_numel"
+
+
 def test_trainer_builds_sgd_sai_with_hf_weight_decay_groups(tmp_path):
     model = tiny_gpt2()
     args = training_args(tmp_path, learning_rate=3e-4, weight_decay=0.1, optim_args="momentum=0.8, normalize=max, eps=1e-6")
@@ -124,8 +139,9 @@ def test_training_writes_gsnr_json_and_logs_summary(tmp_path):
     named = dict(trainer.model.named_parameters())
     assert set(report) == {n for n, p in named.items() if p.requires_grad}
     for name, entry in report.items():
-        assert set(entry) == {"gsnr", "scale", "numel"}
+        assert set(entry) == {"gsnr", "scale", "numel", "gsnr_over_sqrt_numel"}
         assert entry["numel"] == named[name].numel()
+        assert entry["gsnr_over_sqrt_numel"] == pytest.approx(entry["gsnr"] / math.sqrt(entry["numel"]), rel=1e-12)
         assert entry["scale"] == sai.state[named[name]]["scale"]
         assert math.isfinite(entry["gsnr"]) and entry["gsnr"] > 0
     summary = next(log for log in trainer.state.log_history if "gsnr/scale_max" in log)

@@ -305,12 +305,13 @@ class ZeroPartitions(BlockLayout):
         step = state["step"]
         started = self._scaling_started_before(optimizer, step)
         values, statuses = optimizer.measured_gsnr(stats, [group["eps"]] * len(pending), eps_free=started)
+        numels = [int(self.blocks[k][i].numel()) for i in pending]
         stored = self._first_step_gsnr_max(optimizer)
         if not started:  # the first scaling step: the max runs over the groups of this step
-            first = optimizer.first_step_gsnr_max(values, statuses)
+            first = optimizer.first_step_gsnr_max(values, statuses, numels, group["scale_rule"])
             candidates = [v for v in (stored, first) if v is not None]
             stored = max(candidates) if candidates else None
-        assigned = optimizer.assigned_scales(values, statuses, stored, group["normalize"])
+        assigned = optimizer.assigned_scales(values, statuses, stored, group["normalize"], numels, group["scale_rule"])
         for partition_state in optimizer.state.values():
             if "blocks" in partition_state:
                 partition_state["gsnr_max"] = stored

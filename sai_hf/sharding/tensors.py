@@ -129,22 +129,25 @@ class TensorBlocks(BlockLayout):
         stats = self._reduced_statistics(todo, reduce_statistics)
         eps = [group_of[id(p)]["eps"] for p in todo]
         values, statuses = optimizer.measured_gsnr(stats, eps, eps_free=scaling_started)
+        rule = optimizer.param_groups[0]["scale_rule"]
+        numels = [self.block_numel(p) for p in todo]
         gsnr_max = optimizer.gsnr_max
         if gsnr_max is None:
-            gsnr_max = optimizer.first_step_gsnr_max(values, statuses)
+            gsnr_max = optimizer.first_step_gsnr_max(values, statuses, numels, rule)
             if gsnr_max is not None:
                 for group in optimizer.param_groups:
                     group["gsnr_max"] = gsnr_max
-        assigned = optimizer.assigned_scales(values, statuses, gsnr_max, optimizer.param_groups[0]["normalize"])
+        normalize = optimizer.param_groups[0]["normalize"]
+        assigned = optimizer.assigned_scales(values, statuses, gsnr_max, normalize, numels, rule)
         records: list[ScaleRecord] = []
-        for p, scaled in zip(todo, assigned):
+        for p, scaled, numel in zip(todo, assigned, numels):
             if scaled is None:
                 continue
             state = optimizer.state[p]
             state["gsnr"] = scaled.gsnr
             state["scale"] = scaled.scale
             state["gsnr_eps_free"] = bool(scaling_started)
-            records.append(ScaleRecord(p, scaled.gsnr, scaled.scale, int(p.numel()), scaled.status))
+            records.append(ScaleRecord(p, scaled.gsnr, scaled.scale, numel, scaled.status))
         return records
 
     def measure_gsnr(self, optimizer: SGDSaI, reduce_statistics: StatisticsReducer | None) -> dict[Tensor, float]:
