@@ -26,12 +26,9 @@ Usage::
     python scripts/bench_optimizers.py --quick              # tiny shapes, 3 repeats (smoke test)
     python scripts/bench_optimizers.py --optimizers sgdsai,sgd-fused,adamw-fused --threads 2
     python scripts/bench_optimizers.py --list               # the optimizer keys
-    python scripts/bench_optimizers.py --e2e --e2e-steps 50 # tokens/s of scripts/pretrain_gpt2.py
 
 Writes ``<out-dir>/bench.json`` and, when matplotlib is installed, ``<out-dir>/bench.png``.
-``--e2e`` instead runs ``scripts/pretrain_gpt2.py configs/gpt2-local.yaml`` for a fixed number of
-steps with ``--optim sgd_sai`` and ``--optim adamw_torch_fused`` (no evaluation, no checkpoints) and
-writes ``<out-dir>/e2e.json`` with the tokens/s ``Trainer`` measured.
+Training throughput of whole recipe runs (tokens/s per optimizer) is ``scripts/compare_optimizers.py``'s.
 """
 
 from __future__ import annotations
@@ -49,11 +46,10 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +59,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # a checkout that is not pip-installed
+from sai_hf.memory import optimizer_state_bytes, tensor_bytes  # noqa: E402
 
 # ----------------------------------------------------------------------------------- model sizes
 
@@ -191,36 +189,6 @@ def build_workload(size: ModelSize, device: torch.device, dtype: torch.dtype, se
         initial_values.append(value)
         fixed_grads.append(grad)
     return Workload(size, named_params, initial_values, fixed_grads, decayed_names(size))
-
-
-def tensor_bytes(tensors: Iterable[Tensor]) -> int:
-    """Total bytes of ``tensors``, counting each storage once (views and repeats are not re-counted)."""
-    seen: set[tuple[str, int]] = set()
-    total = 0
-    for tensor in tensors:
-        key = (str(tensor.device), tensor.untyped_storage().data_ptr())
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def state_tensors(value: Any) -> Iterable[Tensor]:
-    """Every tensor inside an optimizer-state value (recursing into dicts, lists and tuples)."""
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from state_tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from state_tensors(item)
-
-
-def optimizer_state_bytes(optimizer: Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state`` (momentum/moment buffers and per-tensor scalars)."""
-    return tensor_bytes(state_tensors(dict(optimizer.state)))
 
 
 # ----------------------------------------------------------------------------------- optimizers
@@ -760,107 +728,6 @@ def write_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path |
     return path
 
 
-# ----------------------------------------------------------------------------------- end to end
-
-E2E_SCRIPT = REPO_ROOT / "scripts" / "pretrain_gpt2.py"
-E2E_CONFIG = REPO_ROOT / "configs" / "gpt2-local.yaml"
-E2E_OPTIMS = ("sgd_sai", "adamw_torch_fused")
-E2E_REFERENCE = "adamw_torch_fused"
-
-#: Overrides that make a recipe run measure training only: no evaluation, no checkpoints, tokens counted.
-E2E_OVERRIDES = (
-    "--eval_strategy", "no",
-    "--eval_on_start", "false",
-    "--save_strategy", "no",
-    "--report_to", "none",
-    "--include_num_input_tokens_seen", "true",
-)  # fmt: skip
-
-
-def e2e_command(config: Path, optim: str, steps: int, output_dir: Path, extra: Sequence[str]) -> list[str]:
-    """The recipe command line for one run: ``config``, ``--optim optim`` and ``steps`` steps."""
-    return [
-        sys.executable,
-        str(E2E_SCRIPT),
-        str(config),
-        "--optim", optim,
-        "--max_steps", str(steps),
-        "--logging_steps", str(steps),
-        "--output_dir", str(output_dir),
-        *E2E_OVERRIDES,
-        *extra,
-    ]  # fmt: skip
-
-
-def e2e_throughput(output_dir: Path) -> dict[str, float]:
-    """Training throughput of a finished recipe run, from the JSON files ``Trainer`` wrote.
-
-    ``train_results.json`` gives ``train_runtime`` (seconds in ``trainer.train()``) and
-    ``train_samples_per_second``; ``trainer_state.json`` the ``num_input_tokens_seen`` counted by
-    ``Trainer``, so tokens/s = tokens seen / runtime.
-    """
-    train = json.loads((output_dir / "train_results.json").read_text())
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    tokens = max(entry.get("num_input_tokens_seen", 0) for entry in history)
-    runtime = float(train["train_runtime"])
-    return {
-        "train_runtime_s": runtime,
-        "train_samples_per_second": float(train["train_samples_per_second"]),
-        "tokens": tokens,
-        "tokens_per_second": tokens / runtime if runtime and tokens else math.nan,
-    }
-
-
-def run_e2e(command: Sequence[str], output_dir: Path, threads: int | None) -> dict[str, Any]:
-    """Run one recipe command (its output goes to ``output_dir/run.log``); return its throughput or error."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
-    with open(output_dir / "run.log", "w") as log_file:
-        completed = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    if completed.returncode != 0:
-        tail = (output_dir / "run.log").read_text()[-1500:]
-        return {"returncode": completed.returncode, "error": tail}
-    return {"returncode": 0, **e2e_throughput(output_dir)}
-
-
-def measure_e2e(args: argparse.Namespace, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Run the recipe ``--e2e-repeats`` times per optim (round-robin); one row per optim with median tokens/s."""
-    optims = [optim.strip() for optim in args.e2e_optims.split(",") if optim.strip()]
-    runs: dict[str, list[dict[str, Any]]] = {optim: [] for optim in optims}
-    for repeat in range(args.e2e_repeats):
-        for optim in rotated(optims, repeat):
-            output_dir = args.out_dir / "e2e" / f"{optim}-{repeat}"
-            command = e2e_command(args.e2e_config, optim, args.e2e_steps, output_dir, shlex.split(args.e2e_args))
-            log(f"[e2e] {optim} run {repeat + 1}/{args.e2e_repeats}: {shlex.join(command)}")
-            result = run_e2e(command, output_dir, args.threads)
-            if result["returncode"] != 0:
-                log(f"[e2e] {optim} failed (rc={result['returncode']}), {output_dir / 'run.log'}:\n{result['error']}")
-            runs[optim].append({"command": shlex.join(command)} | result)
-    rows = []
-    for optim, results in runs.items():
-        ok = [r["tokens_per_second"] for r in results if r["returncode"] == 0]
-        median = statistics.median(ok) if ok else None
-        rows.append({"optim": optim, "tokens_per_second_median": median, "runs": results})
-    reference = next((r["tokens_per_second_median"] for r in rows if r["optim"] == E2E_REFERENCE), None)
-    for row in rows:
-        row["ratio_to_adamw_fused"] = ratio(row["tokens_per_second_median"], reference)
-    return rows
-
-
-def e2e_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """End-to-end table: median tokens/s per ``--optim`` and its ratio to ``adamw_torch_fused``."""
-    lines = ["| --optim | tokens/s (median) | vs adamw_torch_fused | runs ok |", "| --- | --- | --- | --- |"]
-    for row in rows:
-        ok = sum(run["returncode"] == 0 for run in row["runs"])
-        lines.append(
-            f"| {row['optim']} | {fmt(row['tokens_per_second_median'], '.0f')} "
-            f"| {fmt(row['ratio_to_adamw_fused'], '.2f', 'x')} | {ok}/{len(row['runs'])} |"
-        )
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------- main
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options (``--quick`` fills in tiny sizes and 3 repeats unless given explicitly)."""
@@ -888,13 +755,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path("outputs/bench"))
-    e2e = parser.add_argument_group("end to end (--e2e): tokens/s of scripts/pretrain_gpt2.py per --optim")
-    e2e.add_argument("--e2e", action="store_true", help="run the GPT-2 recipe instead of the optimizer-step benchmark")
-    e2e.add_argument("--e2e-steps", type=int, default=50, help="training steps per run (default 50)")
-    e2e.add_argument("--e2e-repeats", type=int, default=1, help="runs per optim, round-robin; median reported")
-    e2e.add_argument("--e2e-optims", default=",".join(E2E_OPTIMS), help="comma-separated --optim values")
-    e2e.add_argument("--e2e-config", type=Path, default=E2E_CONFIG, help="default: configs/gpt2-local.yaml")
-    e2e.add_argument("--e2e-args", default="", help="extra recipe overrides, one shell-quoted string")
     args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -929,7 +789,7 @@ def log_stderr(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse ``argv``, then list the optimizers, run ``--e2e``, or run the optimizer-step benchmark."""
+    """Parse ``argv``, then list the optimizers or run the optimizer-step benchmark."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -937,8 +797,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.list:
         print(list_optimizers(specs, skipped))
         return {}
-    if args.e2e:
-        return e2e_benchmark(args)
     select_specs(specs, args.optimizers)  # unknown keys fail before anything runs
     return step_benchmark(args, skipped)
 
@@ -986,25 +844,6 @@ def step_benchmark(args: argparse.Namespace, skipped: dict[str, str]) -> dict[st
     (args.out_dir / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(report_markdown(report))
     log_stderr(f"wrote {args.out_dir / 'bench.json'}" + (f" and {plot}" if plot else " (no plot: no matplotlib)"))
-    return report
-
-
-def e2e_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """``--e2e``: run the GPT-2 recipe per optim, print the tokens/s table, write ``e2e.json``; return the report."""
-    if not E2E_SCRIPT.exists():
-        raise FileNotFoundError(f"--e2e needs {E2E_SCRIPT}")
-    started = time.perf_counter()
-    rows = measure_e2e(args, log_stderr)
-    report = {
-        "environment": environment(args, torch.device(args.device)),
-        "e2e": rows,
-        "benchmark_seconds": time.perf_counter() - started,
-    }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "e2e.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"End-to-end: {E2E_SCRIPT.relative_to(REPO_ROOT)} {args.e2e_config}, {args.e2e_steps} steps per run\n")
-    print(e2e_markdown(rows))
-    log_stderr(f"wrote {args.out_dir / 'e2e.json'}")
     return report
 
 

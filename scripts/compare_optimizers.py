@@ -144,6 +144,8 @@ def _single_run(spec: dict[str, Any]) -> None:
             if state.global_step == 1:
                 self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
+    from sai_hf.memory import optimizer_state_bytes
+
     timer = StepTimer()
     trainer_module.DEFAULT_CALLBACKS.append(timer)  # every Trainer of this process reports to it
     recipe = importlib.import_module(spec["recipe_module"])
@@ -165,16 +167,6 @@ def _single_run(spec: dict[str, Any]) -> None:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     Path(spec["result"]).write_text(json.dumps(out, default=float))
-
-
-def optimizer_state_bytes(optimizer: Any) -> int:
-    """Bytes of every tensor in the optimizer's state (unwrapping accelerate's wrapper)."""
-    import torch
-
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return sum(
-        t.numel() * t.element_size() for state in inner.state.values() for t in state.values() if torch.is_tensor(t)
-    )
 
 
 # ----------------------------------------------------------------------------- the sweep (parent)

@@ -129,19 +129,3 @@ def test_decay_goes_on_transformers_decay_groups(bench: ModuleType) -> None:
     assert all(n.endswith(".weight") and ".ln_" not in n for n in (names[id(p)] for p in decay["params"]))
     assert all(n.endswith(".bias") or "ln_" in n for n in (names[id(p)] for p in no_decay["params"]))
     assert len(decay["params"]) + len(no_decay["params"]) == len(workload.named_params)
-
-
-def test_e2e_throughput_reads_trainer_files(bench: ModuleType, tmp_path: Path) -> None:
-    (tmp_path / "train_results.json").write_text(json.dumps({"train_runtime": 2.0, "train_samples_per_second": 8.0}))
-    history = [{"loss": 1.0, "num_input_tokens_seen": 1024, "step": 5}, {"num_input_tokens_seen": 2048, "step": 10}]
-    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
-    assert bench.e2e_throughput(tmp_path) == {
-        "train_runtime_s": 2.0,
-        "train_samples_per_second": 8.0,
-        "tokens": 2048,
-        "tokens_per_second": 1024.0,
-    }
-    command = bench.e2e_command(Path("c.yaml"), "sgd_sai", 7, tmp_path, ["--seed", "1"])
-    assert command[command.index("--optim") + 1] == "sgd_sai"
-    assert command[command.index("--max_steps") + 1] == "7"
-    assert command[-2:] == ["--seed", "1"]

@@ -183,6 +183,31 @@ def test_finetune_llama_lora_default_config_and_adapter_round_trip(tmp_path: Pat
     assert reloaded_metrics["eval_loss"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5, abs=1e-6)
 
 
+def test_lora_base_does_not_follow_the_fine_tuning_optimizer_or_seed(tmp_path: Path, recipe_cache: Path) -> None:
+    """The offline base stands in for a hub checkpoint: runs that differ in --optim, --optim_args,
+    --weight_decay or --seed fine-tune the same cached base (an optimizer comparison would otherwise
+    compare bases pretrained by each optimizer); --base_optim / --base_seed choose another one."""
+    from transformers import AutoModelForCausalLM
+
+    def base_of(name: str, *extra: str) -> Path:
+        output_dir = tmp_path / name
+        finetune_llama_lora.main([str(CONFIGS / "llama-lora-local.yaml"), *tiny_llama(output_dir, recipe_cache), *extra])
+        return Path(json.loads((output_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
+
+    sai = base_of("sai")
+    others = [
+        base_of("adamw", "--optim", "adamw_torch", "--optim_args", "", "--weight_decay", "0.1"),
+        base_of("seed", "--seed", "7", "--optim_args", "momentum=0.5,scale_rule=sqrt_numel"),
+    ]
+    assert all(other == sai for other in others)
+    different = base_of("base_seed", "--base_seed", "7")
+    assert different != sai
+    weights = [AutoModelForCausalLM.from_pretrained(path).model.embed_tokens.weight for path in (sai, different)]
+    assert not torch.equal(*weights)
+    with pytest.raises(ValueError, match="base_optim='adamw_fast'"):
+        base_of("bad", "--base_optim", "adamw_fast")
+
+
 @pytest.mark.slow
 def test_pretrain_gpt2_runs_as_a_subprocess(tmp_path: Path, recipe_cache: Path) -> None:
     output_dir = tmp_path / "gpt2-cli"

@@ -48,6 +48,12 @@ def _name(value: Any) -> bool:
     return bool(str(value).strip())
 
 
+def _optimizer_name(value: Any) -> bool:
+    from transformers.training_args import OptimizerNames
+
+    return value in {name.value for name in OptimizerNames}
+
+
 @dataclass
 class ModelArguments:
     """Which model and tokenizer to use (pretrained, or built from the size fields of a subclass)."""
@@ -130,6 +136,15 @@ class LlamaModelArguments(ModelArguments):
         ),
     )
     base_learning_rate: float = field(default=1e-3, metadata=_help("Learning rate of that pretraining."))
+    base_optim: str = field(
+        default="adamw_torch",
+        metadata=_help(
+            "Optimizer (an --optim name, default arguments, no weight decay) of that pretraining. The base "
+            "stands in for a hub checkpoint: it does not follow --optim, --optim_args, --weight_decay or "
+            "--seed, so runs that differ only in those fine-tune the same base."
+        ),
+    )
+    base_seed: int = field(default=42, metadata=_help("Seed of the base's initialisation and pretraining data order."))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -144,6 +159,7 @@ class LlamaModelArguments(ModelArguments):
                 "num_key_value_heads": size,
                 "base_pretrain_steps": (_non_negative, "a number of steps >= 0 (0: no pretraining)"),
                 "base_learning_rate": (_non_negative, "a finite learning rate >= 0"),
+                "base_optim": (_optimizer_name, "an --optim name of transformers (e.g. adamw_torch, sgd_sai)"),
             },
         )
 

@@ -18,7 +18,14 @@ from pathlib import Path
 
 from accelerate import PartialState
 from datasets import DatasetDict
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, default_data_collator
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 
 from .arguments import DataArguments, LlamaModelArguments
 from .cache import fingerprint, resolve_cache_dir
@@ -28,7 +35,7 @@ from .packing import packed_lm_datasets
 
 logger = logging.getLogger(__name__)
 
-BASE_FORMAT_VERSION = 1  # bump when the way bases are pretrained changes
+BASE_FORMAT_VERSION = 2  # bump when the way bases are pretrained changes (2: base_optim, base_seed)
 
 
 def base_cache_key(
@@ -52,12 +59,10 @@ def base_cache_key(
             "batch_size": training_args.per_device_train_batch_size
             * training_args.gradient_accumulation_steps
             * training_args.world_size,
-            "optim": str(training_args.optim),
-            "optim_args": training_args.optim_args,
-            "weight_decay": training_args.weight_decay,
+            "optim": model_args.base_optim,
             "scheduler": str(training_args.lr_scheduler_type),
             "warmup_steps": training_args.warmup_steps,
-            "seed": training_args.seed,
+            "seed": model_args.base_seed,
         }
     )
 
@@ -69,6 +74,11 @@ def base_training_arguments(training_args: TrainingArguments, output_dir: Path, 
         output_dir=str(output_dir),
         max_steps=model_args.base_pretrain_steps,
         learning_rate=model_args.base_learning_rate,
+        optim=model_args.base_optim,
+        optim_args=None,
+        weight_decay=0.0,
+        seed=model_args.base_seed,
+        data_seed=None,
         eval_strategy="no",
         eval_on_start=False,
         do_eval=False,
@@ -103,6 +113,7 @@ def pretrained_local_llama(
         blocks = packed_lm_datasets(
             DatasetDict(train=corpus["train"]), tokenizer, "text", data_args.block_size, data_args.preprocessing_num_workers
         )
+        set_seed(model_args.base_seed)
         trainer = Trainer(
             model=build_llama(model_args, tokenizer, data_args.block_size),
             args=base_training_arguments(training_args, staging, model_args),
