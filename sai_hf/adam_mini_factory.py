@@ -6,6 +6,12 @@ Adam-mini partitions parameters by *name* (attention heads, embeddings, output l
 (``Trainer.create_optimizer`` calls ``factory()(model, **kwargs)``), and reads ``dim``,
 ``n_heads`` and ``n_kv_heads`` from ``model.config``. Adam-mini applies its own no-weight-decay rule
 (biases and norms) instead of the Trainer's grouping.
+
+PEFT adapters: Adam-mini matches names by substring, so a LoRA factor of ``q_proj`` was cut into
+attention heads and the first step crashed (``lora_A`` of a 256-wide ``q_proj`` has 2,048 entries,
+not a multiple of a head's 16,384). :func:`adam_mini_name` renames adapter tensors so that
+Adam-mini gives a matrix one second moment per row (its rule for generic linear layers) and any
+other adapter tensor one second moment.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AdamMiniFactory", "require_adam_mini", "attention_shape"]
+__all__ = ["AdamMiniFactory", "adam_mini_name", "attention_shape", "require_adam_mini"]
 
 INSTALL_HINT = "pip install 'sai-hf[adam-mini]'  (or: pip install adam-mini==1.1.1)"
 
@@ -40,6 +46,16 @@ def attention_shape(model: torch.nn.Module) -> dict[str, int | None]:
     return {"dim": int(dim), "n_heads": int(n_heads), "n_kv_heads": getattr(config, "num_key_value_heads", None)}
 
 
+def adam_mini_name(name: str, param: torch.Tensor, index: int) -> str:
+    """The name Adam-mini sees for ``param``: its own, except for PEFT adapter tensors (``lora_`` in
+    the name), which become ``adapter.<index>.linear`` (a matrix: Adam-mini's per-row rule) or
+    ``adapter.<index>.vector`` (anything else: one second moment for the tensor) so that no
+    attention-head rule (``q_proj``, ``k_proj``, ...) applies to them."""
+    if "lora_" not in name:
+        return name
+    return f"adapter.{index}.linear" if param.dim() == 2 else f"adapter.{index}.vector"
+
+
 class AdamMiniFactory:
     """Builds ``adam_mini.Adam_mini`` for a model: ``AdamMiniFactory()(model, lr=..., ...)``."""
 
@@ -47,5 +63,6 @@ class AdamMiniFactory:
         require_adam_mini()
         from adam_mini import Adam_mini
 
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        named = [(adam_mini_name(name, p, i), p) for i, (name, p) in enumerate(trainable)]
         return Adam_mini(named_parameters=named, verbose=False, **attention_shape(model), **kwargs)

@@ -407,6 +407,7 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out_dir: Path, 
         return []
     best = best_per_optimizer(rows)
     colors = {name: f"C{i}" for i, name in enumerate(sorted(best))}
+    shown: list[float] = []  # the plotted eval losses
     for name, row in sorted(best.items()):
         chosen = [r for r in runs if r["optim"] == name and r["learning_rate"] == row["learning_rate"]]
         label = f"{name} lr={row['learning_rate']:g}" + (f" ({len(chosen)} seeds)" if len(chosen) > 1 else "")
@@ -414,12 +415,14 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out_dir: Path, 
         ax.plot(steps, mean, color=colors[name], alpha=0.45, lw=1)
         steps, mean, std = mean_curve(chosen, eval_losses)
         if steps:
+            shown += [m for m in mean if math.isfinite(m)]
             ax.plot(steps, mean, "o-", color=colors[name], label=f"{label} (eval)")
             if len(chosen) > 1:
                 low = [m - s for m, s in zip(mean, std)]
                 high = [m + s for m, s in zip(mean, std)]
                 ax.fill_between(steps, low, high, color=colors[name], alpha=0.2)
-    ax.set_ylim(top=min(ax.get_ylim()[1], 1.5 * max((r["final_eval_loss"] for r in best.values()), default=1)))
+    if shown:  # a training-loss spike would flatten every other curve: keep to the evaluations' range
+        ax.set_ylim(top=min(ax.get_ylim()[1], 1.05 * max(shown)))
     curves = save_figure(
         fig, ax, out_dir / "loss_curves.png", xlabel="step", ylabel="loss (faint: train, markers: eval; band: ± std)",
         title=f"{title}: best learning rate of each optimizer",

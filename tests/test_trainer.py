@@ -209,6 +209,23 @@ def test_adam_mini_trains_through_the_same_registry(tmp_path):
     assert not (tmp_path / "gsnr.json").exists()
 
 
+def test_adam_mini_trains_lora_adapters(tmp_path):
+    """Adam-mini on a PEFT model: LoRA factors of q_proj/k_proj are not cut into attention heads
+    (that crashed at the first step); every adapter tensor trains, one second moment per row."""
+    pytest.importorskip("adam_mini", reason="adam-mini is in the test extra")
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
+    model = peft.get_peft_model(tiny_llama(), config)
+    trainer = _train(tmp_path, model=model, optim="adam_mini", learning_rate=1e-2, max_steps=3)
+    inner = trainer.optimizer.optimizer
+    lora = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    assert all(p.detach().abs().max() > 0 for n, p in lora.items() if "lora_B" in n)  # moved from zero
+    for p in lora.values():
+        state = inner.state[p]
+        assert state["vmean"].shape == (p.shape[0], 1)  # one second moment per row
+
+
 def test_adam_mini_missing_package_names_the_extra(tmp_path, monkeypatch):
     import importlib.util as util
 
