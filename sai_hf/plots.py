@@ -25,6 +25,10 @@ LAYER_TYPES: tuple[tuple[str, str], ...] = (
 )
 
 
+#: The ``gsnr.json`` key of ``gsnr / sqrt(numel)`` (drawn on a linear axis around 1).
+RATIO_KEY = "gsnr_over_sqrt_numel"
+
+
 def layer_type(name: str) -> str:
     """The :data:`LAYER_TYPES` label of a parameter name (``"other"`` when none matches)."""
     for label, pattern in LAYER_TYPES:
@@ -66,8 +70,8 @@ def save_figure(
 
 
 def plot_gsnr_bars(report: Mapping[str, Mapping[str, float]], path: str | Path, key: str = "gsnr") -> Path:
-    """Bar chart of ``report[name][key]`` (a ``gsnr.json``) per block, log scale, grouped and
-    coloured by :func:`layer_type`. Returns the PNG path."""
+    """Bar chart of ``report[name][key]`` (a ``gsnr.json``) per block, log scale (``key=RATIO_KEY``:
+    linear, around 1), grouped and coloured by :func:`layer_type`. Returns the PNG path."""
     plt = _pyplot()
     order = [label for label, _ in LAYER_TYPES] + ["other"]
     names = sorted(report, key=lambda n: (order.index(layer_type(n)), n))
@@ -76,10 +80,12 @@ def plot_gsnr_bars(report: Mapping[str, Mapping[str, float]], path: str | Path, 
     palette = plt.get_cmap("tab10")
     colors = [palette(order.index(t) % 10) for t in types]
     fig, ax = plt.subplots(figsize=(max(8.0, 0.12 * len(names) + 3), 5))
-    ax.bar(range(len(names)), values, color=colors, width=0.85)
-    ax.set_yscale("log")
-    if key == "gsnr_over_sqrt_numel":
+    if key == RATIO_KEY:  # a ratio near 1: bars up or down from 1 on a linear axis
+        ax.bar(range(len(names)), [v - 1.0 for v in values], bottom=1.0, color=colors, width=0.85)
         ax.axhline(1.0, color="black", lw=0.8, ls="--")  # g-SNR = sqrt(numel): what scale_rule="sqrt_numel" assumes
+    else:
+        ax.bar(range(len(names)), values, color=colors, width=0.85)
+        ax.set_yscale("log")
     if len(names) <= 60:
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     else:

@@ -58,6 +58,10 @@ def test_drift_tracking_in_trainer_and_plots(tmp_path, monkeypatch):
     written = module.main([str(tmp_path)])
     assert [p.name for p in written] == ["gsnr.png", "gsnr_history.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
+    # how far each block's g-SNR is from sqrt(numel) (the report carries the ratio)
+    assert all(e["gsnr_over_sqrt_numel"] == pytest.approx(e["gsnr"] / e["numel"] ** 0.5) for e in report.values())
+    (ratio,) = module.main([str(tmp_path), "--key", "gsnr_over_sqrt_numel"])[:1]
+    assert ratio.name == "gsnr_over_sqrt_numel.png" and ratio.stat().st_size > 10_000
 
 
 def test_negative_track_every_is_rejected():
