@@ -126,9 +126,13 @@ def _single_run(spec: dict[str, Any]) -> None:
     from transformers import trainer as trainer_module
 
     class StepTimer(TrainerCallback):
-        """Wall time of the training steps alone (evaluations excluded) and the largest optimizer-state bytes."""
+        """Wall time of the training steps alone (evaluations excluded) and the largest optimizer-state
+        bytes, of the last training in the process (the LoRA recipe may first pretrain its base)."""
 
         def __init__(self) -> None:
+            self.on_train_begin()
+
+        def on_train_begin(self, *args, **kwargs):
             self.seconds = 0.0
             self.state_bytes = 0
             self.param_bytes = 0
