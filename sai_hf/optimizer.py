@@ -276,7 +276,8 @@ class SGDSaI(Optimizer):
     # ------------------------------------------------------------------ scales
     @property
     def gsnr_max(self) -> float | None:
-        """Largest well-defined g-SNR of the first scaling step (``None`` before it)."""
+        """The ``normalize="max"`` divisor: the largest well-defined g-SNR of the first scaling step
+        (under ``scale_rule="sqrt_numel"`` its largest ``sqrt(numel)``); ``None`` before it."""
         return self.param_groups[0]["gsnr_max"] if self.param_groups else None
 
     def _group_of(self) -> dict[int, dict[str, Any]]:
