@@ -17,7 +17,8 @@ tail block masked.
 import triton
 import triton.language as tl
 
-from .functional import _HASH_MULTIPLIER
+from .functional import _MIX_1 as _MIX_1_INT32
+from .functional import _MIX_2 as _MIX_2_INT32
 
 # Rows of the table (see the module docstring). Rows up to SEED_OFFSET hold ints; STEP_SIZE and KEEP
 # hold float64 bit patterns.
@@ -30,7 +31,8 @@ N_FIELDS = 9
 FP32, FP16, BF16 = 0, 1, 2
 
 #: The odd multiplier of ``sai_hf.functional``'s rounding hash, as an unsigned 32-bit constant.
-_K: tl.constexpr = tl.constexpr(_HASH_MULTIPLIER & 0xFFFFFFFF)
+_MIX_1: tl.constexpr = tl.constexpr(_MIX_1_INT32 & 0xFFFFFFFF)
+_MIX_2: tl.constexpr = tl.constexpr(_MIX_2_INT32 & 0xFFFFFFFF)
 _P_PTR: tl.constexpr = tl.constexpr(P_PTR)
 _G_PTR: tl.constexpr = tl.constexpr(G_PTR)
 _M_PTR: tl.constexpr = tl.constexpr(M_PTR)
@@ -78,11 +80,14 @@ def _bf16_nearest_bits(x):
 def _bf16_stochastic_bits(x, index, seed_offset):
     """Bits of ``x`` (float32) stochastically rounded to bfloat16, exactly as
     ``sai_hf.functional.stochastic_round_to_bf16``: with ``b`` the float32 bits of the element at
-    flat index ``i`` of its tensor, ``u = top 16 bits of K ((b + i) xor c)`` (mod 2^32) and the result is
-    the top 16 bits of ``b + u``. All arithmetic is on uint32, so it wraps mod 2^32."""
+    flat index ``i`` of its tensor, ``u`` = the top 16 bits of the lowbias32 mix of ``(b + i) xor c``
+    and the result is the top 16 bits of ``b + u``. All arithmetic is on uint32, so it wraps mod 2^32
+    and ``>>`` is the logical shift."""
     bits = x.to(tl.uint32, bitcast=True)
-    u = (((bits + index) ^ seed_offset) * _K) >> 16
-    return ((bits + u) >> 16).to(tl.uint16)
+    h = (bits + index) ^ seed_offset
+    h = (h ^ (h >> 16)) * _MIX_1
+    h = (h ^ (h >> 15)) * _MIX_2
+    return ((bits + (h >> 16)) >> 16).to(tl.uint16)
 
 
 @triton.jit

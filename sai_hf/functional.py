@@ -17,10 +17,14 @@ float64 reference, ``tests/reference.py``):
 * ``_multi_tensor_sgd_sai``: ``torch._foreach_*`` kernels grouped by device and dtype;
 * ``_single_pass_sgd_sai`` (``fused``, the default): one pass over memory per block, reading
   ``p, g, m`` and writing ``p, m`` once (the memory-bandwidth floor of any momentum SGD), decay
-  included: torch's fused SGD kernel (``torch._fused_sgd_`` with ``lr * s_i`` as its learning rate
-  and ``dampening = momentum``, exactly SGD-SaI's momentum rule) preceded by ``p *= 1 - lr wd``
-  slab by slab on CPU, so that ``p`` is still in cache. Blocks it cannot run (non-contiguous
-  layouts, CPU half-precision parameters) go through the multi-tensor path in the same call.
+  included. On CUDA one Triton kernel launch per dtype group (:mod:`sai_hf.triton_update`); large
+  CPU blocks with weight decay or a bfloat16 buffer, one compiled loop each (:mod:`sai_hf.cpu_update`,
+  the same float32 operations as the Triton kernel); other blocks torch's fused SGD kernel
+  (``torch._fused_sgd_`` with ``lr * s_i`` as its learning rate and ``dampening = momentum``,
+  exactly SGD-SaI's momentum rule), preceded by ``p *= 1 - lr wd`` slab by slab on CPU, so that ``p``
+  is still in cache (also the fallback where the loops cannot be compiled). Blocks it cannot run
+  (non-contiguous layouts, CPU half-precision parameters) go through the multi-tensor path in the
+  same call.
 
 Scales are host floats, fixed after the first step, so no path syncs the device.
 
@@ -45,12 +49,13 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _get_fused_kernels_supported_devices
 
-__all__ = ["sgd_sai", "stochastic_round_to_bf16", "single_pass_supported"]
+__all__ = ["sgd_sai", "stochastic_round_to_bf16", "single_pass_supported", "prepare_single_pass"]
 
-#: Odd 32-bit multiplier of the rounding hash (2^32 / golden ratio, as a signed int32).
-_HASH_MULTIPLIER = -1640531535
+#: The two odd multipliers of the rounding hash (Chris Wellons' "lowbias32" integer hash), as signed int32.
+_MIX_1 = 0x7FEB352D
+_MIX_2 = 0x846CA68B - (1 << 32)
 #: Elements per slab of the bfloat16-momentum update: the slab's float32 momentum and int32 hash
-#: (1 MiB each) stay in cache across the ~10 elementwise passes of the update.
+#: (1 MiB each) stay in cache across the ~15 elementwise passes of the update.
 _SLAB = 1 << 18
 _MASK64 = (1 << 64) - 1
 #: Index of the high 16-bit half of an int32 viewed as two int16.
@@ -78,14 +83,20 @@ def _element_index(length: int, device: torch.device) -> Tensor:
     return torch.arange(length, dtype=torch.int32, device=device)
 
 
-def _round_bits_into(out: Tensor, bits: Tensor, index: Tensor, first_index: int, seed: int, scratch: Tensor) -> None:
+def _round_bits_into(
+    out: Tensor, bits: Tensor, index: Tensor, first_index: int, seed: int, scratch: Tensor, shifted: Tensor
+) -> None:
     """Write into int16 ``out`` the bfloat16 bits of float32 ``bits`` (viewed as int32; flat
-    elements ``first_index, first_index + 1, ...`` of their tensor) stochastically rounded."""
-    torch.add(index, bits, out=scratch).add_(_wrap_int32(first_index))  # b + i
-    scratch.bitwise_xor_(_wrap_int32(_seed_offset(seed))).mul_(_HASH_MULTIPLIER)  # h = K ((b + i) xor c)
-    scratch.bitwise_right_shift_(16).bitwise_and_(0xFFFF)  # u = top 16 bits of h
-    scratch.add_(bits)  # b + u, whose top 16 bits are the bfloat16 bit pattern:
-    out.copy_(scratch.view(torch.int16)[_HIGH_HALF::2])
+    elements ``first_index, first_index + 1, ...`` of their tensor) stochastically rounded
+    (``scratch`` and ``shifted``: int32 work space of ``bits``' size)."""
+    h = torch.add(index, bits, out=scratch).add_(_wrap_int32(first_index))  # b + i
+    h.bitwise_xor_(_wrap_int32(_seed_offset(seed)))  # x = (b + i) xor c
+    for shift, multiplier in ((16, _MIX_1), (15, _MIX_2)):  # x ^= x >>> s;  x *= M  (mod 2^32)
+        h.bitwise_xor_(torch.bitwise_right_shift(h, shift, out=shifted).bitwise_and_((1 << (32 - shift)) - 1))
+        h.mul_(multiplier)
+    h.bitwise_right_shift_(16).bitwise_and_(0xFFFF)  # u = top 16 bits of the hash
+    h.add_(bits)  # b + u, whose top 16 bits are the bfloat16 bit pattern:
+    out.copy_(h.view(torch.int16)[_HIGH_HALF::2])
 
 
 # Run eagerly under torch.compile: inductor's index arithmetic overflows on the wrapping int32 hash.
@@ -93,30 +104,36 @@ def _round_bits_into(out: Tensor, bits: Tensor, index: Tensor, first_index: int,
 def stochastic_round_to_bf16(x: Tensor, seed: int) -> Tensor:
     """Round ``x`` (computed in float32) to bfloat16 stochastically: unbiased, deterministic per ``seed``.
 
-    With ``b`` the float32 bits of element ``i`` (an int32) and ``K`` an odd constant::
+    With ``b`` the float32 bits of element ``i`` (an int32), all arithmetic mod 2^32 and ``>>>`` the
+    logical shift::
 
-        u_i    = top 16 bits of  K * ((b + i) xor c(seed))      (mod 2^32)
-        result = top 16 bits of  b + u_i                         (a bfloat16 bit pattern)
+        x      = (b + i) xor c(seed)
+        x      = (x xor (x >>> 16)) * M1;   x = (x xor (x >>> 15)) * M2      (the "lowbias32" mix)
+        u_i    = x >>> 16                                                  (top 16 bits)
+        result = top 16 bits of  b + u_i                                   (a bfloat16 bit pattern)
 
     ``c(seed)`` is a pseudo-random 32-bit key. For any fixed ``b`` and ``i``, ``(b + i) xor c`` is
-    uniform when ``c`` is, multiplication by an odd ``K`` is a bijection mod 2^32, so ``u_i`` is
-    uniform on ``[0, 2^16)``: ``x`` rounds up (away from zero) with probability equal to its
-    truncated low 16 bits / 2^16, i.e. ``E[result] = x``. Equal entries get different ``u_i`` (the
-    index enters the hash). The key enters through ``xor`` before the multiplication, not by
-    addition: with ``K (b + i + c)`` the dithers of two steps differed by the same amount for every
-    element, so elements that rounded up together kept rounding up together and a buffer's rounding
-    errors added up across steps (found by the property suite: a constant gradient's bf16 momentum
-    drifted by 15 standard errors in 60 steps). This is a counter-based generator: no generator
-    state, a few integer passes instead of a Mersenne-Twister draw per element.
+    uniform when ``c`` is, and each mixing step is a bijection mod 2^32 (odd ``M1``, ``M2``), so
+    ``u_i`` is uniform on ``[0, 2^16)``: ``x`` rounds up (away from zero) with probability equal to
+    its truncated low 16 bits / 2^16, i.e. ``E[result] = x``. Equal entries get different ``u_i``
+    (the index enters the hash). Two earlier hashes failed the property suite's independence checks,
+    both on blocks whose entries are all equal: ``K (b + i + c)`` gave two steps' dithers the same
+    difference for every element (a constant gradient's bf16 momentum drifted by 15 standard errors
+    in 60 steps), and a single multiply ``K ((b + i) xor c)`` keeps the Weyl-sequence structure of
+    ``K x`` over consecutive ``x``, so the elements that step 1 rounded down were not a random subset
+    for step 2 (6.8 standard errors at step 2 on a 64x64 block). The full mix decorrelates them. This
+    is a counter-based generator: no generator state, a few integer passes instead of a
+    Mersenne-Twister draw per element.
     """
     bits = x.detach().to(torch.float32).contiguous().view(-1).view(torch.int32)
     out = torch.empty(bits.shape, dtype=torch.int16, device=bits.device)
     numel = bits.numel()
     size = _slab_size(numel)
-    index, scratch = _element_index(size, bits.device), torch.empty(size, dtype=torch.int32, device=bits.device)
+    index = _element_index(size, bits.device)
+    scratch, shifted = (torch.empty(size, dtype=torch.int32, device=bits.device) for _ in range(2))
     for start in range(0, numel, size):
         n = min(numel, start + size) - start
-        _round_bits_into(out[start : start + n], bits[start : start + n], index[:n], start, seed, scratch[:n])
+        _round_bits_into(out[start : start + n], bits[start : start + n], index[:n], start, seed, scratch[:n], shifted[:n])
     return out.view(torch.bfloat16).view(x.shape)
 
 
@@ -145,7 +162,7 @@ def _bf16_momentum_update(
     numel = p.numel()
     size = _slab_size(numel) if p.device.type == "cpu" else max(1, numel)
     value = torch.empty(size, dtype=torch.float32, device=p.device)
-    scratch = torch.empty(size, dtype=torch.int32, device=p.device)
+    scratch, shifted = (torch.empty(size, dtype=torch.int32, device=p.device) for _ in range(2))
     index = _element_index(size, p.device)
     for start in range(0, numel, size):
         end = min(numel, start + size)
@@ -154,7 +171,7 @@ def _bf16_momentum_update(
             m = value[:n].copy_(g[start:end])
         else:
             m = value[:n].copy_(b[start:end]).lerp_(g[start:end].float(), 1 - momentum)
-        _round_bits_into(out[start:end], m.view(torch.int32), index[:n], start, seed, scratch[:n])
+        _round_bits_into(out[start:end], m.view(torch.int32), index[:n], start, seed, scratch[:n], shifted[:n])
         ps = p[start:end]
         if decay != 1.0:
             ps.mul_(decay)
@@ -230,6 +247,35 @@ def _on_triton(param: Tensor, grad: Tensor, buf_dtype: torch.dtype) -> bool:
     from .triton_update import SUPPORTED_DTYPES, triton_available
 
     return triton_available(param.device) and {param.dtype, grad.dtype, buf_dtype} <= set(SUPPORTED_DTYPES)
+
+
+def _on_compiled_cpu_loop(param: Tensor, grad_dtype: torch.dtype, buf_dtype: torch.dtype, decayed: bool) -> bool:
+    """Whether a contiguous block runs in the compiled CPU loop (:mod:`sai_hf.cpu_update`): a large
+    CPU block with weight decay or a bfloat16 buffer (without either, torch's fused kernel already
+    makes one pass at a lower host cost)."""
+    if param.device.type != "cpu" or (not decayed and buf_dtype == param.dtype):
+        return False
+    from .cpu_update import takes
+
+    return takes(param, grad_dtype, buf_dtype)
+
+
+def prepare_single_pass(
+    params: Sequence[Tensor], *, momentum: float, weight_decay: float, momentum_dtype: torch.dtype | None
+) -> None:
+    """Compile ahead of the first step what the single-pass path will compile for these parameters
+    (the CPU loops of :mod:`sai_hf.cpu_update`; nothing for other devices), so that the first step
+    measures the optimizer's own work."""
+    pairs = set()
+    for p in params:
+        buf_dtype = (momentum_dtype or p.dtype) if momentum != 0 else None
+        if p.is_contiguous() and single_pass_supported(p, p, None, buf_dtype):
+            if _on_compiled_cpu_loop(p, p.dtype, buf_dtype or p.dtype, weight_decay != 0):
+                pairs.add((p.dtype, buf_dtype))
+    if pairs:
+        from .cpu_update import prepare
+
+        prepare(pairs)
 
 
 def sgd_sai(
@@ -423,8 +469,9 @@ def _single_pass_sgd_sai(
 ) -> None:
     """One pass per block (blocks that :func:`single_pass_supported` allows): decay, momentum and
     the scaled update read ``p, g, m`` and write ``p, m`` once. CUDA blocks run in the Triton kernel
-    where it is available (one launch per dtype group, :mod:`sai_hf.triton_update`); the others
-    block by block (:func:`_fused_sgd_block`, :func:`_bf16_momentum_update`)."""
+    where it is available (one launch per dtype group, :mod:`sai_hf.triton_update`), large decayed or
+    bfloat16-buffer CPU blocks in the compiled loops (:mod:`sai_hf.cpu_update`); the others block by
+    block (:func:`_fused_sgd_block`, :func:`_bf16_momentum_update`)."""
     decay = 1 - lr * weight_decay
     first = [buf is None for buf in momentum_buffer_list]
     for i, param in enumerate(params):
@@ -449,6 +496,21 @@ def _single_pass_sgd_sai(
             seeds=[seeds[i] for i in triton],
         )  # fmt: skip
     done = set(triton)
+    compiled = [
+        i for i in range(len(params))
+        if i not in done
+        and _on_compiled_cpu_loop(params[i], grads[i].dtype, momentum_buffer_list[i].dtype if momentum != 0 else params[i].dtype, decay != 1.0)
+    ]  # fmt: skip
+    if compiled:
+        from .cpu_update import cpu_sgd_sai_
+
+        cpu_sgd_sai_(
+            [params[i] for i in compiled], [grads[i] for i in compiled],
+            [momentum_buffer_list[i] for i in compiled] if momentum != 0 else None, [step_sizes[i] for i in compiled],
+            decay=decay, momentum=momentum, first=[first[i] for i in compiled], maximize=maximize,
+            seeds=[seeds[i] for i in compiled],
+        )  # fmt: skip
+        done.update(compiled)
     for i, (param, grad) in enumerate(zip(params, grads)):
         if i in done:
             continue

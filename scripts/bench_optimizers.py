@@ -8,6 +8,8 @@ For every model size (the parameter tensor shapes of GPT-2 small / medium / larg
   ``--repeats`` trials);
 * the **first step time** (the step that allocates the state; SGD-SaI variants also compute the
   g-SNR scales there) and its ratio to the steady-state step;
+* the **construction time** of the optimizer, in the first trial and the median one (on CPU, SGD-SaI
+  compiles its update loops there, once per process: :mod:`sai_hf.cpu_update`);
 * the **optimizer-state bytes** (every tensor in ``optimizer.state``) and their ratio to the
   parameter bytes;
 * on CUDA, whether a steady-state step runs under ``torch.cuda.set_sync_debug_mode("error")``
@@ -371,8 +373,10 @@ def host_sync_check(optimizer: Optimizer, device: torch.device) -> str:
 
 @dataclass
 class Trial:
-    """One fresh optimizer on a reset workload: first step, one steady-state step, its state size."""
+    """One fresh optimizer on a reset workload: its construction, first step, one steady-state step,
+    its state size."""
 
+    build_ms: float
     first_ms: float
     step_ms: float
     state_bytes: int
@@ -386,10 +390,12 @@ def run_trial(spec: OptimizerSpec, workload: Workload, device: torch.device, che
     """
     workload.reset()
     with contextlib.redirect_stdout(io.StringIO()):
-        optimizer = spec.build(workload)
+        started = time.perf_counter()
+        optimizer = spec.build(workload)  # SGD-SaI compiles its CPU loops here, once per process
+        build_ms = (time.perf_counter() - started) * 1e3
         first_ms = time_ms(optimizer.step, device)
         step_ms = time_ms(optimizer.step, device)
-        trial = Trial(first_ms, step_ms, optimizer_state_bytes(optimizer))
+        trial = Trial(build_ms, first_ms, step_ms, optimizer_state_bytes(optimizer))
         if check_syncs:
             trial.host_syncs = host_sync_check(optimizer, device)
     alive = weakref.ref(optimizer)
@@ -414,6 +420,7 @@ class Measurement:
     label: str
     numel: int
     param_bytes: int
+    build_ms: list[float] = field(default_factory=list)
     first_ms: list[float] = field(default_factory=list)
     step_ms: list[float] = field(default_factory=list)
     state_bytes: int = 0
@@ -421,6 +428,7 @@ class Measurement:
 
     def add(self, trial: Trial) -> None:
         """Record one trial."""
+        self.build_ms.append(trial.build_ms)
         self.first_ms.append(trial.first_ms)
         self.step_ms.append(trial.step_ms)
         self.state_bytes = trial.state_bytes
@@ -514,6 +522,8 @@ def summarize(measurements: Sequence[Measurement]) -> list[dict[str, Any]]:
                 "param_bytes": m.param_bytes,
                 "step_ms_median": step,
                 "step_ms": m.step_ms,
+                "build_ms_first": m.build_ms[0],
+                "build_ms_median": statistics.median(m.build_ms),
                 "first_step_ms_median": first,
                 "first_step_ms": m.first_ms,
                 "first_over_step": ratio(first, step),
@@ -584,6 +594,7 @@ TABLE_COLUMNS = (
     "step ms (median)",
     "vs SGD fused",
     "vs AdamW fused",
+    "build ms (1st trial / median)",
     "first step ms",
     "first / step",
     "first - SGD's first",
@@ -602,6 +613,7 @@ def table_cells(row: dict[str, Any]) -> list[str]:
         fmt(row["step_ms_median"], ".1f"),
         fmt(row["ratio_to_sgd_fused"], ".2f", "x"),
         fmt(row["ratio_to_adamw_fused"], ".2f", "x"),
+        f'{fmt(row["build_ms_first"], ".0f")} / {fmt(row["build_ms_median"], ".0f")}',
         fmt(row["first_step_ms_median"], ".1f"),
         fmt(row["first_over_step"], ".2f", "x"),
         fmt(row["first_extra_over_step"], "+.2f", " steps"),
