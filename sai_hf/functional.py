@@ -42,6 +42,7 @@ Mersenne-Twister draw made it ~30x).
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -482,35 +483,23 @@ def _single_pass_sgd_sai(
         if momentum != 0 and buf.shape != param.shape:
             raise RuntimeError(f"SGDSaI: momentum buffer of shape {tuple(buf.shape)} for a parameter of shape {tuple(param.shape)}")
     step_sizes = [-lr * scale for scale in scales]
-    triton = [
-        i for i, (p, g) in enumerate(zip(params, grads))
-        if _on_triton(p, g, momentum_buffer_list[i].dtype if momentum != 0 else p.dtype)
-    ]
-    if triton:
-        from .triton_update import triton_sgd_sai_
-
-        triton_sgd_sai_(
-            [params[i] for i in triton], [grads[i] for i in triton],
-            [momentum_buffer_list[i] for i in triton] if momentum != 0 else None, [step_sizes[i] for i in triton],
-            decay=decay, momentum=momentum, first=[first[i] for i in triton], maximize=maximize,
-            seeds=[seeds[i] for i in triton],
+    buf_dtypes = [momentum_buffer_list[i].dtype if momentum != 0 else p.dtype for i, p in enumerate(params)]  # type: ignore[union-attr]
+    kernels = (  # (module, function, whether block i runs in it): one call for all the blocks each takes
+        ("triton_update", "triton_sgd_sai_", lambda i: _on_triton(params[i], grads[i], buf_dtypes[i])),
+        ("cpu_update", "cpu_sgd_sai_", lambda i: _on_compiled_cpu_loop(params[i], grads[i].dtype, buf_dtypes[i], decay != 1.0)),
+    )
+    done: set[int] = set()
+    for module, function, takes in kernels:
+        index = [i for i in range(len(params)) if i not in done and takes(i)]
+        if not index:
+            continue
+        getattr(importlib.import_module(f".{module}", __package__), function)(
+            [params[i] for i in index], [grads[i] for i in index],
+            [momentum_buffer_list[i] for i in index] if momentum != 0 else None, [step_sizes[i] for i in index],
+            decay=decay, momentum=momentum, first=[first[i] for i in index], maximize=maximize,
+            seeds=[seeds[i] for i in index],
         )  # fmt: skip
-    done = set(triton)
-    compiled = [
-        i for i in range(len(params))
-        if i not in done
-        and _on_compiled_cpu_loop(params[i], grads[i].dtype, momentum_buffer_list[i].dtype if momentum != 0 else params[i].dtype, decay != 1.0)
-    ]  # fmt: skip
-    if compiled:
-        from .cpu_update import cpu_sgd_sai_
-
-        cpu_sgd_sai_(
-            [params[i] for i in compiled], [grads[i] for i in compiled],
-            [momentum_buffer_list[i] for i in compiled] if momentum != 0 else None, [step_sizes[i] for i in compiled],
-            decay=decay, momentum=momentum, first=[first[i] for i in compiled], maximize=maximize,
-            seeds=[seeds[i] for i in compiled],
-        )  # fmt: skip
-        done.update(compiled)
+        done.update(index)
     for i, (param, grad) in enumerate(zip(params, grads)):
         if i in done:
             continue
