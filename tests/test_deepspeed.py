@@ -21,7 +21,7 @@ from _models import TokenDataset, tiny_gpt2, tiny_llama, token_batches, training
 from test_distributed import free_port, launch_two_ranks, max_rel_diff, max_weight_diff
 from transformers import Trainer
 
-from sai_hf import SGDSaI, UnsupportedShardingError
+from sai_hf import SGDSaI, UnsupportedShardingError, cpu_update
 from sai_hf.gsnr import STATISTICS_WIDTH
 from sai_hf.sharding.deepspeed_zero import ZeroPartitions, deepspeed_in_use, refuse_unsupported_deepspeed
 
@@ -239,10 +239,17 @@ def partition_by_hand(optimizer: SGDSaI, params: list[torch.Tensor]) -> torch.Te
     return flat
 
 
-@pytest.mark.parametrize("momentum", [0.9, 0.0])
-def test_flat_partition_layout_equals_per_tensor_optimizer(momentum):
+@pytest.mark.parametrize(
+    "momentum, large", [(0.9, False), (0.0, False), (0.9, True)], ids=["momentum", "no-momentum", "compiled-cpu-loop"]
+)
+def test_flat_partition_layout_equals_per_tensor_optimizer(momentum, large, monkeypatch):
+    """``large``: a fragment of 2^18+ entries with weight decay, which the compiled CPU loop updates
+    (on the fragment's view of the flat partition)."""
     torch.manual_seed(0)
-    shapes = [(8, 4), (4,), (1,), (3, 5, 2)]
+    shapes = [(8, 4), (4,), (1,), (3, 5, 2)] + ([(512, 520)] if large else [])
+    loop_blocks = []
+    real_loop = cpu_update.cpu_sgd_sai_
+    monkeypatch.setattr(cpu_update, "cpu_sgd_sai_", lambda ps, *a, **k: loop_blocks.extend(p.numel() for p in ps) or real_loop(ps, *a, **k))
     base = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
     grads[0][3] = torch.zeros(shapes[3])  # deferred at step 1, scaled at step 2 (eps dropped)
@@ -265,8 +272,10 @@ def test_flat_partition_layout_equals_per_tensor_optimizer(momentum):
     for a, b in zip(got, reference_params):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-7)
     assert torch.equal(flat.detach()[-3:], torch.zeros(3))  # padding untouched
+    if large and cpu_update.compiled_update_available():
+        assert loop_blocks.count(512 * 520) == 6  # 3 steps, the reference and the partition
     state = zero.state[flat]
-    assert sorted(state["blocks"]) == [0, 1, 2, 3] and state["blocks"][3]["gsnr_eps_free"]
+    assert sorted(state["blocks"]) == list(range(len(shapes))) and state["blocks"][3]["gsnr_eps_free"]
     assert state["blocks"][3]["scaled_at"] == 2 and state["step"] == 3
     # The state dict round-trips through load_state_dict (what DeepSpeed's checkpoint does per rank).
     restored = SGDSaI([torch.nn.Parameter(b.clone()) for b in base], lr=1e-2, momentum=momentum, weight_decay=0.1)
