@@ -38,7 +38,7 @@ import torch
 import torch._dynamo
 from torch import Tensor
 
-from .functional import _MIX_1, _MIX_2, _seed_offset, _wrap_int32
+from .functional import _seed_offset, _wrap_int32, stochastic_bf16_bits
 
 __all__ = ["compiled_update_available", "cpu_sgd_sai_", "prepare", "takes", "MIN_NUMEL", "SLAB"]
 
@@ -97,11 +97,8 @@ def _round_and_update(p: Tensor, m: Tensor, m_bits: Tensor, buf_bits: Tensor, fi
     """``buf <- stochastic_round_to_bf16(m)`` (``m_bits``: ``m`` viewed as int32; ``buf_bits``: the
     buffer viewed as int16; ``first_index``: the flat index of ``m[0]`` in its block, ``key``: the
     seed's key, both wrapped to int32) and ``p <- p * decay + step_size * m``."""
-    index = torch.arange(m.numel(), dtype=torch.int32, device=m.device)
-    h = (m_bits + index + first_index) ^ key
-    h = (h ^ ((h >> 16) & 0xFFFF)) * _MIX_1
-    h = (h ^ ((h >> 15) & 0x1FFFF)) * _MIX_2
-    buf_bits.copy_(((m_bits + ((h >> 16) & 0xFFFF)) >> 16).to(torch.int16))
+    index = torch.arange(m.numel(), dtype=torch.int32, device=m.device) + first_index
+    buf_bits.copy_(stochastic_bf16_bits(m_bits, index, key))
     p.copy_(p * c[DECAY] + c[STEP_SIZE] * m)
 
 

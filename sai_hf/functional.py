@@ -56,7 +56,7 @@ __all__ = ["sgd_sai", "stochastic_round_to_bf16", "single_pass_supported", "prep
 _MIX_1 = 0x7FEB352D
 _MIX_2 = 0x846CA68B - (1 << 32)
 #: Elements per slab of the bfloat16-momentum update: the slab's float32 momentum and int32 hash
-#: (1 MiB each) stay in cache across the ~15 elementwise passes of the update.
+#: (1 MiB each) stay in cache across the ~20 elementwise passes of the update.
 _SLAB = 1 << 18
 _MASK64 = (1 << 64) - 1
 #: Index of the high 16-bit half of an int32 viewed as two int16.
@@ -84,20 +84,22 @@ def _element_index(length: int, device: torch.device) -> Tensor:
     return torch.arange(length, dtype=torch.int32, device=device)
 
 
-def _round_bits_into(
-    out: Tensor, bits: Tensor, index: Tensor, first_index: int, seed: int, scratch: Tensor, shifted: Tensor
-) -> None:
+def stochastic_bf16_bits(bits: Tensor, index: Tensor, key: int) -> Tensor:
+    """The bfloat16 bit patterns (int16) of float32 values given as their bits (int32) ``bits``,
+    stochastically rounded: ``index`` holds each value's flat index in its tensor (int32, wrapping),
+    ``key`` is ``c(seed)`` wrapped to int32 (see :func:`stochastic_round_to_bf16` for the equations).
+    The one torch-ops copy of the hash: the eager paths and the compiled CPU loops
+    (:mod:`sai_hf.cpu_update`) call it; the Triton kernel spells the same operations on uint32."""
+    h = (bits + index) ^ key
+    h = (h ^ ((h >> 16) & 0xFFFF)) * _MIX_1  # x ^= x >>> 16;  x *= M1   (mod 2^32)
+    h = (h ^ ((h >> 15) & 0x1FFFF)) * _MIX_2  # x ^= x >>> 15;  x *= M2
+    return ((bits + ((h >> 16) & 0xFFFF)) >> 16).to(torch.int16)  # top 16 bits of b + (x >>> 16)
+
+
+def _round_bits_into(out: Tensor, bits: Tensor, index: Tensor, first_index: int, seed: int) -> None:
     """Write into int16 ``out`` the bfloat16 bits of float32 ``bits`` (viewed as int32; flat
-    elements ``first_index, first_index + 1, ...`` of their tensor) stochastically rounded
-    (``scratch`` and ``shifted``: int32 work space of ``bits``' size)."""
-    h = torch.add(index, bits, out=scratch).add_(_wrap_int32(first_index))  # b + i
-    h.bitwise_xor_(_wrap_int32(_seed_offset(seed)))  # x = (b + i) xor c
-    for shift, multiplier in ((16, _MIX_1), (15, _MIX_2)):  # x ^= x >>> s;  x *= M  (mod 2^32)
-        h.bitwise_xor_(torch.bitwise_right_shift(h, shift, out=shifted).bitwise_and_((1 << (32 - shift)) - 1))
-        h.mul_(multiplier)
-    h.bitwise_right_shift_(16).bitwise_and_(0xFFFF)  # u = top 16 bits of the hash
-    h.add_(bits)  # b + u, whose top 16 bits are the bfloat16 bit pattern:
-    out.copy_(h.view(torch.int16)[_HIGH_HALF::2])
+    elements ``first_index, first_index + 1, ...`` of their tensor) stochastically rounded."""
+    out.copy_(stochastic_bf16_bits(bits, index + _wrap_int32(first_index), _wrap_int32(_seed_offset(seed))))
 
 
 # Run eagerly under torch.compile: inductor's index arithmetic overflows on the wrapping int32 hash.
@@ -131,10 +133,9 @@ def stochastic_round_to_bf16(x: Tensor, seed: int) -> Tensor:
     numel = bits.numel()
     size = _slab_size(numel)
     index = _element_index(size, bits.device)
-    scratch, shifted = (torch.empty(size, dtype=torch.int32, device=bits.device) for _ in range(2))
     for start in range(0, numel, size):
         n = min(numel, start + size) - start
-        _round_bits_into(out[start : start + n], bits[start : start + n], index[:n], start, seed, scratch[:n], shifted[:n])
+        _round_bits_into(out[start : start + n], bits[start : start + n], index[:n], start, seed)
     return out.view(torch.bfloat16).view(x.shape)
 
 
@@ -163,7 +164,6 @@ def _bf16_momentum_update(
     numel = p.numel()
     size = _slab_size(numel) if p.device.type == "cpu" else max(1, numel)
     value = torch.empty(size, dtype=torch.float32, device=p.device)
-    scratch, shifted = (torch.empty(size, dtype=torch.int32, device=p.device) for _ in range(2))
     index = _element_index(size, p.device)
     for start in range(0, numel, size):
         end = min(numel, start + size)
@@ -172,7 +172,7 @@ def _bf16_momentum_update(
             m = value[:n].copy_(g[start:end])
         else:
             m = value[:n].copy_(b[start:end]).lerp_(g[start:end].float(), 1 - momentum)
-        _round_bits_into(out[start:end], m.view(torch.int32), index[:n], start, seed, scratch[:n], shifted[:n])
+        _round_bits_into(out[start:end], m.view(torch.int32), index[:n], start, seed)
         ps = p[start:end]
         if decay != 1.0:
             ps.mul_(decay)
