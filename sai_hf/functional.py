@@ -90,10 +90,11 @@ def stochastic_bf16_bits(bits: Tensor, index: Tensor, key: int) -> Tensor:
     ``key`` is ``c(seed)`` wrapped to int32 (see :func:`stochastic_round_to_bf16` for the equations).
     The one torch-ops copy of the hash: the eager paths and the compiled CPU loops
     (:mod:`sai_hf.cpu_update`) call it; the Triton kernel spells the same operations on uint32."""
-    h = (bits + index) ^ key
-    h = (h ^ ((h >> 16) & 0xFFFF)) * _MIX_1  # x ^= x >>> 16;  x *= M1   (mod 2^32)
-    h = (h ^ ((h >> 15) & 0x1FFFF)) * _MIX_2  # x ^= x >>> 15;  x *= M2
-    return ((bits + ((h >> 16) & 0xFFFF)) >> 16).to(torch.int16)  # top 16 bits of b + (x >>> 16)
+    h = torch.add(bits, index).bitwise_xor_(key)  # in place where it can: two temporaries in eager mode
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 16).bitwise_and_(0xFFFF)).mul_(_MIX_1)  # x ^= x >>> 16; x *= M1
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 15).bitwise_and_(0x1FFFF)).mul_(_MIX_2)  # x ^= x >>> 15; x *= M2
+    h.bitwise_right_shift_(16).bitwise_and_(0xFFFF).add_(bits)  # b + (x >>> 16) (mod 2^32)
+    return h.bitwise_right_shift_(16).to(torch.int16)  # its top 16 bits
 
 
 def _round_bits_into(out: Tensor, bits: Tensor, index: Tensor, first_index: int, seed: int) -> None:
