@@ -30,7 +30,7 @@ N_FIELDS = 9
 # conversions, so the compiled kernel and the interpreter round exactly alike.
 FP32, FP16, BF16 = 0, 1, 2
 
-#: The odd multiplier of ``sai_hf.functional``'s rounding hash, as an unsigned 32-bit constant.
+#: The two odd multipliers of ``sai_hf.functional``'s rounding hash (lowbias32), as unsigned 32-bit constants.
 _MIX_1: tl.constexpr = tl.constexpr(_MIX_1_INT32 & 0xFFFFFFFF)
 _MIX_2: tl.constexpr = tl.constexpr(_MIX_2_INT32 & 0xFFFFFFFF)
 _P_PTR: tl.constexpr = tl.constexpr(P_PTR)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import sys
 from collections.abc import Sequence
 
 import torch
@@ -59,8 +58,6 @@ _MIX_2 = 0x846CA68B - (1 << 32)
 #: (1 MiB each) stay in cache across the ~20 elementwise passes of the update.
 _SLAB = 1 << 18
 _MASK64 = (1 << 64) - 1
-#: Index of the high 16-bit half of an int32 viewed as two int16.
-_HIGH_HALF = 1 if sys.byteorder == "little" else 0
 
 
 def _slab_size(numel: int) -> int:
