@@ -5,6 +5,9 @@ compiled for CUDA, and once as a private copy decorated while ``TRITON_INTERPRET
 numpy interpreter, which runs the same kernel on CPU tensors: the tests). ``triton.jit`` picks the
 mode when it decorates, hence the two copies.
 
+``tile_statistics_kernel`` (:mod:`sai_hf.triton_statistics`) reduces tiles of many gradients in one
+launch, with a three-row table (gradient address, size, first program) and the same search.
+
 One launch updates a whole group of tensors that share dtypes. Its argument is a *table* (int64,
 field-major: ``table[field * n_tensors + t]``) with, for every tensor ``t``, the addresses of its
 parameter, gradient and momentum buffer, its size, its first program id, its first-update flag, its
@@ -142,6 +145,20 @@ def _update_block(
 
 
 @triton.jit
+def _owner(table, n_tensors, search_steps, pid, FIRST_PROGRAM_ROW: tl.constexpr):
+    """The tensor of program ``pid``: the largest ``t`` with ``first_program[t] <= pid`` (a binary
+    search of the table's non-decreasing first-program row)."""
+    lo = pid * 0
+    hi = lo + n_tensors
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        right = tl.load(table + FIRST_PROGRAM_ROW * n_tensors + mid) <= pid
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+@triton.jit
 def sgd_sai_kernel(
     table,
     n_tensors,
@@ -159,15 +176,7 @@ def sgd_sai_kernel(
     CHUNK_BLOCKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # The tensor of this program: the largest t with first_program[t] <= pid (non-decreasing column).
-    lo = pid * 0
-    hi = lo + n_tensors
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        right = tl.load(table + _FIRST_PROGRAM * n_tensors + mid) <= pid
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
-    t = lo
+    t = _owner(table, n_tensors, search_steps, pid, _FIRST_PROGRAM)
 
     numel = tl.load(table + _NUMEL * n_tensors + t)
     start = (pid - tl.load(table + _FIRST_PROGRAM * n_tensors + t)) * (BLOCK * CHUNK_BLOCKS)  # int64
@@ -194,3 +203,44 @@ def sgd_sai_kernel(
             p_address, g_address, m_address, offs, offs < end, step_size, keep, mu, one_minus_mu,
             is_first, seed_offset, P_KIND, G_KIND, M_KIND, HAS_MOMENTUM, STOCHASTIC, MAXIMIZE, ALIGNED,
         )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- g-SNR statistics
+# Rows of the statistics table (int64, field-major as above): gradient address, size, first program.
+STAT_G_PTR, STAT_NUMEL, STAT_FIRST_PROGRAM = range(3)
+N_STAT_FIELDS = 3
+#: Columns of the per-program output: entries, sum, centred sum of squares (float64).
+N_TILE_COLUMNS = 3
+_STAT_G_PTR: tl.constexpr = tl.constexpr(STAT_G_PTR)
+_STAT_NUMEL: tl.constexpr = tl.constexpr(STAT_NUMEL)
+_STAT_FIRST_PROGRAM: tl.constexpr = tl.constexpr(STAT_FIRST_PROGRAM)
+_N_TILE_COLUMNS: tl.constexpr = tl.constexpr(N_TILE_COLUMNS)
+
+
+@triton.jit
+def _add(a, b):
+    """The combine function of the sums (``tl.sum``'s, but defined here: Triton's own library
+    functions are not interpreted when ``TRITON_INTERPRET`` is set after ``triton`` was imported)."""
+    return a + b
+
+
+@triton.jit
+def tile_statistics_kernel(table, n_tensors, search_steps, out, KIND: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Program ``pid`` reduces one tile of ``BLOCK`` entries (the tail tile shorter) of its tensor, in
+    float64, two-pass in registers: ``m`` entries, ``K = sum x / m``, ``D1 = sum (x - K)``,
+    ``D2 = sum (x - K)^2``; writes ``[m, m K + D1, max(D2 - D1^2 / m, 0)]`` to ``out[pid]``."""
+    pid = tl.program_id(0)
+    t = _owner(table, n_tensors, search_steps, pid, _STAT_FIRST_PROGRAM)
+    numel = tl.load(table + _STAT_NUMEL * n_tensors + t)
+    start = (pid - tl.load(table + _STAT_FIRST_PROGRAM * n_tensors + t)) * BLOCK  # int64
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.where(mask, _load_f32(tl.load(table + _STAT_G_PTR * n_tensors + t), offs, mask, KIND, ALIGNED).to(tl.float64), 0.0)
+    m = (tl.minimum(numel - start, BLOCK)).to(tl.float64)
+    shift = tl.reduce(x, 0, _add) / m
+    centred = tl.where(mask, x - shift, 0.0)
+    d1 = tl.reduce(centred, 0, _add)
+    d2 = tl.reduce(centred * centred, 0, _add)
+    tl.store(out + pid * _N_TILE_COLUMNS, m)
+    tl.store(out + pid * _N_TILE_COLUMNS + 1, shift * m + d1)
+    tl.store(out + pid * _N_TILE_COLUMNS + 2, tl.maximum(d2 - d1 * d1 / m, 0.0))

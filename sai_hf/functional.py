@@ -18,11 +18,11 @@ float64 reference, ``tests/reference.py``):
 * ``_single_pass_sgd_sai`` (``fused``, the default): one pass over memory per block, reading
   ``p, g, m`` and writing ``p, m`` once (the memory-bandwidth floor of any momentum SGD), decay
   included. On CUDA one Triton kernel launch per dtype group (:mod:`sai_hf.triton_update`); large
-  CPU blocks with weight decay or a bfloat16 buffer, one compiled loop each (:mod:`sai_hf.cpu_update`,
-  the same float32 operations as the Triton kernel); other blocks torch's fused SGD kernel
+  CPU blocks with weight decay or a bfloat16 buffer, one native loop each (:mod:`sai_hf.cpu_update`,
+  C, the same float32 operations as the Triton kernel); other blocks torch's fused SGD kernel
   (``torch._fused_sgd_`` with ``lr * s_i`` as its learning rate and ``dampening = momentum``,
   exactly SGD-SaI's momentum rule), preceded by ``p *= 1 - lr wd`` slab by slab on CPU, so that ``p``
-  is still in cache (also the fallback where the loops cannot be compiled). Blocks it cannot run
+  is still in cache (also the fallback where the native loop cannot be built). Blocks it cannot run
   (non-contiguous layouts, CPU half-precision parameters) go through the multi-tensor path in the
   same call.
 
@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _get_fused_kernels_supported_devices
 
-__all__ = ["sgd_sai", "stochastic_round_to_bf16", "single_pass_supported", "prepare_single_pass"]
+__all__ = ["sgd_sai", "stochastic_round_to_bf16", "single_pass_supported"]
 
 #: The two odd multipliers of the rounding hash (Chris Wellons' "lowbias32" integer hash), as signed int32.
 _MIX_1 = 0x7FEB352D
@@ -85,8 +85,8 @@ def stochastic_bf16_bits(bits: Tensor, index: Tensor, key: int) -> Tensor:
     """The bfloat16 bit patterns (int16) of float32 values given as their bits (int32) ``bits``,
     stochastically rounded: ``index`` holds each value's flat index in its tensor (int32, wrapping),
     ``key`` is ``c(seed)`` wrapped to int32 (see :func:`stochastic_round_to_bf16` for the equations).
-    The one torch-ops copy of the hash: the eager paths and the compiled CPU loops
-    (:mod:`sai_hf.cpu_update`) call it; the Triton kernel spells the same operations on uint32."""
+    The one torch-ops copy of the hash (the eager paths); the Triton kernel and the native CPU loop
+    (``sai_hf/csrc/sgd_sai_cpu.c``) spell the same operations on uint32, tested bit for bit against it."""
     h = torch.add(bits, index).bitwise_xor_(key)  # in place where it can: two temporaries in eager mode
     h.bitwise_xor_(torch.bitwise_right_shift(h, 16).bitwise_and_(0xFFFF)).mul_(_MIX_1)  # x ^= x >>> 16; x *= M1
     h.bitwise_xor_(torch.bitwise_right_shift(h, 15).bitwise_and_(0x1FFFF)).mul_(_MIX_2)  # x ^= x >>> 15; x *= M2
@@ -137,13 +137,20 @@ def stochastic_round_to_bf16(x: Tensor, seed: int) -> Tensor:
     return out.view(torch.bfloat16).view(x.shape)
 
 
+def _bf16_momentum(out: Tensor, buf: Tensor, grad: Tensor, momentum: float) -> Tensor:
+    """``out <- mu * float(buf) + (1 - mu) * grad`` in float32, each operation rounded separately
+    (no lerp, no fused multiply-add): the Triton kernel's and the native CPU loop's operations, so
+    every path stores the same bfloat16 buffer bit for bit."""
+    return out.copy_(buf).mul_(momentum).add_(torch.mul(grad, 1 - momentum))
+
+
 @torch.compiler.disable  # as stochastic_round_to_bf16
 def _bf16_momentum_update(
     param: Tensor, grad: Tensor, buf: Tensor, momentum: float, step_size: float, decay: float, first: bool, seed: int
 ) -> None:
     """One block's update with a bfloat16 buffer for a float32 parameter::
 
-        m = g (first) or mu buf + (1 - mu) g     in float32
+        m = g (first) or mu buf + (1 - mu) g     in float32 (:func:`_bf16_momentum`)
         buf <- stochastic_round_to_bf16(m);      param <- decay * param + step_size * m
 
     On CPU slab by slab, so that the float32 temporaries and ``param`` stay in cache (one pass over
@@ -151,7 +158,7 @@ def _bf16_momentum_update(
     hash takes each element's flat index)."""
     contiguous = param.is_contiguous() and grad.is_contiguous() and buf.is_contiguous()
     if not contiguous:
-        value = grad.float() if first else buf.float().lerp_(grad.float(), 1 - momentum)
+        value = grad.float() if first else _bf16_momentum(torch.empty(buf.shape, device=buf.device), buf, grad.float(), momentum)
         buf.copy_(stochastic_round_to_bf16(value, seed))
         if decay != 1.0:
             param.mul_(decay)
@@ -169,7 +176,7 @@ def _bf16_momentum_update(
         if first:
             m = value[:n].copy_(g[start:end])
         else:
-            m = value[:n].copy_(b[start:end]).lerp_(g[start:end].float(), 1 - momentum)
+            m = _bf16_momentum(value[:n], b[start:end], g[start:end].float(), momentum)
         _round_bits_into(out[start:end], m.view(torch.int32), index[:n], start, seed)
         ps = p[start:end]
         if decay != 1.0:
@@ -248,33 +255,15 @@ def _on_triton(param: Tensor, grad: Tensor, buf_dtype: torch.dtype) -> bool:
     return triton_available(param.device) and {param.dtype, grad.dtype, buf_dtype} <= set(SUPPORTED_DTYPES)
 
 
-def _on_compiled_cpu_loop(param: Tensor, grad_dtype: torch.dtype, buf_dtype: torch.dtype, decayed: bool) -> bool:
-    """Whether a contiguous block runs in the compiled CPU loop (:mod:`sai_hf.cpu_update`): a large
-    CPU block with weight decay or a bfloat16 buffer (without either, torch's fused kernel already
-    makes one pass at a lower host cost)."""
+def _on_native_cpu_loop(param: Tensor, grad_dtype: torch.dtype, buf_dtype: torch.dtype, decayed: bool) -> bool:
+    """Whether a contiguous block runs in the native CPU loop (:mod:`sai_hf.cpu_update`): a CPU
+    block with weight decay or a bfloat16 buffer (without either, torch's fused kernel already makes
+    one pass, at the same host cost)."""
     if param.device.type != "cpu" or (not decayed and buf_dtype == param.dtype):
         return False
     from .cpu_update import takes
 
     return takes(param, grad_dtype, buf_dtype)
-
-
-def prepare_single_pass(
-    params: Sequence[Tensor], *, momentum: float, weight_decay: float, momentum_dtype: torch.dtype | None
-) -> None:
-    """Compile ahead of the first step what the single-pass path will compile for these parameters
-    (the CPU loops of :mod:`sai_hf.cpu_update`; nothing for other devices), so that the first step
-    measures the optimizer's own work."""
-    pairs = set()
-    for p in params:
-        buf_dtype = (momentum_dtype or p.dtype) if momentum != 0 else None
-        if p.is_contiguous() and single_pass_supported(p, p, None, buf_dtype):
-            if _on_compiled_cpu_loop(p, p.dtype, buf_dtype or p.dtype, weight_decay != 0):
-                pairs.add((p.dtype, buf_dtype))
-    if pairs:
-        from .cpu_update import prepare
-
-        prepare(pairs)
 
 
 def sgd_sai(
@@ -469,7 +458,7 @@ def _single_pass_sgd_sai(
     """One pass per block (blocks that :func:`single_pass_supported` allows): decay, momentum and
     the scaled update read ``p, g, m`` and write ``p, m`` once. CUDA blocks run in the Triton kernel
     where it is available (one launch per dtype group, :mod:`sai_hf.triton_update`), large decayed or
-    bfloat16-buffer CPU blocks in the compiled loops (:mod:`sai_hf.cpu_update`); the others block by
+    bfloat16-buffer CPU blocks in the native loop (:mod:`sai_hf.cpu_update`); the others block by
     block (:func:`_fused_sgd_block`, :func:`_bf16_momentum_update`)."""
     decay = 1 - lr * weight_decay
     first = [buf is None for buf in momentum_buffer_list]
@@ -484,7 +473,7 @@ def _single_pass_sgd_sai(
     buf_dtypes = [momentum_buffer_list[i].dtype if momentum != 0 else p.dtype for i, p in enumerate(params)]  # type: ignore[union-attr]
     kernels = (  # (module, function, whether block i runs in it): one call for all the blocks each takes
         ("triton_update", "triton_sgd_sai_", lambda i: _on_triton(params[i], grads[i], buf_dtypes[i])),
-        ("cpu_update", "cpu_sgd_sai_", lambda i: _on_compiled_cpu_loop(params[i], grads[i].dtype, buf_dtypes[i], decay != 1.0)),
+        ("cpu_update", "cpu_sgd_sai_", lambda i: _on_native_cpu_loop(params[i], grads[i].dtype, buf_dtypes[i], decay != 1.0)),
     )
     done: set[int] = set()
     for module, function, takes in kernels:

@@ -49,6 +49,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import native
+
 __all__ = [
     "BlockStatus",
     "DEGENERATE_RELATIVE_STD",
@@ -116,9 +118,12 @@ def gradient_statistics(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     depends on the device, because float64 reductions of float32 data are ~10x slower than float32
     ones on CPU:
 
-    * CUDA / MPS / anything but CPU, and small CPU tensors: :func:`_shifted_statistics`, float64
+    * other tensors on CUDA / MPS / anything but CPU, and small CPU tensors: :func:`_shifted_statistics`, float64
       reductions of ``g - mean(g)`` computed in float64; no host sync.
-    * large CPU tensors: :func:`_row_statistics`, rows of :data:`_CPU_ROW` entries each centred on
+    * contiguous float32 CPU tensors where the native kernels are built, and contiguous CUDA
+      tensors where Triton is: :func:`_batched_statistics`, all of them in one call (CPU) or one
+      launch per dtype (CUDA), float64 centred sums (as accurate as :func:`_shifted_statistics`).
+    * other large CPU tensors: :func:`_row_statistics`, rows of :data:`_CPU_ROW` entries each centred on
       its own float32 mean and reduced in float32 in cache-sized slabs, rows combined in float64:
       ``C`` to ~1e-7 relative (float32 rounding of centred values), a g-SNR to ~1e-8. Blocks where
       float32 squares of the centred values may overflow or underflow (:func:`_needs_float64`) are
@@ -129,14 +134,68 @@ def gradient_statistics(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     local = [local_part(g).detach() for g in grads]
     device = local[0].device
     dtype = accumulation_dtype(device)
+    batched = _batched_statistics(local) if dtype == torch.float64 else {}
     rows = []
-    for g in local:
-        fast = g.device.type == "cpu" and g.numel() >= _CPU_ROWS_MIN_NUMEL and not g.is_complex()
-        row = _row_statistics(g, dtype) if fast else None
-        if row is None or (_needs_float64(row) and not _all_zero(row, g)):
+    for i, g in enumerate(local):
+        row = batched.get(i)
+        fast = row is None and g.device.type == "cpu" and g.numel() >= _CPU_ROWS_MIN_NUMEL and not g.is_complex()
+        row = _row_statistics(g, dtype) if fast else row
+        if row is None or (fast and _needs_float64(row) and not _all_zero(row, g)):
             row = _shifted_statistics(g, dtype)
         rows.append(row.to(device))
     return torch.stack(rows)
+
+
+@torch.compiler.disable  # raw pointers into a ctypes call and Triton launches: always eager
+def _batched_statistics(grads: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Statistics rows, by index, of the gradients that a batched kernel reduces (one call for all
+    of them, float64 centred sums, as accurate as :func:`_shifted_statistics`):
+
+    * non-empty contiguous float32 CPU gradients: the native kernel (``block_statistics_f32``,
+      :mod:`sai_hf.native`), one pass over memory, pieces of :data:`_CPU_ROW` entries;
+    * non-empty contiguous float32/float16/bfloat16 CUDA gradients: the Triton kernel
+      (:mod:`sai_hf.triton_statistics`), one launch per dtype group and a few segmented sums, no
+      host sync.
+
+    The others are absent (the caller reduces them one by one)."""
+    on_native = [i for i, g in enumerate(grads) if g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous() and g.numel()]
+    on_native = on_native if on_native and native.available() else []
+    on_triton: dict[torch.device, list[int]] = {}
+    if any(g.device.type != "cpu" for g in grads) or _triton_interpreting():
+        from .triton_statistics import takes
+
+        claimed = set(on_native)
+        for i, g in enumerate(grads):
+            if i not in claimed and takes(g):
+                on_triton.setdefault(g.device, []).append(i)
+    rows: dict[int, torch.Tensor] = {}
+    if on_native:
+        sums = torch.empty((len(on_native), 2), dtype=torch.float64)
+        pointers = torch.tensor([grads[i].data_ptr() for i in on_native], dtype=torch.int64)
+        numels = torch.tensor([grads[i].numel() for i in on_native], dtype=torch.int64)
+        if native.library().call("block_statistics_f32", pointers.data_ptr(), numels.data_ptr(), len(on_native), _CPU_ROW, sums.data_ptr()):
+            raise MemoryError("sai_hf: the g-SNR statistics kernel could not allocate its piece buffer")
+        rows.update(zip(on_native, _rows_from_sums(numels.to(torch.float64), sums)))
+    for device, index in on_triton.items():
+        from .triton_statistics import triton_sums
+
+        numels = torch.tensor([float(grads[i].numel()) for i in index], dtype=torch.float64, device=device)
+        rows.update(zip(index, _rows_from_sums(numels, triton_sums([grads[i] for i in index]))))
+    return rows
+
+
+def _triton_interpreting() -> bool:
+    from .triton_update import _interpreting
+
+    return _interpreting()
+
+
+def _rows_from_sums(n: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """``(B, STATISTICS_WIDTH)`` statistics rows of real blocks from their entry counts ``n`` and
+    ``sums[:, 0] = S``, ``sums[:, 1] = C``."""
+    total, centred = sums.unbind(1)
+    zero = torch.zeros_like(n)
+    return torch.stack((n, total, zero, centred, _mean_mass(total, zero, n)), dim=1)
 
 
 #: Entries per row of the CPU reduction: short enough that a row's float32 sums are accurate, long

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from .checkpoint import buffers_in_saved_dtype, prepare_state_dict
-from .functional import prepare_single_pass
+from . import native
 from .gsnr import BlockStatus, gsnr_from_statistics
 from .sharding import BlockLayout, ScaleRecord, StatisticsReducer, new_layout, replaced_layout
 
@@ -202,12 +202,8 @@ class SGDSaI(Optimizer):
             gsnr_max=None,
         )
         super().__init__(params, defaults)
-        for group in self.param_groups:  # compile the CPU loops of the first steps now (sai_hf.cpu_update)
-            if group["fused"] or (group["fused"] is None and group["foreach"] is None):
-                prepare_single_pass(
-                    group["params"], momentum=group["momentum"], weight_decay=group["weight_decay"],
-                    momentum_dtype=group["momentum_dtype"],
-                )  # fmt: skip
+        if any(p.device.type == "cpu" for group in self.param_groups for p in group["params"]):
+            native.library()  # build the CPU kernels (g-SNR statistics, update) now, not in the first step
         self._warned_degenerate = False
         self._layout: BlockLayout = new_layout(self)
         self._layout_decided = False  # see layout()

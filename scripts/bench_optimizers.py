@@ -9,7 +9,7 @@ For every model size (the parameter tensor shapes of GPT-2 small / medium / larg
 * the **first step time** (the step that allocates the state; SGD-SaI variants also compute the
   g-SNR scales there) and its ratio to the steady-state step;
 * the **construction time** of the optimizer, in the first trial and the median one (on CPU, SGD-SaI
-  compiles its update loops there, once per process: :mod:`sai_hf.cpu_update`);
+  builds its native CPU loop there, once per process: :mod:`sai_hf.cpu_update`);
 * the **optimizer-state bytes** (every tensor in ``optimizer.state``) and their ratio to the
   parameter bytes;
 * on CUDA, whether a steady-state step runs under ``torch.cuda.set_sync_debug_mode("error")``
@@ -391,7 +391,7 @@ def run_trial(spec: OptimizerSpec, workload: Workload, device: torch.device, che
     workload.reset()
     with contextlib.redirect_stdout(io.StringIO()):
         started = time.perf_counter()
-        optimizer = spec.build(workload)  # SGD-SaI compiles its CPU loops here, once per process
+        optimizer = spec.build(workload)  # SGD-SaI builds its native CPU loop here, once per process
         build_ms = (time.perf_counter() - started) * 1e3
         first_ms = time_ms(optimizer.step, device)
         step_ms = time_ms(optimizer.step, device)

@@ -1,31 +1,29 @@
-"""The compiled CPU loops of ``sai_hf.cpu_update``: bit for bit the Triton kernel's float32 operations
-(``_triton_reference``), the slab path's equations, chosen for large decayed CPU blocks, compiled once."""
+"""The native CPU loop of ``sai_hf.cpu_update`` (``sai_hf/csrc/sgd_sai_cpu.c``): bit for bit the Triton
+kernel's float32 operations (``_triton_reference``) and the torch-ops rounding hash, the equations in
+float64, chosen for decayed and bfloat16-buffer CPU blocks, and the slab path wherever it cannot run."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
-from _triton_reference import compare_with_loop_path, float64_expected, run_steps
+from _triton_reference import compare_with_loop_path, float32_expected, float64_expected, run_steps
 
-from sai_hf import SGDSaI, cpu_update
-from sai_hf.functional import sgd_sai
+from sai_hf import SGDSaI, cpu_update, native
+from sai_hf.functional import _seed, sgd_sai, stochastic_round_to_bf16
 
-pytestmark = pytest.mark.skipif(
-    not cpu_update.compiled_update_available(), reason="torch.compile does not work on this machine"
-)
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"no native CPU kernels here: {native.library().failure}")
 
-# Sizes around the loops' edges: the smallest block they take, a vector tail (not a multiple of 16),
-# and more than one bfloat16 slab with a short last slab.
-SHAPES = [(cpu_update.MIN_NUMEL,), (700, 1001), (cpu_update.SLAB + 12345,)]
+# Sizes around the loop's edges: one element, a vector tail (not a multiple of 16), one thread's
+# block (below the parallel threshold of 65536), several threads' with odd split points.
+SHAPES = [(1,), (700, 1001), (65535,), (3, 65537)]
 
 
 def update(params, grads, buffers, step_sizes, **kwargs):
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     cpu_update.cpu_sgd_sai_(params, grads, buffers, step_sizes, **kwargs)
-    assert cpu_update.compiled_update_available(), cpu_update._loops().failure
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
 
 
 @pytest.mark.parametrize("buf_dtype", [torch.float32, torch.bfloat16])
@@ -56,16 +54,33 @@ def test_float64_blocks_are_computed_in_float64():
         torch.testing.assert_close(m, want_m, rtol=1e-15, atol=1e-15)
 
 
-def test_views_with_storage_offsets_compile_once():
+@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.bfloat16])
+def test_special_values_match_the_torch_ops_bit_for_bit(buf_dtype):
+    """Signed zeros, subnormals, the largest floats (whose rounding may carry to infinity), infinities
+    and NaN in the gradient and the momentum: the same bits as the torch ops and the torch hash."""
+    specials = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.4e38, -3.4e38, float("inf"), float("-inf"), float("nan"), 1.0, -2.5])
+    g = specials.repeat_interleave(len(specials))
+    m = specials.repeat(len(specials)).to(buf_dtype)
+    p = torch.linspace(-3, 3, g.numel())
+    seed = _seed(4, 2)
+    want_p, m32 = float32_expected(p, g, m, -0.25, 0.99, 0.9, False, False)
+    update([p], [g], [m], [-0.25], decay=0.99, momentum=0.9, first=[False], maximize=False, seeds=[seed])
+    want_m = stochastic_round_to_bf16(m32, seed) if buf_dtype == torch.bfloat16 else m32
+    for got, want in ((p, want_p), (m, want_m)):
+        assert torch.equal(got.isnan(), want.isnan())
+        bits = torch.int16 if got.dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(got.view(bits)[~got.isnan()], want.view(bits)[~want.isnan()])
+
+
+def test_fragments_of_one_flat_tensor():
     """Fragments of one flat tensor (DeepSpeed ZeRO partitions, FSDP shards) at different offsets and
-    sizes, scalars that change every step: no new compilation after :func:`cpu_update.prepare`."""
-    cpu_update.prepare({(torch.float32, torch.float32)})
-    flat_p, flat_g, flat_m = torch.randn(3 * cpu_update.MIN_NUMEL + 7), torch.randn(3 * cpu_update.MIN_NUMEL + 7), torch.zeros(3 * cpu_update.MIN_NUMEL + 7)
-    cuts = [(0, cpu_update.MIN_NUMEL), (cpu_update.MIN_NUMEL + 3, 3 * cpu_update.MIN_NUMEL + 7)]
-    new_graphs = 0
+    sizes, scalars that change every step: each fragment's own update, the rest untouched."""
+    flat_p, flat_g, flat_m = torch.randn(300_007), torch.randn(300_007), torch.zeros(300_007)
+    cuts = [(0, 100_000), (100_003, 300_007)]
     for step in range(3):
+        untouched = flat_p[100_000:100_003].clone()
         want = [float64_expected(flat_p[a:b].clone(), flat_g[a:b], flat_m[a:b].clone(), -0.01 * (step + 1), 0.99 - step / 100, 0.9, step == 0, False) for a, b in cuts]
-        new_graphs += update(
+        update(
             [flat_p[a:b] for a, b in cuts], [flat_g[a:b] for a, b in cuts], [flat_m[a:b] for a, b in cuts],
             [-0.01 * (step + 1)] * 2, decay=0.99 - step / 100, momentum=0.9, first=[step == 0] * 2, maximize=False,
             seeds=[0, 1],
@@ -73,12 +88,20 @@ def test_views_with_storage_offsets_compile_once():
         for (a, b), (want_p, want_m) in zip(cuts, want):
             torch.testing.assert_close(flat_p[a:b].double(), want_p, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(flat_m[a:b].double(), want_m, rtol=1e-6, atol=1e-6)
-    assert new_graphs == 0
+        assert torch.equal(flat_p[100_000:100_003], untouched)
 
 
-def test_optimizer_sends_large_decayed_cpu_blocks_to_the_loops(monkeypatch):
-    """``SGDSaI`` with weight decay: the large block goes through the compiled loop, the small one and
-    the undecayed large one through torch's fused kernel; all match the for-loop path."""
+def test_non_contiguous_or_mismatched_tensors_are_refused():
+    p, g, m = torch.zeros(8, 8), torch.zeros(8, 8), torch.zeros(8, 8)
+    with pytest.raises(ValueError, match="contiguous"):
+        update([p.t()], [g], [m], [-0.1], decay=1.0, momentum=0.9, first=[True], maximize=False, seeds=[0])
+    with pytest.raises(ValueError, match=r"shapes \(8, 8\), \(64,\)"):
+        update([p], [g.view(-1)], [m], [-0.1], decay=1.0, momentum=0.9, first=[True], maximize=False, seeds=[0])
+
+
+def test_optimizer_sends_decayed_cpu_blocks_to_the_loop(monkeypatch):
+    """``SGDSaI`` with weight decay: the decayed blocks (large and small) go through the native loop,
+    the undecayed one through torch's fused kernel; all match the for-loop path."""
     calls = []
     real = cpu_update.cpu_sgd_sai_
     gen = torch.Generator().manual_seed(0)
@@ -89,7 +112,7 @@ def test_optimizer_sends_large_decayed_cpu_blocks_to_the_loops(monkeypatch):
     for path in (dict(), dict(foreach=False)):
         params = [torch.nn.Parameter(t.clone()) for t in base]
         groups = [dict(params=params[:2], weight_decay=0.1), dict(params=params[2:], weight_decay=0.0)]
-        opt = SGDSaI(groups, lr=1e-3, **path)  # compiles the loops the large decayed block will run
+        opt = SGDSaI(groups, lr=1e-3, **path)
         with monkeypatch.context() as patch:
             patch.setattr(cpu_update, "cpu_sgd_sai_", lambda ps, *a, **k: calls.append([p.numel() for p in ps]) or real(ps, *a, **k))
             for step_grads in grads:
@@ -97,50 +120,26 @@ def test_optimizer_sends_large_decayed_cpu_blocks_to_the_loops(monkeypatch):
                     p.grad = g.clone()
                 opt.step()
         results.append(params)
-    assert calls == [[512 * 1024]] * 3
+    assert calls == [[512 * 1024, 64]] * 3
     for a, b in zip(*results):  # steps of ~0.7 (lr 1e-3 x g-SNR ~ sqrt(numel)): a few float32 ulps apart
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-class FailingLoops(cpu_update.CompiledLoops):
-    """Loops whose compilation fails from the ``after``-th call on (as a recompile refused mid-block)."""
-
-    def __init__(self, after: int) -> None:
-        super().__init__()
-        self.calls = 0
-        compiled = dict(self._compiled)
-
-        def failing(name):
-            def call(*args):
-                self.calls += 1
-                if self.calls > after:
-                    raise OSError("no C++ compiler")
-                return compiled[name](*args)
-
-            return call
-
-        self._compiled = {name: failing(name) for name in compiled}
-
-
-@pytest.mark.parametrize("after", [0, 1, 2])
-def test_a_failed_compilation_completes_the_block_warns_once_and_falls_back(monkeypatch, after):
-    """A compilation that fails at the first call or in the middle of a multi-slab bfloat16 block
-    (``after`` successful calls first): the block is updated once (the failing call runs eagerly),
-    one warning names the cause, later steps take the slab path; all equal the for-loop path."""
-    loops = FailingLoops(after)
-    monkeypatch.setattr(cpu_update, "_loops", lambda: loops)
+def _slab_path_result(monkeypatch, kernels: native.NativeLibrary, match: str | None):
+    """Three bf16-momentum steps with ``kernels`` in place of the process's loop: the warning
+    (``match``, once), the slab path taken, and the result equal to the for-loop path."""
+    monkeypatch.setattr(native, "library", lambda: kernels)
     gen = torch.Generator().manual_seed(2)
-    shape = (2 * cpu_update.SLAB + 5,)
-    p = torch.randn(shape, generator=gen)
-    grads = [torch.randn(shape, generator=gen) for _ in range(3)]
+    p = torch.randn(70_000, generator=gen)
+    grads = [torch.randn(p.shape, generator=gen) for _ in range(3)]
     got_p, got_m, want_p, want_m = p.clone(), [None], p.clone(), [None]
     kwargs = dict(lr=0.01, momentum=0.9, weight_decay=0.1, maximize=False, momentum_dtype=torch.bfloat16)
-    with pytest.warns(RuntimeWarning, match=r"compiled CPU update is not available here \(OSError: no C\+\+ compiler\)"):
-        sgd_sai([got_p], [grads[0]], got_m, [2.0], **kwargs, steps=[0])
-    assert loops.failure == "OSError: no C++ compiler" and not cpu_update.compiled_update_available()
+    monkeypatch.setattr(cpu_update, "cpu_sgd_sai_", lambda *a, **k: pytest.fail("the native loop ran"))
+    with pytest.warns(RuntimeWarning, match=match) if match else warnings.catch_warnings():
+        kernels.build()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once
-        for step, g in enumerate(grads[1:], start=1):
+        warnings.simplefilter("error")  # warned once, at the build
+        for step, g in enumerate(grads):
             sgd_sai([got_p], [g], got_m, [2.0], **kwargs, steps=[step])
     for step, g in enumerate(grads):
         sgd_sai([want_p], [g], want_m, [2.0], **kwargs, foreach=False, steps=[step])
@@ -148,29 +147,51 @@ def test_a_failed_compilation_completes_the_block_warns_once_and_falls_back(monk
     torch.testing.assert_close(got_m[0].float(), want_m[0].float(), rtol=0, atol=0.05)
 
 
-def test_construction_under_warnings_as_errors_compiles():
-    """torch's compiler warns while compiling (a DeprecationWarning in torch 2.13): under
-    ``-W error`` that must not fail the optimizer's construction or switch the loops off."""
-    torch._dynamo.reset()  # compile again, from inductor's cache
+def test_no_compiler_warns_once_and_keeps_the_slab_path(monkeypatch):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    kernels = native.NativeLibrary()
+    _slab_path_result(monkeypatch, kernels, r"native CPU kernels are not available here \(OSError: no C compiler: set CC")
+    assert not kernels.usable()
+
+
+def test_a_failing_compiler_is_named(monkeypatch, tmp_path):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: fatal error: out of memory' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setattr(native, "_is_gcc", lambda compiler: True)
+    kernels = native.NativeLibrary()
+    _slab_path_result(monkeypatch, kernels, r"\(OSError: cc failed: cc: fatal error: out of memory\)")
+
+
+def test_a_single_threaded_build_runs_only_when_torch_does(monkeypatch):
+    """Where the loop cannot share torch's thread pool it is built without OpenMP: usable with
+    ``torch.set_num_threads(1)``, not with more threads (torch's own kernels would be faster)."""
+    monkeypatch.setattr(native, "_torch_threads_are_libgomp", lambda: False)
+    kernels = native.NativeLibrary()
+    kernels.build()
+    assert not kernels.threaded and kernels.failure is None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert kernels.usable()
+        monkeypatch.setattr(native, "library", lambda: kernels)
+        run_steps(update, SHAPES, buf_dtype=torch.bfloat16)
+    finally:
+        torch.set_num_threads(threads)
+    assert kernels.usable() == (threads == 1)
+
+
+def test_disabled_by_the_environment_variable():
+    code = "from sai_hf import cpu_update, native; import torch; print(native.available(), cpu_update.takes(torch.zeros(4), torch.float32, torch.bfloat16))"
+    env = {"SAI_HF_CPU_KERNEL": "0", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_construction_under_warnings_as_errors_builds():
+    native.library.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        SGDSaI([torch.nn.Parameter(torch.zeros(SHAPES[0]))], lr=1e-3, weight_decay=0.1)
-    assert cpu_update.compiled_update_available(), cpu_update._loops().failure
-
-
-def test_eager_stances_keep_the_slab_path():
-    with torch.compiler.set_stance("force_eager"):
-        assert not cpu_update.compiled_update_available()
-    assert cpu_update.compiled_update_available()
-
-
-def test_last_bf16_slab_is_never_one_element():
-    assert list(cpu_update._slabs(2 * cpu_update.SLAB + 1)) == [(0, cpu_update.SLAB), (cpu_update.SLAB, 2 * cpu_update.SLAB + 1)]
-    assert list(cpu_update._slabs(cpu_update.SLAB + 2))[-1] == (cpu_update.SLAB, cpu_update.SLAB + 2)
-
-
-def test_dynamo_disabled_keeps_the_slab_path():
-    with torch._dynamo.config.patch(disable=True):  # what TORCH_COMPILE_DISABLE=1 sets
-        assert not cpu_update.compiled_update_available()
-        assert not cpu_update.takes(torch.zeros(SHAPES[0]), torch.float32, torch.float32)
-    assert cpu_update.compiled_update_available()
+        SGDSaI([torch.nn.Parameter(torch.zeros(10))], lr=1e-3, weight_decay=0.1)
+    assert native.available(), native.library().failure

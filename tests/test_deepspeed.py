@@ -21,7 +21,7 @@ from _models import TokenDataset, tiny_gpt2, tiny_llama, token_batches, training
 from test_distributed import free_port, launch_two_ranks, max_rel_diff, max_weight_diff
 from transformers import Trainer
 
-from sai_hf import SGDSaI, UnsupportedShardingError, cpu_update
+from sai_hf import SGDSaI, UnsupportedShardingError, cpu_update, native
 from sai_hf.gsnr import STATISTICS_WIDTH
 from sai_hf.sharding.deepspeed_zero import ZeroPartitions, deepspeed_in_use, refuse_unsupported_deepspeed
 
@@ -240,11 +240,11 @@ def partition_by_hand(optimizer: SGDSaI, params: list[torch.Tensor]) -> torch.Te
 
 
 @pytest.mark.parametrize(
-    "momentum, large", [(0.9, False), (0.0, False), (0.9, True)], ids=["momentum", "no-momentum", "compiled-cpu-loop"]
+    "momentum, large", [(0.9, False), (0.0, False), (0.9, True)], ids=["momentum", "no-momentum", "large-fragment"]
 )
 def test_flat_partition_layout_equals_per_tensor_optimizer(momentum, large, monkeypatch):
-    """``large``: a fragment of 2^18+ entries with weight decay, which the compiled CPU loop updates
-    (on the fragment's view of the flat partition)."""
+    """Every fragment has weight decay, so the native CPU loop updates it (on the fragment's view of the
+    flat partition); ``large``: one fragment big enough for the loop's threads to split it."""
     torch.manual_seed(0)
     shapes = [(8, 4), (4,), (1,), (3, 5, 2)] + ([(512, 520)] if large else [])
     loop_blocks = []
@@ -272,8 +272,8 @@ def test_flat_partition_layout_equals_per_tensor_optimizer(momentum, large, monk
     for a, b in zip(got, reference_params):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-7)
     assert torch.equal(flat.detach()[-3:], torch.zeros(3))  # padding untouched
-    if large and cpu_update.compiled_update_available():
-        assert loop_blocks.count(512 * 520) == 6  # 3 steps, the reference and the partition
+    if native.available():  # 3 steps, the reference and the partition
+        assert all(loop_blocks.count(numel) == 6 for numel in (32, 512 * 520 if large else 4))
     state = zero.state[flat]
     assert sorted(state["blocks"]) == list(range(len(shapes))) and state["blocks"][3]["gsnr_eps_free"]
     assert state["blocks"][3]["scaled_at"] == 2 and state["step"] == 3

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from sai_hf import SGDSaI, gradient_statistics, gsnr_from_statistics
+from sai_hf import SGDSaI, gradient_statistics, gsnr_from_statistics, native
 from sai_hf.gsnr import BlockStatus
 
 #: The three implementations of the update, as SGDSaI flags.
@@ -120,13 +120,21 @@ def _float64_gsnr(g: torch.Tensor) -> tuple[float, int]:
     ],
     ids=["zero-mean", "mean-3std", "mean-300std", "constant", "constant-1M", "constant-3M-bf16", "std-1e-5", "row-means", "huge", "tiny", "bf16", "fp16", "complex", "strided"],
 )
-def test_cpu_statistics_of_large_tensors_match_float64(make):
+@pytest.mark.parametrize("kernels", ["native", "torch-ops"])
+def test_cpu_statistics_of_large_tensors_match_float64(make, kernels, monkeypatch):
+    """Both CPU row paths: the native kernel's float64 rows (float32 gradients; to 1e-10) and the
+    float32 torch-ops rows with their float64 fallback (to 1e-6)."""
+    if kernels == "torch-ops":
+        monkeypatch.setattr(native, "library", native.NativeLibrary)  # never built: not available
+    elif not native.available():
+        pytest.skip(f"no native CPU kernels here: {native.library().failure}")
     torch.manual_seed(0)
     g = make()
     gsnr, status = gsnr_from_statistics(gradient_statistics([g]), eps=1e-8)
     want_gsnr, want_status = _float64_gsnr(g)
     assert int(status.item()) == want_status
-    assert gsnr.item() == pytest.approx(want_gsnr, rel=1e-6)
+    exact = kernels == "native" and g.dtype == torch.float32 and g.is_contiguous()
+    assert gsnr.item() == pytest.approx(want_gsnr, rel=1e-10 if exact else 1e-6)
 
 
 # --------------------------------------------------------------------------- hyperparameters
