@@ -40,10 +40,16 @@ FUNCTIONS = {
 }
 
 
-def takes(param: Tensor, grad_dtype: torch.dtype, buf_dtype: torch.dtype) -> bool:
-    """Whether the loops update this block: CPU, a supported dtype combination (contiguity is the
-    caller's check), and the loops usable here."""
-    return param.device.type == "cpu" and (param.dtype, grad_dtype, buf_dtype) in FUNCTIONS and native.available()
+def takes(param: Tensor, grad: Tensor, buf_dtype: torch.dtype) -> bool:
+    """Whether the loop updates this block: CPU tensors with memory of their own
+    (:func:`sai_hf.native.readable`), a supported dtype combination (contiguity is the caller's
+    check), and the native kernels usable here."""
+    return (
+        (param.dtype, grad.dtype, buf_dtype) in FUNCTIONS
+        and native.readable(param)
+        and native.readable(grad)
+        and native.available()
+    )
 
 
 def cpu_sgd_sai_(
@@ -65,16 +71,18 @@ def cpu_sgd_sai_(
         raise RuntimeError(f"cpu_sgd_sai_: the native CPU kernels are not available here ({kernels.failure or 'single-threaded build'})")
     for i, (p, g) in enumerate(zip(params, grads)):
         m = buffers[i] if buffers is not None and momentum != 0 else None
-        if not (p.is_contiguous() and g.is_contiguous() and (m is None or m.is_contiguous())):
-            raise ValueError("cpu_sgd_sai_: every tensor must be contiguous")  # the loop reads raw memory
+        tensors = [p, g] if m is None else [p, g, m]
+        if not all(t.is_contiguous() and native.readable(t) for t in tensors):
+            raise ValueError("cpu_sgd_sai_: every tensor must be contiguous, on the CPU, with memory of its own")  # the loop reads raw memory
         if g.shape != p.shape or (m is not None and m.shape != p.shape):
             raise ValueError(f"cpu_sgd_sai_: shapes {tuple(p.shape)}, {tuple(g.shape)}, {None if m is None else tuple(m.shape)} differ")
         buf_dtype = m.dtype if m is not None else p.dtype
-        if p.device.type != "cpu" or (p.dtype, g.dtype, buf_dtype) not in FUNCTIONS:
-            raise ValueError(f"cpu_sgd_sai_: no loop for {p.device.type} tensors of dtypes {p.dtype}, {g.dtype}, {buf_dtype}")
+        if (p.dtype, g.dtype, buf_dtype) not in FUNCTIONS:
+            raise ValueError(f"cpu_sgd_sai_: no loop for dtypes {p.dtype}, {g.dtype}, {buf_dtype}")
         arguments = [p.data_ptr(), g.data_ptr(), m.data_ptr() if m is not None else None, p.numel(), int(first[i])]
-        arguments += [-1.0 if maximize else 1.0, momentum, 1.0 - momentum, decay, step_sizes[i]]
+        arguments += [int(maximize), momentum, 1.0 - momentum, decay, step_sizes[i]]
         if buf_dtype == torch.bfloat16:
             arguments += [0, _seed_offset(int(seeds[i]))]  # the block's elements are indexed from 0
         kernels.call(FUNCTIONS[(p.dtype, g.dtype, buf_dtype)], *arguments)
+        torch.autograd.graph.increment_version([t for t in (p, m) if t is not None and not t.is_inference()])  # autograd's in-place check
 

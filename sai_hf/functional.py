@@ -215,6 +215,8 @@ def _fused_sgd_block(
             weight_decay=0.0, momentum=momentum, lr=-step_size, dampening=momentum,
             nesterov=False, maximize=maximize, is_first_step=first,
         )
+    # torch's fused kernel leaves the version counters alone: bump them for autograd's in-place check
+    torch.autograd.graph.increment_version([t for t in (param, buf) if t is not None and not t.is_inference()])
 
 
 #: dtypes the fused kernel updates correctly on CPU. torch 2.13's CPU ``_fused_sgd_`` leaves the
@@ -258,7 +260,7 @@ def _on_triton(param: Tensor, grad: Tensor, buf_dtype: torch.dtype) -> bool:
     return triton_available(param.device) and {param.dtype, grad.dtype, buf_dtype} <= set(SUPPORTED_DTYPES)
 
 
-def _on_native_cpu_loop(param: Tensor, grad_dtype: torch.dtype, buf_dtype: torch.dtype, decayed: bool) -> bool:
+def _on_native_cpu_loop(param: Tensor, grad: Tensor, buf_dtype: torch.dtype, decayed: bool) -> bool:
     """Whether a contiguous block runs in the native CPU loop (:mod:`sai_hf.cpu_update`): a CPU
     block with weight decay or a bfloat16 buffer (without either, torch's fused kernel already makes
     one pass, at the same host cost)."""
@@ -266,7 +268,7 @@ def _on_native_cpu_loop(param: Tensor, grad_dtype: torch.dtype, buf_dtype: torch
         return False
     from .cpu_update import takes
 
-    return takes(param, grad_dtype, buf_dtype)
+    return takes(param, grad, buf_dtype)
 
 
 def sgd_sai(
@@ -476,7 +478,7 @@ def _single_pass_sgd_sai(
     buf_dtypes = [momentum_buffer_list[i].dtype if momentum != 0 else p.dtype for i, p in enumerate(params)]  # type: ignore[union-attr]
     kernels = (  # (module, function, whether block i runs in it): one call for all the blocks each takes
         ("triton_update", "triton_sgd_sai_", lambda i: _on_triton(params[i], grads[i], buf_dtypes[i])),
-        ("cpu_update", "cpu_sgd_sai_", lambda i: _on_native_cpu_loop(params[i], grads[i].dtype, buf_dtypes[i], decay != 1.0)),
+        ("cpu_update", "cpu_sgd_sai_", lambda i: _on_native_cpu_loop(params[i], grads[i], buf_dtypes[i], decay != 1.0)),
     )
     done: set[int] = set()
     for module, function, takes in kernels:

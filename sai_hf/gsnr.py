@@ -158,7 +158,7 @@ def _batched_statistics(grads: Sequence[torch.Tensor]) -> dict[int, torch.Tensor
       host sync.
 
     The others are absent (the caller reduces them one by one)."""
-    on_native = [i for i, g in enumerate(grads) if g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous() and g.numel()]
+    on_native = [i for i, g in enumerate(grads) if g.dtype == torch.float32 and g.is_contiguous() and g.numel() and native.readable(g)]
     on_native = on_native if on_native and native.available() else []
     on_triton: dict[torch.device, list[int]] = {}
     if any(g.device.type != "cpu" for g in grads) or _triton_interpreting():
@@ -176,11 +176,11 @@ def _batched_statistics(grads: Sequence[torch.Tensor]) -> dict[int, torch.Tensor
         if native.library().call("block_statistics_f32", pointers.data_ptr(), numels.data_ptr(), len(on_native), _CPU_ROW, sums.data_ptr()):
             raise MemoryError("sai_hf: the g-SNR statistics kernel could not allocate its piece buffer")
         rows.update(zip(on_native, _rows_from_sums(numels.to(torch.float64), sums)))
-    for device, index in on_triton.items():
+    for index in on_triton.values():
         from .triton_statistics import triton_sums
 
-        numels = torch.tensor([float(grads[i].numel()) for i in index], dtype=torch.float64, device=device)
-        rows.update(zip(index, _rows_from_sums(numels, triton_sums([grads[i] for i in index]))))
+        counts, sums = triton_sums([grads[i] for i in index])
+        rows.update(zip(index, _rows_from_sums(counts, sums)))
     return rows
 
 

@@ -10,7 +10,7 @@ SGD on 0.6-2.4M-entry blocks, cost ~30 us of host time per call and 3-11 s of co
 process. The C loop matches torch's fused kernel (measured below), a ctypes call costs ~3 us, and
 the build takes ~0.1 s.
 
-**Build.** Into a temporary directory (removed at exit), with the compiler named by ``$CC``, else
+**Build.** Into a temporary directory (removed as soon as the library is loaded), with the compiler named by ``$CC``, else
 ``cc``, ``gcc`` or ``clang``, for this machine's CPU (``-march=native``: the build is never shared,
 so a cluster with mixed CPUs cannot get another machine's instructions). No ``-ffast-math``, and
 ``-ffp-contract=off``: each floating-point operation is rounded as in the Triton kernel.
@@ -21,9 +21,10 @@ thread pool in the process) and each call runs on ``torch.get_num_threads()`` th
 is built single-threaded and :meth:`NativeLibrary.usable` only while torch runs on one thread (with
 more, torch's own threaded kernels are faster).
 
-**Where it cannot run** (no compiler, a failed build, ``SAI_HF_CPU_KERNEL=0``), :func:`available`
-is False, one RuntimeWarning names the cause, and the callers keep their torch-ops paths: the same
-equations, more passes over memory.
+**Where it cannot run** (no compiler, a failed build: one RuntimeWarning names the cause;
+``SAI_HF_CPU_KERNEL=0``: silently), :func:`available` is False and the callers keep their torch-ops
+paths: the same equations, more passes over memory. :func:`readable` says which tensors C may be
+handed at all: tensors whose memory is real.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NativeLibrary", "available", "library", "DISABLE_VARIABLE", "SOURCE"]
+__all__ = ["NativeLibrary", "available", "library", "readable", "DISABLE_VARIABLE", "SOURCE"]
 
 #: The C source of the kernels.
 SOURCE = Path(__file__).with_name("csrc") / "sgd_sai_cpu.c"
@@ -53,9 +54,9 @@ _FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC"]
 _POINTER, _I64, _INT, _U32, _F32, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float, ctypes.c_double
 #: The C functions: argument types (``threads`` last) and result type.
 SIGNATURES = {
-    "sgd_sai_f32": ([_POINTER] * 3 + [_I64, _INT] + [_F32] * 5 + [_INT], None),
-    "sgd_sai_f64": ([_POINTER] * 3 + [_I64, _INT] + [_F64] * 5 + [_INT], None),
-    "sgd_sai_f32_bf16": ([_POINTER] * 3 + [_I64, _INT] + [_F32] * 5 + [_U32, _U32, _INT], None),
+    "sgd_sai_f32": ([_POINTER] * 3 + [_I64, _INT, _INT] + [_F32] * 4 + [_INT], None),
+    "sgd_sai_f64": ([_POINTER] * 3 + [_I64, _INT, _INT] + [_F64] * 4 + [_INT], None),
+    "sgd_sai_f32_bf16": ([_POINTER] * 3 + [_I64, _INT, _INT] + [_F32] * 4 + [_U32, _U32, _INT], None),
     "block_statistics_f32": ([_POINTER, _POINTER, _I64, _I64, _POINTER, _INT], _INT),
 }
 
@@ -101,7 +102,6 @@ class NativeLibrary:
         self.failure: str | None = None
         self.threaded = False
         self.functions: dict[str, ctypes._CFuncPtr] = {}
-        self._directory: tempfile.TemporaryDirectory | None = None
 
     def build(self) -> None:
         """Compile :data:`SOURCE` and load it; on failure record why and warn once."""
@@ -113,13 +113,13 @@ class NativeLibrary:
             self.threaded = _torch_threads_are_libgomp() and _is_gcc(compiler)
             optional = [_machine_flag()] + ([] if self.threaded else ["-fopenmp-simd"])
             flags = _FLAGS + (["-fopenmp"] if self.threaded else []) + _accepted(compiler, optional)
-            self._directory = tempfile.TemporaryDirectory(prefix="sai_hf_cpu_")
-            path = Path(self._directory.name) / "sgd_sai_cpu.so"
-            done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(path)], capture_output=True, text=True)
-            if done.returncode != 0:
-                lines = done.stderr.strip().splitlines()
-                raise OSError(f"{Path(compiler[0]).name} failed: {lines[-1] if lines else f'exit status {done.returncode}'}")
-            loaded = ctypes.CDLL(str(path))
+            with tempfile.TemporaryDirectory(prefix="sai_hf_cpu_") as directory:  # removed once loaded
+                path = Path(directory) / "sgd_sai_cpu.so"
+                done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(path)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    lines = done.stderr.strip().splitlines()
+                    raise OSError(f"{Path(compiler[0]).name} failed: {lines[-1] if lines else f'exit status {done.returncode}'}")
+                loaded = ctypes.CDLL(str(path))
             for name, (argtypes, restype) in SIGNATURES.items():
                 function = getattr(loaded, name)
                 function.argtypes, function.restype = argtypes, restype
@@ -149,9 +149,22 @@ def library() -> NativeLibrary:
     built = NativeLibrary()
     if os.environ.get(DISABLE_VARIABLE, "1") != "0":
         built.build()
+    else:
+        built.failure = f"disabled by {DISABLE_VARIABLE}=0"
     return built
 
 
 def available() -> bool:
     """Whether the native kernels run in this process now (builds them on the first call)."""
     return library().usable()
+
+
+def readable(t: torch.Tensor) -> bool:
+    """Whether C may read and write ``t``'s elements through ``t.data_ptr()``: a CPU tensor whose
+    class does not dispatch on its own (``FakeTensor``, wrapper subclasses and ``DTensor`` have no
+    memory of their own there: their pointer is null or not theirs) and a non-null pointer."""
+    return (
+        t.device.type == "cpu"
+        and type(t).__torch_dispatch__ is torch.Tensor.__torch_dispatch__
+        and t.data_ptr() != 0
+    )

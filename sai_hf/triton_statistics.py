@@ -34,9 +34,9 @@ def takes(g: Tensor) -> bool:
     return g.numel() > 0 and g.is_contiguous() and g.dtype in SUPPORTED_DTYPES and triton_available(g.device)
 
 
-def triton_sums(grads: Sequence[Tensor]) -> Tensor:
-    """``(B, 2)`` float64 ``[S_b, C_b]`` of each gradient (all on one device, each :func:`takes`), on
-    that device (equations in the module docstring)."""
+def triton_sums(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(n, sums)``: float64 entry counts ``n_b`` ``(B,)`` and ``[S_b, C_b]`` ``(B, 2)`` of each gradient
+    (all on one device, each :func:`takes`), on that device (equations in the module docstring)."""
     if not grads:
         raise ValueError("triton_sums: no gradients")
     device = grads[0].device
@@ -77,4 +77,4 @@ def triton_sums(grads: Sequence[Tensor]) -> Tensor:
     mean = torch.repeat_interleave(total / n, lengths, output_size=tiles.shape[0])
     centred = per_gradient(tile_centred) + per_gradient(m * (tile_sum / m - mean).square())
     inverse = to_device(torch.argsort(torch.tensor(order, dtype=torch.int64)))  # back to the callers' order
-    return torch.stack((total, centred), dim=1)[inverse]
+    return n[inverse], torch.stack((total, centred), dim=1)[inverse]

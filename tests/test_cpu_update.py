@@ -54,17 +54,19 @@ def test_float64_blocks_are_computed_in_float64():
         torch.testing.assert_close(m, want_m, rtol=1e-15, atol=1e-15)
 
 
+@pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("buf_dtype", [torch.float32, torch.bfloat16])
-def test_special_values_match_the_torch_ops_bit_for_bit(buf_dtype):
+def test_special_values_match_the_torch_ops_bit_for_bit(buf_dtype, maximize):
     """Signed zeros, subnormals, the largest floats (whose rounding may carry to infinity), infinities
-    and NaN in the gradient and the momentum: the same bits as the torch ops and the torch hash."""
+    and NaN in the gradient and the momentum: the same bits as the torch ops and the torch hash
+    (NaN where they give NaN: its sign and payload follow operand order, not specified by either)."""
     specials = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.4e38, -3.4e38, float("inf"), float("-inf"), float("nan"), 1.0, -2.5])
     g = specials.repeat_interleave(len(specials))
     m = specials.repeat(len(specials)).to(buf_dtype)
     p = torch.linspace(-3, 3, g.numel())
     seed = _seed(4, 2)
-    want_p, m32 = float32_expected(p, g, m, -0.25, 0.99, 0.9, False, False)
-    update([p], [g], [m], [-0.25], decay=0.99, momentum=0.9, first=[False], maximize=False, seeds=[seed])
+    want_p, m32 = float32_expected(p, g, m, -0.25, 0.99, 0.9, False, maximize)
+    update([p], [g], [m], [-0.25], decay=0.99, momentum=0.9, first=[False], maximize=maximize, seeds=[seed])
     want_m = stochastic_round_to_bf16(m32, seed) if buf_dtype == torch.bfloat16 else m32
     for got, want in ((p, want_p), (m, want_m)):
         assert torch.equal(got.isnan(), want.isnan())
@@ -89,6 +91,41 @@ def test_fragments_of_one_flat_tensor():
             torch.testing.assert_close(flat_p[a:b].double(), want_p, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(flat_m[a:b].double(), want_m, rtol=1e-6, atol=1e-6)
         assert torch.equal(flat_p[100_000:100_003], untouched)
+
+
+def test_tensors_without_memory_of_their_own_never_reach_the_loop():
+    """FakeTensor (``torch.compile``'s tracing, ``torch._subclasses``) and wrapper subclasses have a
+    null data pointer here: the optimizer must not hand them to C (it took the process down)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    with FakeTensorMode():
+        p, g = torch.randn(1000), torch.randn(1000)
+        assert not cpu_update.takes(p, g, torch.float32)
+        sgd_sai([p], [g], [None], [1.0], lr=1e-2, momentum=0.9, weight_decay=0.1, maximize=False)
+    a, b = torch.randn(1000), torch.randn(1000)
+    assert not cpu_update.takes(TwoTensor(a, a.clone()), TwoTensor(b, b.clone()), torch.float32)
+    with pytest.raises(ValueError, match="memory of its own"):
+        update([TwoTensor(a, a.clone())], [TwoTensor(b, b.clone())], None, [-0.1], decay=0.9, momentum=0.0, first=[True], maximize=False, seeds=[0])
+    from sai_hf import gradient_statistics
+
+    assert gradient_statistics([TwoTensor(b, b.clone())]).shape == (1, 5)
+
+
+@pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_the_update_bumps_autograd_version_counters(momentum_dtype, weight_decay):
+    """A backward through a graph that saved the weights, after the step changed them in place,
+    must raise (autograd's in-place check), as after any torch in-place op."""
+    layer = torch.nn.Linear(64, 64)
+    opt = SGDSaI(layer.parameters(), lr=1e-2, weight_decay=weight_decay, momentum_dtype=momentum_dtype)
+    loss = layer(torch.randn(8, 64, requires_grad=True)).square().sum()  # saves the weight
+    loss.backward(retain_graph=True)
+    before = layer.weight._version
+    opt.step()
+    assert layer.weight._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_non_contiguous_or_mismatched_tensors_are_refused():
@@ -183,7 +220,7 @@ def test_a_single_threaded_build_runs_only_when_torch_does(monkeypatch):
 
 
 def test_disabled_by_the_environment_variable():
-    code = "from sai_hf import cpu_update, native; import torch; print(native.available(), cpu_update.takes(torch.zeros(4), torch.float32, torch.bfloat16))"
+    code = "from sai_hf import cpu_update, native; import torch; print(native.available(), cpu_update.takes(torch.zeros(4), torch.zeros(4), torch.bfloat16))"
     env = {"SAI_HF_CPU_KERNEL": "0", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=120)
     assert out.stdout.split() == ["False", "False"]

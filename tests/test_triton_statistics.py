@@ -42,8 +42,9 @@ def interpret(monkeypatch: pytest.MonkeyPatch):
 def test_sums_match_float64_in_the_callers_order(interpret):
     grads = gradients()
     assert all(triton_statistics.takes(g) for g in grads)
-    sums = triton_statistics.triton_sums(grads)
+    counts, sums = triton_statistics.triton_sums(grads)
     assert sums.shape == (len(grads), 2) and sums.dtype == torch.float64
+    assert counts.tolist() == [float(g.numel()) for g in grads]
     for g, (total, centred) in zip(grads, sums.tolist()):
         want_total, want_centred = float64_sums(g)
         assert total == pytest.approx(want_total, rel=1e-12, abs=1e-12 * g.double().abs().sum().item())
