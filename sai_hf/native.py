@@ -1,18 +1,19 @@
 """The native CPU kernels (``csrc/sgd_sai_cpu.c``): built once per process with the system C compiler, called through ctypes.
 
 Two kernels live there: the whole SGD-SaI update of a block in one loop (used by
-:mod:`sai_hf.cpu_update`) and the per-row float64 statistics of the first step's g-SNR (used by
-:mod:`sai_hf.gsnr`). Their equations are in the C file.
+:mod:`sai_hf.cpu_update`) and the float64 sums of the first step's g-SNR for many gradients in one
+call (used by :mod:`sai_hf.gsnr`). Their equations are in the C file.
 
 Why C through ctypes, not torch ops or ``torch.compile``: torch has no kernel for SGD with decoupled
 decay, and inductor's loop (the previous version of the update) was 10-25% slower than torch's fused
 SGD on 0.6-2.4M-entry blocks, cost ~30 us of host time per call and 3-11 s of compilation per
-process. The C loop matches torch's fused kernel (measured below), a ctypes call costs ~3 us, and
-the build takes ~0.1 s.
+process. The C loop matches torch's fused kernel (measured in :mod:`sai_hf.cpu_update`), a ctypes
+call costs ~3 us, and the build takes 0.1-0.4 s.
 
-**Build.** Into a temporary directory (removed as soon as the library is loaded), with the compiler named by ``$CC``, else
-``cc``, ``gcc`` or ``clang``, for this machine's CPU (``-march=native``: the build is never shared,
-so a cluster with mixed CPUs cannot get another machine's instructions). No ``-ffast-math``, and
+**Build.** Into a temporary directory (removed as soon as the library is loaded), with the compiler
+named by ``$CC``, else ``cc``, ``gcc`` or ``clang``, for this machine's CPU (``-march=native``: the
+build is never shared, so a cluster with mixed CPUs cannot get another machine's instructions). No
+``-ffast-math``, and
 ``-ffp-contract=off``: each floating-point operation is rounded as in the Triton kernel.
 
 **Threads.** Where the compiler is GCC and torch's threads are libgomp's (every Linux wheel of
