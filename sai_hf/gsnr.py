@@ -50,6 +50,7 @@ from collections.abc import Sequence
 import torch
 
 from . import native
+from .triton_update import interpreting as triton_interpreting
 
 __all__ = [
     "BlockStatus",
@@ -161,7 +162,7 @@ def _batched_statistics(grads: Sequence[torch.Tensor]) -> dict[int, torch.Tensor
     on_native = [i for i, g in enumerate(grads) if g.dtype == torch.float32 and g.is_contiguous() and g.numel() and native.readable(g)]
     on_native = on_native if on_native and native.available() else []
     on_triton: dict[torch.device, list[int]] = {}
-    if any(g.device.type != "cpu" for g in grads) or _triton_interpreting():
+    if any(g.device.type != "cpu" for g in grads) or triton_interpreting():
         from .triton_statistics import takes
 
         claimed = set(on_native)
@@ -170,12 +171,8 @@ def _batched_statistics(grads: Sequence[torch.Tensor]) -> dict[int, torch.Tensor
                 on_triton.setdefault(g.device, []).append(i)
     rows: dict[int, torch.Tensor] = {}
     if on_native:
-        sums = torch.empty((len(on_native), 2), dtype=torch.float64)
-        pointers = torch.tensor([grads[i].data_ptr() for i in on_native], dtype=torch.int64)
-        numels = torch.tensor([grads[i].numel() for i in on_native], dtype=torch.int64)
-        if native.library().call("block_statistics_f32", pointers.data_ptr(), numels.data_ptr(), len(on_native), _CPU_ROW, sums.data_ptr()):
-            raise MemoryError("sai_hf: the g-SNR statistics kernel could not allocate its piece buffer")
-        rows.update(zip(on_native, _rows_from_sums(numels.to(torch.float64), sums)))
+        counts, sums = _native_sums([grads[i] for i in on_native])
+        rows.update(zip(on_native, _rows_from_sums(counts, sums)))
     for index in on_triton.values():
         from .triton_statistics import triton_sums
 
@@ -184,10 +181,16 @@ def _batched_statistics(grads: Sequence[torch.Tensor]) -> dict[int, torch.Tensor
     return rows
 
 
-def _triton_interpreting() -> bool:
-    from .triton_update import _interpreting
-
-    return _interpreting()
+def _native_sums(grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, sums)``: float64 entry counts ``(B,)`` and ``[S_b, C_b]`` ``(B, 2)`` of contiguous float32
+    CPU gradients, from one call of the native kernel (``block_statistics_f32``: pieces of
+    :data:`_CPU_ROW` entries, equations in the C file), as :func:`sai_hf.triton_statistics.triton_sums`."""
+    sums = torch.empty((len(grads), 2), dtype=torch.float64)
+    pointers = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    numels = torch.tensor([g.numel() for g in grads], dtype=torch.int64)
+    if native.library().call("block_statistics_f32", pointers.data_ptr(), numels.data_ptr(), len(grads), _CPU_ROW, sums.data_ptr()):
+        raise MemoryError("sai_hf: the g-SNR statistics kernel could not allocate its piece buffer")
+    return numels.to(torch.float64), sums
 
 
 def _rows_from_sums(n: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .functional import _seed_offset
 
-__all__ = ["triton_available", "triton_sgd_sai_", "SUPPORTED_DTYPES"]
+__all__ = ["interpreting", "triton_available", "triton_sgd_sai_", "SUPPORTED_DTYPES"]
 
 #: Storage dtypes of parameters, gradients and momentum buffers that the kernel accepts.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,7 +52,8 @@ _KERNEL_MODULE = "sai_hf._triton_kernels"
 _INTERPRETED_MODULE = "sai_hf._triton_kernels_interpreted"
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read at every call)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
@@ -69,7 +70,7 @@ def triton_available(device: torch.device | str) -> bool:
     """Whether :func:`triton_sgd_sai_` can update tensors on ``device``: ``triton`` is importable and
     ``device`` is CUDA, or ``TRITON_INTERPRET=1`` is set and ``device`` is the CPU."""
     device = torch.device(device)
-    if _interpreting():
+    if interpreting():
         return device.type == "cpu" and _triton_importable()
     return device.type == "cuda" and torch.cuda.is_available() and _triton_importable()
 
@@ -77,7 +78,7 @@ def triton_available(device: torch.device | str) -> bool:
 def _kernels() -> ModuleType:
     """The kernel module for the current mode: compiled (the real ``sai_hf._triton_kernels``), or
     under ``TRITON_INTERPRET=1`` a private copy decorated in interpreter mode."""
-    if not _interpreting():
+    if not interpreting():
         return importlib.import_module(_KERNEL_MODULE)
     module = sys.modules.get(_INTERPRETED_MODULE)
     if module is None:
