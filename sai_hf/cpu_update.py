@@ -84,5 +84,4 @@ def cpu_sgd_sai_(
         if buf_dtype == torch.bfloat16:
             arguments += [0, _seed_offset(int(seeds[i]))]  # the block's elements are indexed from 0
         kernels.call(FUNCTIONS[(p.dtype, g.dtype, buf_dtype)], *arguments)
-        torch.autograd.graph.increment_version([t for t in (p, m) if t is not None and not t.is_inference()])  # autograd's in-place check
 

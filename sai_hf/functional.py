@@ -215,8 +215,6 @@ def _fused_sgd_block(
             weight_decay=0.0, momentum=momentum, lr=-step_size, dampening=momentum,
             nesterov=False, maximize=maximize, is_first_step=first,
         )
-    # torch's fused kernel leaves the version counters alone: bump them for autograd's in-place check
-    torch.autograd.graph.increment_version([t for t in (param, buf) if t is not None and not t.is_inference()])
 
 
 #: dtypes the fused kernel updates correctly on CPU. torch 2.13's CPU ``_fused_sgd_`` leaves the
@@ -500,3 +498,8 @@ def _single_pass_sgd_sai(
             _bf16_momentum_update(param, -grad if maximize else grad, buf, momentum, step_size, decay, first[i], seeds[i])
         else:
             _fused_sgd_block(param, grad, buf, momentum, step_size, decay, maximize, first[i])
+    # The kernels (Triton, the C loop, torch's fused SGD) write memory behind autograd's back: bump
+    # the version counters, so that a backward through a graph that saved these tensors raises, as
+    # after any in-place op.
+    written = [*params, *(momentum_buffer_list if momentum != 0 else [])]
+    torch.autograd.graph.increment_version([t for t in written if t is not None and not t.is_inference()])
