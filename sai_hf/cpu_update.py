@@ -16,8 +16,9 @@ the parameter is updated with the float32 momentum.
 
 Measured on 2 Xeon cores (float32, momentum, decay; torch's fused SGD, which has no decoupled decay,
 for comparison): 2.4M entries 533 us (fused SGD 506 us), 38.6M entries 17.3 ms (17.5 ms); with a
-bfloat16 buffer 529 us and 19.9 ms; 4096 entries 11 us (4 us), the Python checks included. Where the library is not available ``sai_hf.functional`` keeps
-its slab path (same equations, different rounding order, more passes over memory).
+bfloat16 buffer 529 us and 19.9 ms; 4096 entries 11 us (4 us), the Python checks included. Where
+the library is not available ``sai_hf.functional`` keeps its slab path (same equations, different
+rounding order, more passes over memory).
 """
 
 from __future__ import annotations
@@ -77,11 +78,12 @@ def cpu_sgd_sai_(
         if g.shape != p.shape or (m is not None and m.shape != p.shape):
             raise ValueError(f"cpu_sgd_sai_: shapes {tuple(p.shape)}, {tuple(g.shape)}, {None if m is None else tuple(m.shape)} differ")
         buf_dtype = m.dtype if m is not None else p.dtype
-        if (p.dtype, g.dtype, buf_dtype) not in FUNCTIONS:
+        function = FUNCTIONS.get((p.dtype, g.dtype, buf_dtype))
+        if function is None:
             raise ValueError(f"cpu_sgd_sai_: no loop for dtypes {p.dtype}, {g.dtype}, {buf_dtype}")
         arguments = [p.data_ptr(), g.data_ptr(), m.data_ptr() if m is not None else None, p.numel(), int(first[i])]
         arguments += [int(maximize), momentum, 1.0 - momentum, decay, step_sizes[i]]
         if buf_dtype == torch.bfloat16:
-            arguments += [0, _seed_offset(int(seeds[i]))]  # the block's elements are indexed from 0
-        kernels.call(FUNCTIONS[(p.dtype, g.dtype, buf_dtype)], *arguments)
+            arguments.append(_seed_offset(int(seeds[i])))  # the hash indexes the block's elements from 0
+        kernels.call(function, *arguments)
 

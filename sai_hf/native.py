@@ -13,8 +13,8 @@ call costs ~3 us, and the build takes 0.1-0.4 s.
 **Build.** Into a temporary directory (removed as soon as the library is loaded), with the compiler
 named by ``$CC``, else ``cc``, ``gcc`` or ``clang``, for this machine's CPU (``-march=native``: the
 build is never shared, so a cluster with mixed CPUs cannot get another machine's instructions). No
-``-ffast-math``, and
-``-ffp-contract=off``: each floating-point operation is rounded as in the Triton kernel.
+``-ffast-math``, and ``-ffp-contract=off``: each floating-point operation is rounded as in the
+Triton kernel.
 
 **Threads.** Where the compiler is GCC and torch's threads are libgomp's (every Linux wheel of
 torch), the library is built with ``-fopenmp``: it links the libgomp that torch already loaded (one
@@ -57,7 +57,7 @@ _POINTER, _I64, _INT, _U32, _F32, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes
 SIGNATURES = {
     "sgd_sai_f32": ([_POINTER] * 3 + [_I64, _INT, _INT] + [_F32] * 4 + [_INT], None),
     "sgd_sai_f64": ([_POINTER] * 3 + [_I64, _INT, _INT] + [_F64] * 4 + [_INT], None),
-    "sgd_sai_f32_bf16": ([_POINTER] * 3 + [_I64, _INT, _INT] + [_F32] * 4 + [_U32, _U32, _INT], None),
+    "sgd_sai_f32_bf16": ([_POINTER] * 3 + [_I64, _INT, _INT] + [_F32] * 4 + [_U32, _INT], None),
     "block_statistics_f32": ([_POINTER, _POINTER, _I64, _I64, _POINTER, _INT], _INT),
 }
 

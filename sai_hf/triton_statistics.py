@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .triton_update import BLOCK, NUM_WARPS, SUPPORTED_DTYPES, _aligned, _kernels, _kind, triton_available
+from .triton_update import BLOCK, NUM_WARPS, SUPPORTED_DTYPES, _aligned, _kernels, _kind, first_programs, triton_available
 
 __all__ = ["triton_sums", "takes"]
 
@@ -55,10 +55,7 @@ def triton_sums(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     tiles = torch.empty((sum(tiles_of), kernels.N_TILE_COLUMNS), dtype=torch.float64, device=device)
     start = 0
     for (kind, aligned), indices in groups.items():
-        first_program, programs = [], 0
-        for i in indices:
-            first_program.append(programs)
-            programs += -(-grads[i].numel() // BLOCK)
+        first_program, programs = first_programs([grads[i].numel() for i in indices], BLOCK)
         host = torch.tensor([[grads[i].data_ptr() for i in indices], [grads[i].numel() for i in indices], first_program], dtype=torch.int64)
         table = to_device(host)
         kernels.tile_statistics_kernel[(programs,)](

@@ -92,6 +92,16 @@ def _kernels() -> ModuleType:
     return module
 
 
+def first_programs(numels: Sequence[int], per_program: int) -> tuple[list[int], int]:
+    """The first program id of each tensor when every program takes ``per_program`` consecutive
+    elements of one tensor (the tables' first-program row), and the number of programs."""
+    first, programs = [], 0
+    for numel in numels:
+        first.append(programs)
+        programs += -(-numel // per_program)
+    return first, programs
+
+
 def _kind(dtype: torch.dtype, what: str) -> int:
     if dtype == torch.float32:
         return 0
@@ -195,10 +205,7 @@ def triton_sgd_sai_(
     mu = float(momentum)
     for (p_kind, g_kind, m_kind, stochastic, aligned), indices in groups.items():
         count = len(indices)
-        first_program, programs = [], 0
-        for i in indices:
-            first_program.append(programs)
-            programs += -(-params[i].numel() // chunk)
+        first_program, programs = first_programs([params[i].numel() for i in indices], chunk)
         ints = [
             [params[i].data_ptr() for i in indices],
             [grads[i].data_ptr() for i in indices],

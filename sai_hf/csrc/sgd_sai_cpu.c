@@ -16,7 +16,7 @@
  * A bfloat16 buffer of a float32 block: m is computed in float32 from the stored value
  * (bfloat16 -> float32 is exact), the parameter is updated with that float32 m, and the buffer
  * stores m stochastically rounded. With b the float32 bits of m, i the element's flat index in
- * its tensor (first_index + j) and key the seed's 32-bit key, all arithmetic mod 2^32:
+ * its tensor (wrapping mod 2^32) and key the seed's 32-bit key, all arithmetic mod 2^32:
  *
  *     x = (b + i) ^ key;  x = (x ^ (x >> 16)) * M1;  x = (x ^ (x >> 15)) * M2;
  *     stored bits = (b + (x >> 16)) >> 16
@@ -106,21 +106,20 @@ static inline uint16_t stochastic_bf16(float x, uint32_t index, uint32_t key) {
 
 #define DEFINE_BF16_LOOPS(NAME, G)                                                                     \
     static void NAME(float *restrict p, const float *restrict g, uint16_t *restrict m, int64_t n, int first, \
-                     float mu, float one_minus_mu, float decay, float step, uint32_t first_index,         \
-                     uint32_t key, int threads) {                                                          \
+                     float mu, float one_minus_mu, float decay, float step, uint32_t key, int threads) {  \
         (void)threads;                                                                                     \
         if (first) {                                                                                       \
             PARALLEL_FOR                                                                                   \
             for (int64_t i = 0; i < n; ++i) {                                                              \
                 float d = G(i);                                                                            \
-                m[i] = stochastic_bf16(d, first_index + (uint32_t)i, key);                                 \
+                m[i] = stochastic_bf16(d, (uint32_t)i, key);                                               \
                 p[i] = p[i] * decay + step * d;                                                            \
             }                                                                                              \
         } else {                                                                                           \
             PARALLEL_FOR                                                                                   \
             for (int64_t i = 0; i < n; ++i) {                                                              \
                 float new_m = mu * bf16_value(m[i]) + one_minus_mu * G(i);                                 \
-                m[i] = stochastic_bf16(new_m, first_index + (uint32_t)i, key);                             \
+                m[i] = stochastic_bf16(new_m, (uint32_t)i, key);                                           \
                 p[i] = p[i] * decay + step * new_m;                                                        \
             }                                                                                              \
         }                                                                                                  \
@@ -130,10 +129,10 @@ DEFINE_BF16_LOOPS(sgd_sai_f32_bf16_descent, GRADIENT)
 DEFINE_BF16_LOOPS(sgd_sai_f32_bf16_ascent, NEGATED_GRADIENT)
 
 void sgd_sai_f32_bf16(float *restrict p, const float *restrict g, uint16_t *restrict m, int64_t n, int first,
-                      int maximize, float mu, float one_minus_mu, float decay, float step, uint32_t first_index,
-                      uint32_t key, int threads) {
+                      int maximize, float mu, float one_minus_mu, float decay, float step, uint32_t key,
+                      int threads) {
     (maximize ? sgd_sai_f32_bf16_ascent : sgd_sai_f32_bf16_descent)(p, g, m, n, first, mu, one_minus_mu, decay, step,
-                                                                   first_index, key, threads);
+                                                                   key, threads);
 }
 
 /* g-SNR statistics of float32 blocks (sai_hf/gsnr.py): for each block b, its sum S and centred sum
