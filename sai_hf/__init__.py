@@ -10,18 +10,18 @@ Public API:
     gradient_statistics, gsnr_from_statistics, BlockStatus: the g-SNR math.
     statistics_reducer, register_sharded_model, UnsupportedShardingError: exact g-SNR statistics of
         sharded gradients (FSDP2, FSDP1 ``use_orig_params=True``, DeepSpeed ZeRO-1/2) across ranks
-        (:mod:`sai_hf.sharding`: one layout abstraction, one module per backend).
+        (:mod:`sai_hf.sharding`: one interface, one module per backend).
     register: (re-)register the ``--optim`` names.
 """
 
 from __future__ import annotations
 
-from .callback import GSNR_FILENAME, GSNRCallback, find_sgd_sai
+from .callback import GSNR_FILENAME, GSNRCallback
 from .functional import sgd_sai
 from .gsnr import BlockStatus, gradient_statistics, gsnr_from_statistics
 from .integration import REGISTRY, OptimizerRegistration, register
-from .optimizer import NORMALIZATIONS, ScaleRecord, SGDSaI, validate_hyperparameters
-from .sharding import UnsupportedShardingError, register_sharded_model, statistics_reducer
+from .optimizer import NORMALIZATIONS, ScaleRecord, SGDSaI, find_sgd_sai, register_sharded_model, validate_hyperparameters
+from .sharding import UnsupportedShardingError, statistics_reducer
 
 __version__ = "0.1.0"
 

@@ -1,12 +1,10 @@
 """``GSNRCallback``: fixes SGD-SaI's scales inside ``Trainer`` and reports them.
 
-At ``on_pre_optimizer_step`` (after gradient accumulation and clipping, just before
-``optimizer.step()``) of the first optimizer step, the callback has
-:meth:`sai_hf.SGDSaI.initialize_scales` compute every block's g-SNR from the full accumulated
-gradient of the model's named parameters; blocks deferred then (zero or non-finite gradient) are
-picked up at the first later step where they have a usable gradient. A block that never receives a
-gradient (an unused head, a frozen-by-hand branch) simply never gets a scale; nothing else waits for
-it. After each step in which blocks receive their scale the callback
+The optimizer fixes each block's scale inside its own ``step()`` (:meth:`sai_hf.SGDSaI.step`); this
+callback registers the Trainer's model with it once per run (FSDP1 views) and reports. A block
+deferred at the first step (zero or non-finite gradient) is scaled at the first later step where it
+has a usable gradient; a block that never receives a gradient never gets a scale. After each
+optimizer step in which blocks received their scale (``on_optimizer_step``) the callback
 
 * adds a summary to the Trainer's next log (``gsnr/scale_min``, ``gsnr/scale_median``,
   ``gsnr/scale_max``, ``gsnr/scaled``, ``gsnr/deferred``), so every ``report_to`` backend gets it;
@@ -27,14 +25,10 @@ Resuming (``trainer.train(resume_from_checkpoint=...)``): the scales come back w
 state and are never recomputed. If the report in ``output_dir`` is missing (a resume into a new
 ``output_dir``) or differs from the restored scales, it is written at the start of the resumed run.
 
-Multi-process: every rank calls :meth:`sai_hf.SGDSaI.initialize_scales` for all blocks without a
-scale (the same list on every rank); sharded gradients (FSDP2, FSDP1 ``use_orig_params=True``, whose
-modules the callback tells the optimizer about with :meth:`sai_hf.SGDSaI.register_model`) are
-reduced exactly across ranks by the optimizer's layout (:mod:`sai_hf.sharding`), so every rank
-stores the same scales. Under DeepSpeed ZeRO-1/2 the engine steps inside ``backward``, before this
-hook: the scales come from ``optimizer.step()`` itself (:mod:`sai_hf.sharding.deepspeed_zero`), and
-the callback only reports them (whenever the number of scaled blocks grew since its last report).
-The callback knows no backend: it only talks to :class:`sai_hf.SGDSaI`.
+Multi-process: the optimizer's sharding backends (:mod:`sai_hf.sharding`) sum sharded gradients
+statistics exactly across ranks, so every rank stores the same scales; under DeepSpeed ZeRO the
+engine steps inside ``backward``, and the report follows just the same. The callback knows no
+backend: it only talks to :class:`sai_hf.SGDSaI`.
 
 Automatic and hand-added callbacks: ``import sai_hf`` adds an :class:`AutoGSNRCallback` to every
 Trainer; it does nothing unless the Trainer's optimizer is an :class:`sai_hf.SGDSaI`. A
@@ -61,7 +55,7 @@ import torch
 from transformers import TrainerCallback
 
 from .drift import drift_summary
-from .optimizer import SGDSaI, StatisticsReducer
+from .optimizer import SGDSaI, StatisticsReducer, find_sgd_sai
 
 __all__ = [
     "GSNRCallback",
@@ -139,17 +133,6 @@ def _checked_filename(value: Any, name: str) -> str:
     return value
 
 
-def find_sgd_sai(optimizer: Any) -> SGDSaI | None:
-    """The :class:`SGDSaI` inside ``optimizer`` (unwrapping e.g. accelerate's ``AcceleratedOptimizer``)."""
-    seen = 0
-    while optimizer is not None and seen < 8:
-        if isinstance(optimizer, SGDSaI):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return None
-
-
 def _selects_sgd_sai(args: Any, optimizer: Any) -> bool:
     """Whether a Trainer with these arguments / this optimizer trains with SGD-SaI."""
     if find_sgd_sai(optimizer) is not None:
@@ -167,9 +150,10 @@ class GSNRCallback(TrainerCallback):
 
     Args:
         filename: name of the report written into ``args.output_dir``.
-        reduce_statistics: sums per-shard gradient statistics across ranks; ``None`` (default)
-            picks it automatically (the optimizer's layout, :mod:`sai_hf.sharding`: exact for FSDP2
-            and FSDP1 ``use_orig_params=True``, nothing to do for one process or DDP).
+        reduce_statistics: your own sum of per-shard gradient statistics across ranks; ``None``
+            (default): the optimizer's own (exact for FSDP2, FSDP1 ``use_orig_params=True`` and
+            DeepSpeed ZeRO, nothing to do for one process or DDP). When given, the callback scales
+            pending blocks with it just before ``optimizer.step()`` (and measures drift with it).
         track_every: every this many optimizer steps, recompute the g-SNR of all scaled blocks
             *without changing the scales* and log how far it drifted from the g-SNR the scales came
             from (:mod:`sai_hf.drift`): ``gsnr_drift/spearman``, ``gsnr_drift/max_ratio``,
@@ -252,6 +236,7 @@ class GSNRCallback(TrainerCallback):
             self._standing_down = True
             return None
         self._interval()
+        sai.register_model(model)  # once per run: FSDP1 views (other layouts need nothing)
         self._reported = len(sai.scales())
         if self._reported:  # scales restored from a checkpoint (or a Trainer trained before)
             names = parameter_names(model)
@@ -298,23 +283,23 @@ class GSNRCallback(TrainerCallback):
         sai = self._begin(args, state, model, optimizer)
         if sai is None or model is None:
             return
-        # Whether blocks lack a scale is the same on every rank (unlike which local gradients are
-        # present: FSDP1 leaves grad=None outside the local shard), so all ranks take part in the
-        # reduction together. Blocks that never get a gradient stay unscaled and cost nothing more.
-        # Under DeepSpeed ZeRO the step already ran (inside backward) and set the scales.
-        if not sai.all_blocks_scaled():
-            sai.register_model(model)
+        if self.reduce_statistics is not None and not sai.all_blocks_scaled():
             sai.initialize_scales(reduce_statistics=self.reduce_statistics)
-        scaled = len(sai.scales())
-        if scaled > self._reported:  # new scales, computed by this instance or by another one
-            self._reported = scaled
-            self._pending_summary = {**(self._pending_summary or {}), **self.summary(sai)}
-            if getattr(state, "is_world_process_zero", True) and args.output_dir:
-                self.write_report(os.path.join(args.output_dir, self.filename), sai, parameter_names(model))
         step = getattr(state, "global_step", 0) + 1
         if self.track_every and step > 1 and step % self.track_every == 0 and step != self._last_tracked:
             self._last_tracked = step  # once per step, even if this instance was added twice
             self.track_drift(args, state, model, sai)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        sai = self._begin(args, state, model, optimizer)
+        if sai is None or model is None:
+            return
+        scaled = len(sai.scales())
+        if scaled > self._reported:  # new scales (the optimizer's step, or another instance's reducer)
+            self._reported = scaled
+            self._pending_summary = {**(self._pending_summary or {}), **self.summary(sai)}
+            if getattr(state, "is_world_process_zero", True) and args.output_dir:
+                self.write_report(os.path.join(args.output_dir, self.filename), sai, parameter_names(model))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._pending_summary is not None:
@@ -348,7 +333,6 @@ class GSNRCallback(TrainerCallback):
         Blocks without a usable gradient at this step (absent, zero or non-finite) are left out of
         the statistics and get ``NaN`` in the history; the other blocks are still measured.
         """
-        sai.register_model(model)
         current = sai.measure_gsnr(reduce_statistics=self.reduce_statistics)
         names = parameter_names(model)
         scaled = _scaled_blocks(sai, names)
@@ -437,14 +421,14 @@ class GSNRCallback(TrainerCallback):
         """``{name: {"gsnr", "scale", "numel", "gsnr_over_sqrt_numel"}}`` for every parameter of
         ``names`` that has a scale."""
         out: dict[str, dict[str, float | int]] = {}
-        for p, state in sai.block_states():
-            if "scale" in state and id(p) in names:
-                numel = sai.block_numel(p)
-                out[names[id(p)]] = {
-                    "gsnr": state["gsnr"],
-                    "scale": state["scale"],
+        for block in sai.blocks():
+            if "scale" in block.state and id(block.param) in names:
+                numel = block.placement.numel
+                out[names[id(block.param)]] = {
+                    "gsnr": block.state["gsnr"],
+                    "scale": block.state["scale"],
                     "numel": numel,
-                    "gsnr_over_sqrt_numel": state["gsnr"] / math.sqrt(numel),
+                    "gsnr_over_sqrt_numel": block.state["gsnr"] / math.sqrt(numel),
                 }
         return out
 
@@ -455,7 +439,7 @@ class GSNRCallback(TrainerCallback):
 
 def _scaled_blocks(sai: SGDSaI, names: dict[int, str]) -> dict[torch.Tensor, Any]:
     """``{model parameter: its SGD-SaI state}`` of the named blocks that have their scale."""
-    return {p: state for p, state in sai.block_states() if "scale" in state and id(p) in names}
+    return {b.param: b.state for b in sai.blocks() if "scale" in b.state and id(b.param) in names}
 
 
 class AutoGSNRCallback(GSNRCallback):

@@ -25,25 +25,26 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from . import native, scaling
 from .checkpoint import buffers_in_saved_dtype, prepare_state_dict
-from . import native
-from .gsnr import BlockStatus, gsnr_from_statistics
-from .sharding import BlockLayout, ScaleRecord, StatisticsReducer, new_layout, replaced_layout
+from .functional import sgd_sai
+from .gsnr import BlockStatus
+from .scaling import NORMALIZATIONS, SCALE_RULES
+from .sharding import Backends, Block, block_statistics
 
 __all__ = [
     "SGDSaI",
     "ScaleRecord",
-    "AssignedScale",
     "StatisticsReducer",
     "NORMALIZATIONS",
     "SCALE_RULES",
     "validate_hyperparameters",
+    "find_sgd_sai",
+    "register_sharded_model",
 ]
 
-#: Accepted values of ``normalize``.
-NORMALIZATIONS = ("none", "max")
-#: Accepted values of ``scale_rule``: what a block's scale is built from (see :class:`SGDSaI`).
-SCALE_RULES = ("gsnr", "sqrt_numel")
+#: ``(B, STATISTICS_WIDTH)`` per-piece statistics -> their sums over the ranks holding the pieces.
+StatisticsReducer = Callable[[Tensor], Tensor]
 #: Hyperparameters every parameter group must share (the first scaling step's divisor is global).
 SHARED_HYPERPARAMETERS = ("normalize", "scale_rule")
 
@@ -86,12 +87,13 @@ def validate_hyperparameters(**values: Any) -> None:
 
 
 @dataclass(frozen=True)
-class AssignedScale:
-    """A block's g-SNR (the measured one; under ``scale_rule="gsnr"`` after the degenerate
-    fallback: the value its scale is built from) and its scale."""
+class ScaleRecord:
+    """A block that received its scale (what :meth:`SGDSaI.initialize_scales` returns)."""
 
+    param: Tensor
     gsnr: float
     scale: float
+    numel: int
     status: BlockStatus
 
 
@@ -103,10 +105,11 @@ class SGDSaI(Optimizer):
         lr: learning rate ``eta``. Under ``normalize="none"`` the effective rate of block ``i`` is
             ``lr * gsnr_i``; g-SNR of a large matrix is about ``sqrt(numel)`` (tens to hundreds), so
             useful values are of AdamW's order (1e-4 .. 1e-3), and published ``sgd-sai`` learning
-            rates carry over unchanged. Under ``normalize="max"`` the scales of the blocks scaled at
-            the first step are in (0, 1] and ``lr`` is the rate of the highest-g-SNR block: useful
-            values are 10-100x larger (SGD's order). Blocks scaled later (deferred, e.g. LoRA's
-            ``lora_A``) share that divisor, so their scale can exceed 1.
+            rates carry over unchanged. Under ``normalize="max"`` every scale is divided by
+            ``gsnr_max`` (the largest first-step g-SNR, about ``sqrt(numel)`` of the largest block;
+            ``gsnr.json`` lists every block's g-SNR), so ``lr`` under ``"max"`` equal to ``gsnr_max``
+            times ``lr`` under ``"none"`` gives the same run. Blocks scaled later (deferred, e.g.
+            LoRA's ``lora_A``) share that divisor, so their scale can exceed 1.
         momentum: ``mu`` in [0, 1); ``m = mu m + (1 - mu) g``. ``0`` keeps no buffer.
         weight_decay: decoupled weight decay ``p *= 1 - lr * weight_decay`` (not scaled by g-SNR).
         eps: added to the gradient std in the g-SNR denominator.
@@ -152,8 +155,10 @@ class SGDSaI(Optimizer):
       degenerate blocks); before it is known a degenerate block gets 1.0.
 
     State (``state_dict``): per block ``momentum_buffer`` (when ``momentum > 0``), ``gsnr`` and
-    ``scale`` (floats), ``step`` (the block's update count, an int); per group ``gsnr_max`` (the largest well-defined g-SNR of the first scaling
-    step that has one). Resuming from a state dict continues exactly; scales are never recomputed.
+    ``scale`` (floats), ``gsnr_eps_free``, ``step`` (the block's update count); per group
+    ``gsnr_max``. A sharding backend may keep blocks' state elsewhere (DeepSpeed ZeRO: in its
+    partitions' state, :mod:`sai_hf.sharding.deepspeed_zero`). Resuming from a state dict continues
+    exactly; scales are never recomputed.
 
     Host syncs: scales are host floats, so a step syncs the device only while some block that has a
     gradient is still waiting for its scale (one batched transfer for all of them; normally just the
@@ -205,8 +210,8 @@ class SGDSaI(Optimizer):
         if any(p.device.type == "cpu" for group in self.param_groups for p in group["params"]):
             native.library()  # build the CPU kernels (g-SNR statistics, update) now, not in the first step
         self._warned_degenerate = False
-        self._layout: BlockLayout = new_layout(self)
-        self._layout_decided = False  # see layout()
+        self._every_group = self.param_groups
+        self._backends = Backends(self._model_param_groups)
         self._register_state_dict_layout()
 
     def _register_state_dict_layout(self) -> None:
@@ -263,9 +268,9 @@ class SGDSaI(Optimizer):
         self._warned_degenerate = getattr(self, "_warned_degenerate", False)
         if not hasattr(self, "_model_param_groups"):
             self._model_param_groups = [list(g["params"]) for g in self.param_groups]
-        if not hasattr(self, "_layout"):
-            self._layout = new_layout(self)
-            self._layout_decided = False
+        if not hasattr(self, "_backends"):
+            self._backends = Backends(self._model_param_groups)
+        self._every_group = self.param_groups
         self._register_state_dict_layout()
         for group in self.param_groups:
             group.setdefault("normalize", "none")
@@ -276,198 +281,172 @@ class SGDSaI(Optimizer):
             group.setdefault("momentum_dtype", None)
             group.setdefault("gsnr_max", None)
 
-    # ------------------------------------------------------------------ scales
-    @property
-    def gsnr_max(self) -> float | None:
-        """The ``normalize="max"`` divisor: the largest well-defined g-SNR of the first scaling step
-        (under ``scale_rule="sqrt_numel"`` its largest ``sqrt(numel)``); ``None`` before it."""
-        return self.param_groups[0]["gsnr_max"] if self.param_groups else None
-
-    def _group_of(self) -> dict[int, dict[str, Any]]:
-        return {id(p): group for group in self.param_groups for p in group["params"]}
-
-    def has_scale(self, param: Tensor) -> bool:
-        """Whether ``param`` already has its fixed scale."""
-        return "scale" in self.state.get(param, {})
-
-    def pending_params(self) -> list[Tensor]:
-        """Parameters that have a gradient now but no scale yet."""
-        return self.layout().pending_blocks(self)
-
-    @torch.no_grad()
-    def initialize_scales(
-        self,
-        params: Iterable[Tensor] | None = None,
-        reduce_statistics: StatisticsReducer | None = None,
-    ) -> list[ScaleRecord]:
-        """Compute and store the scale of every given block that has a usable gradient and no scale.
-
-        Called lazily by :meth:`step`, and by :class:`sai_hf.GSNRCallback` just before the
-        Trainer's optimizer step. ``params`` defaults to every block of the optimizer.
-        Blocks whose gradient is absent, zero or non-finite stay pending. One host sync (a
-        cross-rank reduction adds one: the check that all ranks reduced the same blocks).
-
-        ``reduce_statistics`` sums the per-shard statistics across ranks. By default
-        (``None``) the optimizer's layout picks it (:meth:`layout`,
-        :meth:`sai_hf.sharding.tensors.TensorBlocks.reducer`): none for unsharded gradients (one
-        process, DDP), the exact one-``all_reduce`` reducer when some gradient is a shard (FSDP2
-        DTensors, registered FSDP1 views). With a reducer this is a collective: call it on every
-        rank, with the same ``params``; blocks whose gradient may be absent on this rank only (FSDP1
-        views outside the local shard) take part with zero statistics, and at most one reduction
-        runs per optimizer step (:class:`sai_hf.sharding.base.ReductionSchedule`).
-
-        Under DeepSpeed ZeRO the scales are computed inside :meth:`step` (DeepSpeed steps from
-        within ``backward``, and only there do the partitions have gradients): this returns ``[]``.
-        """
-        _refuse_sparse_gradients(self.param_groups)
-        return self.layout().initialize_scales(self, None if params is None else list(params), reduce_statistics)
-
-    # ------------------------------------------------------------------ measuring and assigning
-    @staticmethod
-    def measured_gsnr(
-        stats: Tensor, eps: Sequence[float], eps_free: bool | Sequence[bool] = False
-    ) -> tuple[list[float], list[BlockStatus]]:
-        """Measuring: the g-SNR and :class:`BlockStatus` of each row of the (reduced) statistics
-        ``stats`` (:func:`sai_hf.gsnr.gsnr_from_statistics`), as host values: the one host sync.
-
-        ``eps[i]`` is block ``i``'s eps; ``eps_free`` (one bool, or one per block) drops it:
-        ``gsnr = norm / std`` (see "deferred blocks drop eps" in the class docstring)."""
-        eps_t = torch.tensor(list(eps), dtype=stats.dtype, device=stats.device)
-        eps_free_t = torch.as_tensor(eps_free, device=stats.device)
-        gsnr, status = gsnr_from_statistics(stats, eps_t, eps_free=eps_free_t)
-        values, codes = torch.stack((gsnr, status.to(gsnr.dtype))).tolist()
-        return values, [BlockStatus(int(c)) for c in codes]
-
-    @staticmethod
-    def first_step_gsnr_max(
-        values: Sequence[float],
-        statuses: Sequence[BlockStatus],
-        numels: Sequence[int] | None = None,
-        scale_rule: str = "gsnr",
-    ) -> float | None:
-        """The ``normalize="max"`` divisor of a first scaling step, ``None`` if there is none: the
-        largest well-defined (``SCALED``) g-SNR among ``values``; under ``scale_rule="sqrt_numel"``
-        the largest ``sqrt(numels[i])`` among the blocks that are not ``PENDING``."""
-        if scale_rule == "sqrt_numel":
-            known = [math.sqrt(n) for n, s in zip(_required(numels), statuses) if s != BlockStatus.PENDING]
-        else:
-            known = [v for v, s in zip(values, statuses) if s == BlockStatus.SCALED]
-        return max(known) if known else None
-
-    def assigned_scales(
-        self,
-        values: Sequence[float],
-        statuses: Sequence[BlockStatus],
-        gsnr_max: float | None,
-        normalize: str,
-        numels: Sequence[int] | None = None,
-        scale_rule: str = "gsnr",
-    ) -> list[AssignedScale | None]:
-        """Assigning: the scale of each measured block (``None`` where it stays ``PENDING``)::
-
-            basis_i = gsnr_i                                          scale_rule="gsnr"
-            basis_i = gsnr_max (1.0 before any well-defined g-SNR)    ... if DEGENERATE (warned once)
-            basis_i = sqrt(numels[i])                                 scale_rule="sqrt_numel"
-            scale_i = basis_i                                         normalize="none"
-            scale_i = basis_i / gsnr_max (1.0 before it is known)     normalize="max"
-
-        ``gsnr_max`` is the divisor of :meth:`first_step_gsnr_max` (same ``scale_rule``). The
-        returned g-SNR is ``basis_i`` under ``"gsnr"``, the measured g-SNR (0 if degenerate) under
-        ``"sqrt_numel"``.
-        """
-        out: list[AssignedScale | None] = []
-        degenerate = 0
-        sizes = _required(numels) if scale_rule == "sqrt_numel" else [0] * len(values)
-        for value, status, numel in zip(values, statuses, sizes):
-            if status == BlockStatus.PENDING:
-                out.append(None)
-                continue
-            if scale_rule == "sqrt_numel":
-                basis = math.sqrt(numel)
-            else:
-                if status == BlockStatus.DEGENERATE:
-                    value = gsnr_max if gsnr_max is not None else 1.0
-                    degenerate += 1
-                basis = value
-            if normalize == "max":
-                scale = basis / gsnr_max if gsnr_max is not None else 1.0
-            else:
-                scale = basis
-            out.append(AssignedScale(float(value), float(scale), status))
-        if degenerate and not self._warned_degenerate:
-            self._warned_degenerate = True
-            warnings.warn(
-                f"SGDSaI: {degenerate} block(s) have a gradient with no usable variance (one element, or all "
-                "entries equal): g-SNR is undefined there. They get the largest well-defined g-SNR of the "
-                "first step instead of |g|/eps.",
-                stacklevel=3,
-            )
-        return out
-
-    # ------------------------------------------------------------------ step
+    # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step (computing the scales of blocks that have none yet)."""
+        """One optimization step::
+
+            blocks  = this rank's views of every block of the groups being stepped (sharding backends)
+            pending = blocks without a scale that have a gradient here, or may have one on another rank
+            scale pending blocks: statistics -> exact cross-rank sum -> sai_hf.scaling -> block state
+            update every scaled block that has a gradient (sai_hf.functional.sgd_sai)
+
+        ``pending`` is the same on every rank (scales are), so the reduction is entered by all ranks."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
         _refuse_sparse_gradients(self.param_groups)
-        self.layout().step(self)
+        blocks = self._backends.blocks(self, self.param_groups, stepping=True)
+        self._scale(blocks, [b for b in blocks if _pending(b)], None)
+        self._update(blocks)
         return loss
+
+    def _scale(self, blocks: Sequence[Block], pending: Sequence[Block], reduce_statistics: StatisticsReducer | None) -> list[ScaleRecord]:
+        """Compute and store the scales of ``pending`` (some of ``blocks``): one host sync, and one
+        cross-rank reduction where a block is sharded."""
+        if not pending:
+            return []
+        started = self._backends.scaling_started(self, blocks)
+        reduce_statistics = reduce_statistics or self._backends.reducer(pending)
+        stats = block_statistics(pending)
+        if reduce_statistics is not None:
+            stats = reduce_statistics(stats)
+        values, statuses = scaling.measured_gsnr(stats, [b.group["eps"] for b in pending], [started] * len(pending))
+        numels = [b.placement.numel for b in pending]
+        groups = self._all_groups()
+        rule, normalize = groups[0]["scale_rule"], groups[0]["normalize"]
+        gsnr_max = self.gsnr_max
+        if gsnr_max is None or not started:  # the first scaling step (its groups may come one by one)
+            known = [v for v in (gsnr_max, scaling.first_step_gsnr_max(values, statuses, numels, rule)) if v is not None]
+            gsnr_max = max(known) if known else None
+            for group in groups:
+                group["gsnr_max"] = gsnr_max
+        assigned = scaling.assigned_scales(values, statuses, numels, gsnr_max, normalize, rule)
+        if rule == "gsnr" and BlockStatus.DEGENERATE in statuses and not self._warned_degenerate:
+            self._warned_degenerate = True
+            warnings.warn(
+                f"SGDSaI: {statuses.count(BlockStatus.DEGENERATE)} block(s) have a gradient with no usable variance "
+                "(one element, or all entries equal): g-SNR is undefined there. They get the largest well-defined "
+                "g-SNR of the first step instead of |g|/eps.",
+                stacklevel=3,
+            )
+        records = []
+        for block, scaled in zip(pending, assigned):
+            if scaled is None:
+                continue
+            block.state.update(gsnr=scaled.gsnr, scale=scaled.scale, gsnr_eps_free=started)
+            if block.step_index is not None:
+                block.state["scaled_at"] = block.step_index
+            records.append(ScaleRecord(block.param, scaled.gsnr, scaled.scale, block.placement.numel, scaled.status))
+        return records
+
+    def _update(self, blocks: Sequence[Block]) -> None:
+        """:func:`sai_hf.functional.sgd_sai` on the local views of every scaled block with a
+        gradient here, group by group; blocks without a scale are not touched."""
+        by_group: dict[int, list[Block]] = {}
+        for b in blocks:
+            if b.grad is not None and "scale" in b.state:
+                by_group.setdefault(id(b.group), []).append(b)
+        for chosen in by_group.values():
+            group = chosen[0].group
+            buffers = [b.buffer for b in chosen]
+            steps = [b.state.get("step", 0) for b in chosen]
+            sgd_sai(
+                [b.local for b in chosen],
+                [b.grad for b in chosen],  # type: ignore[misc]
+                buffers,
+                [b.state["scale"] for b in chosen],
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+                fused=group["fused"],
+                momentum_dtype=group["momentum_dtype"],
+                steps=steps,
+            )
+            for b, buf, count in zip(chosen, buffers, steps):
+                b.state["step"] = count + 1
+                if b.buffer is None and buf is not None:
+                    b.backend.keep_buffer(b, buf)
+
+    # ------------------------------------------------------------------ scales, outside the step
+    @property
+    def gsnr_max(self) -> float | None:
+        """The ``normalize="max"`` divisor: the largest well-defined g-SNR of the first scaling step
+        (under ``scale_rule="sqrt_numel"`` its largest ``sqrt(numel)``); ``None`` before it."""
+        groups = self._all_groups()
+        return groups[0]["gsnr_max"] if groups else None
+
+    def _all_groups(self) -> list[dict[str, Any]]:
+        """Every parameter group, also while a wrapper has narrowed ``param_groups`` to the one it
+        steps (DeepSpeed ZeRO steps the groups one at a time, on the same group dicts)."""
+        if not all(any(g is h for h in self._every_group) for g in self.param_groups):
+            self._every_group = self.param_groups
+        return self._every_group
+
+    def blocks(self) -> list[Block]:
+        """This rank's view of every block (:class:`sai_hf.sharding.Block`): the model parameter it
+        is, its local entries and gradient, its state (``gsnr``, ``scale``, ``gsnr_eps_free`` once
+        scaled) and its placement (``placement.numel``: the whole block's size)."""
+        return self._backends.blocks(self, self.param_groups, stepping=False)
+
+    def has_scale(self, param: Tensor) -> bool:
+        """Whether optimizer parameter ``param`` already has its fixed scale."""
+        return "scale" in self.state.get(param, {})
+
+    def pending_params(self) -> list[Tensor]:
+        """Blocks (model parameters) that have a gradient here now but no scale yet."""
+        return [b.param for b in self.blocks() if b.grad is not None and "scale" not in b.state]
+
+    @torch.no_grad()
+    def initialize_scales(
+        self, params: Iterable[Tensor] | None = None, reduce_statistics: StatisticsReducer | None = None
+    ) -> list[ScaleRecord]:
+        """Scale, now, the pending blocks (of ``params``, default all) as :meth:`step` would, without
+        updating. ``step()`` does this by itself; call it to inspect scales before the first step, or
+        to sum the statistics with your own ``reduce_statistics`` (``(B, STATISTICS_WIDTH)`` rows ->
+        their sums over ranks). A collective under sharding: call it on every rank, with the same
+        ``params``. Under DeepSpeed ZeRO (gradients exist only inside the engine's step) it returns ``[]``."""
+        _refuse_sparse_gradients(self.param_groups)
+        blocks = self.blocks()
+        chosen = None if params is None else {id(p) for p in params}
+        pending = [b for b in blocks if _pending(b) and (chosen is None or id(b.param) in chosen)]
+        return self._scale(blocks, pending, reduce_statistics)
 
     @torch.no_grad()
     def measure_gsnr(self, reduce_statistics: StatisticsReducer | None = None) -> dict[Tensor, float]:
         """g-SNR of every scaled block's *current* gradient, computed exactly as its scale was
         (same eps rule, same cross-rank reduction); the scales are not changed. Blocks without a
         gradient on every rank are left out. A collective under sharding: call it on every rank."""
-        return self.layout().measure_gsnr(self, reduce_statistics)
+        blocks = [b for b in self.blocks() if "scale" in b.state and (b.grad is not None or b.may_lack_gradient)]
+        if not blocks:
+            return {}
+        reduce_statistics = reduce_statistics or self._backends.reducer(blocks)
+        stats = block_statistics(blocks)
+        if reduce_statistics is not None:
+            stats = reduce_statistics(stats)
+        eps_free = [bool(b.state.get("gsnr_eps_free", False)) for b in blocks]
+        values, statuses = scaling.measured_gsnr(stats, [b.group["eps"] for b in blocks], eps_free)
+        return {b.param: v for b, v, s in zip(blocks, values, statuses) if s == BlockStatus.SCALED}
 
     def scales(self, names: Mapping[Tensor, str] | None = None) -> dict[Any, float]:
         """The fixed scale of every scaled block, keyed by model parameter (or by name with ``names``)."""
         return {
-            (names.get(p, p) if names is not None else p): state["scale"]
-            for p, state in self.block_states()
-            if "scale" in state
+            (names.get(b.param, b.param) if names is not None else b.param): b.state["scale"]
+            for b in self.blocks()
+            if "scale" in b.state
         }
-
-    # ------------------------------------------------------------------ blocks and their layout
-    def layout(self) -> BlockLayout:
-        """This optimizer's :class:`~sai_hf.sharding.base.BlockLayout`: where each block's entries
-        live on this rank and how its statistics are summed across ranks (:mod:`sai_hf.sharding`).
-
-        A :class:`~sai_hf.sharding.tensors.TensorBlocks` (every parameter is a block) from
-        construction on. Decided once, at the first call after the optimizer's parameters stopped
-        being the model's own tensors (DeepSpeed ZeRO replaces them by flat partitions when it wraps
-        the optimizer; so in practice at the first step): the layout that recognises the
-        replacement (:func:`sai_hf.sharding.replaced_layout`) takes over."""
-        if not self._layout_decided:
-            current = group_of_params(self.param_groups)
-            model_params = group_of_params([{"params": g} for g in self._model_param_groups])
-            if model_params and not (len(current) == len(model_params) and current[0] is model_params[0]):
-                self._layout = replaced_layout(self._model_param_groups) or self._layout
-                self._layout_decided = True
-        return self._layout
-
-    def register_model(self, model: torch.nn.Module) -> int:
-        """Tell the layout about ``model`` (FSDP1 views, which the parameters do not reveal);
-        idempotent, returns the number of parameters recorded. See :func:`sai_hf.register_sharded_model`."""
-        return self.layout().register_model(model)
-
-    def block_numel(self, param: Tensor) -> int:
-        """Number of elements of the whole block of model parameter ``param`` (not of a local shard)."""
-        return self.layout().block_numel(param)
-
-    def block_states(self) -> list[tuple[Tensor, Mapping[str, Any]]]:
-        """``(model parameter, its SGD-SaI state)`` of every block: ``gsnr``, ``scale``,
-        ``gsnr_eps_free`` once it is scaled. The model parameters are those the optimizer was built
-        with (under DeepSpeed ZeRO the optimizer itself only holds flat partitions)."""
-        return self.layout().block_states(self)
 
     def all_blocks_scaled(self) -> bool:
         """Whether every block has its fixed scale (the same answer on every rank)."""
-        return all("scale" in state for _, state in self.block_states())
+        return all("scale" in b.state for b in self.blocks())
+
+    def register_model(self, model: torch.nn.Module) -> int:
+        """Tell the sharding backends about ``model`` (FSDP1 views, which the parameters do not
+        reveal); idempotent, returns the number of parameters recorded."""
+        return self._backends.register_model(model)
 
 
 def _complete_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -515,10 +494,30 @@ def _refuse_sparse_gradients(param_groups: Sequence[Mapping[str, Any]]) -> None:
             )
 
 
-def _required(numels: Sequence[int] | None) -> Sequence[int]:
-    if numels is None:
-        raise ValueError('scale_rule="sqrt_numel" needs the blocks\' numels')
-    return numels
+def _pending(block: Block) -> bool:
+    """Waiting for its scale, with a gradient here or possibly on another rank (the same on every rank)."""
+    return "scale" not in block.state and (block.grad is not None or block.may_lack_gradient)
+
+
+def find_sgd_sai(optimizer: Any) -> SGDSaI | None:
+    """The :class:`SGDSaI` inside ``optimizer`` (unwrapping e.g. accelerate's ``AcceleratedOptimizer``)."""
+    for _ in range(8):
+        if optimizer is None or isinstance(optimizer, SGDSaI):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def register_sharded_model(model: torch.nn.Module, optimizer: Any) -> int:
+    """Tell ``optimizer`` (an :class:`SGDSaI`, possibly wrapped, e.g. by accelerate) about ``model``:
+    records which of its parameters are FSDP1 ``use_orig_params=True`` shard views, which FSDP1
+    leaves unmarked. Idempotent; returns the number of parameters recorded. FSDP2, DDP and DeepSpeed
+    need no registration; :class:`sai_hf.GSNRCallback` does it with the Trainer's model. Plain-PyTorch
+    FSDP1 users call it once after wrapping and building the optimizer."""
+    sai = find_sgd_sai(optimizer)
+    if sai is None:
+        raise TypeError("register_sharded_model: optimizer is not an sai_hf.SGDSaI (nor wraps one)")
+    return sai.register_model(model)
 
 
 def group_of_params(param_groups: Sequence[Mapping[str, Any]]) -> list[Tensor]:

@@ -1,157 +1,156 @@
-"""Exact g-SNR statistics under sharding: one abstraction (:mod:`sai_hf.sharding.base`), one module
-per backend.
+"""Exact g-SNR statistics under sharding: one interface (:class:`~sai_hf.sharding.base.ShardingBackend`),
+one module per backend.
 
 ===========================  ==============================================================
-module                       what the optimizer's parameters are
+module                       what the optimizer's parameters are; its blocks
 ===========================  ==============================================================
-:mod:`.local`                whole tensors on every rank (one process, DDP)
-:mod:`.dtensor`              DTensors (FSDP2): ``to_local()`` shards and replicas
-:mod:`.fsdp1`                FSDP1 ``use_orig_params=True`` views (registered from the model)
 :mod:`.deepspeed_zero`       DeepSpeed ZeRO-1/2 flat partitions; blocks are their fragments
+                             (ZeRO-3 parameters: refused)
+:mod:`.fsdp1`                FSDP1 ``use_orig_params=True`` views (registered from the model)
+:mod:`.dtensor`              DTensors (FSDP2): ``to_local()`` shards and replicas
+:mod:`.local`                whole tensors on every rank (one process, DDP)
 ===========================  ==============================================================
 
-An :class:`sai_hf.SGDSaI` owns one :class:`~sai_hf.sharding.base.BlockLayout`
-(``optimizer.layout()``), made by :func:`new_layout` when the optimizer is built: a
-:class:`~sai_hf.sharding.tensors.TensorBlocks` over fresh instances of :data:`TENSOR_BACKENDS`.
-It is decided once, at the first call after the optimizer's parameters stop being the model's own
-tensors (a wrapper such as DeepSpeed replaced them): :func:`replaced_layout` asks each of
-:data:`PARTITIONED_LAYOUTS` in turn (``detect(model_groups)``) and the first that recognises the
-layout replaces the :class:`~sai_hf.sharding.tensors.TensorBlocks`.
-
-Adding a backend: a new module with a :class:`~sai_hf.sharding.base.TensorBackend` (each
-parameter still one tensor) or a :class:`~sai_hf.sharding.base.BlockLayout` with a ``detect``
-classmethod (the optimizer's parameters replaced), and its entry in the list below.
-
-The public helpers keep their names: :func:`statistics_reducer`, :func:`local_statistics`,
-:func:`register_sharded_model`, :func:`refuse_unsupported_setup`, :class:`UnsupportedShardingError`.
+An :class:`sai_hf.SGDSaI` builds one instance of each of :data:`BACKENDS`; the first that claims an
+optimizer parameter answers for it. Adding a backend is one module with a
+:class:`~sai_hf.sharding.base.ShardingBackend` subclass and its entry in :data:`BACKENDS`.
+DeepSpeed configuration checks live in :mod:`.deepspeed_config`.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import (
-    BlockLayout,
-    ExactReducer,
-    Placement,
-    ReductionSchedule,
-    ScaleRecord,
-    StatisticsReducer,
-    TensorBackend,
-    UnsupportedShardingError,
-)
-from .deepspeed_zero import Zero3Parameters, ZeroPartitions
+from ..gsnr import gradient_statistics, zero_statistics
+from .base import Block, ExactReducer, Placement, ShardingBackend, UnsupportedShardingError, world
+from .deepspeed_zero import Zero3Parameters, ZeroFragments
 from .dtensor import DTensorShards
 from .fsdp1 import Fsdp1Views
 from .local import WholeTensors
-from .tensors import TensorBlocks
 
 __all__ = [
-    "BlockLayout",
-    "TensorBackend",
-    "TensorBlocks",
+    "Block",
+    "ShardingBackend",
     "Placement",
     "ExactReducer",
-    "ReductionSchedule",
-    "ScaleRecord",
-    "StatisticsReducer",
     "UnsupportedShardingError",
-    "TENSOR_BACKENDS",
-    "PARTITIONED_LAYOUTS",
-    "new_layout",
-    "replaced_layout",
+    "BACKENDS",
+    "STATE_KEYS",
+    "Backends",
+    "refuse_unsupported_setup",
+    "block_statistics",
     "statistics_reducer",
     "local_statistics",
-    "register_sharded_model",
-    "refuse_unsupported_setup",
+    "world",
 ]
 
-#: Per-tensor backends, in order of precedence: the first that claims a parameter answers for it
+#: Backends in order of precedence: the first that claims an optimizer parameter answers for it
 #: (the last, :class:`~sai_hf.sharding.local.WholeTensors`, claims every parameter).
-TENSOR_BACKENDS: list[type[TensorBackend]] = [Fsdp1Views, Zero3Parameters, DTensorShards, WholeTensors]
+BACKENDS: list[type[ShardingBackend]] = [ZeroFragments, Zero3Parameters, Fsdp1Views, DTensorShards, WholeTensors]
 
-#: Layouts of wrappers that replace the optimizer's parameters by their own buffers, tried in order.
-PARTITIONED_LAYOUTS: list[type[BlockLayout]] = [ZeroPartitions]
-
-
-def new_layout(optimizer: torch.optim.Optimizer) -> TensorBlocks:
-    """The layout of a freshly built optimizer: every parameter is a block (:data:`TENSOR_BACKENDS`)."""
-    return TensorBlocks([backend() for backend in TENSOR_BACKENDS], ReductionSchedule(optimizer))
+#: State keys the backends add besides the per-block ones (for :mod:`sai_hf.checkpoint`).
+STATE_KEYS: frozenset[str] = frozenset().union(*(backend.STATE_KEYS for backend in BACKENDS))
 
 
-def replaced_layout(model_groups: Sequence[Sequence[Tensor]]) -> BlockLayout | None:
-    """The layout of an optimizer whose parameters a wrapper replaced, from the model's parameter
-    groups it was built with; ``None`` if no :data:`PARTITIONED_LAYOUTS` entry recognises it."""
-    for layout in PARTITIONED_LAYOUTS:
-        found = layout.detect(model_groups)
-        if found is not None:
-            return found
-    return None
+class Backends:
+    """One optimizer's backends: which one answers for each of its parameters, and the blocks they
+    hold (:meth:`blocks`)."""
 
+    def __init__(self, model_groups: Sequence[Sequence[Tensor]]) -> None:
+        self.backends = [backend(model_groups) for backend in BACKENDS]
+        # id(param) -> (param, its backend); cleared when a model is registered (registration
+        # changes which backend claims a parameter).
+        self._claimed: dict[int, tuple[Tensor, ShardingBackend]] = {}
 
-def statistics_reducer(blocks: Sequence[Tensor], layout: TensorBlocks | None = None) -> StatisticsReducer | None:
-    """The exact cross-rank reducer for the statistics of ``blocks`` (in this order), or ``None``.
+    def backend(self, param: Tensor) -> ShardingBackend:
+        """The backend that answers for ``param`` (the first that claims it)."""
+        cached = self._claimed.get(id(param))
+        if cached is not None and cached[0] is param:
+            return cached[1]
+        backend = next(b for b in self.backends if b.claims(param))
+        self._claimed[id(param)] = (param, backend)
+        return backend
 
-    ``None`` when no block is sharded across ranks (one process; DDP, whose gradients are already
-    all-reduced and identical everywhere). Otherwise a function ``(B, STATISTICS_WIDTH) ->
-    (B, STATISTICS_WIDTH)`` that zeroes the rows this rank must not count and sums over all ranks
-    with one ``all_reduce`` (:class:`~sai_hf.sharding.base.ExactReducer`). Call it on every rank,
-    with the same blocks in the same order.
+    def blocks(self, optimizer: Any, groups: Sequence[dict[str, Any]], stepping: bool) -> list[Block]:
+        """Every block held by the parameters of ``groups``, group by group, in the same order on
+        every rank."""
+        out: list[Block] = []
+        for group in groups:
+            claimed: dict[int, tuple[ShardingBackend, list[Tensor]]] = {}
+            for p in group["params"]:
+                backend = self.backend(p)
+                claimed.setdefault(id(backend), (backend, []))[1].append(p)
+            for backend, params in claimed.values():
+                out.extend(backend.blocks(optimizer, group, params, stepping))
+        return out
 
-    ``layout``: an optimizer's layout (``optimizer.layout()``), which knows that optimizer's
-    registered FSDP1 views; by default a fresh one (DTensors and plain tensors).
-    Raises :class:`UnsupportedShardingError` for layouts without exact per-tensor statistics
-    (FSDP1 ``use_orig_params=False``, DeepSpeed ZeRO-3, ``Partial`` gradients, meshes not spanning
-    all ranks, unregistered FSDP1 views).
-    """
-    return (layout or _fresh_tensor_blocks()).reducer(blocks)
+    def reducer(self, blocks: Sequence[Block]) -> ExactReducer | None:
+        """The exact cross-rank reducer of ``blocks``' statistics, ``None`` where nothing needs
+        summing (one process; no block sharded: DDP gradients are already all-reduced)."""
+        rank, world_size = world()
+        if world_size == 1:
+            return None
+        for backend in self.backends:
+            backend.check_blocks(blocks)
+        if not any(b.placement.sharded for b in blocks):
+            return None
+        return ExactReducer([b.placement for b in blocks], world_size)
 
+    def register_model(self, model: torch.nn.Module) -> int:
+        """Tell every backend about ``model`` (FSDP1 views); returns the parameters recorded."""
+        self._claimed.clear()
+        return sum(backend.register_model(model) for backend in self.backends)
 
-def local_statistics(blocks: Sequence[Tensor], layout: TensorBlocks | None = None) -> Tensor:
-    """:func:`sai_hf.gsnr.gradient_statistics` of ``blocks``' local gradients, with a zero row for a
-    block whose gradient is ``None`` on this rank (``layout`` as in :func:`statistics_reducer`)."""
-    return (layout or _fresh_tensor_blocks()).local_statistics(blocks)
-
-
-def _fresh_tensor_blocks() -> TensorBlocks:
-    return TensorBlocks([backend() for backend in TENSOR_BACKENDS])
-
-
-def register_sharded_model(model: torch.nn.Module, optimizer: Any) -> int:
-    """Tell ``optimizer`` (an :class:`sai_hf.SGDSaI`, possibly wrapped, e.g. by accelerate) about
-    ``model``: records which of its parameters are FSDP1 ``use_orig_params=True`` shard views,
-    which FSDP1 leaves unmarked, in the optimizer's layout. Idempotent; returns the number of
-    parameters recorded. FSDP2, DDP and DeepSpeed need no registration.
-
-    :class:`sai_hf.GSNRCallback` does it with the Trainer's model. Plain-PyTorch FSDP1 users call it
-    once after wrapping and building the optimizer, and call ``optimizer.initialize_scales()`` on
-    every rank before each ``optimizer.step()`` (it returns at once when every block has its
-    scale): FSDP1 sets ``grad=None`` outside the local shard, so whether ``step()`` finds a block
-    still waiting for its scale differs between ranks, while the reduction needs all of them.
-    """
-    from ..optimizer import SGDSaI
-
-    for _ in range(8):
-        if isinstance(optimizer, SGDSaI):
-            return optimizer.register_model(model)
-        optimizer = getattr(optimizer, "optimizer", None)
-    raise TypeError("register_sharded_model: optimizer is not an sai_hf.SGDSaI (nor wraps one)")
+    def scaling_started(self, optimizer: Any, blocks: Sequence[Block]) -> bool:
+        """Whether some block got its scale in an earlier optimizer step (asked of the backends of ``blocks``)."""
+        backends = {id(b.backend): b.backend for b in blocks}
+        return any(backend.scaling_started(optimizer, blocks) for backend in backends.values())
 
 
 def refuse_unsupported_setup(args: Any = None) -> None:
     """Refuse, before any training, configurations whose per-tensor statistics cannot be exact
-    (every registered backend's ``refuse_setup``: DeepSpeed ZeRO-3 / optimizer offload / an
-    ``optimizer`` section, an accelerate FSDP1 plugin with ``use_orig_params=False``). Called by
-    :class:`sai_hf.integration.OptimArgsCheck` when the Trainer is built; the same parameter layouts
-    are refused again at the first step."""
-    for backend in [*PARTITIONED_LAYOUTS, *TENSOR_BACKENDS]:
+    (every backend's ``refuse_setup``). Called when the Trainer is built; the same parameter
+    layouts are refused again at the first step."""
+    for backend in BACKENDS:
         backend.refuse_setup(args)
 
 
-def extra_state_keys() -> frozenset[str]:
-    """State keys the registered layouts add besides the per-block ones (for :mod:`sai_hf.checkpoint`)."""
-    return frozenset().union(*(layout.STATE_KEYS for layout in PARTITIONED_LAYOUTS))
+def block_statistics(blocks: Sequence[Block]) -> Tensor:
+    """:func:`sai_hf.gsnr.gradient_statistics` of ``blocks``' local gradients, a zero row (no
+    entries here) where a block has no gradient on this rank: ``(B, STATISTICS_WIDTH)``."""
+    present = [i for i, b in enumerate(blocks) if b.grad is not None]
+    if len(present) == len(blocks):
+        return gradient_statistics([b.grad for b in blocks])
+    rows = zero_statistics(len(blocks), blocks[0].local.device if blocks else torch.device("cpu"))
+    if present:
+        found = gradient_statistics([blocks[i].grad for i in present])
+        rows = rows.to(found.device, found.dtype)
+        rows[torch.tensor(present, device=found.device)] = found
+    return rows
+
+
+def _tensor_blocks(tensors: Sequence[Tensor]) -> tuple[Backends, list[Block]]:
+    """The blocks of plain ``tensors`` (no optimizer: throwaway state)."""
+    backends = Backends([list(tensors)])
+    return backends, backends.blocks(SimpleNamespace(state=defaultdict(dict)), [{"params": list(tensors)}], stepping=False)
+
+
+def statistics_reducer(tensors: Sequence[Tensor]) -> ExactReducer | None:
+    """The exact cross-rank reducer for the statistics of ``tensors`` (in this order), or ``None``
+    where nothing needs summing (one process, DDP). A collective: call it on every rank with the
+    same tensors. Raises :class:`UnsupportedShardingError` for layouts without exact per-tensor
+    statistics (``Partial`` gradients, meshes not spanning all ranks, ZeRO-3 parameters,
+    FlatParameters, unregistered FSDP1 views)."""
+    backends, blocks = _tensor_blocks(tensors)
+    return backends.reducer(blocks)
+
+
+def local_statistics(tensors: Sequence[Tensor]) -> Tensor:
+    """:func:`block_statistics` of plain ``tensors`` (DTensors: their local shards)."""
+    return block_statistics(_tensor_blocks(tensors)[1])

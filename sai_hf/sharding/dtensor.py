@@ -10,10 +10,13 @@ only the ranks at coordinate 0 along every replicated dimension count. ``Partial
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor
 
 from ..gsnr import local_part
-from .base import Placement, TensorBackend, UnsupportedShardingError
+from .base import Placement, UnsupportedShardingError
+from .local import WholeTensors
 
 __all__ = ["DTensorShards", "dtensor_types"]
 
@@ -30,10 +33,10 @@ def dtensor_types() -> tuple[type, ...]:
     return (DTensor,)
 
 
-class DTensorShards(TensorBackend):
+class DTensorShards(WholeTensors):
     """A parameter that is a DTensor, or whose gradient is one."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_groups: Sequence[Sequence[Tensor]] = ()) -> None:
         self.types = dtensor_types()
 
     def _source(self, param: Tensor) -> Tensor | None:

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .base import Placement, TensorBackend, UnsupportedShardingError
+from .base import Block, Placement, UnsupportedShardingError
 from .dtensor import dtensor_types
+from .local import WholeTensors
 
 __all__ = ["Fsdp1Views", "FLAT_PARAMETER_MESSAGE"]
 
@@ -43,10 +44,10 @@ class _View:
     numel: int  # elements of the whole original tensor
 
 
-class Fsdp1Views(TensorBackend):
+class Fsdp1Views(WholeTensors):
     """The FSDP1 views of one optimizer's parameters (its registry is this object's state)."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_groups: Sequence[Sequence[Tensor]] = ()) -> None:
         self.views: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def register_model(self, model: torch.nn.Module) -> int:
@@ -102,17 +103,13 @@ class Fsdp1Views(TensorBackend):
     def may_lack_gradient(self, param: Tensor) -> bool:
         return self._sharded_view(param) is not None
 
-    def numel(self, param: Tensor) -> int:
-        view = self.views.get(param)
-        return view.numel if view is not None else int(param.numel())
-
-    def check_blocks(self, blocks: Sequence[Tensor]) -> None:
+    def check_blocks(self, blocks: Sequence[Block]) -> None:
         """Two 1-D optimizer parameters sharing one storage are flat views into one buffer: the
         signature of FSDP1 ``use_orig_params=True`` (every original parameter becomes a 1-D view of
         the local shard, or of one shared empty tensor), whose views must be registered."""
         dtensor = dtensor_types()
         seen: dict[int, int] = {}
-        for i, p in enumerate(blocks):
+        for i, p in enumerate(block.param for block in blocks):
             if p.dim() != 1 or (dtensor and isinstance(p, dtensor)) or p in self.views:
                 continue
             try:
