@@ -22,15 +22,25 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .sharding import extra_state_keys
 
-__all__ = ["SGDSAI_STATE_KEYS", "state_dict_kind", "prepare_state_dict", "buffers_in_saved_dtype"]
+__all__ = [
+    "SGDSAI_STATE_KEYS",
+    "align_scheduler",
+    "buffers_in_saved_dtype",
+    "prepare_state_dict",
+    "remember_parameter_order",
+    "state_dict_kind",
+]
 
 #: Keys a block's state may have in an SGDSaI state dict (any version of this package), and those the
 #: sharding layouts add (a DeepSpeed ZeRO flat partition's state: :mod:`sai_hf.sharding.deepspeed_zero`).
@@ -40,6 +50,10 @@ _SGDSAI_GROUP_KEY = "normalize"
 #: Keys of the official package's parameter groups and block state.
 _OFFICIAL_GROUP_KEYS = frozenset({"lr", "momentum", "eps", "weight_decay"})
 _OFFICIAL_STATE_KEYS = frozenset({"gsnr", "momentum_buffer"})
+#: Keys that torch's LR schedulers add to any optimizer's parameter groups (``initial_lr``: every
+#: scheduler, so every Trainer run; the others: ``OneCycleLR`` and ``CyclicLR``). An official state
+#: dict may carry them (``param_names`` too, with torch >= 2.6 and named parameters).
+_SCHEDULER_GROUP_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
 
 #: Tell-tale keys of other optimizers, for the error message.
 _KNOWN_FOREIGN = (
@@ -74,7 +88,7 @@ def state_dict_kind(state_dict: Mapping[str, Any]) -> str:
     group_keys = set().union(*(set(g) for g in groups)) - {"params", "param_names"}
     if _SGDSAI_GROUP_KEY in group_keys and state_keys <= SGDSAI_STATE_KEYS:
         return "sgd_sai"
-    if group_keys == _OFFICIAL_GROUP_KEYS and state_keys <= _OFFICIAL_STATE_KEYS:
+    if _OFFICIAL_GROUP_KEYS <= group_keys <= _OFFICIAL_GROUP_KEYS | _SCHEDULER_GROUP_KEYS and state_keys <= _OFFICIAL_STATE_KEYS:
         return "official"
     for keys, name in _KNOWN_FOREIGN:
         if keys <= state_keys and not ({"gsnr", "scale"} & state_keys):
@@ -85,32 +99,166 @@ def state_dict_kind(state_dict: Mapping[str, Any]) -> str:
     return f"foreign: unknown (block state keys {sorted(state_keys)}, group keys {sorted(group_keys)})"
 
 
+def remember_parameter_order(model: torch.nn.Module) -> None:
+    """Note each parameter's place in ``model`` (its index in ``model.parameters()`` and its name).
+
+    An official state dict written over ``model.parameters()`` (one group, the model's order) can
+    then be mapped onto an optimizer whose groups order the parameters otherwise, e.g. the Trainer's
+    decay / no-decay groups of ``--optim sgd_sai``. sai-hf's Trainer handler calls this with the
+    Trainer's model; call it yourself before ``load_state_dict`` in a plain PyTorch loop that groups
+    the parameters differently from the official run."""
+    named = list(model.named_parameters())
+    order = _ModelOrder(tuple(name for name, _ in named), tuple(bool(p.requires_grad) for _, p in named))
+    for index, (_, param) in enumerate(named):
+        _MODEL_ORDER[param] = (order, index)
+
+
+@dataclass(frozen=True, eq=False)
+class _ModelOrder:
+    names: tuple[str, ...]
+    trainable: tuple[bool, ...]
+
+
+#: Parameter -> (its model's order, its index there): see :func:`remember_parameter_order`.
+_MODEL_ORDER: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: Optimizer -> for each of its groups, the saved group its hyperparameters came from, and how many
+#: saved groups there were (after an official import that regrouped): see :func:`align_scheduler`.
+_REGROUPED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[list[int], int]]" = weakref.WeakKeyDictionary()
+
+
+def _sources_in_model_order(optimizer: torch.optim.Optimizer, saved_groups: Sequence[Mapping[str, Any]]) -> list[int]:
+    """For each parameter of ``optimizer`` (group order), the position of its entry among the saved
+    groups' flattened ``params``, found through the parameters' model order (or the saved
+    ``param_names``); ``ValueError`` saying what to do when the two cannot be matched."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_count = sum(len(g["params"]) for g in saved_groups)
+    layout = f"{[len(g['params']) for g in saved_groups]} parameters per group; this optimizer has {[len(g['params']) for g in optimizer.param_groups]}"
+    places = [_MODEL_ORDER.get(p) for p in params]
+    orders = {id(place[0]) for place in places if place is not None}
+    if None in places or len(orders) != 1:
+        raise ValueError(
+            f"Official sgd-sai optimizer state dict: its groups hold {layout}, and the parameters' order in "
+            "their model is unknown, so its momentum buffers cannot be matched to the parameters. Build the "
+            "optimizer with the same groups as the official run (e.g. SGDSaI(model.parameters())), or call "
+            "sai_hf.checkpoint.remember_parameter_order(model) before load_state_dict."
+        )
+    order = places[0][0]
+    if all("param_names" in g for g in saved_groups):
+        saved_names = [name for g in saved_groups for name in g["param_names"]]
+        position = {name: i for i, name in enumerate(saved_names)}
+        missing = [order.names[index] for _, index in places if order.names[index] not in position]
+        if missing:
+            raise ValueError(f"Official sgd-sai optimizer state dict has no entry for parameter(s) {missing[:5]}")
+        return [position[order.names[index]] for _, index in places]
+    if saved_count == len(order.names):  # built over model.parameters()
+        return [index for _, index in places]
+    trainable = [i for i, t in enumerate(order.trainable) if t]
+    if saved_count == len(trainable):  # built over the trainable parameters only
+        rank = {index: i for i, index in enumerate(trainable)}
+        if all(index in rank for _, index in places):
+            return [rank[index] for _, index in places]
+    raise ValueError(
+        f"Official sgd-sai optimizer state dict: its groups hold {layout}; its model has {len(order.names)} "
+        f"parameters ({len(trainable)} trainable), so the saved entries cannot be matched to the parameters "
+        "(a checkpoint of another model?)"
+    )
+
+
 def _import_official(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The official package's state dict as this package's: ``scale = gsnr = float(gsnr)``,
     ``momentum_buffer`` kept, ``step`` 1 (the official code keeps no count; it only seeds stochastic
-    rounding here), groups completed with this optimizer's own options and ``normalize="none"``."""
+    rounding here), groups completed with this optimizer's own options and ``normalize="none"``; the
+    saved groups' keys (``lr``, ``momentum``, ``eps``, ``weight_decay``, a scheduler's ``initial_lr``)
+    win over this optimizer's.
+
+    Where this optimizer's groups have as many parameters as the saved ones, parameters are matched by
+    position (as ``torch.optim.Optimizer.load_state_dict`` does). Otherwise (the usual migration: the
+    official optimizer built over ``model.parameters()``, one group; ``--optim sgd_sai`` builds the
+    Trainer's decay / no-decay groups) they are matched through the model's parameter order
+    (:func:`remember_parameter_order`), each group takes the hyperparameters of the saved group its
+    parameters came from (so the run continues as the official one would: the official weight decay
+    on every parameter it decayed), and :func:`align_scheduler` regroups the LR scheduler's loaded lists."""
+    saved_groups = state_dict["param_groups"]
+    saved_ids = [i for g in saved_groups for i in g["params"]]
+    saved_group_of = [index for index, g in enumerate(saved_groups) for _ in g["params"]]
+    regroup = [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]
+    sources = _sources_in_model_order(optimizer, saved_groups) if regroup else list(range(len(saved_ids)))
+    saved_state = _block_states(state_dict)
+    unmatched = set(saved_state) - {saved_ids[i] for i in sources}
+    if any(saved_state[key] for key in unmatched):
+        raise ValueError(
+            f"Official sgd-sai optimizer state dict has state for saved parameter id(s) {sorted(unmatched, key=str)[:5]}, "
+            "which this optimizer does not train"
+        )
     state: dict[Any, dict[str, Any]] = {}
-    for key, entry in _block_states(state_dict).items():
+    for new_id, source in enumerate(sources):
+        entry = saved_state.get(saved_ids[source])
+        if not entry:
+            continue
         converted: dict[str, Any] = {}
         if "gsnr" in entry:
             gsnr = float(torch.as_tensor(entry["gsnr"]).item())
             converted.update(gsnr=gsnr, scale=gsnr, gsnr_eps_free=False)
         if "momentum_buffer" in entry:
             converted.update(momentum_buffer=entry["momentum_buffer"], step=1)
-        state[key] = converted
+        state[new_id if regroup else saved_ids[source]] = converted
     finite = [e["gsnr"] for e in state.values() if "gsnr" in e and math.isfinite(e["gsnr"])]
-    groups = []
-    for saved, own in zip(state_dict["param_groups"], optimizer.param_groups):
-        group = {k: v for k, v in own.items() if k != "params"}
-        group.update({k: saved[k] for k in _OFFICIAL_GROUP_KEYS}, params=saved["params"], normalize="none")
-        group["gsnr_max"] = max(finite) if finite else None
+    groups, origins, start = [], [], 0
+    for index, own in enumerate(optimizer.param_groups):
+        members = sources[start : start + len(own["params"])]
+        origin = sorted({saved_group_of[m] for m in members}) or [min(index, len(saved_groups) - 1)]
+        keys = [{k: v for k, v in saved_groups[o].items() if k not in ("params", "param_names")} for o in origin]
+        if any(k != keys[0] for k in keys[1:]):
+            raise ValueError(
+                f"Official sgd-sai optimizer state dict: parameter group #{index} of this optimizer takes parameters "
+                f"from saved groups {origin}, whose hyperparameters differ ({keys}); group the parameters as the "
+                "official run did"
+            )
+        group = {k: v for k, v in own.items() if k not in ("params", "param_names")}
+        if regroup:
+            group.update(keys[0], params=list(range(start, start + len(own["params"]))))
+        else:
+            group.update({k: v for k, v in saved_groups[index].items()})
+        group.update(normalize="none", gsnr_max=max(finite) if finite else None)
         groups.append(group)
+        origins.append(origin[0])
+        start += len(own["params"])
+    if regroup:
+        _REGROUPED[optimizer] = (origins, len(saved_groups))
+    else:
+        _REGROUPED.pop(optimizer, None)
     warnings.warn(
         f"SGDSaI: importing an official sgd-sai (SGD_sai) optimizer state: {len(finite)} block g-SNR value(s) "
-        "become the scales (normalize='none', the official rule) and the momentum buffers are kept.",
+        "become the scales (normalize='none', the official rule) and the momentum buffers are kept"
+        + (
+            f"; its {len(saved_groups)} parameter group(s) were matched to this optimizer's {len(groups)} through "
+            "the model's parameter order, each taking its saved group's hyperparameters"
+            if regroup
+            else ""
+        )
+        + ".",
         stacklevel=3,
     )
     return {"state": state, "param_groups": groups}
+
+
+def align_scheduler(optimizer: torch.optim.Optimizer, scheduler: Any) -> bool:
+    """After an official import that regrouped ``optimizer`` (see :func:`_import_official`), give the
+    LR ``scheduler`` whose state was loaded from the same checkpoint one entry per group of
+    ``optimizer`` in each of its per-group lists (``base_lrs``, ``_last_lr``, CyclicLR's ``max_lrs``,
+    ...), each group taking its saved group's entry. Lists that already have one entry per group are
+    left alone. Returns whether anything changed. sai-hf's Trainer callback calls this when training
+    begins (after the Trainer loaded the checkpoint)."""
+    found = _REGROUPED.get(optimizer)
+    if found is None:
+        return False
+    origins, saved_count = found
+    changed = False
+    for name, value in list(vars(scheduler).items()):
+        if isinstance(value, list) and len(value) == saved_count != len(origins):
+            setattr(scheduler, name, [value[o] for o in origins])
+            changed = True
+    return changed
 
 
 def _describe(t: Any) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .checkpoint import align_scheduler, remember_parameter_order
 from .sharding import refuse_unsupported_setup
 from .optim_args import (
     OptionSpec,
@@ -143,6 +144,8 @@ def _handler(ctx: Any) -> tuple[type, dict[str, Any]]:
     if found is None:  # pragma: no cover - only registered names are routed here
         raise ValueError(f"sai-hf has no optimizer named {_optim_name(ctx.args)!r}")
     optimizer_cls, kwargs = found
+    if ctx.model is not None:  # lets an official sgd-sai checkpoint over model.parameters() be mapped onto these groups
+        remember_parameter_order(ctx.model)
     ctx.optimizer_kwargs.update(kwargs)
     return optimizer_cls, ctx.optimizer_kwargs
 
@@ -196,6 +199,21 @@ class OptimArgsCheck(TrainerCallback):
             refuse_unsupported_setup(args)
 
 
+class ImportedSchedulerAlignment(TrainerCallback):
+    """When training begins (after the Trainer loaded a checkpoint), gives the LR scheduler one entry
+    per parameter group where an official ``sgd-sai`` optimizer state was mapped onto other groups
+    (:func:`sai_hf.checkpoint.align_scheduler`): a run of ``SGD_sai(model.parameters())`` (one group)
+    resumed with ``--optim sgd_sai`` (the Trainer's two) keeps its learning-rate schedule on both."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
+        while optimizer is not None and not isinstance(optimizer, SGDSaI) and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer
+        while lr_scheduler is not None and hasattr(lr_scheduler, "scheduler"):
+            lr_scheduler = lr_scheduler.scheduler  # accelerate's AcceleratedScheduler
+        if isinstance(optimizer, SGDSaI) and lr_scheduler is not None:
+            align_scheduler(optimizer, lr_scheduler)
+
+
 def register() -> None:
     """Make every :data:`REGISTRY` name a valid ``--optim`` in transformers (idempotent)."""
     from .callback import AutoGSNRCallback
@@ -204,7 +222,7 @@ def register() -> None:
     for entry in REGISTRY.values():
         _add_enum_member(optimizer_names, entry.enum_name, entry.name)
         handlers[optimizer_names(entry.name)] = _handler
-    for callback_cls in (OptimArgsCheck, AutoGSNRCallback):
+    for callback_cls in (OptimArgsCheck, ImportedSchedulerAlignment, AutoGSNRCallback):
         if callback_cls not in default_callbacks:
             default_callbacks.append(callback_cls)
 
