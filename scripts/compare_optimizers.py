@@ -11,8 +11,14 @@ The recipe (``scripts/pretrain_gpt2.py`` or ``scripts/finetune_llama_lora.py``) 
 config (a config with ``lora_r`` is the LoRA recipe; ``--recipe`` overrides). Every run uses the same
 recipe config, data and number of steps; only the optimizer, ``--learning_rate`` and ``--seed``
 (model initialisation and data order) change. Each run is a fresh subprocess (so peak memory is per
-run), in ``--out_dir/runs/<name>-lr<lr>-seed<seed>``; ``--resume`` reuses finished runs with the
-same arguments. Output in ``--out_dir`` (default ``outputs/compare``): ``compare.md`` (mean ± std
+run), in ``--out_dir/runs/<name>-lr<lr>-seed<seed>``; ``--resume`` reuses a finished run only if
+its arguments, the config file's contents, the code (sai_hf, the recipe, this script), the package
+versions, the ``SAI_HF_*``/``CC``/``OMP_NUM_THREADS`` environment and any local data or model path are
+unchanged (it prints what changed otherwise). Other arguments pass through to the recipe (``--field
+value``, after the config's), except those the sweep sets for every run: ``--optim``, ``--optim_args``,
+``--learning_rate``, ``--seed`` and ``--output_dir`` are refused, naming what to use instead
+(``--optimizers``, the config, ``--grid``, ``--seeds``, ``--out_dir``). An optimizer, learning rate
+or seed given twice is refused too. Output in ``--out_dir`` (default ``outputs/compare``): ``compare.md`` (mean ± std
 over seeds per optimizer and lr), ``compare.json`` (the aggregate rows, one row per run with its
 seed, and every run's loss history), ``loss_curves.png`` (train and eval loss of each optimizer's
 best learning rate: the seeds' mean with a ± std band) and ``lr_sensitivity.png`` (final eval loss
@@ -37,6 +43,7 @@ LoRA recipe: ``sgd_sai`` and ``sgd_sai_sqrt_numel`` 3e-3 .. 3e-1, ``adamw_torch_
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import math
@@ -170,24 +177,77 @@ def _single_run(spec: dict[str, Any]) -> None:
         "tokens_per_second": tokens / timer.seconds if timer.seconds else float("nan"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    Path(spec["result"]).write_text(json.dumps(out, default=float))
+    _write_atomically(Path(spec["result"]), json.dumps(out, default=float))
 
 
 # ----------------------------------------------------------------------------- the sweep (parent)
 def parse_grid(
     items: Sequence[str], optimizers: Sequence[str], defaults: dict[str, list[float]] = DEFAULT_GRIDS
 ) -> dict[str, list[float]]:
-    """``defaults`` restricted to ``optimizers``, with ``name=lr,lr`` overrides."""
+    """``defaults`` restricted to ``optimizers``, with ``name=lr,lr`` overrides.
+
+    ``ValueError`` naming the item for an unknown name, a name given twice, no learning rate, a value
+    that is not a finite number >= 0, or a learning rate given twice (also two values that print the
+    same, ``%g``: their runs would share a directory and a table row, and the repeat would be counted
+    as another seed)."""
     grids = {name: list(defaults.get(name, [1e-3])) for name in optimizers}
+    overridden: set[str] = set()
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or name not in grids:
             raise ValueError(f"--grid {item!r}: expected NAME=LR[,LR...] with NAME one of {list(grids)}")
+        if name in overridden:
+            raise ValueError(f"--grid {item!r}: {name} is given twice; list all its learning rates in one --grid")
+        overridden.add(name)
         try:
-            grids[name] = [float(v) for v in values.split(",") if v]
+            lrs = [float(v) for v in values.split(",") if v.strip()]
         except ValueError as err:
             raise ValueError(f"--grid {item!r}: {err}") from None
+        if not lrs:
+            raise ValueError(f"--grid {item!r}: no learning rate")
+        bad = [lr for lr in lrs if not (math.isfinite(lr) and lr >= 0)]
+        if bad:
+            raise ValueError(f"--grid {item!r}: learning rate {bad[0]!r} is not a finite number >= 0")
+        labels = [f"{lr:g}" for lr in lrs]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(
+                f"--grid {item!r}: learning rate {repeated[0]} is given twice; each point runs once per seed "
+                "(use --seeds for repeats)"
+            )
+        grids[name] = lrs
     return grids
+
+
+def parse_optimizers(text: str) -> list[str]:
+    """``--optimizers a,b`` as a list; ``ValueError`` for an empty list or a name given twice (its runs
+    would be counted as extra seeds of one point)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--optimizers {text!r}: no optimizer named")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--optimizers {text!r}: {repeated[0]} is given twice; each optimizer runs once per lr and seed")
+    return names
+
+
+#: Recipe flags the sweep sets itself for every run, and what to use instead of passing them through.
+SWEEP_FLAGS: dict[str, str] = {
+    "--optim": "--optimizers (comparison names)",
+    "--optim_args": "the config's optim_args (kept by sgd_sai) or a variant name such as sgd_sai_sqrt_numel",
+    "--learning_rate": "--grid NAME=LR[,LR...]",
+    "--seed": "--seeds",
+    "--output_dir": "--out_dir (each run writes to OUT_DIR/runs/NAME-lrLR-seedSEED)",
+}
+
+
+def check_pass_through(tokens: Sequence[str]) -> None:
+    """``ValueError`` for a pass-through recipe argument that the sweep sets itself (it would override
+    the sweep's value while the report kept the sweep's label), naming the flag and what to use instead."""
+    for token in tokens:
+        flag = token.split("=", 1)[0]
+        if flag in SWEEP_FLAGS:
+            raise ValueError(f"{flag} is set by the sweep for every run; use {SWEEP_FLAGS[flag]}")
 
 
 @dataclass(frozen=True)
@@ -202,6 +262,87 @@ class Sweep:
     config_optim_args: str | None = None
     gsnr_track_every: int = 0
     resume: bool = False
+
+
+#: Recipe fields that may name local files or directories whose contents shape a run.
+PATH_FIELDS = ("train_file", "validation_file", "dataset_name", "model_name_or_path", "tokenizer_name")
+#: Environment variables that change what a run computes (besides ``SAI_HF_*``).
+ENV_VARIABLES = ("CC", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONHASHSEED")
+#: Packages whose versions are part of a run's identity.
+PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "peft", "adam-mini", "triton")
+
+
+def _digest(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _path_identity(value: Any) -> Any:
+    """Size and modification time of a local file (or of every file under a local directory); ``None``
+    for a value that is not a local path (a Hub id)."""
+    path = Path(str(value)).expanduser()
+    if path.is_file():
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+    if path.is_dir():
+        return sorted([str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in path.rglob("*") if f.is_file())
+    return None
+
+
+def run_fingerprint(sweep: Sweep, argv: Sequence[str]) -> dict[str, Any]:
+    """Everything that shapes a run besides its arguments: the config file's contents, the code (sai_hf,
+    the recipe script, this script), package versions, the environment variables that change what
+    is computed, and local data or model paths (size and mtime). ``--resume`` reuses a run only if
+    this and its arguments are unchanged."""
+    from importlib import metadata
+
+    config = load_config(sweep.config)
+    overrides = {field: _last_override(sweep.extra, f"--{field}", config.get(field)) for field in PATH_FIELDS}
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    code = sorted((ROOT / "sai_hf").rglob("*.py")) + sorted((ROOT / "sai_hf").rglob("*.c"))
+    code += [ROOT / "scripts" / f"{RECIPES[sweep.recipe][0]}.py", Path(__file__).resolve()]
+    return {
+        "argv": list(argv),
+        "config_sha256": hashlib.sha256(Path(sweep.config).read_bytes()).hexdigest(),
+        "code_sha256": _digest(code),
+        "python": sys.version,
+        "packages": versions,
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SAI_HF_") or k in ENV_VARIABLES},
+        "paths": {field: [value, _path_identity(value)] for field, value in overrides.items() if value is not None},
+    }
+
+
+def load_config(path: str) -> dict[str, Any]:
+    from sai_hf.recipes.config import load_yaml_config
+
+    return load_yaml_config(path)
+
+
+def _reusable(result_file: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished run in ``result_file`` if it was made with ``fingerprint``; else ``None``, saying why."""
+    if not result_file.is_file():
+        return None
+    try:
+        previous = json.loads(result_file.read_text())
+    except (OSError, ValueError) as err:
+        print(f"[compare] not reusing {result_file}: unreadable ({err})", flush=True)
+        return None
+    before = previous.get("fingerprint") if isinstance(previous, dict) else None
+    if not isinstance(before, dict):
+        print(f"[compare] not reusing {result_file}: written without a fingerprint (an older version)", flush=True)
+        return None
+    changed = [key for key in fingerprint if before.get(key) != fingerprint[key]]
+    if changed:
+        print(f"[compare] not reusing {result_file}: changed since: {', '.join(changed)}", flush=True)
+        return None
+    return previous
 
 
 def run_one(sweep: Sweep, optim: str, lr: float, seed: int) -> dict[str, Any]:
@@ -223,13 +364,14 @@ def run_one(sweep: Sweep, optim: str, lr: float, seed: int) -> dict[str, Any]:
         "argv": argv, "optim": optim, "learning_rate": lr, "seed": seed, "result": str(result_file),
         "block_size": sweep.block_size, "recipe_module": RECIPES[sweep.recipe][0],
     }  # fmt: skip
-    resume = sweep.resume
-    if resume and result_file.is_file():
-        previous = json.loads(result_file.read_text())
-        if previous.get("argv") == argv:
-            print(f"[compare] reusing {result_file} (same arguments)", flush=True)
+    fingerprint = run_fingerprint(sweep, argv)
+    if sweep.resume:
+        previous = _reusable(result_file, fingerprint)
+        if previous is not None:
+            print(f"[compare] reusing {result_file} (same arguments, config, code and environment)", flush=True)
             return previous
     run_dir.mkdir(parents=True, exist_ok=True)
+    result_file.unlink(missing_ok=True)  # a failed run must not leave an older result to reuse
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = run_dir / "log.txt"
     with log.open("w") as fh:
@@ -239,7 +381,17 @@ def run_one(sweep: Sweep, optim: str, lr: float, seed: int) -> dict[str, Any]:
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
         raise RuntimeError(f"run {optim} lr={lr:g} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    return json.loads(result_file.read_text())
+    result = json.loads(result_file.read_text())
+    result["fingerprint"] = fingerprint
+    _write_atomically(result_file, json.dumps(result, default=float))
+    return result
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or its previous contents, never a truncated file."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def eval_losses(run: dict[str, Any]) -> list[tuple[int, float]]:
@@ -446,7 +598,10 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out_dir: Path, 
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: --seed (a recipe flag) must not be read as --seeds, nor --optim as --optimizers
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--config", default=str(ROOT / "configs" / "gpt2-local.yaml"), help="recipe config")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="default: from the config")
     parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help="comma-separated names")
@@ -470,11 +625,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         _single_run(json.loads(args._run))
         return {}
 
-    from sai_hf.recipes.config import load_yaml_config
-
-    config = load_yaml_config(args.config)
+    check_pass_through(recipe_overrides)
+    config = load_config(args.config)
     recipe = recipe_of(config, args.recipe)
-    optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+    optimizers = parse_optimizers(args.optimizers)
     grids = parse_grid(args.grid, optimizers, RECIPES[recipe][1])
     seeds = parse_seeds(args.seeds, config.get("seed", 42))
     extra = list(recipe_overrides)
@@ -544,10 +698,13 @@ def parse_seeds(text: str | None, default: int) -> list[int]:
 
 
 def _last_override(tokens: Sequence[str], flag: str, default: Any) -> Any:
+    """The value of the last ``flag VALUE`` or ``flag=VALUE`` in ``tokens``, else ``default``."""
     value = default
-    for i, token in enumerate(tokens[:-1]):
-        if token == flag:
+    for i, token in enumerate(tokens):
+        if token == flag and i + 1 < len(tokens):
             value = tokens[i + 1]
+        elif token.startswith(flag + "="):
+            value = token[len(flag) + 1 :]
     return value
 
 
