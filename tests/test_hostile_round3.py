@@ -191,3 +191,52 @@ def test_compare_reads_block_size_given_as_flag_equals_value():
     compare = _compare()
     assert compare._last_override(["--block_size=64", "--max_steps", "5"], "--block_size", 128) == "64"
     assert compare._last_override(["--max_steps", "5"], "--block_size", 128) == 128
+
+
+# --------------------------------------------------------------------------- 5. the LoRA recipe's cached base
+def _base_key_and_args(tmp_path, **run_fields):
+    from datasets import Dataset, DatasetDict
+    from transformers import TrainingArguments
+
+    from sai_hf.recipes.arguments import DataArguments, LlamaModelArguments
+    from sai_hf.recipes.pretrained_base import base_cache_key, base_training_arguments
+
+    class Tokenizer:
+        def get_vocab(self):
+            return {f"t{i}": i for i in range(64)}
+
+        def __len__(self):
+            return 64
+
+    corpus = DatasetDict(train=Dataset.from_dict({"text": ["a = 1\n"], "path": ["a.py"]}))
+    model_args = LlamaModelArguments(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    data_args = DataArguments(block_size=32)
+    run = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **run_fields)
+    key = base_cache_key(model_args, data_args, run, Tokenizer(), corpus)
+    return key, base_training_arguments(run, tmp_path / "base", model_args)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_grad_norm", 0.25), ("adam_beta1", 0.5), ("adam_beta2", 0.9), ("adam_epsilon", 1e-3),
+     ("label_smoothing_factor", 0.2), ("neftune_noise_alpha", 5.0), ("dataloader_drop_last", True),
+     ("train_sampling_strategy", "sequential")],
+)  # fmt: skip
+def test_cached_base_does_not_depend_on_the_run_that_created_it(tmp_path, field, value):
+    """A field the cache key leaves out must not reach the base's pretraining."""
+    key, base = _base_key_and_args(tmp_path)
+    other_key, other_base = _base_key_and_args(tmp_path, **{field: value})
+    assert other_key == key
+    assert getattr(other_base, field) == getattr(base, field) != value
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [dict(lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": 3}), dict(warmup_steps=7),
+     dict(per_device_train_batch_size=3), dict(gradient_accumulation_steps=2)],
+)  # fmt: skip
+def test_run_settings_the_base_uses_are_in_its_cache_key(tmp_path, fields):
+    key, _ = _base_key_and_args(tmp_path, lr_scheduler_type="cosine_with_restarts")
+    other_key, base = _base_key_and_args(tmp_path, **{"lr_scheduler_type": "cosine_with_restarts", **fields})
+    assert other_key != key
+    assert all(getattr(base, name) == value for name, value in fields.items())

@@ -1,11 +1,16 @@
 """A small Llama that has learned something, for the offline LoRA recipe to fine-tune.
 
 LoRA on random weights would show little, so a freshly built Llama is first given
-``base_pretrain_steps`` of causal-LM pretraining on the stdlib corpus, with a plain ``Trainer``
-and the run's own optimizer settings (``learning_rate`` replaced by ``base_learning_rate``). The
-result is cached under ``<recipe_cache_dir>/bases/`` keyed by everything that shapes it (model
-config, tokenizer vocabulary, corpus, steps, batch size, optimizer, seed), so later runs load it in
-a second. Under ``accelerate launch`` every process trains together and the main one saves.
+``base_pretrain_steps`` of causal-LM pretraining on the stdlib corpus, with a plain ``Trainer``,
+``base_optim`` at ``base_learning_rate`` (default arguments, no weight decay) and ``base_seed``.
+The base's own settings are fixed (:data:`FIXED_FIELDS` at ``TrainingArguments``' defaults: the
+run's ``max_grad_norm``, Adam betas and epsilon, label smoothing, ... never reach it); the few it
+takes from the run (:data:`KEYED_FIELDS`: batch size, LR schedule, mixed precision, which depend on
+the machine and launch) are part of the cache key. The result is cached under
+``<recipe_cache_dir>/bases/`` keyed by everything that shapes it (model config, tokenizer
+vocabulary, corpus, steps, those fields, optimizer, seed), so later runs load it in a second and a
+cached base does not depend on which run created it. Under ``accelerate launch`` every process
+trains together and the main one saves.
 """
 
 from __future__ import annotations
@@ -35,7 +40,26 @@ from .packing import packed_lm_datasets
 
 logger = logging.getLogger(__name__)
 
-BASE_FORMAT_VERSION = 2  # bump when the way bases are pretrained changes (2: base_optim, base_seed)
+BASE_FORMAT_VERSION = 3  # bump when the way bases are pretrained changes (2: base_optim, base_seed; 3: fixed settings)
+
+#: ``TrainingArguments`` fields that shape the base's weights and are *not* taken from the run: the
+#: base is pretrained with their ``TrainingArguments`` defaults, whatever the run says.
+FIXED_FIELDS = (
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "label_smoothing_factor", "neftune_noise_alpha",
+    "optim_target_modules", "average_tokens_across_devices", "tf32", "torch_compile", "use_liger_kernel",
+    "liger_kernel_config", "auto_find_batch_size", "dataloader_drop_last", "train_sampling_strategy",
+    "full_determinism", "num_train_epochs",
+)  # fmt: skip
+#: Fields taken from the run (its machine and launch decide them) and therefore in the cache key.
+KEYED_FIELDS = (
+    "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "lr_scheduler_kwargs",
+    "warmup_steps", "bf16", "fp16",
+)  # fmt: skip
+
+
+def _field_default(name: str) -> object:
+    found = next(f for f in dataclasses.fields(TrainingArguments) if f.name == name)
+    return found.default_factory() if found.default_factory is not dataclasses.MISSING else found.default
 
 
 def base_cache_key(
@@ -56,21 +80,21 @@ def base_cache_key(
             "corpus": corpus_id(corpus["train"]),
             "steps": model_args.base_pretrain_steps,
             "learning_rate": model_args.base_learning_rate,
-            "batch_size": training_args.per_device_train_batch_size
-            * training_args.gradient_accumulation_steps
-            * training_args.world_size,
+            "run_fields": {name: str(getattr(training_args, name)) for name in KEYED_FIELDS},
+            "world_size": training_args.world_size,
+            "split_batches": bool(getattr(training_args.accelerator_config, "split_batches", False)),
             "optim": model_args.base_optim,
-            "scheduler": str(training_args.lr_scheduler_type),
-            "warmup_steps": training_args.warmup_steps,
             "seed": model_args.base_seed,
         }
     )
 
 
 def base_training_arguments(training_args: TrainingArguments, output_dir: Path, model_args: LlamaModelArguments) -> TrainingArguments:
-    """The run's ``TrainingArguments`` turned into those of the base's pretraining (no eval, no saving)."""
+    """The run's ``TrainingArguments`` turned into those of the base's pretraining (no eval, no saving,
+    :data:`FIXED_FIELDS` at their defaults)."""
     return dataclasses.replace(
         training_args,
+        **{name: _field_default(name) for name in FIXED_FIELDS},
         output_dir=str(output_dir),
         max_steps=model_args.base_pretrain_steps,
         learning_rate=model_args.base_learning_rate,
