@@ -10,8 +10,11 @@ SGD on 0.6-2.4M-entry blocks, cost ~30 us of host time per call and 3-11 s of co
 process. The C loop matches torch's fused kernel (measured in :mod:`sai_hf.cpu_update`), a ctypes
 call costs ~3 us, and the build takes 0.1-0.4 s.
 
-**Build.** Into a temporary directory (removed as soon as the library is loaded), with the compiler
-named by ``$CC``, else ``cc``, ``gcc`` or ``clang``, for this machine's CPU (``-march=native``: the
+**Build.** Once per process (a lock: threads constructing optimizers at once wait for one build),
+into a temporary directory (removed as soon as the library is loaded) under ``$SAI_HF_BUILD_DIR``
+if set, else the system's temporary directory (``$TMPDIR``: set ``SAI_HF_BUILD_DIR`` where that one
+is mounted ``noexec``, on which a built library cannot be loaded), with the compiler
+named by ``$CC`` (split like a shell word list), else ``cc``, ``gcc`` or ``clang``, for this machine's CPU (``-march=native``: the
 build is never shared, so a cluster with mixed CPUs cannot get another machine's instructions). No
 ``-ffast-math``, and ``-ffp-contract=off``: each floating-point operation is rounded as in the
 Triton kernel.
@@ -22,8 +25,10 @@ thread pool in the process) and each call runs on ``torch.get_num_threads()`` th
 is built single-threaded and :meth:`NativeLibrary.usable` only while torch runs on one thread (with
 more, torch's own threaded kernels are faster).
 
-**Where it cannot run** (no compiler, a failed build: one RuntimeWarning names the cause;
-``SAI_HF_CPU_KERNEL=0``: silently), :func:`available` is False and the callers keep their torch-ops
+**Where it cannot run** (no compiler, a ``$CC`` that cannot be split or run, a failed build: one
+RuntimeWarning names the cause, quoting the compiler's first error line and its last line;
+``SAI_HF_CPU_KERNEL=0``/``false``/``no``/``off``: silently; any other value than those and
+``1``/``true``/``yes``/``on`` is a ``ValueError`` naming the variable), :func:`available` is False and the callers keep their torch-ops
 paths: the same equations, more passes over memory. :func:`readable` says which tensors C may be
 handed at all: tensors whose memory is real.
 """
@@ -39,17 +44,26 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["NativeLibrary", "available", "library", "readable", "DISABLE_VARIABLE", "SOURCE"]
+__all__ = ["NativeLibrary", "available", "library", "readable", "BUILD_DIR_VARIABLE", "DISABLE_VARIABLE", "SOURCE"]
 
 #: The C source of the kernels.
 SOURCE = Path(__file__).with_name("csrc") / "sgd_sai_cpu.c"
-#: Set to ``0`` to keep every CPU block on the torch-ops paths (a comparison baseline, or a workaround).
+#: Set to ``0`` (or ``false``, ``no``, ``off``) to keep every CPU block on the torch-ops paths (a
+#: comparison baseline, or a workaround).
 DISABLE_VARIABLE = "SAI_HF_CPU_KERNEL"
+_TRUE, _FALSE = ("1", "true", "yes", "on", "y"), ("0", "false", "no", "off", "n")
+#: A directory to build in instead of the system's temporary directory (which may be ``noexec``).
+BUILD_DIR_VARIABLE = "SAI_HF_BUILD_DIR"
+#: Seconds a compiler probe and the build may take (a ``$CC`` that hangs must not hang the optimizer).
+_PROBE_SECONDS, _BUILD_SECONDS = 60, 600
+#: Keyword arguments of every compiler run: no stdin, undecodable output replaced, not raised.
+_RUN = dict(stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
 #: Always: optimised, no contraction (each operation rounded as in the Triton kernel), a shared object.
 _FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC"]
 _POINTER, _I64, _INT, _U32, _F32, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float, ctypes.c_double
@@ -66,15 +80,18 @@ def _compiler() -> list[str] | None:
     """The C compiler's command: ``$CC`` (split like a shell word list: ``ccache gcc`` works), else
     the first of ``cc``, ``gcc``, ``clang`` on ``PATH``; ``None`` if there is none."""
     if os.environ.get("CC", "").strip():
-        command = shlex.split(os.environ["CC"])
-        found = shutil.which(command[0])
+        try:
+            command = shlex.split(os.environ["CC"])
+        except ValueError as err:  # e.g. an unbalanced quote
+            raise OSError(f"CC={os.environ['CC']!r} cannot be split into a command ({err})") from None
+        found = shutil.which(command[0]) if command and command[0] else None
         return [found, *command[1:]] if found else None
     return next(([path] for path in map(shutil.which, ["cc", "gcc", "clang"]) if path), None)
 
 
 def _is_gcc(compiler: list[str]) -> bool:
     """Whether ``compiler`` is GCC (its ``-fopenmp`` links libgomp; clang's links LLVM's libomp)."""
-    macros = subprocess.run([*compiler, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True, check=True).stdout
+    macros = subprocess.run([*compiler, "-dM", "-E", "-x", "c", os.devnull], **_RUN, check=True, timeout=_PROBE_SECONDS).stdout
     return "__GNUC__" in macros and "__clang__" not in macros
 
 
@@ -88,7 +105,30 @@ def _torch_threads_are_libgomp() -> bool:
 
 def _accepted(compiler: list[str], flags: list[str]) -> list[str]:
     """The ``flags`` that ``compiler`` accepts (each tried alone on an empty file)."""
-    return [flag for flag in flags if subprocess.run([*compiler, flag, "-E", "-x", "c", os.devnull], capture_output=True).returncode == 0]
+    return [
+        flag for flag in flags
+        if subprocess.run([*compiler, flag, "-E", "-x", "c", os.devnull], **_RUN, timeout=_PROBE_SECONDS).returncode == 0
+    ]  # fmt: skip
+
+
+def _compiler_error(stderr: str, returncode: int) -> str:
+    """The compiler's first error line and its last line (the first error is the cause; the last
+    line is often only a summary such as ``compilation terminated.``)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    if not lines:
+        return f"exit status {returncode}"
+    first = next((line for line in lines if "error" in line.lower()), lines[0])
+    return first if first == lines[-1] else f"{first} [...] {lines[-1]}"
+
+
+def _build_root() -> str | None:
+    """``$SAI_HF_BUILD_DIR`` (checked: an existing directory), else ``None`` (the system's temporary directory)."""
+    named = os.environ.get(BUILD_DIR_VARIABLE, "").strip()
+    if not named:
+        return None
+    if not os.path.isdir(named):
+        raise OSError(f"{BUILD_DIR_VARIABLE}={named!r} is not an existing directory")
+    return named
 
 
 def _machine_flag() -> str:
@@ -114,23 +154,29 @@ class NativeLibrary:
             self.threaded = _torch_threads_are_libgomp() and _is_gcc(compiler)
             optional = [_machine_flag()] + ([] if self.threaded else ["-fopenmp-simd"])
             flags = _FLAGS + (["-fopenmp"] if self.threaded else []) + _accepted(compiler, optional)
-            with tempfile.TemporaryDirectory(prefix="sai_hf_cpu_") as directory:  # removed once loaded
+            with tempfile.TemporaryDirectory(prefix="sai_hf_cpu_", dir=_build_root()) as directory:  # removed once loaded
                 path = Path(directory) / "sgd_sai_cpu.so"
-                done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(path)], capture_output=True, text=True)
+                done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(path)], **_RUN, timeout=_BUILD_SECONDS)
                 if done.returncode != 0:
-                    lines = done.stderr.strip().splitlines()
-                    raise OSError(f"{Path(compiler[0]).name} failed: {lines[-1] if lines else f'exit status {done.returncode}'}")
-                loaded = ctypes.CDLL(str(path))
+                    raise OSError(f"{Path(compiler[0]).name} failed: {_compiler_error(done.stderr, done.returncode)}")
+                try:
+                    loaded = ctypes.CDLL(str(path))
+                except OSError as err:  # e.g. "failed to map segment from shared object": a noexec TMPDIR
+                    raise OSError(
+                        f"the built library in {directory} cannot be loaded ({err}); if that file system is mounted "
+                        f"noexec, set {BUILD_DIR_VARIABLE} to a directory where code may run"
+                    ) from None
             for name, (argtypes, restype) in SIGNATURES.items():
                 function = getattr(loaded, name)
                 function.argtypes, function.restype = argtypes, restype
                 self.functions[name] = function
-        except (OSError, subprocess.SubprocessError, AttributeError) as err:
+        except (OSError, subprocess.SubprocessError, AttributeError, ValueError) as err:
             self.functions = {}
             self.failure = f"{type(err).__name__}: {err}"
             warnings.warn(
                 f"sai_hf: the native CPU kernels are not available here ({self.failure}); CPU blocks take the "
-                "torch-ops paths (same equations, more passes over memory)",
+                f"torch-ops paths (same equations, more passes over memory). Settings: CC (the compiler), "
+                f"{BUILD_DIR_VARIABLE} (where to build), {DISABLE_VARIABLE}=0 (do not build)",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -144,15 +190,50 @@ class NativeLibrary:
         return self.functions[name](*arguments, torch.get_num_threads())
 
 
-@functools.cache
+def _enabled() -> bool:
+    """``$SAI_HF_CPU_KERNEL`` read like the other boolean settings (unset or empty: enabled);
+    ``ValueError`` naming the variable for a value it does not know."""
+    text = os.environ.get(DISABLE_VARIABLE, "")
+    lowered = text.strip().lower()
+    if not lowered or lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(
+        f"Invalid environment variable {DISABLE_VARIABLE}={text!r}: expected 0/false/no/off (the torch-ops paths) "
+        "or 1/true/yes/on (the C kernels, the default)"
+    )
+
+
+_LOCK = threading.Lock()
+_LIBRARY: NativeLibrary | None = None
+
+
 def library() -> NativeLibrary:
-    """This process's kernels, built on the first call (unless ``SAI_HF_CPU_KERNEL=0``)."""
-    built = NativeLibrary()
-    if os.environ.get(DISABLE_VARIABLE, "1") != "0":
-        built.build()
-    else:
-        built.failure = f"disabled by {DISABLE_VARIABLE}=0"
+    """This process's kernels, built on the first call (unless ``SAI_HF_CPU_KERNEL`` disables them);
+    threads calling it at once wait for that one build. ``library.cache_clear()`` forgets it."""
+    global _LIBRARY
+    built = _LIBRARY
+    if built is None:
+        with _LOCK:
+            if _LIBRARY is None:
+                fresh = NativeLibrary()
+                if _enabled():
+                    fresh.build()
+                else:
+                    fresh.failure = f"disabled by {DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]!r}"
+                _LIBRARY = fresh
+            built = _LIBRARY
     return built
+
+
+def _cache_clear() -> None:
+    global _LIBRARY
+    with _LOCK:
+        _LIBRARY = None
+
+
+library.cache_clear = _cache_clear  # type: ignore[attr-defined]  (as functools.cache offered)
 
 
 def available() -> bool:

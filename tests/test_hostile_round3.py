@@ -240,3 +240,109 @@ def test_run_settings_the_base_uses_are_in_its_cache_key(tmp_path, fields):
     other_key, base = _base_key_and_args(tmp_path, **{"lr_scheduler_type": "cosine_with_restarts", **fields})
     assert other_key != key
     assert all(getattr(base, name) == value for name, value in fields.items())
+
+
+# --------------------------------------------------------------------------- 6. the C build
+@pytest.fixture
+def fresh_native():
+    """``sai_hf.native`` with its per-process library forgotten before and after the test."""
+    from sai_hf import native
+
+    native.library.cache_clear()
+    yield native
+    native.library.cache_clear()
+
+
+def test_cc_with_an_unbalanced_quote_warns_and_the_optimizer_still_builds(fresh_native, monkeypatch):
+    from sai_hf import SGDSaI
+
+    monkeypatch.setenv("CC", "gcc -DNAME='x")
+    with pytest.warns(RuntimeWarning, match=r"CC=.*cannot be split.*No closing quotation.*torch-ops"):
+        opt = SGDSaI([torch.nn.Parameter(torch.ones(4))], lr=1e-3)
+    assert not fresh_native.available()
+    opt.param_groups[0]["params"][0].grad = torch.randn(4)
+    opt.step()  # on the torch-ops path
+
+
+def test_failed_compile_quotes_the_first_error_line(fresh_native, monkeypatch, tmp_path):
+    import shutil
+
+    gcc = shutil.which("gcc") or pytest.skip("no gcc")
+    fake = tmp_path / "fakecc"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *" -o "*) echo "sgd_sai_cpu.c:3:1: error: the first problem" >&2; '
+        'echo "sgd_sai_cpu.c:9:1: note: detail" >&2; echo "compilation terminated." >&2; exit 1;; esac\n'
+        f'exec {gcc} "$@"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    with pytest.warns(RuntimeWarning) as caught:
+        fresh_native.library()
+    (message,) = [str(w.message) for w in caught if "native CPU kernels" in str(w.message)]
+    assert "error: the first problem" in message and "compilation terminated." in message
+
+
+def test_unloadable_build_names_the_build_directory_setting(fresh_native, monkeypatch, tmp_path):
+    """A noexec TMPDIR: the library builds but cannot be mapped; the warning names SAI_HF_BUILD_DIR,
+    which moves the build."""
+    import ctypes
+
+    real = ctypes.CDLL
+
+    def noexec(path, *args, **kwargs):
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    monkeypatch.setattr(fresh_native.ctypes, "CDLL", noexec)
+    with pytest.warns(RuntimeWarning, match="failed to map segment.*set SAI_HF_BUILD_DIR"):
+        fresh_native.library()
+    fresh_native.library.cache_clear()
+    loaded_from = []
+    monkeypatch.setattr(fresh_native.ctypes, "CDLL", lambda path, *a, **k: loaded_from.append(path) or real(path, *a, **k))
+    monkeypatch.setenv("SAI_HF_BUILD_DIR", str(tmp_path))
+    assert fresh_native.library().failure is None
+    assert loaded_from and loaded_from[0].startswith(str(tmp_path))
+    fresh_native.library.cache_clear()
+    monkeypatch.setenv("SAI_HF_BUILD_DIR", str(tmp_path / "missing"))
+    with pytest.warns(RuntimeWarning, match="SAI_HF_BUILD_DIR=.*missing.*not an existing directory"):
+        fresh_native.library()
+
+
+def test_threads_constructing_at_once_build_once(fresh_native, monkeypatch):
+    import threading
+    import time
+
+    builds = []
+
+    def slow_build(self):
+        builds.append(threading.get_ident())
+        time.sleep(0.2)
+
+    monkeypatch.setattr(fresh_native.NativeLibrary, "build", slow_build)
+    barrier = threading.Barrier(4)
+    results = []
+
+    def construct():
+        barrier.wait()
+        results.append(fresh_native.library())
+
+    threads = [threading.Thread(target=construct) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len({id(r) for r in results}) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "false", "FALSE", "off", "no", " 0", "0 "])
+def test_cpu_kernel_variable_is_read_like_a_boolean(fresh_native, monkeypatch, value):
+    monkeypatch.setattr(fresh_native.NativeLibrary, "build", lambda self: pytest.fail("built although disabled"))
+    monkeypatch.setenv("SAI_HF_CPU_KERNEL", value)
+    assert not fresh_native.available() and fresh_native.library().failure.startswith("disabled by SAI_HF_CPU_KERNEL")
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "disable"])
+def test_cpu_kernel_variable_of_unknown_value_is_an_error_naming_it(fresh_native, monkeypatch, value):
+    monkeypatch.setenv("SAI_HF_CPU_KERNEL", value)
+    with pytest.raises(ValueError, match=f"SAI_HF_CPU_KERNEL={value!r}"):
+        fresh_native.library()
