@@ -20,7 +20,10 @@ runs the script with :mod:`runpy` exactly as ``python SCRIPT.py ARGS...`` would:
 * ``sys.path[0]`` is the script's directory (for a directory or zip file: itself), replacing the
   working directory that ``-m`` put there;
 * the exit status is the script's: ``sys.exit(code)`` / ``SystemExit`` propagate unchanged, an
-  uncaught exception prints its traceback and exits with 1, a normal end exits with 0.
+  uncaught exception prints its traceback and exits with 1, a normal end exits with 0;
+* non-daemon threads the script started are waited for (as the interpreter does before exiting)
+  before ``sys.argv`` and ``sys.path`` are restored, so they run with the script's. (``__main__``
+  is the script's module only while the script's own code runs: :mod:`runpy` restores it.)
 
 With ``-m PACKAGE.MODULE`` the module is run as ``python -m PACKAGE.MODULE`` would
 (:func:`runpy.run_module` with ``alter_sys=True``; a package runs its ``__main__`` submodule).
@@ -37,6 +40,7 @@ import os
 import pkgutil
 import runpy
 import sys
+import threading
 from collections.abc import Sequence
 
 __all__ = ["main"]
@@ -90,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sai_hf.register()  # importing sai_hf already did; idempotent, and explicit here
 
     saved_argv, saved_path = sys.argv, list(sys.path)
+    running = set(threading.enumerate())
     try:
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]  # run_module replaces argv[0] by the module's file
@@ -110,8 +115,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         runpy.run_path(script, run_name="__main__")
         return 0
     finally:
+        _join_started_threads(running)
         sys.argv = saved_argv
         sys.path[:] = saved_path
+
+
+def _join_started_threads(running: set[threading.Thread]) -> None:
+    """Wait for every non-daemon thread not in ``running`` (started by the script, or by its threads)."""
+    while True:
+        started = [
+            t for t in threading.enumerate()
+            if t not in running and not t.daemon and t.is_alive() and t is not threading.current_thread()
+        ]  # fmt: skip
+        if not started:
+            return
+        for thread in started:
+            thread.join()
 
 
 def _target(argv: list[str]) -> str:

@@ -346,3 +346,31 @@ def test_cpu_kernel_variable_of_unknown_value_is_an_error_naming_it(fresh_native
     monkeypatch.setenv("SAI_HF_CPU_KERNEL", value)
     with pytest.raises(ValueError, match=f"SAI_HF_CPU_KERNEL={value!r}"):
         fresh_native.library()
+
+
+# --------------------------------------------------------------------------- the launcher
+def test_launcher_keeps_the_scripts_path_until_its_threads_end(tmp_path):
+    import threading
+
+    from sai_hf import run
+
+    script_dir = tmp_path / "scriptdir"
+    script_dir.mkdir()
+    (script_dir / "helper_module_r3.py").write_text("VALUE = 7\n")
+    out = tmp_path / "seen.txt"
+    script = script_dir / "train.py"
+    script.write_text(
+        "import sys, threading, time\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    import helper_module_r3\n"  # found through sys.path[0], the script's directory
+        f"    open({str(out)!r}, 'w').write(sys.path[0] + '|' + sys.argv[1] + '|' + str(helper_module_r3.VALUE))\n"
+        "threading.Thread(target=late).start()\n"
+    )
+    before = set(threading.enumerate())
+    try:
+        assert run.main([str(script), "--flag"]) == 0
+    finally:
+        for t in set(threading.enumerate()) - before:
+            t.join()
+    assert out.read_text() == f"{script_dir}|--flag|7"
