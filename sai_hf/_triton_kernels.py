@@ -20,8 +20,7 @@ tail block masked.
 import triton
 import triton.language as tl
 
-from .functional import _MIX_1 as _MIX_1_INT32
-from .functional import _MIX_2 as _MIX_2_INT32
+from .rounding import MIX_1, MIX_2
 
 # Rows of the table (see the module docstring). Rows up to SEED_OFFSET hold ints; STEP_SIZE and KEEP
 # hold float64 bit patterns.
@@ -33,9 +32,9 @@ N_FIELDS = 9
 # conversions, so the compiled kernel and the interpreter round exactly alike.
 FP32, FP16, BF16 = 0, 1, 2
 
-#: The two odd multipliers of ``sai_hf.functional``'s rounding hash (lowbias32), as unsigned 32-bit constants.
-_MIX_1: tl.constexpr = tl.constexpr(_MIX_1_INT32 & 0xFFFFFFFF)
-_MIX_2: tl.constexpr = tl.constexpr(_MIX_2_INT32 & 0xFFFFFFFF)
+#: The two odd multipliers of the rounding hash (:mod:`sai_hf.rounding`), as unsigned 32-bit constants.
+_MIX_1: tl.constexpr = tl.constexpr(MIX_1 & 0xFFFFFFFF)
+_MIX_2: tl.constexpr = tl.constexpr(MIX_2 & 0xFFFFFFFF)
 _P_PTR: tl.constexpr = tl.constexpr(P_PTR)
 _G_PTR: tl.constexpr = tl.constexpr(G_PTR)
 _M_PTR: tl.constexpr = tl.constexpr(M_PTR)
@@ -82,7 +81,7 @@ def _bf16_nearest_bits(x):
 @triton.jit
 def _bf16_stochastic_bits(x, index, seed_offset):
     """Bits of ``x`` (float32) stochastically rounded to bfloat16, exactly as
-    ``sai_hf.functional.stochastic_round_to_bf16``: with ``b`` the float32 bits of the element at
+    ``sai_hf.rounding.stochastic_round_to_bf16``: with ``b`` the float32 bits of the element at
     flat index ``i`` of its tensor, ``u`` = the top 16 bits of the lowbias32 mix of ``(b + i) xor c``
     and the result is the top 16 bits of ``b + u``. All arithmetic is on uint32, so it wraps mod 2^32
     and ``>>`` is the logical shift."""

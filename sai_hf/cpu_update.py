@@ -10,14 +10,9 @@ For every element, in the block's precision (float32, or float64 for a float64 b
 These are the Triton kernel's operations (:mod:`sai_hf.triton_update`), each rounded separately, so
 a float32 block gets bit for bit the Triton kernel's result. One loop reads ``p, g, m`` and writes
 ``p, m`` once: the memory floor, decoupled decay included. A bfloat16 buffer of a float32 block is
-read, updated in float32, stochastically rounded (the hash of
-:func:`sai_hf.functional.stochastic_round_to_bf16`, bit for bit) and written back in the same loop;
-the parameter is updated with the float32 momentum.
-
-Measured on 2 Xeon cores (float32, momentum, decay; torch's fused SGD, which has no decoupled decay,
-for comparison): 2.4M entries 533 us (fused SGD 506 us), 38.6M entries 17.3 ms (17.5 ms); with a
-bfloat16 buffer 529 us and 19.9 ms; 4096 entries 11 us (4 us), the Python checks included. Where
-the library is not available ``sai_hf.functional`` keeps its slab path (same equations, different
+read, updated in float32, stochastically rounded (the hash of :mod:`sai_hf.rounding`, bit for bit)
+and written back in the same loop; the parameter is updated with the float32 momentum. Where the
+library is not available ``sai_hf.functional`` keeps its slab path (same equations, different
 rounding order, more passes over memory).
 """
 
@@ -29,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .functional import _seed_offset
+from .rounding import seed_offset
 
 __all__ = ["cpu_sgd_sai_", "takes", "FUNCTIONS"]
 
@@ -84,6 +79,6 @@ def cpu_sgd_sai_(
         arguments = [p.data_ptr(), g.data_ptr(), m.data_ptr() if m is not None else None, p.numel(), int(first[i])]
         arguments += [int(maximize), momentum, 1.0 - momentum, decay, step_sizes[i]]
         if buf_dtype == torch.bfloat16:
-            arguments.append(_seed_offset(int(seeds[i])))  # the hash indexes the block's elements from 0
+            arguments.append(seed_offset(int(seeds[i])))  # the hash indexes the block's elements from 0
         kernels.call(function, *arguments)
 

@@ -115,20 +115,13 @@ def gradient_statistics(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     DTensor gradients contribute their local shard (sum the rows across ranks to get the whole
     tensor's statistics). The result lives on the device of the first gradient.
 
-    Accuracy is that of float64 accumulation of centred values on every device; how it is reached
-    depends on the device, because float64 reductions of float32 data are ~10x slower than float32
-    ones on CPU:
+    Every row is accumulated from centred values in float64 (float32 on MPS, which has no float64),
+    by one of:
 
-    * other tensors on CUDA / MPS / anything but CPU, and small CPU tensors: :func:`_shifted_statistics`, float64
-      reductions of ``g - mean(g)`` computed in float64; no host sync.
-    * contiguous float32 CPU tensors where the native kernels are built, and contiguous CUDA
-      tensors where Triton is: :func:`_batched_statistics`, all of them in one call (CPU) or one
-      launch per dtype (CUDA), float64 centred sums (as accurate as :func:`_shifted_statistics`).
-    * other large CPU tensors: :func:`_row_statistics`, rows of :data:`_CPU_ROW` entries each centred on
-      its own float32 mean and reduced in float32 in cache-sized slabs, rows combined in float64:
-      ``C`` to ~1e-7 relative (float32 rounding of centred values), a g-SNR to ~1e-8. Blocks where
-      float32 squares of the centred values may overflow or underflow (:func:`_needs_float64`) are
-      recomputed with :func:`_shifted_statistics`.
+    * :func:`_batched_statistics`: non-empty contiguous float32 CPU gradients where the native kernels
+      are built (one call for all of them), and non-empty contiguous float32/float16/bfloat16 CUDA
+      gradients where Triton is (one launch per device and dtype group, no host sync);
+    * :func:`_shifted_statistics`, one gradient at a time: every other gradient.
     """
     if not grads:
         return torch.zeros((0, STATISTICS_WIDTH), dtype=torch.float64)
@@ -136,15 +129,7 @@ def gradient_statistics(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     device = local[0].device
     dtype = accumulation_dtype(device)
     batched = _batched_statistics(local) if dtype == torch.float64 else {}
-    rows = []
-    for i, g in enumerate(local):
-        row = batched.get(i)
-        fast = row is None and g.device.type == "cpu" and g.numel() >= _CPU_ROWS_MIN_NUMEL and not g.is_complex()
-        row = _row_statistics(g, dtype) if fast else row
-        if row is None or (fast and _needs_float64(row) and not _all_zero(row, g)):
-            row = _shifted_statistics(g, dtype)
-        rows.append(row.to(device))
-    return torch.stack(rows)
+    return torch.stack([(batched[i] if i in batched else _shifted_statistics(g, dtype)).to(device) for i, g in enumerate(local)])
 
 
 @torch.compiler.disable  # raw pointers into a ctypes call and Triton launches: always eager
@@ -201,16 +186,8 @@ def _rows_from_sums(n: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     return torch.stack((n, total, zero, centred, _mean_mass(total, zero, n)), dim=1)
 
 
-#: Entries per row of the CPU reduction: short enough that a row's float32 sums are accurate, long
-#: enough that the per-row float64 work is negligible.
+#: Entries per piece of the native CPU reduction (``block_statistics_f32``).
 _CPU_ROW = 1024
-#: Rows per slab of the CPU reduction: the slab's input and its centred copy stay in cache.
-_CPU_SLAB_ROWS = 512
-#: Tensors smaller than this are reduced in float64 directly (it is cheap at that size).
-_CPU_ROWS_MIN_NUMEL = 16 * _CPU_ROW
-#: The float32 rows are trusted where the centred mean square is above float32's underflow (squares
-#: of |g - mu| below ~1e-19 are lost; this includes exactly constant blocks, which are cheap to redo).
-_CPU_MIN_CENTRED_MEAN_SQUARE = 1e-30
 #: Elements per chunk of the float64 reduction (bounds its temporary to 64 MiB).
 _SHIFTED_CHUNK = 1 << 23
 
@@ -240,65 +217,6 @@ def _shifted_statistics(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         d2 = d2 + torch.linalg.vector_norm(real, dtype=dtype).square()
     total = shift * n + d1
     return _row(n, total, (d2 - d1.abs().square() / n).clamp_min(0))
-
-
-def _row_statistics(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The statistics row of a large real CPU tensor, from float32 rows centred on their own means.
-
-    Per row ``r`` of ``m = _CPU_ROW`` entries: ``K_r`` its float32 mean, ``D1_r = sum(g - K_r)`` and
-    ``D2_r = sum (g - K_r)^2`` in float32 (centred values: accurate to float32 rounding of the row's
-    own spread); then in ``dtype``::
-
-        S_r = m K_r + D1_r;   C_r = D2_r - D1_r^2 / m
-        S   = sum_r S_r;      C   = sum_r C_r + sum_r m_r (S_r / m_r - S / n)^2    (no cancellation)
-
-    The tail (``numel % m`` entries) is one more piece, reduced by :func:`_shifted_statistics`.
-    Slab by slab (:data:`_CPU_SLAB_ROWS` rows), so the centred copy never leaves the cache.
-    """
-    flat = g.reshape(-1)
-    numel = flat.numel()
-    whole = numel // _CPU_ROW * _CPU_ROW
-    rows = flat[:whole].view(-1, _CPU_ROW)
-    count = rows.shape[0]
-    means = torch.empty(count, dtype=torch.float32)
-    d1 = torch.empty(count, dtype=torch.float32)
-    d2 = torch.empty(count, dtype=torch.float32)
-    scratch = torch.empty((min(count, _CPU_SLAB_ROWS), _CPU_ROW), dtype=torch.float32)
-    for start in range(0, count, _CPU_SLAB_ROWS):
-        end = min(count, start + _CPU_SLAB_ROWS)
-        slab, centred = rows[start:end], scratch[: end - start]
-        mean = torch.sum(slab, 1, dtype=torch.float32, out=means[start:end]).div_(_CPU_ROW)
-        torch.sub(slab, mean.unsqueeze(1), out=centred)
-        torch.sum(centred, 1, out=d1[start:end])
-        torch.linalg.vector_norm(centred, dim=1, out=d2[start:end])
-    d1_wide = d1.to(dtype)
-    piece_n = torch.full((count,), float(_CPU_ROW), dtype=dtype)
-    piece_sum = means.to(dtype) * _CPU_ROW + d1_wide
-    piece_centred = (d2.to(dtype).square() - d1_wide.square() / _CPU_ROW).clamp_min(0)
-    if whole < numel:
-        tail = _shifted_statistics(flat[whole:], dtype)
-        piece_n = torch.cat((piece_n, tail[:1]))
-        piece_sum = torch.cat((piece_sum, tail[1:2]))
-        piece_centred = torch.cat((piece_centred, tail[3:4]))
-    n = piece_n.sum()
-    total = piece_sum.sum()
-    between = (piece_n * (piece_sum / piece_n - total / n).square()).sum()
-    return _row(n, total, piece_centred.sum() + between)
-
-
-def _all_zero(row: torch.Tensor, g: torch.Tensor) -> bool:
-    """Whether float32 row statistics that found nothing (every sum 0) belong to an all-zero ``g``
-    (one boolean pass) rather than to entries whose float32 squares underflow. A block whose
-    gradient stays zero (an unused module) is measured at every step until it gets a gradient: this
-    keeps that to one fast pass instead of the float64 recomputation."""
-    return not row[1:].any().item() and not g.any().item()
-
-
-def _needs_float64(row: torch.Tensor) -> bool:
-    """Whether float32 row statistics may be inaccurate: non-finite (squares overflowed) or a
-    centred mean square near float32's underflow (see :data:`_CPU_MIN_CENTRED_MEAN_SQUARE`)."""
-    n, centred = row[0].item(), row[3].item()
-    return not (torch.isfinite(row).all().item() and centred / n >= _CPU_MIN_CENTRED_MEAN_SQUARE)
 
 
 def gsnr_from_statistics(

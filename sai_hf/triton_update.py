@@ -9,17 +9,18 @@ For every tensor ``i`` and every element, computed in float32 whatever the stora
 
 With ``momentum == 0`` there is no buffer and ``m = g``. The new ``m`` is written back to the buffer
 in the buffer's dtype: with *stochastic rounding* when the buffer is bfloat16 and the parameter is
-not (bit for bit ``sai_hf.functional.stochastic_round_to_bf16(m, seeds[i])``, whose constants this
-module imports), otherwise rounded to nearest. Parameters and gradients may be float32, float16 or
+not (bit for bit ``sai_hf.rounding.stochastic_round_to_bf16(m, seeds[i])``), otherwise rounded to
+nearest. Parameters and gradients may be float32, float16 or
 bfloat16; the parameter is updated from the unrounded float32 ``m``. Every float32 operation above is
 rounded separately (no fused multiply-add: the kernel is compiled with ``enable_fp_fusion=False``), so
 the results are bit for bit those of the same torch float32 operations, on the GPU and in the
 interpreter alike; bfloat16 and float16 stores round to nearest-even.
 
-Launches: tensors are grouped by (parameter, gradient, buffer) dtype and 16-byte alignment; each group
-is one launch whose tensors are described by a small int64 table (addresses, sizes, flags, factors:
-9 values per tensor) copied host-to-device from pinned memory without a sync. A model whose
-parameters share one dtype is one launch per call, whatever its number of tensors.
+Launches: tensors are grouped by device, (parameter, gradient, buffer) dtype and 16-byte alignment;
+each group is one launch, under its device's guard (the kernel reads raw addresses and Triton launches
+on the current device), whose tensors are described by a small int64 table (addresses, sizes, flags,
+factors: 9 values per tensor) copied host-to-device from pinned memory without a sync. A model whose
+parameters share one dtype and one device is one launch per call, whatever its number of tensors.
 
 Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors through Triton's numpy interpreter
 (slow: for tests); CUDA tensors then are not accepted (the interpreter cannot follow device addresses).
@@ -27,6 +28,8 @@ Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors through Triton's num
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -37,9 +40,12 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .functional import _seed_offset
+from .rounding import seed_offset
 
-__all__ = ["interpreting", "triton_available", "triton_sgd_sai_", "SUPPORTED_DTYPES"]
+__all__ = [
+    "SUPPORTED_DTYPES", "aligned", "device_guard", "dtype_code", "first_programs", "interpreting", "kernel_module",
+    "triton_available", "triton_sgd_sai_",
+]
 
 #: Storage dtypes of parameters, gradients and momentum buffers that the kernel accepts.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,7 +63,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def _triton_importable() -> bool:
+@functools.cache
+def _available(device_type: str, interpret: bool) -> bool:
+    """Decided once per process for each device type and mode (``_available.cache_clear()`` resets it)."""
+    if device_type != ("cpu" if interpret else "cuda") or not (interpret or torch.cuda.is_available()):
+        return False
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -69,13 +79,16 @@ def _triton_importable() -> bool:
 def triton_available(device: torch.device | str) -> bool:
     """Whether :func:`triton_sgd_sai_` can update tensors on ``device``: ``triton`` is importable and
     ``device`` is CUDA, or ``TRITON_INTERPRET=1`` is set and ``device`` is the CPU."""
-    device = torch.device(device)
-    if interpreting():
-        return device.type == "cpu" and _triton_importable()
-    return device.type == "cuda" and torch.cuda.is_available() and _triton_importable()
+    return _available(torch.device(device).type, interpreting())
 
 
-def _kernels() -> ModuleType:
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context of a launch on ``device``: ``torch.cuda.device(device)`` for CUDA (Triton launches
+    on the current device; the kernels only see raw addresses), nothing otherwise."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def kernel_module() -> ModuleType:
     """The kernel module for the current mode: compiled (the real ``sai_hf._triton_kernels``), or
     under ``TRITON_INTERPRET=1`` a private copy decorated in interpreter mode."""
     if not interpreting():
@@ -102,17 +115,15 @@ def first_programs(numels: Sequence[int], per_program: int) -> tuple[list[int], 
     return first, programs
 
 
-def _kind(dtype: torch.dtype, what: str) -> int:
-    if dtype == torch.float32:
-        return 0
-    if dtype == torch.float16:
-        return 1
-    if dtype == torch.bfloat16:
-        return 2
+def dtype_code(dtype: torch.dtype, what: str) -> int:
+    """The kernels' element kind of ``dtype`` (``FP32, FP16, BF16`` of :mod:`sai_hf._triton_kernels`)."""
+    if dtype in SUPPORTED_DTYPES:
+        return SUPPORTED_DTYPES.index(dtype)
     raise TypeError(f"triton_sgd_sai_: {what} dtype {dtype} is not supported (float32, float16, bfloat16)")
 
 
-def _aligned(*tensors: Tensor | None) -> bool:
+def aligned(*tensors: Tensor | None) -> bool:
+    """Whether every tensor's address is a multiple of 16 bytes (the kernels' vectorised accesses)."""
     return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
 
 
@@ -133,8 +144,9 @@ def triton_sgd_sai_(
     """Apply one SGD-SaI step in place to ``params`` and ``buffers`` (equations in the module docstring).
 
     Args:
-        params, grads: contiguous tensors on one device (CUDA; CPU under ``TRITON_INTERPRET=1``),
-            ``grads[i].numel() == params[i].numel()``; float32, float16 or bfloat16 each.
+        params, grads: contiguous tensors (CUDA, on any devices; CPU under ``TRITON_INTERPRET=1``),
+            ``grads[i]`` on ``params[i]``'s device with its number of elements; float32, float16 or
+            bfloat16 each.
         buffers: the momentum buffers, preallocated by the caller (contiguous, same numel, any
             supported dtype; ``torch.empty`` is fine where ``first[i]``). Ignored (may be ``None``)
             when ``momentum == 0``.
@@ -145,11 +157,12 @@ def triton_sgd_sai_(
         first: per tensor, whether this is the block's first update (then ``m = g``; the buffer is
             written, not read).
         maximize: negate the gradients.
-        seeds: per tensor, the seed of the stochastic rounding (``sai_hf.functional._seed(step, i)``
+        seeds: per tensor, the seed of the stochastic rounding (``sai_hf.rounding.rounding_seed(step, i)``
             to match the other paths); only used for bfloat16 buffers of non-bfloat16 parameters.
         block, chunk_blocks: elements per block and blocks per program (tuning/testing only).
 
-    No host-device sync: one small pinned host-to-device copy and one kernel launch per group.
+    No host-device sync: one small pinned host-to-device copy and one kernel launch per group, each
+    under its device's guard.
     """
     n = len(params)
     has_momentum = momentum != 0
@@ -164,10 +177,7 @@ def triton_sgd_sai_(
         raise ValueError("decay must be a float or have one entry per parameter")
     if block <= 0 or block & (block - 1) or chunk_blocks <= 0:
         raise ValueError("block must be a power of two and chunk_blocks positive")
-    if n == 0:
-        return
 
-    device = params[0].device
     groups: dict[tuple, list[int]] = {}
     for i in range(n):
         p, g = params[i], grads[i]
@@ -177,33 +187,32 @@ def triton_sgd_sai_(
         for t, what in ((p, "param"), (g, "grad"), (m, "buffer")):
             if t is None:
                 continue
-            if t.device != device:
-                raise ValueError(f"triton_sgd_sai_: {what} {i} is on {t.device}, expected {device}")
+            if t.device != p.device:
+                raise ValueError(f"triton_sgd_sai_: {what} {i} is on {t.device}, its param on {p.device}")
             if not t.is_contiguous():
                 raise ValueError(f"triton_sgd_sai_: {what} {i} is not contiguous")
             if t.numel() != p.numel():
                 raise ValueError(f"triton_sgd_sai_: {what} {i} has {t.numel()} elements, the param {p.numel()}")
         if p.numel() == 0:
             continue
-        p_kind, g_kind = _kind(p.dtype, "param"), _kind(g.dtype, "grad")
-        m_kind = _kind(m.dtype, "buffer") if m is not None else 0
         stochastic = m is not None and m.dtype == torch.bfloat16 and p.dtype != torch.bfloat16
         if stochastic and seeds is None:
             raise ValueError("seeds are needed for bfloat16 buffers of non-bfloat16 parameters")
-        key = (p_kind, g_kind, m_kind, stochastic, _aligned(p, g, m))
-        groups.setdefault(key, []).append(i)
+        kinds = (dtype_code(p.dtype, "param"), dtype_code(g.dtype, "grad"), dtype_code(m.dtype, "buffer") if m is not None else 0)
+        groups.setdefault((p.device, *kinds, stochastic, aligned(p, g, m)), []).append(i)
     if not groups:
         return
-    if not triton_available(device):
-        raise RuntimeError(
-            f"triton_sgd_sai_: no Triton kernel for {device} tensors (needs triton and CUDA, "
-            "or TRITON_INTERPRET=1 and CPU tensors)"
-        )
+    for device in {key[0] for key in groups}:
+        if not triton_available(device):
+            raise RuntimeError(
+                f"triton_sgd_sai_: no Triton kernel for {device} tensors (needs triton and CUDA, "
+                "or TRITON_INTERPRET=1 and CPU tensors)"
+            )
 
-    kernels = _kernels()
+    kernels = kernel_module()
     chunk = block * chunk_blocks
     mu = float(momentum)
-    for (p_kind, g_kind, m_kind, stochastic, aligned), indices in groups.items():
+    for (device, p_kind, g_kind, m_kind, stochastic, is_aligned), indices in groups.items():
         count = len(indices)
         first_program, programs = first_programs([params[i].numel() for i in indices], chunk)
         ints = [
@@ -213,29 +222,18 @@ def triton_sgd_sai_(
             [params[i].numel() for i in indices],
             first_program,
             [int(bool(first[i])) for i in indices],
-            [_seed_offset(int(seeds[i])) if stochastic else 0 for i in indices],  # type: ignore[index]
+            [seed_offset(int(seeds[i])) if stochastic else 0 for i in indices],  # type: ignore[index]
         ]
         floats = [[float(step_sizes[i]) for i in indices], [decays[i] for i in indices]]
         pinned = device.type == "cuda"
         host = torch.empty((kernels.N_FIELDS, count), dtype=torch.int64, pin_memory=pinned)
         host[: kernels.N_INT_FIELDS] = torch.tensor(ints, dtype=torch.int64)
         host[kernels.N_INT_FIELDS :].view(torch.float64).copy_(torch.tensor(floats, dtype=torch.float64))
-        table = host.to(device, non_blocking=True) if pinned else host
-        kernels.sgd_sai_kernel[(programs,)](
-            table,
-            count,
-            (count - 1).bit_length(),  # binary-search steps: ceil(log2(count))
-            mu,
-            1.0 - mu,
-            P_KIND=p_kind,
-            G_KIND=g_kind,
-            M_KIND=m_kind,
-            HAS_MOMENTUM=has_momentum,
-            STOCHASTIC=stochastic,
-            MAXIMIZE=bool(maximize),
-            ALIGNED=aligned,
-            BLOCK=block,
-            CHUNK_BLOCKS=chunk_blocks,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,  # no FMA contraction: GPU == interpreter == separately rounded torch ops
-        )
+        with device_guard(device):
+            table = host.to(device, non_blocking=True) if pinned else host.to(device)
+            kernels.sgd_sai_kernel[(programs,)](
+                table, count, (count - 1).bit_length(), mu, 1.0 - mu,  # (count - 1).bit_length(): binary-search steps
+                P_KIND=p_kind, G_KIND=g_kind, M_KIND=m_kind, HAS_MOMENTUM=has_momentum, STOCHASTIC=stochastic,
+                MAXIMIZE=bool(maximize), ALIGNED=is_aligned, BLOCK=block, CHUNK_BLOCKS=chunk_blocks, num_warps=NUM_WARPS,
+                enable_fp_fusion=False,  # no FMA contraction: GPU == interpreter == separately rounded torch ops
+            )  # fmt: skip

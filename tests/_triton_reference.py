@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from sai_hf.functional import _seed, sgd_sai, stochastic_round_to_bf16
+from sai_hf.functional import sgd_sai
+from sai_hf.rounding import rounding_seed as _seed, stochastic_round_to_bf16
 
 F32 = torch.float32
 

@@ -13,7 +13,8 @@ import torch
 from _triton_reference import compare_with_loop_path, float32_expected, float64_expected, run_steps
 
 from sai_hf import SGDSaI, cpu_update, native
-from sai_hf.functional import _seed, sgd_sai, stochastic_round_to_bf16
+from sai_hf.functional import sgd_sai
+from sai_hf.rounding import rounding_seed as _seed, stochastic_round_to_bf16
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"no native CPU kernels here: {native.library().failure}")
 

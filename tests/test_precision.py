@@ -37,14 +37,14 @@ def test_stochastic_rounding_is_unbiased_per_element_over_seeds():
 
 
 def test_slabbed_bf16_momentum_update_equals_whole_tensor_formula(monkeypatch):
-    from sai_hf import functional
+    from sai_hf import functional, rounding
 
     torch.manual_seed(0)
     p, g = torch.randn(10, 250), torch.randn(10, 250)
     buf = torch.randn(10, 250).to(torch.bfloat16)
     value = buf.float() * torch.tensor(0.9) + g * torch.tensor(1 - 0.9)  # float32 ops, each rounded
     want_buf, want_p = stochastic_round_to_bf16(value, seed=11), p.clone().add_(value, alpha=-0.01)
-    monkeypatch.setattr(functional, "_SLAB", 300)  # 2500 elements: 8 full slabs and a partial one
+    monkeypatch.setattr(rounding, "SLAB", 300)  # 2500 elements: 8 full slabs and a partial one
     assert torch.equal(stochastic_round_to_bf16(value, seed=11), want_buf)
     functional._bf16_momentum_update(p, g, buf, 0.9, -0.01, 1.0, False, seed=11)
     assert torch.equal(buf, want_buf)
@@ -52,13 +52,13 @@ def test_slabbed_bf16_momentum_update_equals_whole_tensor_formula(monkeypatch):
 
 
 def test_slabbed_bf16_momentum_update_with_decay_and_first_step(monkeypatch):
-    from sai_hf import functional
+    from sai_hf import functional, rounding
 
     torch.manual_seed(0)
     p, g = torch.randn(10, 250), torch.randn(10, 250)
     buf = torch.empty(10, 250, dtype=torch.bfloat16)
     want_buf, want_p = stochastic_round_to_bf16(g, seed=5), p.clone().mul_(0.99).add_(g, alpha=-0.01)
-    monkeypatch.setattr(functional, "_SLAB", 300)
+    monkeypatch.setattr(rounding, "SLAB", 300)
     functional._bf16_momentum_update(p, g, buf, 0.9, -0.01, 0.99, True, seed=5)
     assert torch.equal(buf, want_buf)
     torch.testing.assert_close(p, want_p, rtol=0, atol=1e-7)
