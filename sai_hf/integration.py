@@ -10,6 +10,10 @@ already has, without replacing any of its functions:
 2. a handler in ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``, the table that
    ``Trainer.get_optimizer_cls_and_kwargs`` dispatches on.
 
+A registered member pickles as ``getattr(OptimizerNames, NAME, "name")``, so a checkpoint's
+``training_args.bin`` unpickles without sai_hf (``optim`` is then the plain string ``"sgd_sai"``,
+which ``TrainingArguments`` accepts again once sai_hf is imported) and as the enum member with it.
+
 It also appends :class:`OptimArgsCheck` and :class:`sai_hf.callback.AutoGSNRCallback` (a
 :class:`sai_hf.GSNRCallback` that stands down when the Trainer has one added by hand) to
 ``transformers.trainer.DEFAULT_CALLBACKS``, so every Trainer gets them: the callback computes the
@@ -159,6 +163,10 @@ def _add_enum_member(enum_cls: type[enum.Enum], member_name: str, value: str) ->
     member._value_ = value
     member.__objclass__ = enum_cls
     member.__init__(value)
+    # Pickled (training_args.bin in every Trainer checkpoint) as getattr(OptimizerNames, NAME, value):
+    # the member where sai_hf registered it, the plain string elsewhere, instead of an
+    # OptimizerNames(value) that fails to unpickle without `import sai_hf`.
+    member.__reduce_ex__ = lambda protocol: (getattr, (enum_cls, member_name, value))
     member._sort_order_ = len(enum_cls._member_names_)
     type.__setattr__(enum_cls, member_name, member)
     enum_cls._member_map_[member_name] = member

@@ -374,3 +374,26 @@ def test_launcher_keeps_the_scripts_path_until_its_threads_end(tmp_path):
         for t in set(threading.enumerate()) - before:
             t.join()
     assert out.read_text() == f"{script_dir}|--flag|7"
+
+
+# --------------------------------------------------------------------------- training_args.bin
+def test_training_args_bin_unpickles_without_sai_hf(tmp_path):
+    import subprocess
+    import sys
+
+    from transformers import TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    path = tmp_path / "training_args.bin"
+    torch.save(TrainingArguments(output_dir=str(tmp_path), optim="sgd_sai", report_to="none"), path)
+    code = (
+        "import sys, torch\n"
+        f"args = torch.load({str(path)!r}, weights_only=False)\n"
+        "assert 'sai_hf' not in sys.modules\n"
+        "print(type(args.optim).__name__, args.optim)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["str", "sgd_sai"]
+    loaded = torch.load(path, weights_only=False)  # with sai_hf imported: the enum member
+    assert loaded.optim is OptimizerNames("sgd_sai")
