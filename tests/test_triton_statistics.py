@@ -93,3 +93,42 @@ def test_compiles_for_sm90(monkeypatch: pytest.MonkeyPatch):
     compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=triton_update.NUM_WARPS, enable_fp_fusion=False))
     ptx = compiled.asm["ptx"]
     assert "add.f64" in ptx or "add.rn.f64" in ptx, ptx[-2000:]
+
+
+def test_gradients_on_several_devices_reduce_per_device_under_its_guard(monkeypatch: pytest.MonkeyPatch):
+    """Gradients of one model on several devices (naive model parallelism; the CPU and the meta
+    device stand for two GPUs): one ``triton_sums`` call per device, its launches under that
+    device's guard."""
+    from sai_hf import gsnr
+
+    kernels = importlib.import_module("sai_hf._triton_kernels")
+    current, launches = [None], []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            self.saved, current[0] = current[0], self.device
+
+        def __exit__(self, *exc):
+            current[0] = self.saved
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda table, count, steps, out, **kwargs: launches.append((current[0], out.device, count))
+
+    fake = type("Kernels", (), dict(N_TILE_COLUMNS=kernels.N_TILE_COLUMNS, tile_statistics_kernel=Kernel()))
+    monkeypatch.setattr(native, "library", native.NativeLibrary)  # never built: the CPU gradients go to Triton too
+    monkeypatch.setattr(triton_statistics, "kernel_module", lambda: fake)
+    monkeypatch.setattr(triton_statistics, "device_guard", Guard)
+    monkeypatch.setattr(triton_statistics, "triton_available", lambda device: True)
+    calls = []
+    real = triton_statistics.triton_sums
+    monkeypatch.setattr(triton_statistics, "triton_sums", lambda gs: calls.append({g.device for g in gs}) or real(gs))
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    grads = [torch.zeros(3000, device=d) for d in (cpu, meta, meta, cpu, meta)]
+    rows = gsnr._batched_statistics(grads)
+    assert sorted(rows) == list(range(5)) and all(rows[i].device == g.device for i, g in enumerate(grads))
+    assert sorted(map(str, calls)) == [str({cpu}), str({meta})]
+    assert sorted(launches, key=str) == sorted([(cpu, cpu, 2), (meta, meta, 3)], key=str)

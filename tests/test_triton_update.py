@@ -154,3 +154,65 @@ def test_compiles_for_sm90_vectorised_without_fma(monkeypatch: pytest.MonkeyPatc
     # 8 elements a thread: fp32 arrays take two 16-byte accesses, a bf16 buffer one.
     assert (vector_loads, vector_stores) == ((5, 3) if stochastic else (6, 4)), ptx[-3000:]
     assert "fma" not in ptx
+
+
+def test_triton_available_is_decided_once_per_device_type(monkeypatch: pytest.MonkeyPatch):
+    """The CUDA probe and the import attempt run once per process and device type, not per block and
+    step; ``_available.cache_clear()`` decides again. The interpreter switch is still read per call."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    probes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: probes.append(1) or True)
+    triton_update._available.cache_clear()
+    try:
+        assert all(triton_update.triton_available(d) for d in ["cuda", "cuda:0", torch.device("cuda", 1)] * 50)
+        assert not triton_update.triton_available("cpu")
+        assert len(probes) == 1
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert triton_update.triton_available("cpu") and not triton_update.triton_available("cuda")
+        triton_update._available.cache_clear()
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert triton_update.triton_available("cuda") and len(probes) == 2
+    finally:
+        triton_update._available.cache_clear()
+
+
+class _Guard:
+    """A stand-in for ``torch.cuda.device``: records which device each launch ran under."""
+
+    current = None
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        self.saved, _Guard.current = _Guard.current, self.device
+
+    def __exit__(self, *exc):
+        _Guard.current = self.saved
+
+
+def test_blocks_on_several_devices_launch_per_device_under_its_guard(monkeypatch: pytest.MonkeyPatch):
+    """Naive model parallelism puts blocks of one call on several devices: one launch per device
+    (here the CPU and the meta device stand for two GPUs), each under that device's guard, with its
+    table on that device and only that device's tensors in it."""
+    kernels = importlib.import_module("sai_hf._triton_kernels")
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(table, count, *args, **kwargs):
+                launches.append((_Guard.current, table.device, count, grid))
+            return launch
+
+    fake = type("Kernels", (), dict(N_FIELDS=kernels.N_FIELDS, N_INT_FIELDS=kernels.N_INT_FIELDS, sgd_sai_kernel=Kernel()))
+    monkeypatch.setattr(triton_update, "kernel_module", lambda: fake)
+    monkeypatch.setattr(triton_update, "device_guard", _Guard)
+    monkeypatch.setattr(triton_update, "triton_available", lambda device: True)
+    devices = [torch.device("cpu"), torch.device("meta"), torch.device("cpu"), torch.device("meta"), torch.device("meta")]
+    params = [torch.zeros(100 * (i + 1), device=d) for i, d in enumerate(devices)]
+    triton_update.triton_sgd_sai_(params, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                                  [-1.0] * 5, decay=1.0, momentum=0.9, first=[True] * 5, maximize=False, seeds=None)  # fmt: skip
+    assert sorted(launches, key=str) == sorted([(devices[0], devices[0], 2, (2,)), (devices[1], devices[1], 3, (3,))], key=str)  # a program a tensor
+    with pytest.raises(ValueError, match="grad 0 is on meta, its param on cpu"):
+        triton_update.triton_sgd_sai_(params[:1], [torch.zeros(100, device="meta")], None, [-1.0], decay=1.0,
+                                      momentum=0.0, first=[True], maximize=False, seeds=None)  # fmt: skip

@@ -5,6 +5,7 @@
 * ``sai_hf.triton_update.triton_sgd_sai_`` called directly, bit for bit against torch float32 ops;
 * no host-device sync in the steps after the first (``set_sync_debug_mode("error")``);
 * the first step's statistics: one batched Triton launch for all gradients, no host sync;
+* blocks on two GPUs (naive model parallelism): each device's launches on that device;
 * stochastic rounding unbiased on CUDA (torch path and kernel);
 * ``torch.compile`` of a step against eager;
 * a one-GPU ``transformers.Trainer`` run with ``bf16=True, optim="sgd_sai"``;
@@ -201,17 +202,20 @@ def test_kernel_has_no_host_sync():
     update = _needs_triton()
     params = [torch.randn(n, device=CUDA) for n in (5, 5000, 70_000)]
     buffers = [torch.empty(p.shape, device=CUDA, dtype=torch.bfloat16) for p in params]
-    for step in range(4):
-        grads = [torch.randn_like(p) for p in params]
-        if step == 1:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            update(params, grads, buffers, [-1e-2] * 3, decay=1 - 1e-4, momentum=0.9, first=[step == 0] * 3,
-                   maximize=False, seeds=[step * 10 + i for i in range(3)])  # fmt: skip
-        finally:
-            if step == 3:
-                torch.cuda.set_sync_debug_mode("default")
+    grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+
+    def step(t):
+        update(params, grads[t], buffers, [-1e-2] * 3, decay=1 - 1e-4, momentum=0.9, first=[t == 0] * 3,
+               maximize=False, seeds=[t * 10 + i for i in range(3)])  # fmt: skip
+
+    step(0)  # compiles the kernel
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(1, 4):
+            step(t)
+    finally:  # a failure must not leave "error" mode on for the tests that follow
+        torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
 
 
@@ -243,6 +247,40 @@ def test_first_step_statistics_are_one_batched_launch_without_sync(monkeypatch):
     want = torch.stack([_shifted_statistics(g, torch.float64) for g in host])
     torch.testing.assert_close(stats.cpu(), want, rtol=1e-10, atol=1e-14)
     assert stats[-1, 3].item() == 0.0  # a constant gradient: no spread
+
+
+# ------------------------------------------------------------------------ several GPUs
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_blocks_on_two_gpus_update_and_reduce_on_their_own_devices():
+    """Naive model parallelism (``device_map="auto"``): one optimizer over blocks on cuda:0 and
+    cuda:1, the current device cuda:0. Each device's Triton launches (update and first-step
+    statistics) run on that device: the same results as the for-loop path and as float64 sums."""
+    update = _needs_triton()
+    from sai_hf import gradient_statistics
+    from sai_hf.gsnr import _shifted_statistics
+
+    devices = ["cuda:0", "cuda:1"]
+    gen = torch.Generator().manual_seed(0)
+    host = [torch.randn(s, generator=gen) for s in SHAPES]
+    base = [t.to(devices[i % 2]) for i, t in enumerate(host)]
+    grads = [[torch.randn(s, generator=gen).to(devices[i % 2]) for i, s in enumerate(SHAPES)] for _ in range(4)]
+    with torch.cuda.device(0):
+        for momentum_dtype in (None, torch.bfloat16):
+            hp = dict(lr=1e-3, weight_decay=0.1, momentum_dtype=momentum_dtype)
+            got_p, got_m = _run_optimizer(base, grads, **hp)
+            want_p, want_m = _run_optimizer(base, grads, **hp, foreach=False, fused=False)
+            p_tol, m_tol = (dict(rtol=1e-5, atol=1e-6),) * 2 if momentum_dtype is None else (dict(rtol=1e-4, atol=5e-3), dict(rtol=0, atol=0.05))
+            for a, b, m_a, m_b in zip(got_p, want_p, got_m, want_m):
+                assert a.device == b.device == m_a.device
+                torch.testing.assert_close(m_a.float(), m_b.float(), **m_tol)  # as test_fused_and_default_paths_match_loop
+                torch.testing.assert_close(a, b, **p_tol)
+        run_steps(update, KERNEL_SHAPES, device="cuda:1", steps=2)  # the kernel alone, bit for bit
+        stats = gradient_statistics([g.contiguous() for g in grads[0]])
+        torch.cuda.synchronize(1)
+    want = torch.stack([_shifted_statistics(g.cpu().contiguous(), torch.float64) for g in grads[0]])
+    torch.testing.assert_close(stats.cpu(), want, rtol=1e-10, atol=1e-14)
 
 
 # ------------------------------------------------------------------------ stochastic rounding
