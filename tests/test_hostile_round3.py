@@ -397,3 +397,24 @@ def test_training_args_bin_unpickles_without_sai_hf(tmp_path):
     assert out.stdout.split() == ["str", "sgd_sai"]
     loaded = torch.load(path, weights_only=False)  # with sai_hf imported: the enum member
     assert loaded.optim is OptimizerNames("sgd_sai")
+
+
+# --------------------------------------------------------------------------- recipe config: merge keys
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<<: {save_strategy: no, run_name: 1.10}\nlogging_steps: 3\n",
+        "<<: [{save_strategy: no}, {run_name: 1.10}]\n",
+        "<<: {save_strategy: steps, run_name: 1.10}\nsave_strategy: no\n",
+    ],
+)
+def test_merge_keys_keep_values_as_written(tmp_path, text):
+    from transformers import TrainingArguments
+
+    from sai_hf.recipes.config import parse_recipe_args
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"output_dir: {tmp_path}\nreport_to: none\nuse_cpu: true\n" + text)
+    (args,) = parse_recipe_args([str(config)], (TrainingArguments,))
+    assert str(args.save_strategy.value if hasattr(args.save_strategy, "value") else args.save_strategy) == "no"
+    assert args.run_name == "1.10"  # not YAML's float 1.1

@@ -5,7 +5,8 @@
 The YAML file is turned into command-line tokens placed *before* the overrides, and the whole
 list is parsed by one ``HfArgumentParser``, so an override always wins over the file and every
 value goes through the same type conversion. An unquoted value reaches a text field as it was
-written (YAML 1.1 would turn ``save_strategy: no`` into false and ``run_name: 12:30`` into 750),
+written (YAML 1.1 would turn ``save_strategy: no`` into false and ``run_name: 12:30`` into 750;
+keys brought in by a YAML merge key ``<<:`` too),
 YAML booleans and numbers still feed bool and numeric fields, and a value may start with ``-``.
 Problems are reported before anything runs: a missing config file raises ``FileNotFoundError``;
 an unknown key (in the file or on the command line), a key given twice, a malformed or
@@ -89,9 +90,20 @@ def _load_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
         if key in seen:
             raise ValueError(f"config file {path}: key '{key}' is given twice (lines {seen[key]} and {line})")
         seen[key] = line
+    for key, value_node in _value_nodes(node).items():
         if key in config:
             written[key] = _written(config[key], value_node)
     return config, written
+
+
+def _value_nodes(node: Any) -> dict[str, Any]:
+    """Key text -> value node of a YAML mapping node, with merge keys (``<<: *anchor``,
+    ``<<: [*a, *b]``, ``<<: {...}``) resolved by PyYAML's own ``flatten_mapping`` (which mutates
+    ``node``), so each key's node is the one whose value ``yaml.safe_load`` kept."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    yaml.constructor.SafeConstructor().flatten_mapping(node)
+    return {key_node.value: value_node for key_node, value_node in node.value if isinstance(key_node, yaml.ScalarNode)}
 
 
 def _written(value: Any, node: Any) -> Any:
