@@ -5,7 +5,8 @@ that the *ranking* and rough *ratios* of g-SNR across blocks stay stable. Given 
 (``reference``) and a later measurement (``current``) of the same blocks, :func:`drift_summary`
 reports
 
-* ``spearman``: Spearman rank correlation of the two vectors (1 = same ordering of blocks);
+* ``spearman``: Spearman rank correlation of the two vectors (1 = same ordering of blocks; NaN when
+  either side has every value tied, which has no ordering to compare);
 * ``max_ratio``: the worst block's ``max(current/reference, reference/current)``;
 * ``median_ratio``: the median of that ratio over blocks.
 
@@ -38,7 +39,8 @@ def rank(values: Sequence[float]) -> list[float]:
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation of ``a`` and ``b`` (Pearson correlation of their ranks)."""
+    """Spearman rank correlation of ``a`` and ``b`` (Pearson correlation of their ranks); NaN when
+    every value of ``a`` or of ``b`` is tied (no ordering: the correlation is undefined, not 1)."""
     if len(a) != len(b):
         raise ValueError(f"spearman: lengths differ ({len(a)} vs {len(b)})")
     if len(a) < 2:
@@ -47,7 +49,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
     var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
-    return cov / var if var > 0 else 1.0
+    return cov / var if var > 0 else float("nan")
 
 
 def drift_summary(reference: Sequence[float], current: Sequence[float]) -> dict[str, float]:

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from sai_hf.plots import plot_gsnr_bars, plot_gsnr_history
 
@@ -26,13 +27,30 @@ def main(argv: list[str] | None = None) -> list[Path]:
     report_path = args.run_dir / "gsnr.json"
     if not report_path.is_file():
         parser.error(f"no gsnr.json in {args.run_dir} (was the run trained with --optim sgd_sai?)")
-    written = [plot_gsnr_bars(json.loads(report_path.read_text()), args.run_dir / f"{args.key}.png", key=args.key)]
+    report = _read(parser, report_path)
+    bad = next((name for name, entry in report.items() if not isinstance(entry, dict) or args.key not in entry), None) if isinstance(report, dict) else ""
+    if not isinstance(report, dict) or not report or bad is not None:
+        what = f"block {bad!r} has no {args.key!r}" if bad else "expected a non-empty mapping of block name -> values"
+        parser.error(f"{report_path} is not a g-SNR report: {what}")
+    written = [plot_gsnr_bars(report, args.run_dir / f"{args.key}.png", key=args.key)]
     history_path = args.run_dir / "gsnr_history.json"
     if history_path.is_file():
-        written.append(plot_gsnr_history(json.loads(history_path.read_text()), args.run_dir / "gsnr_history.png"))
+        history = _read(parser, history_path)
+        if not isinstance(history, dict) or not isinstance(history.get("steps"), list) or not isinstance(history.get("blocks"), dict):
+            parser.error(f"{history_path} is not a g-SNR history: expected a mapping with 'steps' (a list) and 'blocks' (a mapping)")
+        written.append(plot_gsnr_history(history, args.run_dir / "gsnr_history.png"))
     for path in written:
         print(f"wrote {path}")
     return written
+
+
+def _read(parser: argparse.ArgumentParser, path: Path) -> Any:
+    """The JSON in ``path``; a parser error naming the file if it cannot be read or decoded (e.g. a
+    run stopped while writing it)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        parser.error(f"cannot read {path}: {err} (truncated? the run may have stopped while writing it)")
 
 
 if __name__ == "__main__":

@@ -418,3 +418,46 @@ def test_merge_keys_keep_values_as_written(tmp_path, text):
     (args,) = parse_recipe_args([str(config)], (TrainingArguments,))
     assert str(args.save_strategy.value if hasattr(args.save_strategy, "value") else args.save_strategy) == "no"
     assert args.run_name == "1.10"  # not YAML's float 1.1
+
+
+# --------------------------------------------------------------------------- plot_gsnr.py, drift
+def _plot_gsnr():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_gsnr.py"
+    spec = importlib.util.spec_from_file_location("plot_gsnr", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("gsnr.json", '{"h.0.attn.weight": {"gsnr": 3.0, "sc', "cannot read .*gsnr.json"),
+        ("gsnr.json", "[1, 2]", "gsnr.json is not a g-SNR report"),
+        ("gsnr.json", '{"h.0.attn.weight": {"scale": 1.0}}', "block 'h.0.attn.weight' has no 'gsnr'"),
+        ("gsnr_history.json", '{"steps": [1, 2], "blo', "cannot read .*gsnr_history.json"),
+    ],
+)
+def test_plot_gsnr_names_a_broken_file(tmp_path, capsys, name, text, match):
+    (tmp_path / "gsnr.json").write_text('{"h.0.attn.weight": {"gsnr": 3.0, "scale": 3.0}}')
+    (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        _plot_gsnr().main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    import re
+
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_spearman_of_all_tied_values_is_undefined_not_perfect():
+    import math
+
+    from sai_hf.drift import drift_summary, spearman
+
+    assert math.isnan(spearman([1.0, 2.0, 3.0], [5.0, 5.0, 5.0]))
+    assert math.isnan(spearman([5.0, 5.0], [1.0, 2.0]))
+    assert math.isnan(drift_summary([1.0, 2.0, 3.0], [4.0, 4.0, 4.0])["spearman"])
+    assert spearman([1.0, 2.0, 3.0], [1.0, 2.0, 4.0]) == pytest.approx(1.0)
