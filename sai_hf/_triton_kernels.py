@@ -22,28 +22,17 @@ import triton.language as tl
 
 from .rounding import MIX_1, MIX_2
 
-# Rows of the table (see the module docstring). Rows up to SEED_OFFSET hold ints; STEP_SIZE and KEEP
-# hold float64 bit patterns.
-P_PTR, G_PTR, M_PTR, NUMEL, FIRST_PROGRAM, IS_FIRST, SEED_OFFSET, STEP_SIZE, KEEP = range(9)
+# Rows of the table (see the module docstring), as constexprs (the only globals a kernel may read).
+# Rows up to _SEED_OFFSET hold ints; _STEP_SIZE and _KEEP hold float64 bit patterns.
+_P_PTR, _G_PTR, _M_PTR, _NUMEL, _FIRST_PROGRAM, _IS_FIRST, _SEED_OFFSET, _STEP_SIZE, _KEEP = map(tl.constexpr, range(9))
 N_INT_FIELDS = 7
 N_FIELDS = 9
-
-# Element kinds (constexpr codes). bfloat16 is handled as its 16-bit pattern (uint16) with integer
-# conversions, so the compiled kernel and the interpreter round exactly alike.
-FP32, FP16, BF16 = 0, 1, 2
-
 #: The two odd multipliers of the rounding hash (:mod:`sai_hf.rounding`), as unsigned 32-bit constants.
-_MIX_1: tl.constexpr = tl.constexpr(MIX_1 & 0xFFFFFFFF)
-_MIX_2: tl.constexpr = tl.constexpr(MIX_2 & 0xFFFFFFFF)
-_P_PTR: tl.constexpr = tl.constexpr(P_PTR)
-_G_PTR: tl.constexpr = tl.constexpr(G_PTR)
-_M_PTR: tl.constexpr = tl.constexpr(M_PTR)
-_NUMEL: tl.constexpr = tl.constexpr(NUMEL)
-_FIRST_PROGRAM: tl.constexpr = tl.constexpr(FIRST_PROGRAM)
-_IS_FIRST: tl.constexpr = tl.constexpr(IS_FIRST)
-_SEED_OFFSET: tl.constexpr = tl.constexpr(SEED_OFFSET)
-_STEP_SIZE: tl.constexpr = tl.constexpr(STEP_SIZE)
-_KEEP: tl.constexpr = tl.constexpr(KEEP)
+_MIX_1, _MIX_2 = tl.constexpr(MIX_1 & 0xFFFFFFFF), tl.constexpr(MIX_2 & 0xFFFFFFFF)
+
+# Element kinds (``KIND`` constexprs, :func:`sai_hf.triton_update.dtype_code`): 0 float32, 1 float16,
+# 2 bfloat16, handled as its 16-bit pattern (uint16) with integer conversions, so that the compiled
+# kernel and the interpreter round exactly alike.
 
 
 @triton.jit
@@ -105,25 +94,10 @@ def _store_f32(address, offs, mask, x, KIND: tl.constexpr, ALIGNED: tl.constexpr
 
 @triton.jit
 def _update_block(
-    p_address,
-    g_address,
-    m_address,
-    offs,
-    mask,
-    step_size,
-    keep,
-    mu,
-    one_minus_mu,
-    is_first,
-    seed_offset,
-    P_KIND: tl.constexpr,
-    G_KIND: tl.constexpr,
-    M_KIND: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
+    p_address, g_address, m_address, offs, mask, step_size, keep, mu, one_minus_mu, is_first, seed_offset,
+    P_KIND: tl.constexpr, G_KIND: tl.constexpr, M_KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    STOCHASTIC: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
     g = _load_f32(g_address, offs, mask, G_KIND, ALIGNED)
     if MAXIMIZE:
         g = -g
@@ -159,21 +133,10 @@ def _owner(table, n_tensors, search_steps, pid, FIRST_PROGRAM_ROW: tl.constexpr)
 
 @triton.jit
 def sgd_sai_kernel(
-    table,
-    n_tensors,
-    search_steps,
-    mu,
-    one_minus_mu,
-    P_KIND: tl.constexpr,
-    G_KIND: tl.constexpr,
-    M_KIND: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
-    CHUNK_BLOCKS: tl.constexpr,
-):
+    table, n_tensors, search_steps, mu, one_minus_mu,
+    P_KIND: tl.constexpr, G_KIND: tl.constexpr, M_KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr, STOCHASTIC: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     t = _owner(table, n_tensors, search_steps, pid, _FIRST_PROGRAM)
 
@@ -206,14 +169,10 @@ def sgd_sai_kernel(
 
 # ----------------------------------------------------------------------------- g-SNR statistics
 # Rows of the statistics table (int64, field-major as above): gradient address, size, first program.
-STAT_G_PTR, STAT_NUMEL, STAT_FIRST_PROGRAM = range(3)
-N_STAT_FIELDS = 3
+_STAT_G_PTR, _STAT_NUMEL, _STAT_FIRST_PROGRAM = map(tl.constexpr, range(3))
 #: Columns of the per-program output: entries, sum, centred sum of squares (float64).
 N_TILE_COLUMNS = 3
-_STAT_G_PTR: tl.constexpr = tl.constexpr(STAT_G_PTR)
-_STAT_NUMEL: tl.constexpr = tl.constexpr(STAT_NUMEL)
-_STAT_FIRST_PROGRAM: tl.constexpr = tl.constexpr(STAT_FIRST_PROGRAM)
-_N_TILE_COLUMNS: tl.constexpr = tl.constexpr(N_TILE_COLUMNS)
+_N_TILE_COLUMNS = tl.constexpr(N_TILE_COLUMNS)
 
 
 @triton.jit

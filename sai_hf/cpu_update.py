@@ -40,26 +40,13 @@ def takes(param: Tensor, grad: Tensor, buf_dtype: torch.dtype) -> bool:
     """Whether the loop updates this block: CPU tensors with memory of their own
     (:func:`sai_hf.native.readable`), a supported dtype combination (contiguity is the caller's
     check), and the native kernels usable here."""
-    return (
-        (param.dtype, grad.dtype, buf_dtype) in FUNCTIONS
-        and native.readable(param)
-        and native.readable(grad)
-        and native.available()
-    )
+    return (param.dtype, grad.dtype, buf_dtype) in FUNCTIONS and native.readable(param) and native.readable(grad) and native.available()
 
 
 def cpu_sgd_sai_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    buffers: Sequence[Tensor | None] | None,
-    step_sizes: Sequence[float],
-    *,
-    decay: float,
-    momentum: float,
-    first: Sequence[bool],
-    maximize: bool,
-    seeds: Sequence[int],
-) -> None:
+    params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor | None] | None, step_sizes: Sequence[float],
+    *, decay: float, momentum: float, first: Sequence[bool], maximize: bool, seeds: Sequence[int],
+) -> None:  # fmt: skip
     """Apply one SGD-SaI step in place to each block (the arguments of
     :func:`sai_hf.triton_update.triton_sgd_sai_`; tensors contiguous, CPU, dtypes in :data:`FUNCTIONS`)."""
     kernels = native.library()

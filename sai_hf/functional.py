@@ -261,18 +261,9 @@ def _mixed_precision_update(
 
 
 def _single_tensor_sgd_sai(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffer_list: list[Tensor | None],
-    scales: Sequence[float],
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    maximize: bool,
-    momentum_dtype: torch.dtype | None,
-    seeds: Sequence[int],
-) -> None:
+    params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer_list: list[Tensor | None], scales: Sequence[float],
+    *, lr: float, momentum: float, weight_decay: float, maximize: bool, momentum_dtype: torch.dtype | None, seeds: Sequence[int],
+) -> None:  # fmt: skip
     for i, param in enumerate(params):
         grad = -grads[i] if maximize else grads[i]
         step_size = -lr * scales[i]
@@ -294,19 +285,14 @@ def _single_tensor_sgd_sai(
         param.add_(direction, alpha=step_size)
 
 
+# The multi-tensor path exists for CUDA (a few launches per device and dtype group instead of several
+# per tensor) and torch.compile (traced and fused by inductor), and as the fused path's fallback for
+# the blocks its kernels cannot take. On CPU torch's foreach ops are loops over tensors with extra
+# temporaries, hence the for-loop there when ``None`` chooses.
 def _multi_tensor_sgd_sai(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffer_list: list[Tensor | None],
-    scales: Sequence[float],
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    maximize: bool,
-    momentum_dtype: torch.dtype | None,
-    seeds: Sequence[int],
-) -> None:
+    params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer_list: list[Tensor | None], scales: Sequence[float],
+    *, lr: float, momentum: float, weight_decay: float, maximize: bool, momentum_dtype: torch.dtype | None, seeds: Sequence[int],
+) -> None:  # fmt: skip
     if not params:
         return
     # Buffers are looked up by index: one of another dtype (momentum_dtype) would split the grouping.
@@ -341,32 +327,15 @@ def _multi_tensor_sgd_sai(
 
 
 def _single_pass_sgd_sai(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffer_list: list[Tensor | None],
-    scales: Sequence[float],
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    maximize: bool,
-    momentum_dtype: torch.dtype | None,
-    seeds: Sequence[int],
-) -> None:
+    params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer_list: list[Tensor | None], scales: Sequence[float],
+    *, lr: float, momentum: float, weight_decay: float, maximize: bool, momentum_dtype: torch.dtype | None, seeds: Sequence[int],
+) -> None:  # fmt: skip
     """One pass per block (blocks that :func:`single_pass_supported` allows): decay, momentum and
-    the scaled update read ``p, g, m`` and write ``p, m`` once, in the first of these that takes it:
-
-    * the Triton kernel (:mod:`sai_hf.triton_update`): CUDA blocks where Triton is available, one
-      launch per device and dtype group. torch has no fused kernel for SGD with decoupled decay: its
-      fused SGD would need a separate decay pass and a bfloat16 buffer its own kernels;
-    * the native C loop (:mod:`sai_hf.cpu_update`): CPU blocks with weight decay or a bfloat16
-      buffer, the memory floor there (``scripts/bench_optimizers.py``: within 1.10x of torch's fused
-      SGD with decay, against ~1.45x for the slab path; bfloat16 momentum within 2x instead of ~6x);
-    * :func:`_fused_sgd_block`, torch's fused SGD: CPU blocks without decay or bfloat16 buffer (one
-      pass already, and cheaper than a ctypes call on small blocks), and every block where neither
-      kernel above runs (the slab path: no C compiler, other devices); a bfloat16 buffer of a
-      float32 block there takes :func:`_bf16_momentum_update`.
-    """
+    the scaled update read ``p, g, m`` and write ``p, m`` once, in the first of these that takes the
+    block: the Triton kernel (:mod:`sai_hf.triton_update`: CUDA blocks where Triton is available),
+    the native C loop (:mod:`sai_hf.cpu_update`: CPU blocks with weight decay or a bfloat16 buffer),
+    else :func:`_fused_sgd_block` (torch's fused SGD, decay folded in slab by slab) or, for a
+    bfloat16 buffer of a float32 block, :func:`_bf16_momentum_update`."""
     decay = 1 - lr * weight_decay
     first = [buf is None for buf in momentum_buffer_list]
     if momentum != 0:
@@ -382,6 +351,14 @@ def _single_pass_sgd_sai(
     on_triton, on_native, others = [], [], []
     for i, (p, g, b) in enumerate(zip(params, grads, bufs)):
         buf_dtype = b.dtype if b is not None else p.dtype
+        # Why each path exists. Triton: torch has no CUDA kernel for SGD with decoupled decay or a
+        # bfloat16 buffer (fused SGD + a decay pass reads p twice), and it updates a whole dtype group
+        # in one launch. C loop: the memory floor on CPU with decay (scripts/bench_optimizers.py,
+        # default config: 1.04-1.05x torch's fused SGD, against 1.41-1.45x for the slab path with
+        # SAI_HF_CPU_KERNEL=0) and with a bfloat16 buffer (1.25x against 5.7x). torch's fused SGD:
+        # CPU blocks without either, where it is one pass already and a ctypes call costs more on
+        # small blocks (8 vs 15 us at 768 entries; within 5% of each other from 0.6M entries up);
+        # and the slab path wherever neither kernel runs (no C compiler, devices without Triton).
         if _on_triton(p, g, buf_dtype):
             on_triton.append(i)
         elif _on_native_cpu_loop(p, g, buf_dtype, decay != 1.0):

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import native
+from . import native, triton_statistics
 from .triton_update import interpreting as triton_interpreting
 
 __all__ = [
@@ -134,34 +134,24 @@ def gradient_statistics(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 
 @torch.compiler.disable  # raw pointers into a ctypes call and Triton launches: always eager
 def _batched_statistics(grads: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Statistics rows, by index, of the gradients that a batched kernel reduces (one call for all
-    of them, float64 centred sums, as accurate as :func:`_shifted_statistics`):
-
-    * non-empty contiguous float32 CPU gradients: the native kernel (``block_statistics_f32``,
-      :mod:`sai_hf.native`), one pass over memory, pieces of :data:`_CPU_ROW` entries;
-    * non-empty contiguous float32/float16/bfloat16 CUDA gradients: the Triton kernel
-      (:mod:`sai_hf.triton_statistics`), one launch per dtype group and a few segmented sums, no
-      host sync.
-
+    """Statistics rows, by index, of the gradients that a batched kernel reduces (see
+    :func:`gradient_statistics`): the native kernel (``block_statistics_f32``, pieces of
+    :data:`_CPU_ROW` entries) and the Triton kernel (:mod:`sai_hf.triton_statistics`, per device).
     The others are absent (the caller reduces them one by one)."""
     on_native = [i for i, g in enumerate(grads) if g.dtype == torch.float32 and g.is_contiguous() and g.numel() and native.readable(g)]
     on_native = on_native if on_native and native.available() else []
     on_triton: dict[torch.device, list[int]] = {}
     if any(g.device.type != "cpu" for g in grads) or triton_interpreting():
-        from .triton_statistics import takes
-
         claimed = set(on_native)
         for i, g in enumerate(grads):
-            if i not in claimed and takes(g):
+            if i not in claimed and triton_statistics.takes(g):
                 on_triton.setdefault(g.device, []).append(i)
     rows: dict[int, torch.Tensor] = {}
     if on_native:
         counts, sums = _native_sums([grads[i] for i in on_native])
         rows.update(zip(on_native, _rows_from_sums(counts, sums)))
     for index in on_triton.values():
-        from .triton_statistics import triton_sums
-
-        counts, sums = triton_sums([grads[i] for i in index])
+        counts, sums = triton_statistics.triton_sums([grads[i] for i in index])
         rows.update(zip(index, _rows_from_sums(counts, sums)))
     return rows
 

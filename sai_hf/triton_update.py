@@ -116,7 +116,7 @@ def first_programs(numels: Sequence[int], per_program: int) -> tuple[list[int], 
 
 
 def dtype_code(dtype: torch.dtype, what: str) -> int:
-    """The kernels' element kind of ``dtype`` (``FP32, FP16, BF16`` of :mod:`sai_hf._triton_kernels`)."""
+    """The kernels' element kind of ``dtype``: 0 float32, 1 float16, 2 bfloat16."""
     if dtype in SUPPORTED_DTYPES:
         return SUPPORTED_DTYPES.index(dtype)
     raise TypeError(f"triton_sgd_sai_: {what} dtype {dtype} is not supported (float32, float16, bfloat16)")
