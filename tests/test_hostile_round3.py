@@ -461,3 +461,42 @@ def test_spearman_of_all_tied_values_is_undefined_not_perfect():
     assert math.isnan(spearman([5.0, 5.0], [1.0, 2.0]))
     assert math.isnan(drift_summary([1.0, 2.0, 3.0], [4.0, 4.0, 4.0])["spearman"])
     assert spearman([1.0, 2.0, 3.0], [1.0, 2.0, 4.0]) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- the base cache: concurrent runs
+def test_building_a_base_leaves_another_runs_staging_alone(tmp_path):
+    """Two runs building the same base at once: neither deletes (nor writes into) the other's staging."""
+    from datasets import Dataset, DatasetDict
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, TrainingArguments
+
+    from sai_hf.recipes.arguments import DataArguments, LlamaModelArguments
+    from sai_hf.recipes.pretrained_base import base_cache_key, pretrained_local_llama
+
+    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200)]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>")
+    corpus = DatasetDict(train=Dataset.from_dict({"text": texts}))
+    model_args = LlamaModelArguments(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        base_pretrain_steps=2, recipe_cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    data_args = DataArguments(block_size=16)
+    run = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", per_device_train_batch_size=2)
+    key = base_cache_key(model_args, data_args, run, tokenizer, corpus)
+    bases = tmp_path / "cache" / "bases"
+    bases.mkdir(parents=True)
+    others = [bases / f".llama-{key}.staging", bases / f".llama-{key}.staging-0123456789ab"]
+    for other in others:  # another run, mid-way: the old shared name, and a launch token
+        other.mkdir()
+        (other / "partial.bin").write_bytes(b"not ours")
+    model = pretrained_local_llama(model_args, data_args, run, tokenizer, corpus)
+    assert model.config.hidden_size == 16
+    entry = bases / f"llama-{key}"
+    assert (entry / "config.json").is_file() and not (entry / "partial.bin").exists()
+    for other in others:
+        assert (other / "partial.bin").read_bytes() == b"not ours"
+    # nothing of ours is left behind
+    assert sorted(p.name for p in bases.iterdir()) == sorted([entry.name, *(o.name for o in others)])

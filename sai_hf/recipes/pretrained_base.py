@@ -10,7 +10,8 @@ the machine and launch) are part of the cache key. The result is cached under
 ``<recipe_cache_dir>/bases/`` keyed by everything that shapes it (model config, tokenizer
 vocabulary, corpus, steps, those fields, optimizer, seed), so later runs load it in a second and a
 cached base does not depend on which run created it. Under ``accelerate launch`` every process
-trains together and the main one saves.
+trains together and the main one saves, through a staging directory of its own (named by a token
+the main process broadcasts), so runs building the same base at once never touch each other's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 from accelerate import PartialState
@@ -130,26 +132,52 @@ def pretrained_local_llama(
     state = PartialState()
     state.wait_for_everyone()  # every process decides on the same cache state
     if not entry.is_dir():
-        staging = entry.with_name(f".{entry.name}.staging")
-        if state.is_main_process and staging.exists():
-            shutil.rmtree(staging)
-        logger.info("pretraining the base Llama for %d steps (cached as %s)", model_args.base_pretrain_steps, entry)
-        blocks = packed_lm_datasets(
-            DatasetDict(train=corpus["train"]), tokenizer, "text", data_args.block_size, data_args.preprocessing_num_workers
-        )
-        set_seed(model_args.base_seed)
-        trainer = Trainer(
-            model=build_llama(model_args, tokenizer, data_args.block_size),
-            args=base_training_arguments(training_args, staging, model_args),
-            train_dataset=blocks["train"],
-            data_collator=default_data_collator,
-        )
-        trainer.train()
-        trainer.save_model(str(staging))
-        if state.is_main_process:
-            try:
-                os.replace(staging, entry)
-            except OSError:  # another run cached the same base meanwhile
+        staging = entry.with_name(f".{entry.name}.staging-{_launch_token(state)}")  # this launch's own
+        try:
+            _pretrain_into(staging, model_args, data_args, training_args, tokenizer, corpus)
+            if state.is_main_process:
+                try:
+                    os.replace(staging, entry)
+                except OSError:  # another run cached the same base meanwhile
+                    pass
+        finally:
+            if state.is_main_process:
                 shutil.rmtree(staging, ignore_errors=True)
         state.wait_for_everyone()
     return load_pretrained_causal_lm(str(entry), model_args)
+
+
+def _launch_token(state: PartialState) -> str:
+    """A name for this launch's staging directory, the same on every process of it (the main
+    process's, broadcast), different from any other run's: a run building the same base at the
+    same time must not delete or write into ours."""
+    token = [uuid.uuid4().hex[:12]]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(token, from_process=0)
+    return token[0]
+
+
+def _pretrain_into(
+    staging: Path,
+    model_args: LlamaModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: DatasetDict,
+) -> None:
+    """Pretrain a fresh base and save it into ``staging``."""
+    logger.info("pretraining the base Llama for %d steps (staged in %s)", model_args.base_pretrain_steps, staging)
+    blocks = packed_lm_datasets(
+        DatasetDict(train=corpus["train"]), tokenizer, "text", data_args.block_size, data_args.preprocessing_num_workers
+    )
+    set_seed(model_args.base_seed)
+    trainer = Trainer(
+        model=build_llama(model_args, tokenizer, data_args.block_size),
+        args=base_training_arguments(training_args, staging, model_args),
+        train_dataset=blocks["train"],
+        data_collator=default_data_collator,
+    )
+    trainer.train()
+    trainer.save_model(str(staging))
