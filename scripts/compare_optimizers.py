@@ -48,6 +48,7 @@ import importlib
 import json
 import math
 import os
+import re
 import statistics
 import resource
 import subprocess
@@ -228,6 +229,9 @@ def parse_optimizers(text: str) -> list[str]:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"--optimizers {text!r}: {repeated[0]} is given twice; each optimizer runs once per lr and seed")
+    odd = [name for name in names if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name)]
+    if odd:  # the name becomes a directory name under --out_dir/runs
+        raise ValueError(f"--optimizers {text!r}: {odd[0]!r} is not an optimizer name (letters, digits, '_', '.', '-')")
     return names
 
 
@@ -641,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     max_steps = int(_last_override(extra, "--max_steps", config.get("max_steps", 0)))
     default_every = max(1, max_steps // 4) if max_steps > 0 else 0
     track_every = args.gsnr_track_every if args.gsnr_track_every is not None else default_every
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise ValueError(f"--out_dir {str(args.out_dir)!r} is not a directory")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(
         args.config, recipe, args.out_dir, extra, block_size, config.get("optim_args"), track_every, args.resume

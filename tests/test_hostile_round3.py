@@ -126,6 +126,7 @@ def _compare():
         (["--optimizers", "sgd_sai", "--grid", "sgd_sai="], "no learning rate"),
         (["--optimizers", "sgd_sai", "--grid", "sgd_sai=nan"], "nan"),
         (["--optimizers", ","], "no optimizer"),
+        (["--optimizers", "../../x"], "'../../x' is not an optimizer name"),
     ],
 )
 def test_compare_refuses_repeated_points(tmp_path, argv, match, monkeypatch):
