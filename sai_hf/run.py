@@ -115,9 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         runpy.run_path(script, run_name="__main__")
         return 0
     finally:
-        _join_started_threads(running)
-        sys.argv = saved_argv
-        sys.path[:] = saved_path
+        try:
+            _join_started_threads(running)
+        finally:  # restored even if the wait is interrupted (Ctrl-C)
+            sys.argv = saved_argv
+            sys.path[:] = saved_path
 
 
 def _join_started_threads(running: set[threading.Thread]) -> None:
