@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .sharding import extra_state_keys
+from .sharding import STATE_KEYS as BACKEND_STATE_KEYS
 
 __all__ = [
     "SGDSAI_STATE_KEYS",
@@ -44,7 +44,7 @@ __all__ = [
 
 #: Keys a block's state may have in an SGDSaI state dict (any version of this package), and those the
 #: sharding layouts add (a DeepSpeed ZeRO flat partition's state: :mod:`sai_hf.sharding.deepspeed_zero`).
-SGDSAI_STATE_KEYS = frozenset({"momentum_buffer", "gsnr", "scale", "step", "gsnr_eps_free"}) | extra_state_keys()
+SGDSAI_STATE_KEYS = frozenset({"momentum_buffer", "gsnr", "scale", "step", "gsnr_eps_free"}) | BACKEND_STATE_KEYS
 #: Keys of a parameter group that only this package writes.
 _SGDSAI_GROUP_KEY = "normalize"
 #: Keys of the official package's parameter groups and block state.

@@ -31,7 +31,8 @@ from _models import TokenDataset, tiny_gpt2, tiny_llama, token_batches, training
 from transformers import Trainer
 
 import sai_hf
-import sai_hf.sharding.deepspeed_zero
+import sai_hf.sharding.base
+from sai_hf.sharding.deepspeed_zero import ZeroFragments
 from sai_hf import SGDSaI
 from sai_hf.callback import find_sgd_sai, parameter_names
 
@@ -39,11 +40,11 @@ SAI_ALL_REDUCES: list[str] = []
 
 
 def count_sai_all_reduces() -> None:
-    """Record every ``all_reduce`` issued from :mod:`sai_hf.sharding.deepspeed_zero`."""
+    """Record every ``all_reduce`` issued by the exact reducer (:mod:`sai_hf.sharding.base`)."""
     original = dist.all_reduce
 
     def all_reduce(tensor, *args, **kwargs):
-        if sys._getframe(1).f_globals.get("__name__") == sai_hf.sharding.deepspeed_zero.__name__:
+        if sys._getframe(1).f_globals.get("__name__") == sai_hf.sharding.base.__name__:
             SAI_ALL_REDUCES.append(f"{tuple(tensor.shape)} {tensor.dtype}")
         return original(tensor, *args, **kwargs)
 
@@ -76,7 +77,7 @@ def trainer_run(out: Path, name: str, stage: int, model=None, dataset=None, resu
         "scales": scales,
         "all_reduces": list(SAI_ALL_REDUCES),
         "partition_shapes": [[tuple(p.shape) for p in g["params"]] for g in sai.param_groups],
-        "zero_layout": isinstance(sai.layout(), sai_hf.sharding.deepspeed_zero.ZeroPartitions),
+        "zero_layout": all(isinstance(b.backend, ZeroFragments) for b in sai.blocks()),
         "steps": trainer.state.global_step,
         "weights": weights,
         "trainer": trainer,

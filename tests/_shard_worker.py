@@ -131,6 +131,11 @@ def dtensor_checks(rank: int) -> dict:
     out["auto_scales"] = [sai.state[p]["scale"] for p in params[:-1]]
     out["single_scales"] = [single.state[p]["scale"] for p in sai_params[:-1]]
     out["auto_records"] = len(records)
+    # Ranks that disagree on the number of blocks fail on the fixed-size check, not inside a
+    # collective whose size depends on the count (which would hang or fail obscurely).
+    mine = params[:2] if rank == 0 else params[:3]
+    reducer = sai_hf.sharding.ExactReducer([sai_hf.sharding.Placement(True, True, p.numel()) for p in mine], 2)
+    out["count_mismatch_refused"] = raises_unsupported(lambda: reducer(torch.zeros((len(mine), 5), dtype=torch.float64)))
     return out
 
 
@@ -178,7 +183,8 @@ def fsdp1_checks(rank: int, out_dir: Path) -> dict:
             dict(reference.named_parameters())[deferred_name].grad.zero_()
         before = len(SAI_ALL_REDUCES)
         callback.on_pre_optimizer_step(args, state, None, model=model, optimizer=opt)
-        opt.step()  # lazily calls initialize_scales on the rank holding the deferred block: no 2nd collective
+        opt.step()  # every rank reduces the blocks without a scale, the deferred one with a zero row where absent
+        callback.on_optimizer_step(args, state, None, model=model, optimizer=opt)
         ref_opt.step()
         per_step.append(
             {

@@ -23,7 +23,8 @@ from transformers import Trainer
 
 from sai_hf import SGDSaI, UnsupportedShardingError, cpu_update, native
 from sai_hf.gsnr import STATISTICS_WIDTH
-from sai_hf.sharding.deepspeed_zero import ZeroPartitions, deepspeed_in_use, refuse_unsupported_deepspeed
+from sai_hf.sharding.deepspeed_config import deepspeed_in_use, refuse_unsupported_deepspeed
+from sai_hf.sharding.deepspeed_zero import ZeroFragments
 
 TESTS = Path(__file__).resolve().parent
 CONFIGS = TESTS.parent / "configs"
@@ -36,6 +37,10 @@ SCALE_TOLERANCE = 1e-6  # the issue's bound on the relative scale difference vs 
 # (autocast: 1.0e-3, a bf16 model: 5.2e-4) is no closer, so fp32 is the reference. A block counted
 # from one rank's half only would be off by ~30% (sqrt(n/2) vs sqrt(n)).
 BF16_SCALE_TOLERANCE = 1e-2
+
+
+#: How the worker records the reducer's first all_reduce: the ranks agree on the list of blocks.
+CHECK = "(4,) torch.float64"
 
 
 def rows(blocks: int) -> str:
@@ -117,7 +122,7 @@ def test_zero2_trainer_scales_equal_single_process(trainer_runs, single_gpt2):
     print(f"\n[zero2] max relative scale difference vs 1 process: {diff:.3e}")
     assert diff <= SCALE_TOLERANCE
     # One all_reduce per parameter group (DeepSpeed steps the groups one at a time), at step 1 only.
-    assert rank0["all_reduces"] == [rows(10), rows(18)]
+    assert rank0["all_reduces"] == [CHECK, rows(10), CHECK, rows(18)]
 
 
 @needs_deepspeed
@@ -150,7 +155,7 @@ def test_zero2_lora_deferred_lora_a_trains_and_matches_single_process(trainer_ru
     lora = trainer_runs.ranks[0]["lora"]
     assert trainer_runs.ranks[1]["lora"]["scales"] == lora["scales"]
     # Step 1: all 8 LoRA blocks reduced, lora_A's zero gradient leaves it deferred; step 2: the 4 lora_A.
-    assert lora["all_reduces"] == [rows(8), rows(4)]
+    assert lora["all_reduces"] == [CHECK, rows(8), CHECK, rows(4)]
     assert all(moved > 0 for moved in lora["moved"].values())
     reference, _ = single_trainer(tmp_path, lora_llama(), max_steps=3, weight_decay=0.0)
     diff = max_rel_diff(lora["scales"], reference)
@@ -167,7 +172,7 @@ def test_zero2_trainer_bf16_from_deepspeed_config(bf16_runs, single_gpt2):
     assert rank0["model_dtypes"] == ["torch.bfloat16"] and rank0["partition_dtypes"] == ["torch.float32"]
     assert rank0["steps"] == 4 and len(rank0["losses"]) == 4 and all(math.isfinite(x) for x in rank0["losses"])
     assert rank0["zero_layout"] and rank0["partition_shapes"] == [[[14848]], [[448]]]
-    assert rank0["all_reduces"] == [rows(10), rows(18)]  # as in fp32: one per group, at step 1 only
+    assert rank0["all_reduces"] == [CHECK, rows(10), CHECK, rows(18)]  # as in fp32: one per group, at step 1 only
     assert rank0["scales"] == rank1["scales"]
     report = json.loads((bf16_runs.out / "bf16" / "gsnr.json").read_text())
     assert {k: v["numel"] for k, v in report.items()} == {k: v["numel"] for k, v in single_gpt2.report.items()}
@@ -214,7 +219,7 @@ def test_plain_deepspeed_initialize_with_sgd_sai(zero1_runs):
     names = {id(p): n for n, p in model.named_parameters()}
     reference = {names[id(p)]: s for p, s in optimizer.scales().items()}
     plain = zero1_runs.ranks[0]["plain"]
-    assert plain["all_reduces"] == [rows(28)]  # one group: one collective for every block
+    assert plain["all_reduces"] == [CHECK, rows(28)]  # one group: one collective for every block
     diff = max_rel_diff(plain["scales"], reference)
     print(f"\n[plain deepspeed.initialize] max relative scale difference vs 1 process: {diff:.3e}")
     assert diff <= SCALE_TOLERANCE
@@ -265,7 +270,7 @@ def test_flat_partition_layout_equals_per_tensor_optimizer(momentum, large, monk
             reference.step()
             flat.grad = torch.cat([g.reshape(-1) for g in step_grads] + [torch.zeros(3)])
             zero.step()
-    assert isinstance(zero.layout(), ZeroPartitions)
+    assert all(isinstance(b.backend, ZeroFragments) for b in zero.blocks())
     assert list(zero.scales()) == zero_params  # keyed by the model's parameters
     assert list(zero.scales().values()) == list(reference.scales().values())
     got = [flat.detach()[int(p._hp_mapping.hp_fragment_address.start) :][: p.numel()].view(p.shape) for p in zero_params]
@@ -294,8 +299,9 @@ def test_flat_partition_normalize_max_with_two_groups_refused():
         optimizer.param_groups[k]["params"] = [flat]
         flat.grad = torch.randn(p.numel())
         flats.append(flat)
-    with pytest.raises(UnsupportedShardingError, match="normalize='max'"):
+    with pytest.raises(UnsupportedShardingError, match="normalize='max'") as err:
         optimizer.step()
+    assert "normalize='none'" in str(err.value) and "Trainer always builds two" in str(err.value)
     assert not optimizer.scales()
 
 
@@ -305,9 +311,10 @@ def test_flat_partition_normalize_max_with_two_groups_refused():
     [
         ({"zero_optimization": {"stage": 3}}, "stage 3"),
         ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param"),
         ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {}}}, "'optimizer' section"),
     ],
-    ids=["zero3", "offload_optimizer", "optimizer_section"],
+    ids=["zero3", "offload_optimizer", "offload_param", "optimizer_section"],
 )
 def test_trainer_refuses_unsupported_deepspeed_before_training(tmp_path, config, match):
     args = training_args(tmp_path)

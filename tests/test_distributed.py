@@ -178,7 +178,7 @@ def fsdp2_run(tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.mark.slow
-def test_fsdp2_reducer_equals_whole_tensor_statistics_in_one_all_reduce(fsdp2_run):
+def test_fsdp2_reducer_equals_whole_tensor_statistics_after_agreeing_on_the_blocks(fsdp2_run):
     for rank in fsdp2_run.ranks:
         assert rank["world"] == 2 and rank["fsdp_version"] == 2
         check = rank["reducer"]
@@ -188,9 +188,9 @@ def test_fsdp2_reducer_equals_whole_tensor_statistics_in_one_all_reduce(fsdp2_ru
         # g-SNR of the reduced shards vs of the whole tensors; large CPU tensors are reduced in float32
         # rows (gradient_statistics), whose boundaries differ between a shard and the whole tensor.
         assert check["max_rel_diff"] < 1e-7
-        assert check["check_all_reduces"] == 1
-        # The Trainer run: one all_reduce for all 28 blocks (+1 row: the block-list fingerprint).
-        assert rank["all_reduces_a"] == ["(29, 5) torch.float64"]
+        assert check["check_all_reduces"] == 2
+        # The Trainer run: the ranks agree on the block list, then one all_reduce for all 28 blocks.
+        assert rank["all_reduces_a"] == ["(4,) torch.float64", "(28, 5) torch.float64"]
 
 
 @pytest.mark.slow
@@ -244,18 +244,19 @@ def shard_run(tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.mark.slow
-def test_dtensor_layouts_reduce_exactly_in_one_all_reduce(shard_run):
+def test_dtensor_layouts_reduce_exactly_after_agreeing_on_the_blocks(shard_run):
     for rank in shard_run.ranks:
         d = rank["dtensor"]
-        assert d["reducer_all_reduces"] == [[9, 5]]  # 8 blocks + fingerprint row, one collective
+        assert d["reducer_all_reduces"] == [[4], [8, 5]]  # block-list check, then 8 blocks' rows
         assert d["reduced_n"] == d["whole_n"]  # replicas counted once, shards summed, empty shard ok
         assert d["reduced_finite"]  # the NaN of a non-contributing replica did not leak
         assert d["reduced_vs_whole_max_rel"] < 1e-12
         assert d["unsharded_only_reducer_is_none"]
         assert "Partial" in d["partial_refused"]
-        assert d["auto_all_reduces"] == [[8, 5]]  # initialize_scales() picked the reducer by itself
+        assert d["auto_all_reduces"] == [[4], [7, 5]]  # initialize_scales() picked the reducer by itself
         assert d["auto_second_call_in_same_step"] == 0
         assert d["auto_records"] == 7
+        assert "different lists of parameter blocks" in d["count_mismatch_refused"]
         assert max(abs(a - b) / b for a, b in zip(d["auto_scales"], d["single_scales"])) < 1e-12
     local0, local1 = (rank["dtensor"]["local_n"] for rank in shard_run.ranks)
     assert local0[1] == 1.0 and local1[1] == 0.0  # the (1,) tensor: rank 1's shard is empty
@@ -268,9 +269,9 @@ def test_fsdp1_use_orig_params_callback_and_lazy_path(shard_run):
     has_grad = [[s["deferred_has_grad_here"] for s in f["steps"]] for f in (rank0, rank1)]
     assert has_grad[0] != has_grad[1]
     for f in (rank0, rank1):
-        assert f["steps"][0]["all_reduces"] == [[29, 5]]  # the callback's; step() adds none
+        assert f["steps"][0]["all_reduces"] == [[4], [28, 5]]  # step() on every rank, the deferred block too
         assert not f["steps"][0]["deferred_scaled"]
-        assert f["steps"][1]["all_reduces"] == [[2, 5]] and f["steps"][1]["deferred_scaled"]
+        assert f["steps"][1]["all_reduces"] == [[4], [1, 5]] and f["steps"][1]["deferred_scaled"]
         assert set(f["scales"]) == set(f["reference_scales"]) and len(f["scales"]) == 28
         assert f["scales_vs_reference_max_rel"] < 1e-6
         assert f["lazy_scaled"] == 28 and f["lazy_scales_vs_single_max_rel"] < 1e-6

@@ -181,6 +181,29 @@ def test_lora_deferred_blocks_are_scaled_later_and_reported(tmp_path):
     assert all(8 < g < 20 for g in lora_a), lora_a  # scale-free g-SNR of a 4x64 block, ~sqrt(256)
 
 
+def test_the_optimizer_step_scales_and_the_callback_registers_once(tmp_path, monkeypatch):
+    """One entry point: the scales come from SGDSaI.step; the callback registers the model once per
+    run (not at every step while a block, e.g. a never-used one, waits) and only reports."""
+    calls = {"register_model": 0, "initialize_scales": 0}
+    for name in calls:
+        original = getattr(SGDSaI, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(SGDSaI, name, counted)
+    model = tiny_gpt2()
+    unused = torch.nn.Parameter(torch.randn(4, 4))  # never receives a gradient: never scaled
+    model.register_parameter("unused_head", unused)
+    trainer = _train(tmp_path, model=model, max_steps=4)
+    assert calls == {"register_model": 1, "initialize_scales": 0}
+    sai = find_sgd_sai(trainer.optimizer)
+    assert not sai.has_scale(unused) and not sai.all_blocks_scaled()
+    report = json.loads((tmp_path / "gsnr.json").read_text())
+    assert "unused_head" not in report and len(report) == len(sai.scales())
+
+
 def test_callback_added_by_hand_is_harmless(tmp_path):
     trainer = Trainer(
         model=tiny_gpt2(), args=training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[GSNRCallback()]

@@ -78,15 +78,17 @@ class Backends:
         return backend
 
     def blocks(self, optimizer: Any, groups: Sequence[dict[str, Any]], stepping: bool) -> list[Block]:
-        """Every block held by the parameters of ``groups``, group by group, in the same order on
-        every rank."""
+        """Every block held by the parameters of ``groups``, in parameter order (the same on every rank)."""
         out: list[Block] = []
         for group in groups:
-            claimed: dict[int, tuple[ShardingBackend, list[Tensor]]] = {}
+            runs: list[tuple[ShardingBackend, list[Tensor]]] = []  # consecutive parameters of one backend
             for p in group["params"]:
                 backend = self.backend(p)
-                claimed.setdefault(id(backend), (backend, []))[1].append(p)
-            for backend, params in claimed.values():
+                if runs and runs[-1][0] is backend:
+                    runs[-1][1].append(p)
+                else:
+                    runs.append((backend, [p]))
+            for backend, params in runs:
                 out.extend(backend.blocks(optimizer, group, params, stepping))
         return out
 
