@@ -22,7 +22,6 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .base import Block, Placement, UnsupportedShardingError
-from .dtensor import dtensor_types
 from .local import WholeTensors
 
 __all__ = ["Fsdp1Views", "FLAT_PARAMETER_MESSAGE"]
@@ -107,10 +106,12 @@ class Fsdp1Views(WholeTensors):
         """Two 1-D optimizer parameters sharing one storage are flat views into one buffer: the
         signature of FSDP1 ``use_orig_params=True`` (every original parameter becomes a 1-D view of
         the local shard, or of one shared empty tensor), whose views must be registered."""
-        dtensor = dtensor_types()
         seen: dict[int, int] = {}
-        for i, p in enumerate(block.param for block in blocks):
-            if p.dim() != 1 or (dtensor and isinstance(p, dtensor)) or p in self.views:
+        for i, block in enumerate(blocks):
+            p = block.param
+            # Only parameters taken as whole tensors: DeepSpeed's model parameters are views into
+            # its flat buffers too, but their blocks are partition fragments (another backend).
+            if type(block.backend) is not WholeTensors or p.dim() != 1:
                 continue
             try:
                 key = p.untyped_storage()._cdata
