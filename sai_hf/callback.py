@@ -1,42 +1,19 @@
-"""``GSNRCallback``: fixes SGD-SaI's scales inside ``Trainer`` and reports them.
+"""``GSNRCallback``: registers the Trainer's model with :class:`sai_hf.SGDSaI` and reports the scales it fixed.
 
-The optimizer fixes each block's scale inside its own ``step()`` (:meth:`sai_hf.SGDSaI.step`); this
-callback registers the Trainer's model with it once per run (FSDP1 views) and reports. A block
-deferred at the first step (zero or non-finite gradient) is scaled at the first later step where it
-has a usable gradient; a block that never receives a gradient never gets a scale. After each
-optimizer step in which blocks received their scale (``on_optimizer_step``) the callback
+The optimizer scales each block in its own ``step()`` (a block deferred at the first step gets its scale at its first
+usable gradient; one that never gets a gradient never gets a scale); the callback knows no sharding backend. After each
+optimizer step in which blocks received their scale it adds ``gsnr/scale_{min,median,max}``, ``gsnr/scaled`` and
+``gsnr/deferred`` to the Trainer's next log and (world process zero) rewrites ``<output_dir>/gsnr.json`` atomically::
 
-* adds a summary to the Trainer's next log (``gsnr/scale_min``, ``gsnr/scale_median``,
-  ``gsnr/scale_max``, ``gsnr/scaled``, ``gsnr/deferred``), so every ``report_to`` backend gets it;
-* writes ``<output_dir>/gsnr.json`` (world process zero only; rewritten, atomically, whenever
-  further blocks receive their scale)::
+    {"<name in model.named_parameters()>": {"gsnr": float, "scale": float, "numel": int, "gsnr_over_sqrt_numel": float}}
 
-      {"<name in model.named_parameters()>":
-          {"gsnr": float, "scale": float, "numel": int, "gsnr_over_sqrt_numel": float}, ...}
+for every parameter with a scale, under its original name (wrapper components removed: :func:`parameter_names`) and
+with the whole tensor's ``numel``. A resumed run restores the scales with the optimizer state and rewrites a missing or
+different report when it starts.
 
-  listing every parameter that has a scale, under its original name (wrapper components such as
-  DDP's ``module.``, FSDP1's ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` and
-  ``torch.compile``'s ``_orig_mod.`` removed) and with the whole tensor's ``numel``.
-  ``gsnr_over_sqrt_numel`` is ``gsnr / sqrt(numel)`` = ``sqrt(1 + mu^2 / var)`` up to the unbiased
-  correction: 1 where the block's g-SNR is just its size (what ``scale_rule="sqrt_numel"`` assumes),
-  larger where the gradient's mean dominates its spread.
-
-Resuming (``trainer.train(resume_from_checkpoint=...)``): the scales come back with the optimizer
-state and are never recomputed. If the report in ``output_dir`` is missing (a resume into a new
-``output_dir``) or differs from the restored scales, it is written at the start of the resumed run.
-
-Multi-process: the optimizer's sharding backends (:mod:`sai_hf.sharding`) sum sharded gradients
-statistics exactly across ranks, so every rank stores the same scales; under DeepSpeed ZeRO the
-engine steps inside ``backward``, and the report follows just the same. The callback knows no
-backend: it only talks to :class:`sai_hf.SGDSaI`.
-
-Automatic and hand-added callbacks: ``import sai_hf`` adds an :class:`AutoGSNRCallback` to every
-Trainer; it does nothing unless the Trainer's optimizer is an :class:`sai_hf.SGDSaI`. A
-``GSNRCallback`` you add yourself (``Trainer(callbacks=[GSNRCallback(...)])`` or
-``trainer.add_callback``) takes over: the automatic one then stands down for that run, so your
-``filename``, ``track_every`` and ``reduce_statistics`` are the ones used. With several hand-added
-callbacks, the first (in callback order) computes the scales and *every* one writes its own report,
-logs the summary and, if it tracks drift, keeps its own history; two that track drift into the same
+``import sai_hf`` adds an :class:`AutoGSNRCallback` to every Trainer (it does nothing unless the optimizer is SGD-SaI).
+A hand-added ``GSNRCallback`` takes over: the automatic one stands down for that run. With several hand-added ones,
+every one writes its own report, logs the summary and keeps its own drift history; two that track drift into the same
 history file are refused when training starts (``ValueError`` naming the file).
 """
 
@@ -58,17 +35,8 @@ from .drift import drift_summary
 from .optimizer import SGDSaI, StatisticsReducer, find_sgd_sai
 
 __all__ = [
-    "GSNRCallback",
-    "AutoGSNRCallback",
-    "find_sgd_sai",
-    "GSNR_FILENAME",
-    "HISTORY_FILENAME",
-    "TRACK_EVERY_ENV",
-    "checked_track_every",
-    "track_every_from_env",
-    "clean_parameter_name",
-    "parameter_names",
-    "unwrap_model",
+    "GSNRCallback", "AutoGSNRCallback", "find_sgd_sai", "GSNR_FILENAME", "HISTORY_FILENAME", "TRACK_EVERY_ENV",
+    "checked_track_every", "track_every_from_env", "clean_parameter_name", "parameter_names", "unwrap_model",
 ]
 
 #: File name of the per-block report in ``output_dir``.
@@ -82,46 +50,32 @@ CHECKPOINT_PREFIX = "checkpoint"
 
 
 def checked_track_every(value: Any, name: str = "track_every") -> int:
-    """``value`` if it is a valid drift-tracking interval (a whole number >= 0; 0 is off), else
-    ``ValueError`` naming ``name``."""
-    if isinstance(value, bool):
-        raise ValueError(f"Invalid {name}={value!r}: must be a whole number of optimizer steps >= 0 (0 disables drift tracking)")
+    """``value`` if it is a valid drift-tracking interval (a whole number >= 0; 0 is off), else ``ValueError`` naming ``name``."""
     try:
-        value = operator.index(value)
+        index = None if isinstance(value, bool) else operator.index(value)
     except TypeError:
-        raise ValueError(
-            f"Invalid {name}={value!r}: must be a whole number of optimizer steps >= 0 (0 disables drift tracking)"
-        ) from None
-    if value < 0:
-        raise ValueError(f"Invalid {name}={value}: must be >= 0 (0 disables drift tracking)")
-    return value
+        index = None
+    if index is None:
+        raise ValueError(f"Invalid {name}={value!r}: must be a whole number of optimizer steps >= 0 (0 disables drift tracking)")
+    if index < 0:
+        raise ValueError(f"Invalid {name}={index}: must be >= 0 (0 disables drift tracking)")
+    return index
 
 
 def track_every_from_env() -> int:
-    """``$SAI_HF_GSNR_TRACK_EVERY`` as a drift-tracking interval (unset or blank: 0, off).
-
-    Raises ``ValueError`` naming the variable and its value if it is not a whole number >= 0. Only
-    read for a Trainer whose optimizer is SGD-SaI, so a bad value never affects other Trainers.
-    """
-    text = os.environ.get(TRACK_EVERY_ENV, "")
-    if not text.strip():
-        return 0
+    """``$SAI_HF_GSNR_TRACK_EVERY`` as a drift-tracking interval (unset or blank: 0, off); ``ValueError`` naming the
+    variable and its value unless it is a whole number >= 0. Only read for a Trainer whose optimizer is SGD-SaI."""
+    text = os.environ.get(TRACK_EVERY_ENV, "").strip()
     try:
-        value = int(text.strip())
+        value = int(text) if text else 0
     except ValueError:
         value = -1
     if value < 0:
         raise ValueError(
-            f"Invalid environment variable {TRACK_EVERY_ENV}={text!r}: expected a whole number of optimizer "
-            "steps >= 0 (0 or unset: no g-SNR drift tracking)"
+            f"Invalid environment variable {TRACK_EVERY_ENV}={os.environ[TRACK_EVERY_ENV]!r}: expected a whole number of "
+            "optimizer steps >= 0 (0 or unset: no g-SNR drift tracking)"
         )
     return value
-
-
-def default_history_filename(filename: str) -> str:
-    """The drift history's name for a report named ``filename``: ``gsnr.json`` -> ``gsnr_history.json``."""
-    stem, ext = os.path.splitext(filename)
-    return f"{stem}_history{ext or '.json'}"
 
 
 def _checked_filename(value: Any, name: str) -> str:
@@ -133,48 +87,32 @@ def _checked_filename(value: Any, name: str) -> str:
     return value
 
 
-def _selects_sgd_sai(args: Any, optimizer: Any) -> bool:
-    """Whether a Trainer with these arguments / this optimizer trains with SGD-SaI."""
-    if find_sgd_sai(optimizer) is not None:
-        return True
-    optim = getattr(args, "optim", None)
-    return getattr(optim, "value", optim) == "sgd_sai"
-
-
 #: Every live GSNRCallback, so that the automatic one can see whether a run also has hand-added ones.
 _INSTANCES: weakref.WeakSet[GSNRCallback] = weakref.WeakSet()
 
 
 class GSNRCallback(TrainerCallback):
-    """Computes SGD-SaI scales from the accumulated gradient, logs a summary, writes ``gsnr.json``.
+    """Reports SGD-SaI's scales (log summary, ``gsnr.json``) and optionally their g-SNR drift.
 
     Args:
         filename: name of the report written into ``args.output_dir``.
-        reduce_statistics: your own sum of per-shard gradient statistics across ranks; ``None``
-            (default): the optimizer's own (exact for FSDP2, FSDP1 ``use_orig_params=True`` and
-            DeepSpeed ZeRO, nothing to do for one process or DDP). When given, the callback scales
-            pending blocks with it just before ``optimizer.step()`` (and measures drift with it).
-        track_every: every this many optimizer steps, recompute the g-SNR of all scaled blocks
-            *without changing the scales* and log how far it drifted from the g-SNR the scales came
-            from (:mod:`sai_hf.drift`): ``gsnr_drift/spearman``, ``gsnr_drift/max_ratio``,
-            ``gsnr_drift/median_ratio`` and ``gsnr_drift/skipped`` (scaled blocks without a usable
-            gradient at that step, e.g. an unused head: left out of that measurement, ``NaN`` in the
-            history), appending to the history file. ``None``: read ``$SAI_HF_GSNR_TRACK_EVERY``
-            when the Trainer turns out to use SGD-SaI (a bad value raises ``ValueError`` naming the
-            variable when the Trainer is built); ``0``: off.
-        history_filename: the drift history in ``args.output_dir``; default: ``filename`` with
-            ``_history`` added (``gsnr.json`` -> ``gsnr_history.json``)::
+        reduce_statistics: your own sum of per-shard gradient statistics across ranks; ``None`` (default): the
+            optimizer's own. When given, pending blocks are scaled with it just before ``optimizer.step()`` (and drift
+            is measured with it).
+        track_every: every this many optimizer steps, recompute the g-SNR of all scaled blocks *without changing the
+            scales*, log ``gsnr_drift/spearman``, ``gsnr_drift/max_ratio``, ``gsnr_drift/median_ratio`` (against the
+            g-SNR each scale came from, :mod:`sai_hf.drift`) and ``gsnr_drift/skipped`` (scaled blocks without a
+            usable gradient at that step: left out, ``NaN`` in the history), and append to the history file.
+            ``None``: read ``$SAI_HF_GSNR_TRACK_EVERY`` when the Trainer turns out to use SGD-SaI (a bad value raises
+            ``ValueError`` naming the variable when the Trainer is built); ``0``: off.
+        history_filename: the drift history in ``args.output_dir``; default: ``filename`` with ``_history`` added::
 
                 {"steps": [1, N, 2N, ...], "blocks": {"<name>": [gsnr at scaling, at N, at 2N, ...]}}
 
-            A resumed run appends to it: entries after the resumed step are dropped and measuring
-            continues. The history is also copied into every checkpoint folder the Trainer saves, so
-            a resume into a new ``output_dir`` continues from the checkpoint's copy. A missing or
-            unreadable history is replaced by a new one starting from the restored g-SNR, with a
-            warning (an unreadable file is kept as ``<name>.corrupt``).
-
-    Every instance writes its report whenever blocks receive their scale, whichever instance
-    computed it; see the module docstring for automatic and hand-added callbacks.
+            A resumed run drops the entries after the resumed step and appends. The history is copied into every
+            checkpoint folder the Trainer saves, so a resume into a new ``output_dir`` continues the checkpoint's
+            copy. A missing or unreadable history restarts from the restored g-SNR, with a warning (an unreadable file
+            is kept as ``<name>.corrupt``).
     """
 
     #: ``True`` only for the instance ``import sai_hf`` adds to every Trainer.
@@ -188,25 +126,29 @@ class GSNRCallback(TrainerCallback):
         history_filename: str | None = None,
     ) -> None:
         filename = _checked_filename(filename, "filename")
-        history_filename = _checked_filename(
-            default_history_filename(filename) if history_filename is None else history_filename, "history_filename"
-        )
+        if history_filename is None:
+            stem, ext = os.path.splitext(filename)
+            history_filename = f"{stem}_history{ext or '.json'}"
+        history_filename = _checked_filename(history_filename, "history_filename")
         if os.path.normpath(history_filename) == os.path.normpath(filename):
             raise ValueError(f"Invalid history_filename={history_filename!r}: it is also the report's filename")
         self.filename = filename
         self.history_filename = history_filename
         self.reduce_statistics = reduce_statistics
         self.track_every = None if track_every is None else checked_track_every(track_every)
-        self._run: Any = None  # the TrainerState of the run this instance belongs to
+        self._reset(None)
+        _INSTANCES.add(self)
+
+    # -------------------------------------------------------------- run bookkeeping
+    def _reset(self, run: Any) -> None:
+        self._run = run  # the TrainerState of the run this instance belongs to
         self._started = False
         self._standing_down = False
         self._reported = 0  # blocks with a scale at the last report
         self._pending_summary: dict[str, float] | None = None
         self._history: dict[str, Any] | None = None
         self._last_tracked = 0
-        _INSTANCES.add(self)
 
-    # -------------------------------------------------------------- run bookkeeping
     def _interval(self) -> int:
         if self.track_every is None:
             self.track_every = track_every_from_env()
@@ -220,10 +162,9 @@ class GSNRCallback(TrainerCallback):
         return os.path.join(args.output_dir or ".", self.history_filename)
 
     def _begin(self, args: Any, state: Any, model: Any, optimizer: Any) -> SGDSaI | None:
-        """The SGD-SaI optimizer to work on, or ``None`` (not SGD-SaI, or standing down).
-
-        The first call of a run (after every callback's ``on_train_begin``) decides whether an
-        automatic instance stands down, and reports scales restored from a checkpoint."""
+        """The SGD-SaI optimizer to work on, or ``None`` (not SGD-SaI, or standing down). The first call of a run
+        (after every callback's ``on_train_begin``) decides whether an automatic instance stands down, and reports
+        scales restored from a checkpoint."""
         sai = find_sgd_sai(optimizer)
         if self._started:
             return None if self._standing_down else sai
@@ -243,7 +184,12 @@ class GSNRCallback(TrainerCallback):
             zero = getattr(state, "is_world_process_zero", True)
             if zero and args.output_dir:
                 path = os.path.join(args.output_dir, self.filename)
-                if _read_json_or_none(path) != self.report(sai, names):
+                try:
+                    with open(path, encoding="utf-8") as fh:
+                        written = json.load(fh)
+                except (OSError, ValueError):
+                    written = None
+                if written != self.report(sai, names):
                     self.write_report(path, sai, names)
             if self.track_every and getattr(state, "global_step", 0) > 0 and zero:
                 self._history = self._resumed_history(args, state, sai, names)
@@ -251,26 +197,17 @@ class GSNRCallback(TrainerCallback):
 
     # -------------------------------------------------------------- events
     def on_init_end(self, args, state, control, optimizer=None, **kwargs):
-        if self.track_every is None and _selects_sgd_sai(args, optimizer):
+        optim = getattr(args, "optim", None)
+        if self.track_every is None and (find_sgd_sai(optimizer) is not None or getattr(optim, "value", optim) == "sgd_sai"):
             self._interval()  # a bad $SAI_HF_GSNR_TRACK_EVERY fails here, when the Trainer is built
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        self._run = state
-        self._started = False
-        self._standing_down = False
-        self._reported = 0
-        self._pending_summary = None
-        self._history = None
-        self._last_tracked = 0
+        self._reset(state)
         if self.automatic or find_sgd_sai(optimizer) is None or not self._interval():
             return
         path = os.path.normpath(os.path.abspath(self._history_path(args)))
         for other in self._peers(state):
-            if (
-                not other.automatic
-                and other.track_every
-                and os.path.normpath(os.path.abspath(other._history_path(args))) == path
-            ):
+            if not other.automatic and other.track_every and os.path.normpath(os.path.abspath(other._history_path(args))) == path:
                 raise ValueError(
                     f"Two GSNRCallbacks track g-SNR drift into the same file {path}: give one of them another "
                     "filename or history_filename"
@@ -326,13 +263,8 @@ class GSNRCallback(TrainerCallback):
 
     # -------------------------------------------------------------- drift
     def track_drift(self, args, state, model: torch.nn.Module, sai: SGDSaI) -> None:
-        """Recompute every scaled block's g-SNR (scales unchanged), queue ``gsnr_drift/spearman``,
-        ``gsnr_drift/max_ratio``, ``gsnr_drift/median_ratio`` (against the g-SNR each block was
-        scaled with) and ``gsnr_drift/skipped`` for the next log, and append to the history file.
-
-        Blocks without a usable gradient at this step (absent, zero or non-finite) are left out of
-        the statistics and get ``NaN`` in the history; the other blocks are still measured.
-        """
+        """Recompute every scaled block's g-SNR (scales unchanged), queue the ``gsnr_drift/*`` summary for the next
+        log and append to the history file; blocks without a usable gradient now get ``NaN`` there."""
         current = sai.measure_gsnr(reduce_statistics=self.reduce_statistics)
         names = parameter_names(model)
         scaled = _scaled_blocks(sai, names)
@@ -347,8 +279,8 @@ class GSNRCallback(TrainerCallback):
         history = self._history
         history["steps"].append(getattr(state, "global_step", 0) + 1)
         width = len(history["steps"])
-        for p, state in scaled.items():
-            history["blocks"].setdefault(names[id(p)], [state["gsnr"]])
+        for p, block_state in scaled.items():
+            history["blocks"].setdefault(names[id(p)], [block_state["gsnr"]])
         measured = {names[id(p)]: current[p] for p in blocks}
         for name, series in history["blocks"].items():
             series.extend([math.nan] * (width - 1 - len(series)))
@@ -360,12 +292,11 @@ class GSNRCallback(TrainerCallback):
     @staticmethod
     def _new_history(sai: SGDSaI, names: dict[int, str]) -> dict[str, Any]:
         """A history holding only the g-SNR every scaled block was scaled with (as step 1)."""
-        blocks = {names[id(p)]: [state["gsnr"]] for p, state in _scaled_blocks(sai, names).items()}
-        return {"steps": [1], "blocks": blocks}
+        return {"steps": [1], "blocks": {names[id(p)]: [state["gsnr"]] for p, state in _scaled_blocks(sai, names).items()}}
 
     def _resumed_history(self, args: Any, state: Any, sai: SGDSaI, names: dict[int, str]) -> dict[str, Any]:
-        """The history to append to after resuming at ``state.global_step``: ``output_dir``'s file,
-        else the resumed checkpoint's copy, else a new one (with a warning)."""
+        """The history to append to after resuming at ``state.global_step``: ``output_dir``'s file, else the resumed
+        checkpoint's copy, else a new one (with a warning)."""
         step = state.global_step
         path = self._history_path(args)
         problem, corrupt = f"{path} does not exist", False
@@ -380,8 +311,8 @@ class GSNRCallback(TrainerCallback):
                 except OSError:
                     problem = f"{path} is unreadable ({err})"
         name = os.path.basename(self.history_filename)
-        folders = [getattr(args, "resume_from_checkpoint", None), os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{step}")]
-        for folder in folders:
+        checkpoint = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{step}")
+        for folder in (getattr(args, "resume_from_checkpoint", None), checkpoint):
             if not isinstance(folder, str) or not os.path.isfile(os.path.join(folder, name)):
                 continue
             try:
@@ -402,33 +333,25 @@ class GSNRCallback(TrainerCallback):
     # -------------------------------------------------------------- reports
     @staticmethod
     def summary(sai: SGDSaI) -> dict[str, float]:
-        """``gsnr/scale_{min,median,max}``, ``gsnr/scaled`` and ``gsnr/deferred`` (blocks with a
-        gradient still waiting for their scale)."""
+        """``gsnr/scale_{min,median,max}``, ``gsnr/scaled`` and ``gsnr/deferred`` (blocks with a gradient still
+        waiting for their scale)."""
         scales = list(sai.scales().values())
         out: dict[str, float] = {"gsnr/scaled": float(len(scales)), "gsnr/deferred": float(len(sai.pending_params()))}
         if scales:
             out.update(
-                {
-                    "gsnr/scale_min": min(scales),
-                    "gsnr/scale_median": statistics.median(scales),
-                    "gsnr/scale_max": max(scales),
-                }
+                {"gsnr/scale_min": min(scales), "gsnr/scale_median": statistics.median(scales), "gsnr/scale_max": max(scales)}
             )
         return out
 
     @staticmethod
     def report(sai: SGDSaI, names: dict[int, str]) -> dict[str, dict[str, float | int]]:
-        """``{name: {"gsnr", "scale", "numel", "gsnr_over_sqrt_numel"}}`` for every parameter of
-        ``names`` that has a scale."""
+        """``{name: {"gsnr", "scale", "numel", "gsnr_over_sqrt_numel"}}`` for every parameter of ``names`` that has a scale."""
         out: dict[str, dict[str, float | int]] = {}
         for block in sai.blocks():
             if "scale" in block.state and id(block.param) in names:
-                numel = block.placement.numel
+                gsnr, numel = block.state["gsnr"], block.placement.numel
                 out[names[id(block.param)]] = {
-                    "gsnr": block.state["gsnr"],
-                    "scale": block.state["scale"],
-                    "numel": numel,
-                    "gsnr_over_sqrt_numel": block.state["gsnr"] / math.sqrt(numel),
+                    "gsnr": gsnr, "scale": block.state["scale"], "numel": numel, "gsnr_over_sqrt_numel": gsnr / math.sqrt(numel)
                 }
         return out
 
@@ -443,10 +366,8 @@ def _scaled_blocks(sai: SGDSaI, names: dict[int, str]) -> dict[torch.Tensor, Any
 
 
 class AutoGSNRCallback(GSNRCallback):
-    """The :class:`GSNRCallback` that ``import sai_hf`` adds to every Trainer (through
-    ``transformers.trainer.DEFAULT_CALLBACKS``), with the default file names and
-    ``track_every`` from ``$SAI_HF_GSNR_TRACK_EVERY``. It stands down for a run in which the Trainer
-    also has a hand-added :class:`GSNRCallback`, so that the user's configuration is the one used."""
+    """The :class:`GSNRCallback` that ``import sai_hf`` adds to every Trainer (through ``DEFAULT_CALLBACKS``): default
+    file names, ``track_every`` from ``$SAI_HF_GSNR_TRACK_EVERY``; stands down for a run with a hand-added one."""
 
     automatic = True
 
@@ -472,51 +393,34 @@ def _load_history(path: str, upto_step: int) -> dict[str, Any]:
     for name, series in data["blocks"].items():
         if not isinstance(series, list) or len(series) > len(steps):
             raise ValueError(f"block {name!r} does not hold one value per step")
-        values = []
-        for v in series[:keep]:
-            if v is None:
-                v = math.nan
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"block {name!r} holds a non-number {v!r}")
-            values.append(float(v))
-        values.extend([math.nan] * (keep - len(values)))
-        blocks[str(name)] = values
+        values = [math.nan if v is None else v for v in series[:keep]]
+        bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+        if bad is not None:
+            raise ValueError(f"block {name!r} holds a non-number {bad!r}")
+        blocks[str(name)] = [float(v) for v in values] + [math.nan] * (keep - len(values))
     return {"steps": steps[:keep], "blocks": blocks}
-
-
-def _read_json_or_none(path: str) -> Any:
-    """The JSON in ``path``, or ``None`` if it is missing or unreadable."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
 
 
 def _write_json(path: str, payload: Any) -> None:
     """Write ``payload`` as JSON to ``path`` atomically (NaN written as ``NaN``)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with open(f"{path}.tmp", "w", encoding="utf-8") as fh:
         json.dump(payload, fh, indent=1)
-    os.replace(tmp, path)
+    os.replace(f"{path}.tmp", path)
 
 
-#: Module names that wrappers insert into parameter names (FSDP1, activation checkpointing,
-#: ``torch.compile``); they are dropped wherever they occur.
+#: Module names that wrappers insert into parameter names (FSDP1, activation checkpointing, ``torch.compile``).
 WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
 
 def clean_parameter_name(name: str) -> str:
-    """``name`` without wrapper components: ``_fsdp_wrapped_module.h.0._checkpoint_wrapped_module.w``
-    becomes ``h.0.w``."""
+    """``name`` without wrapper components: ``_fsdp_wrapped_module.h.0._checkpoint_wrapped_module.w`` -> ``h.0.w``."""
     return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's model inside DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)
-    wrappers, so that names do not start with ``module.``. FSDP wrappers are kept (FSDP1 is where the
-    shard views live; its name components are removed by :func:`clean_parameter_name`)."""
+    """The user's model inside DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers. FSDP
+    wrappers are kept (FSDP1 is where the shard views live; :func:`clean_parameter_name` drops their components)."""
     parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
     for _ in range(8):
         if isinstance(model, parallel):
@@ -529,6 +433,5 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def parameter_names(model: torch.nn.Module) -> dict[int, str]:
-    """``id(parameter) -> name`` as in the unwrapped model's ``named_parameters()``, with wrapper
-    components removed (:func:`unwrap_model`, :func:`clean_parameter_name`)."""
+    """``id(parameter) -> name`` as in the unwrapped model's ``named_parameters()``, wrapper components removed."""
     return {id(p): clean_parameter_name(name) for name, p in unwrap_model(model).named_parameters()}

@@ -1,24 +1,13 @@
-"""Registration of sai-hf's optimizers as ``--optim`` names in ``transformers``.
+"""Registration of sai-hf's optimizers as ``--optim`` names in ``transformers`` (5.2+), as data: one
+:class:`OptimizerRegistration` per optimizer in :data:`REGISTRY`. :func:`register` (idempotent) adds each name
 
-Registration is data: one frozen :class:`OptimizerRegistration` per optimizer in :data:`REGISTRY`.
-:func:`register` installs every entry through the two extension points ``transformers`` (5.2+)
-already has, without replacing any of its functions:
+1. as a member of ``transformers.training_args.OptimizerNames`` (so ``TrainingArguments(optim=...)`` and its
+   subclasses validate it and ``HfArgumentParser`` lists it); the member pickles as ``getattr(OptimizerNames, NAME,
+   "name")``, so a checkpoint's ``training_args.bin`` unpickles without sai_hf (as the plain string);
+2. as a handler in ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` (``Trainer.get_optimizer_cls_and_kwargs``);
 
-1. a member of the enum ``transformers.training_args.OptimizerNames``, so that
-   ``TrainingArguments(optim=...)`` (and subclasses: ``Seq2SeqTrainingArguments``, TRL's configs)
-   validate the name and ``HfArgumentParser`` lists it among ``--optim``'s argparse choices;
-2. a handler in ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``, the table that
-   ``Trainer.get_optimizer_cls_and_kwargs`` dispatches on.
-
-A registered member pickles as ``getattr(OptimizerNames, NAME, "name")``, so a checkpoint's
-``training_args.bin`` unpickles without sai_hf (``optim`` is then the plain string ``"sgd_sai"``,
-which ``TrainingArguments`` accepts again once sai_hf is imported) and as the enum member with it.
-
-It also appends :class:`OptimArgsCheck` and :class:`sai_hf.callback.AutoGSNRCallback` (a
-:class:`sai_hf.GSNRCallback` that stands down when the Trainer has one added by hand) to
-``transformers.trainer.DEFAULT_CALLBACKS``, so every Trainer gets them: the callback computes the
-scales and writes ``gsnr.json`` when the optimizer is SGD-SaI and does nothing otherwise, and the
-check rejects bad ``--optim_args`` when the Trainer is built. :func:`register` is idempotent.
+and appends :class:`OptimArgsCheck`, :class:`ImportedSchedulerAlignment` and
+:class:`sai_hf.callback.AutoGSNRCallback` to ``transformers.trainer.DEFAULT_CALLBACKS``, so every Trainer gets them.
 """
 
 from __future__ import annotations
@@ -32,33 +21,18 @@ from transformers import TrainerCallback
 
 from .checkpoint import align_scheduler, remember_parameter_order
 from .sharding import refuse_unsupported_setup
-from .optim_args import (
-    OptionSpec,
-    parse_bool,
-    parse_dtype,
-    parse_float,
-    parse_optim_args,
-    parse_optional_bool,
-    parse_str,
-)
-from .optimizer import SGDSaI, validate_hyperparameters
+from .optim_args import OptionSpec, parse_bool, parse_dtype, parse_float, parse_optim_args, parse_optional_bool, parse_str
+from .optimizer import SGDSaI, find_sgd_sai, validate_hyperparameters
 
 __all__ = ["OptimizerRegistration", "REGISTRY", "OptimArgsCheck", "register", "optimizer_kwargs_from_args"]
 
 
 @dataclass(frozen=True)
 class OptimizerRegistration:
-    """An optimizer that ``--optim NAME`` selects.
-
-    Attributes:
-        name: the ``--optim`` value.
-        enum_name: the member name added to ``OptimizerNames``.
-        optimizer_cls: returns the optimizer class (a callable, so optional dependencies are only
-            imported when the optimizer is used).
-        options: the accepted ``--optim_args`` keys.
-        build_kwargs: ``(args, parsed_optim_args) -> constructor kwargs``; validates and raises
-            ``ValueError`` naming the offending key.
-    """
+    """An optimizer that ``--optim NAME`` selects: ``name`` (the ``--optim`` value), ``enum_name`` (the member added to
+    ``OptimizerNames``), ``optimizer_cls`` (returns the class: optional dependencies are imported only when used),
+    ``options`` (the accepted ``--optim_args`` keys), ``build_kwargs`` (``(args, parsed_optim_args) -> constructor
+    kwargs``, raising ``ValueError`` naming the offending key)."""
 
     name: str
     enum_name: str
@@ -190,16 +164,9 @@ def _transformers_hooks() -> tuple[type[enum.Enum], dict, list]:
 
 
 class OptimArgsCheck(TrainerCallback):
-    """Rejects a bad ``--optim_args`` for a sai-hf optimizer (and unsupported sharding for SGD-SaI) when the Trainer is built.
-
-    ``Trainer`` only reads ``--optim_args`` when it creates the optimizer, inside ``train()``; this
-    callback checks them at the end of ``Trainer.__init__`` so the error comes before any data
-    loading or training. For SGD-SaI, DeepSpeed ZeRO-3, optimizer offload or a DeepSpeed ``optimizer``
-    section, and FSDP1 with ``use_orig_params=False`` (FlatParameters, on which per-tensor g-SNR would be
-    silently wrong) are refused here too, with :class:`sai_hf.UnsupportedShardingError`
-    (naming the stage or option, suggesting ZeRO-2 or FSDP2). ZeRO-1/2 are supported
-    (:mod:`sai_hf.sharding.deepspeed_zero`).
-    """
+    """Rejects a bad ``--optim_args`` for a sai-hf optimizer at the end of ``Trainer.__init__`` (the Trainer reads them
+    only inside ``train()``), and for SGD-SaI the setups :func:`sai_hf.sharding.refuse_unsupported_setup` refuses
+    (DeepSpeed ZeRO-3, offload or an ``optimizer`` section, FSDP1 ``use_orig_params=False``)."""
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         found = optimizer_kwargs_from_args(args)
@@ -208,14 +175,11 @@ class OptimArgsCheck(TrainerCallback):
 
 
 class ImportedSchedulerAlignment(TrainerCallback):
-    """When training begins (after the Trainer loaded a checkpoint), gives the LR scheduler one entry
-    per parameter group where an official ``sgd-sai`` optimizer state was mapped onto other groups
-    (:func:`sai_hf.checkpoint.align_scheduler`): a run of ``SGD_sai(model.parameters())`` (one group)
-    resumed with ``--optim sgd_sai`` (the Trainer's two) keeps its learning-rate schedule on both."""
+    """When training begins (after the Trainer loaded a checkpoint), :func:`sai_hf.checkpoint.align_scheduler`: an
+    official ``SGD_sai(model.parameters())`` run resumed with ``--optim sgd_sai`` keeps its schedule on both groups."""
 
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
-        while optimizer is not None and not isinstance(optimizer, SGDSaI) and hasattr(optimizer, "optimizer"):
-            optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer
+        optimizer = find_sgd_sai(optimizer)
         while lr_scheduler is not None and hasattr(lr_scheduler, "scheduler"):
             lr_scheduler = lr_scheduler.scheduler  # accelerate's AcceleratedScheduler
         if isinstance(optimizer, SGDSaI) and lr_scheduler is not None:

@@ -50,34 +50,26 @@ SHARED_HYPERPARAMETERS = ("normalize", "scale_rule")
 
 
 def validate_hyperparameters(**values: Any) -> None:
-    """Raise ``ValueError`` naming the first invalid hyperparameter among ``values``.
-
-    Known keys: ``lr`` (>= 0), ``momentum`` (in [0, 1)), ``weight_decay`` (>= 0), ``eps`` (>= 0),
-    ``normalize`` (one of :data:`NORMALIZATIONS`), ``scale_rule`` (one of :data:`SCALE_RULES`), every
-    number finite; ``maximize`` (a bool);
-    ``momentum_dtype`` (a floating ``torch.dtype`` or None); ``fused`` / ``foreach`` (a bool or
-    None, not both True).
-    """
+    """Raise ``ValueError`` naming the first invalid hyperparameter among ``values``: ``lr``, ``weight_decay``, ``eps``
+    (>= 0), ``momentum`` (in [0, 1)), every other number finite; ``normalize`` / ``scale_rule`` (one of
+    :data:`NORMALIZATIONS` / :data:`SCALE_RULES`); ``maximize`` (a bool); ``momentum_dtype`` (a floating ``torch.dtype``
+    or None); ``fused`` / ``foreach`` (a bool or None, not both True)."""
     for key, value in values.items():
         if key == "maximize":
-            if not isinstance(value, bool):
-                raise ValueError(f"Invalid maximize={value!r}: expected True or False")
-            continue
-        if key in ("fused", "foreach"):
-            if value is not None and not isinstance(value, bool):
-                raise ValueError(f"Invalid {key}={value!r}: expected True, False or None")
-            continue
-        if key in ("normalize", "scale_rule"):
+            ok, expected = isinstance(value, bool), "True or False"
+        elif key in ("fused", "foreach"):
+            ok, expected = value is None or isinstance(value, bool), "True, False or None"
+        elif key in ("normalize", "scale_rule"):
             accepted = NORMALIZATIONS if key == "normalize" else SCALE_RULES
-            if value not in accepted:
-                raise ValueError(f"Invalid {key}={value!r}: expected one of {list(accepted)}")
-            continue
-        if key == "momentum_dtype":
-            if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
-                raise ValueError(f"Invalid momentum_dtype={value!r}: expected a floating torch.dtype or None")
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"Invalid {key}={value!r}: expected a finite number")
+            ok, expected = value in accepted, f"one of {list(accepted)}"
+        elif key == "momentum_dtype":
+            ok = value is None or (isinstance(value, torch.dtype) and value.is_floating_point)
+            expected = "a floating torch.dtype or None"
+        else:
+            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            expected = "a finite number"
+        if not ok:
+            raise ValueError(f"Invalid {key}={value!r}: expected {expected}")
         if key == "momentum" and not 0.0 <= value < 1.0:
             raise ValueError(f"Invalid momentum={value!r}: must be in [0, 1)")
         if key in ("lr", "eps", "weight_decay") and value < 0.0:
@@ -102,111 +94,52 @@ class SGDSaI(Optimizer):
 
     Args:
         params: parameters or parameter groups (as for any ``torch.optim.Optimizer``).
-        lr: learning rate ``eta``. Under ``normalize="none"`` the effective rate of block ``i`` is
-            ``lr * gsnr_i``; g-SNR of a large matrix is about ``sqrt(numel)`` (tens to hundreds), so
-            useful values are of AdamW's order (1e-4 .. 1e-3), and published ``sgd-sai`` learning
-            rates carry over unchanged. Under ``normalize="max"`` every scale is divided by
-            ``gsnr_max`` (the largest first-step g-SNR, about ``sqrt(numel)`` of the largest block;
-            ``gsnr.json`` lists every block's g-SNR), so ``lr`` under ``"max"`` equal to ``gsnr_max``
-            times ``lr`` under ``"none"`` gives the same run. Blocks scaled later (deferred, e.g.
-            LoRA's ``lora_A``) share that divisor, so their scale can exceed 1.
+        lr: learning rate ``eta``. Under ``normalize="none"`` block ``i``'s rate is ``lr * gsnr_i`` (a large matrix's
+            g-SNR is about ``sqrt(numel)``), so useful values are of AdamW's order and published ``sgd-sai`` learning
+            rates carry over. Under ``"max"``, ``lr`` equal to ``gsnr_max`` times the ``"none"`` one gives the same run.
         momentum: ``mu`` in [0, 1); ``m = mu m + (1 - mu) g``. ``0`` keeps no buffer.
         weight_decay: decoupled weight decay ``p *= 1 - lr * weight_decay`` (not scaled by g-SNR).
         eps: added to the gradient std in the g-SNR denominator.
-        normalize: ``"none"`` (official ``sgd-sai==1.0.3`` scales, the default) or ``"max"`` (the
-            paper: divide by the largest g-SNR among the blocks scaled at the first step; blocks
-            scaled later use that same divisor).
+        normalize: ``"none"`` (official ``sgd-sai==1.0.3`` scales, the default) or ``"max"`` (the paper: divide by the
+            largest g-SNR of the first scaling step; blocks scaled later share that divisor, so their scale can exceed 1).
         maximize: ascend instead of descend (negates the gradient).
-        scale_rule: what the scale is built from. ``"gsnr"`` (default): the g-SNR above.
-            ``"sqrt_numel"``: ``sqrt(numel_i)`` in place of ``gsnr_i`` (then divided by the largest
-            ``sqrt(numel)`` of the first scaling step under ``normalize="max"``), the rule of the
-            authors' later, unreleased ``v1.1.0-nightly`` branch. Since
-            ``gsnr = sqrt(n) sqrt(1 + mu^2 / var)`` (unbiased corrections aside), the two differ only
-            where a block's gradient mean is large against its spread; the g-SNR is still measured
-            and stored (``gsnr.json`` shows both), and blocks are still scaled at their first usable
-            gradient (deferred blocks stay untouched until then).
+        scale_rule: ``"gsnr"`` (default) or ``"sqrt_numel"``: ``sqrt(numel_i)`` in place of ``gsnr_i`` (the authors'
+            unreleased ``v1.1.0-nightly`` rule); the g-SNR is still measured and stored, and blocks are still scaled at
+            their first usable gradient.
         foreach: use the multi-tensor ``torch._foreach_*`` path.
-        fused: use torch's fused SGD kernel, one pass per block (the memory-bandwidth floor). With
-            ``foreach=None, fused=None`` (default) the fused path is taken wherever it applies
-            (floating-point parameters on CPU/CUDA/MPS/XPU, momentum in the parameter dtype), the
-            multi-tensor path otherwise.
-        momentum_dtype: dtype of the momentum buffers (default: each parameter's own dtype).
-            ``torch.bfloat16`` for float32 parameters halves optimizer memory (0.5x parameter
-            bytes, a quarter of AdamW's); the update is computed in the parameter's precision and
-            written back to the buffer with unbiased stochastic rounding.
+        fused: one pass per block (the memory-bandwidth floor). ``foreach=None, fused=None`` (default) takes it
+            wherever it applies, the multi-tensor path otherwise (:func:`sai_hf.functional.sgd_sai`).
+        momentum_dtype: dtype of the momentum buffers (default: each parameter's own). ``torch.bfloat16`` for float32
+            parameters halves optimizer memory; the update is computed in the parameter's precision and written back
+            with unbiased stochastic rounding.
 
-    Where the g-SNR is not defined, the behaviour is (``sai_hf`` fixes the official code here):
+    Where the g-SNR is not defined (``sai_hf`` departs from the official code here):
 
-    * **Deferred blocks.** A block whose gradient is absent, all zero or non-finite gets no scale
-      and is not touched (no momentum, no weight decay) until the first step where it is non-zero
-      and finite; its scale is computed then. This is what makes PEFT LoRA ``lora_A`` train: its
-      first gradient is exactly 0 because ``lora_B`` starts at 0.
-    * **Deferred blocks drop eps.** Such a block's first non-zero gradient is tiny by
-      construction (``lora_A``'s is ~1e-9, below ``eps=1e-8``), so ``norm / (std + eps)`` would
-      measure the gradient's magnitude, not its signal-to-noise ratio (a 4x64 ``lora_A`` gets
-      ~2 instead of ~16). Blocks scaled after the first scaling step therefore use the
-      scale-invariant limit ``norm / std``. Blocks scaled at the first step keep the official
-      formula (bit-compatible with ``sgd-sai``).
-    * **Degenerate blocks.** A one-element block, or a non-zero gradient with (near) zero
-      variance, has no meaningful g-SNR (the official code gives ``|g| / eps``, ~1e8, and the
-      weight runs to -inf). It gets ``gsnr_max`` as its g-SNR (scale 1.0 under
-      ``normalize="max"``), and a warning is issued once. ``gsnr_max`` is the largest well-defined
-      g-SNR of the first scaling step that has one (the first step, unless it scaled only
-      degenerate blocks); before it is known a degenerate block gets 1.0.
+    * **Deferred blocks.** A block whose gradient is absent, all zero or non-finite gets no scale and is not touched
+      (no momentum, no weight decay) until its first step with a non-zero finite gradient (PEFT ``lora_A``).
+    * **Deferred blocks drop eps.** Blocks scaled after the first scaling step use ``norm / std``: their first
+      non-zero gradient is tiny by construction (``lora_A``'s ~1e-9 < ``eps``), where ``norm / (std + eps)`` would
+      measure magnitude, not signal-to-noise. Blocks scaled at the first step keep the official formula.
+    * **Degenerate blocks.** A one-element block, or a gradient with (near) zero variance, gets ``gsnr_max`` as its
+      g-SNR (scale 1.0 under ``"max"``; 1.0 before ``gsnr_max`` is known) and one warning, not ``|g| / eps``.
 
-    State (``state_dict``): per block ``momentum_buffer`` (when ``momentum > 0``), ``gsnr`` and
-    ``scale`` (floats), ``gsnr_eps_free``, ``step`` (the block's update count); per group
-    ``gsnr_max``. A sharding backend may keep blocks' state elsewhere (DeepSpeed ZeRO: in its
-    partitions' state, :mod:`sai_hf.sharding.deepspeed_zero`). Resuming from a state dict continues
-    exactly; scales are never recomputed.
-
-    Host syncs: scales are host floats, so a step syncs the device only while some block that has a
-    gradient is still waiting for its scale (one batched transfer for all of them; normally just the
-    first step).
+    State (``state_dict``): per block ``momentum_buffer`` (when ``momentum > 0``), ``gsnr``, ``scale``,
+    ``gsnr_eps_free``, ``step`` (its update count); per group ``gsnr_max``. A sharding backend may keep blocks' state
+    elsewhere (DeepSpeed ZeRO: its partitions' state). Resuming continues exactly; scales are never recomputed. Scales
+    are host floats: a step syncs the device only while a block with a gradient waits for its scale (one transfer).
     """
 
     def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        eps: float = 1e-8,
-        normalize: str = "none",
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        momentum_dtype: torch.dtype | None = None,
-        scale_rule: str = "gsnr",
-    ) -> None:
+        self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0, eps: float = 1e-8,
+        normalize: str = "none", maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
+        momentum_dtype: torch.dtype | None = None, scale_rule: str = "gsnr",
+    ) -> None:  # fmt: skip
         if isinstance(lr, Tensor):
             raise ValueError("Invalid lr: a Tensor learning rate is not supported, pass a float")
-        validate_hyperparameters(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            eps=eps,
-            normalize=normalize,
-            maximize=maximize,
-            fused=fused,
-            foreach=foreach,
-            momentum_dtype=momentum_dtype,
-            scale_rule=scale_rule,
-        )
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            eps=eps,
-            normalize=normalize,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            momentum_dtype=momentum_dtype,
-            scale_rule=scale_rule,
-            gsnr_max=None,
-        )
-        super().__init__(params, defaults)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, normalize=normalize, maximize=maximize)
+        defaults.update(fused=fused, foreach=foreach, momentum_dtype=momentum_dtype, scale_rule=scale_rule)
+        validate_hyperparameters(**defaults)
+        super().__init__(params, {**defaults, "gsnr_max": None})
         if any(p.device.type == "cpu" for group in self.param_groups for p in group["params"]):
             native.library()  # build the CPU kernels (g-SNR statistics, update) now, not in the first step
         self._warned_degenerate = False
@@ -215,10 +148,8 @@ class SGDSaI(Optimizer):
         self._register_state_dict_layout()
 
     def _register_state_dict_layout(self) -> None:
-        # state_dict() lists every block with the same keys; load_state_dict() drops the placeholders.
-        # torch.distributed.checkpoint (FSDP2 resume) loads exactly the keys of a template built
-        # from a freshly created optimizer after a zero-gradient step, which creates no SGD-SaI
-        # state (every block is deferred): without placeholders the scales would not be loaded.
+        # state_dict() lists every block with the same keys (placeholders, dropped on load): torch.distributed.checkpoint
+        # loads only the keys of a fresh optimizer's template, in which every block is deferred.
         if getattr(self, "_state_dict_layout_hooks", None) is None:  # load_state_dict calls __setstate__
             self._state_dict_layout_hooks = (
                 self.register_state_dict_post_hook(_complete_state_dict),
@@ -247,10 +178,9 @@ class SGDSaI(Optimizer):
             param_group["gsnr_max"] = known[0]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this package (any version) or of the official ``sgd-sai`` package
-        (imported: its g-SNR values become the scales), after checking that every buffer fits its
-        parameter; momentum buffers keep the dtype they were saved in (see :mod:`sai_hf.checkpoint`).
-        Raises ``ValueError`` for another optimizer's state, naming what it looks like."""
+        """Load a state dict of this package (any version) or of the official ``sgd-sai`` (its g-SNR values become the
+        scales), after checking every buffer against its parameter; buffers keep their saved dtype
+        (:mod:`sai_hf.checkpoint`). ``ValueError`` for another optimizer's state, naming what it looks like."""
         state_dict = prepare_state_dict(self, state_dict)
         for index, group in enumerate(state_dict["param_groups"]):
             missing = [key for key in ("lr", "momentum", "weight_decay", "eps") if key not in group]
@@ -272,14 +202,11 @@ class SGDSaI(Optimizer):
             self._backends = Backends(self._model_param_groups)
         self._every_group = self.param_groups
         self._register_state_dict_layout()
-        for group in self.param_groups:
-            group.setdefault("normalize", "none")
-            group.setdefault("scale_rule", "gsnr")
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
-            group.setdefault("momentum_dtype", None)
-            group.setdefault("gsnr_max", None)
+        for group in self.param_groups:  # groups pickled by older versions
+            for key, value in (("normalize", "none"), ("scale_rule", "gsnr"), ("maximize", False), ("gsnr_max", None)):
+                group.setdefault(key, value)
+            for key in ("foreach", "fused", "momentum_dtype"):
+                group.setdefault(key, None)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -380,16 +307,14 @@ class SGDSaI(Optimizer):
         return groups[0]["gsnr_max"] if groups else None
 
     def _all_groups(self) -> list[dict[str, Any]]:
-        """Every parameter group, also while a wrapper has narrowed ``param_groups`` to the one it
-        steps (DeepSpeed ZeRO steps the groups one at a time, on the same group dicts)."""
+        """Every parameter group, also while DeepSpeed ZeRO has narrowed ``param_groups`` to the one it steps."""
         if not all(any(g is h for h in self._every_group) for g in self.param_groups):
             self._every_group = self.param_groups
         return self._every_group
 
     def blocks(self) -> list[Block]:
-        """This rank's view of every block (:class:`sai_hf.sharding.Block`): the model parameter it
-        is, its local entries and gradient, its state (``gsnr``, ``scale``, ``gsnr_eps_free`` once
-        scaled) and its placement (``placement.numel``: the whole block's size)."""
+        """This rank's view of every block (:class:`sai_hf.sharding.Block`): its model parameter, local entries and
+        gradient, state (``gsnr``, ``scale``, ``gsnr_eps_free`` once scaled), placement (``placement.numel``: whole size)."""
         return self._backends.blocks(self, self.param_groups, stepping=False)
 
     def has_scale(self, param: Tensor) -> bool:
@@ -417,9 +342,8 @@ class SGDSaI(Optimizer):
 
     @torch.no_grad()
     def measure_gsnr(self, reduce_statistics: StatisticsReducer | None = None) -> dict[Tensor, float]:
-        """g-SNR of every scaled block's *current* gradient, computed exactly as its scale was
-        (same eps rule, same cross-rank reduction); the scales are not changed. Blocks without a
-        gradient on every rank are left out. A collective under sharding: call it on every rank."""
+        """g-SNR of every scaled block's *current* gradient, computed as its scale was (same eps rule and reduction;
+        scales unchanged); blocks without a gradient on every rank are left out. A collective: call it on every rank."""
         blocks = [b for b in self.blocks() if "scale" in b.state and (b.grad is not None or b.may_lack_gradient)]
         if not blocks:
             return {}
@@ -486,7 +410,7 @@ def _drop_placeholders(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict
 
 def _refuse_sparse_gradients(param_groups: Sequence[Mapping[str, Any]]) -> None:
     """``ValueError`` naming the first parameter with a sparse gradient (g-SNR and the update are dense)."""
-    for index, p in enumerate(group_of_params(param_groups)):
+    for index, p in enumerate(p for group in param_groups for p in group["params"]):
         if p.grad is not None and p.grad.layout != torch.strided:
             raise ValueError(
                 f"SGDSaI does not support sparse gradients: parameter #{index} (shape {tuple(p.shape)}) has a "
@@ -509,18 +433,11 @@ def find_sgd_sai(optimizer: Any) -> SGDSaI | None:
 
 
 def register_sharded_model(model: torch.nn.Module, optimizer: Any) -> int:
-    """Tell ``optimizer`` (an :class:`SGDSaI`, possibly wrapped, e.g. by accelerate) about ``model``:
-    records which of its parameters are FSDP1 ``use_orig_params=True`` shard views, which FSDP1
-    leaves unmarked. Idempotent; returns the number of parameters recorded. FSDP2, DDP and DeepSpeed
-    need no registration; :class:`sai_hf.GSNRCallback` does it with the Trainer's model. Plain-PyTorch
-    FSDP1 users call it once after wrapping and building the optimizer."""
+    """Tell ``optimizer`` (an :class:`SGDSaI`, possibly wrapped) which of ``model``'s parameters are FSDP1
+    ``use_orig_params=True`` shard views (FSDP1 leaves them unmarked); idempotent, returns the number recorded. Only
+    plain-PyTorch FSDP1 needs it (once, after wrapping and building the optimizer); the Trainer's callback does it."""
     sai = find_sgd_sai(optimizer)
     if sai is None:
         raise TypeError("register_sharded_model: optimizer is not an sai_hf.SGDSaI (nor wraps one)")
     return sai.register_model(model)
-
-
-def group_of_params(param_groups: Sequence[Mapping[str, Any]]) -> list[Tensor]:
-    """All parameters of ``param_groups``, in order."""
-    return [p for group in param_groups for p in group["params"]]
 

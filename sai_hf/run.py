@@ -1,36 +1,15 @@
-"""Run an unmodified training script with ``--optim sgd_sai`` available.
+"""Run an unmodified training script with ``--optim sgd_sai`` available (see ``HELP`` and README, "Launching")::
 
-::
-
-    python -m sai_hf.run SCRIPT.py [ARGS...]
-    python -m sai_hf.run DIR_OR_ZIP [ARGS...]          # holding a __main__.py, as python runs it
+    python -m sai_hf.run SCRIPT.py [ARGS...]        # or a directory / zip file holding a __main__.py
     python -m sai_hf.run -m PACKAGE.MODULE [ARGS...]
-    accelerate launch [LAUNCH ARGS...] -m sai_hf.run SCRIPT.py [ARGS...]
-    torchrun [LAUNCH ARGS...] -m sai_hf.run SCRIPT.py [ARGS...]
+    accelerate launch [LAUNCH ARGS...] -m sai_hf.run SCRIPT.py [ARGS...]      (torchrun likewise)
 
-``--optim`` is validated against ``transformers.training_args.OptimizerNames`` when the script's
-``HfArgumentParser`` is built, so the name must be registered before the script runs. Importing
-``sai_hf`` registers it (and adds :class:`sai_hf.GSNRCallback` to every Trainer); this module then
-runs the script with :mod:`runpy` exactly as ``python SCRIPT.py ARGS...`` would:
-
-* ``__name__ == "__main__"`` and ``__file__`` is the script's path (for a directory or zip file,
-  its ``__main__.py``);
-* ``sys.argv == [SCRIPT.py, *ARGS]`` (everything after the script is passed through untouched,
-  ``--help`` included; for a directory or zip file ``sys.argv[0]`` is its absolute path);
-* ``sys.path[0]`` is the script's directory (for a directory or zip file: itself), replacing the
-  working directory that ``-m`` put there;
-* the exit status is the script's: ``sys.exit(code)`` / ``SystemExit`` propagate unchanged, an
-  uncaught exception prints its traceback and exits with 1, a normal end exits with 0;
-* non-daemon threads the script started are waited for (as the interpreter does before exiting)
-  before ``sys.argv`` and ``sys.path`` are restored, so they run with the script's. (``__main__``
-  is the script's module only while the script's own code runs: :mod:`runpy` restores it.)
-
-With ``-m PACKAGE.MODULE`` the module is run as ``python -m PACKAGE.MODULE`` would
-(:func:`runpy.run_module` with ``alter_sys=True``; a package runs its ``__main__`` submodule).
-
-Launcher errors (no script, a file that does not exist or cannot be read, a directory without
-``__main__.py``, a module that cannot be found, an unknown option) print one line,
-``python -m sai_hf.run: error: ...``, and exit with 2 before anything is imported from the script.
+``--optim`` is validated when the script's ``HfArgumentParser`` is built, so ``sai_hf`` is imported first; then the
+script runs through :mod:`runpy` as ``python SCRIPT.py ARGS...`` would: as ``__main__`` with its ``__file__``,
+``sys.argv == [SCRIPT.py, *ARGS]`` (absolute path for a directory or zip file), its directory (or the directory / zip
+file itself) as ``sys.path[0]``, its own exit status (``SystemExit`` and exceptions propagate), and its non-daemon
+threads waited for before ``sys.argv`` and ``sys.path`` are restored. Launcher errors print one line
+``python -m sai_hf.run: error: ...`` and exit with 2 before anything is imported from the script.
 """
 
 from __future__ import annotations
@@ -42,6 +21,7 @@ import runpy
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -76,10 +56,8 @@ class _UsageError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``argv[0]`` (a script path, or ``-m MODULE``) as ``__main__`` with ``argv[1:]`` as its arguments.
 
-    Returns 0 when the script ends normally, 0 after ``-h``/``--help``, and 2 after printing one
-    ``error:`` line for a launcher error (see the module docstring). ``SystemExit`` and exceptions
-    raised by the script propagate unchanged. ``sys.argv`` and ``sys.path`` are restored afterwards.
-    """
+    Returns 0 when the script ends normally or after ``--help``, 2 after one ``error:`` line for a launcher error;
+    the script's ``SystemExit`` and exceptions propagate. ``sys.argv`` and ``sys.path`` are restored afterwards."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(HELP, end="")
@@ -173,22 +151,21 @@ def _check_module(name: str) -> None:
     import problem (a bug in the package) propagates with its traceback, as with ``python -m``."""
     if name.startswith("."):
         raise _UsageError(f"relative module names are not supported: {name!r}")
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, AttributeError, TypeError, ValueError) as err:
-        raise _UsageError(f"error while finding module specification for {name!r} ({type(err).__name__}: {err})") from None
+    spec = _find_spec(name)
     if spec is None:
         hint = f" (a file? use {PROG} {name.replace('.', os.sep)}.py)" if name.endswith(".py") else ""
         raise _UsageError(f"no module named {name!r}{hint}")
     if spec.submodule_search_locations is not None:  # a package: python -m runs its __main__
-        try:
-            main_spec = importlib.util.find_spec(f"{name}.__main__")
-        except (ImportError, AttributeError, TypeError, ValueError) as err:
-            raise _UsageError(
-                f"error while finding module specification for {name + '.__main__'!r} ({type(err).__name__}: {err})"
-            ) from None
-        if main_spec is None:
+        if _find_spec(f"{name}.__main__") is None:
             raise _UsageError(f"no module named {name + '.__main__'!r}; {name!r} is a package and cannot be directly executed")
+
+
+
+def _find_spec(name: str) -> Any:
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
+        raise _UsageError(f"error while finding module specification for {name!r} ({type(err).__name__}: {err})") from None
 
 
 if __name__ == "__main__":
