@@ -1,20 +1,10 @@
-"""Triton kernels behind :mod:`sai_hf.triton_update` (import that module, not this one).
+"""Triton kernels behind :mod:`sai_hf.triton_update` and :mod:`sai_hf.triton_statistics` (import those, not this).
 
-This module needs ``triton``. :mod:`sai_hf.triton_update` loads it twice at most: once as itself,
-compiled for CUDA, and once as a private copy decorated while ``TRITON_INTERPRET=1`` (Triton's
-numpy interpreter, which runs the same kernel on CPU tensors: the tests). ``triton.jit`` picks the
-mode when it decorates, hence the two copies.
-
-``tile_statistics_kernel`` (:mod:`sai_hf.triton_statistics`) reduces tiles of many gradients in one
-launch, with a three-row table (gradient address, size, first program) and the same search.
-
-One launch updates a whole group of tensors that share dtypes. Its argument is a *table* (int64,
-field-major: ``table[field * n_tensors + t]``) with, for every tensor ``t``, the addresses of its
-parameter, gradient and momentum buffer, its size, its first program id, its first-update flag, its
-rounding offset and its two float64 factors. Program ``pid`` finds its tensor by a binary search of
-the first-program column (``ceil(log2(n_tensors))`` scalar loads), then updates up to
-``CHUNK_BLOCKS`` blocks of ``BLOCK`` elements of that tensor: full blocks unmasked (vectorised), a
-tail block masked.
+Loaded at most twice: compiled for CUDA, and as a private copy decorated while ``TRITON_INTERPRET=1`` (``triton.jit``
+picks the mode when it decorates). A launch's argument is a *table* (int64, field-major: ``table[field * n + t]``)
+describing each tensor ``t``: addresses, size, first program id and, for the update, its first-update flag, rounding
+offset and two float64 factors. Program ``pid`` finds its tensor by a binary search of the first-program row, then
+processes up to ``CHUNK_BLOCKS`` blocks of ``BLOCK`` elements: full blocks unmasked, a tail block masked.
 """
 
 import triton

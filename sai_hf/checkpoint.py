@@ -1,21 +1,12 @@
 """What a state dict handed to :meth:`sai_hf.SGDSaI.load_state_dict` is, checked before it is loaded.
 
-A Trainer checkpoint can come from anywhere: this package (any version), the official ``sgd-sai``
-package (``SGD_sai``), another optimizer (AdamW, torch SGD, ...), or a model of other shapes. Loading
-the wrong one silently would train with garbage momentum (or, through a fused kernel reading a
-buffer of the wrong size, corrupt memory). :func:`prepare_state_dict` therefore
-
-* recognises the kind of state dict (:func:`state_dict_kind`) from its keys;
-* **imports** the official package's state exactly: its per-block ``gsnr`` (a 0-d tensor) is the
-  scale it trained with (``scale = gsnr``, i.e. ``normalize="none"``) and its ``momentum_buffer``
-  is SGD-SaI's momentum, so the run continues as the official code would, with sai-hf's update;
-* **refuses** any other optimizer's state with a ``ValueError`` that says what the checkpoint is;
-* checks every buffer against its parameter (shape, floating dtype) and every scale, naming the
-  parameter index and both shapes.
-
-:func:`buffers_in_saved_dtype` undoes torch's cast of the state to the parameter dtype on load: a
-``momentum_dtype=torch.bfloat16`` buffer comes back bfloat16 (half the memory, bit-exact resume), a
-float32 buffer of a bfloat16 parameter comes back float32 (unrounded).
+Loading the wrong checkpoint silently would train with garbage momentum (or, through a fused kernel reading a buffer of
+the wrong size, corrupt memory). :func:`prepare_state_dict` recognises the kind (:func:`state_dict_kind`); **imports**
+the official ``sgd-sai`` state exactly (its per-block ``gsnr`` is the scale it trained with, ``normalize="none"``, and
+its ``momentum_buffer`` is kept); **refuses** any other optimizer's state with a ``ValueError`` saying what it is; and
+checks every buffer (shape, floating dtype) and scale against its parameter, naming the parameter index and both shapes.
+:func:`buffers_in_saved_dtype` undoes torch's cast of the state to the parameter dtype on load (a bfloat16 buffer comes
+back bfloat16, a float32 buffer of a bfloat16 parameter float32).
 """
 
 from __future__ import annotations
@@ -33,14 +24,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .sharding import STATE_KEYS as BACKEND_STATE_KEYS
 
-__all__ = [
-    "SGDSAI_STATE_KEYS",
-    "align_scheduler",
-    "buffers_in_saved_dtype",
-    "prepare_state_dict",
-    "remember_parameter_order",
-    "state_dict_kind",
-]
+__all__ = ["SGDSAI_STATE_KEYS", "align_scheduler", "buffers_in_saved_dtype", "prepare_state_dict", "remember_parameter_order",
+           "state_dict_kind"]  # fmt: skip
 
 #: Keys a block's state may have in an SGDSaI state dict (any version of this package), and those the
 #: sharding layouts add (a DeepSpeed ZeRO flat partition's state: :mod:`sai_hf.sharding.deepspeed_zero`).
@@ -50,9 +35,8 @@ _SGDSAI_GROUP_KEY = "normalize"
 #: Keys of the official package's parameter groups and block state.
 _OFFICIAL_GROUP_KEYS = frozenset({"lr", "momentum", "eps", "weight_decay"})
 _OFFICIAL_STATE_KEYS = frozenset({"gsnr", "momentum_buffer"})
-#: Keys that torch's LR schedulers add to any optimizer's parameter groups (``initial_lr``: every
-#: scheduler, so every Trainer run; the others: ``OneCycleLR`` and ``CyclicLR``). An official state
-#: dict may carry them (``param_names`` too, with torch >= 2.6 and named parameters).
+#: Keys torch's LR schedulers add to parameter groups (``initial_lr``: every scheduler; the others: ``OneCycleLR``,
+#: ``CyclicLR``), which an official state dict may carry (``param_names`` too, torch >= 2.6).
 _SCHEDULER_GROUP_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
 
 #: Tell-tale keys of other optimizers, for the error message.
@@ -100,13 +84,9 @@ def state_dict_kind(state_dict: Mapping[str, Any]) -> str:
 
 
 def remember_parameter_order(model: torch.nn.Module) -> None:
-    """Note each parameter's place in ``model`` (its index in ``model.parameters()`` and its name).
-
-    An official state dict written over ``model.parameters()`` (one group, the model's order) can
-    then be mapped onto an optimizer whose groups order the parameters otherwise, e.g. the Trainer's
-    decay / no-decay groups of ``--optim sgd_sai``. sai-hf's Trainer handler calls this with the
-    Trainer's model; call it yourself before ``load_state_dict`` in a plain PyTorch loop that groups
-    the parameters differently from the official run."""
+    """Note each parameter's place in ``model`` (index in ``model.parameters()``, name), so that an official state dict
+    written over ``model.parameters()`` can be mapped onto other groups (the Trainer's decay / no-decay groups). The
+    Trainer handler calls it; in plain PyTorch call it before ``load_state_dict`` when the groups differ."""
     named = list(model.named_parameters())
     order = _ModelOrder(tuple(name for name, _ in named), tuple(bool(p.requires_grad) for _, p in named))
     for index, (_, param) in enumerate(named):
@@ -165,19 +145,14 @@ def _sources_in_model_order(optimizer: torch.optim.Optimizer, saved_groups: Sequ
 
 
 def _import_official(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The official package's state dict as this package's: ``scale = gsnr = float(gsnr)``,
-    ``momentum_buffer`` kept, ``step`` 1 (the official code keeps no count; it only seeds stochastic
-    rounding here), groups completed with this optimizer's own options and ``normalize="none"``; the
-    saved groups' keys (``lr``, ``momentum``, ``eps``, ``weight_decay``, a scheduler's ``initial_lr``)
-    win over this optimizer's.
+    """The official package's state dict as this package's: ``scale = gsnr = float(gsnr)``, ``momentum_buffer`` kept,
+    ``step`` 1 (it only seeds stochastic rounding), groups completed with this optimizer's options and
+    ``normalize="none"``; the saved groups' keys (``lr``, ``momentum``, ``eps``, ``weight_decay``, ``initial_lr``) win.
 
-    Where this optimizer's groups have as many parameters as the saved ones, parameters are matched by
-    position (as ``torch.optim.Optimizer.load_state_dict`` does). Otherwise (the usual migration: the
-    official optimizer built over ``model.parameters()``, one group; ``--optim sgd_sai`` builds the
-    Trainer's decay / no-decay groups) they are matched through the model's parameter order
-    (:func:`remember_parameter_order`), each group takes the hyperparameters of the saved group its
-    parameters came from (so the run continues as the official one would: the official weight decay
-    on every parameter it decayed), and :func:`align_scheduler` regroups the LR scheduler's loaded lists."""
+    Groups of the saved sizes are matched by position (as torch does). Otherwise (the official optimizer over
+    ``model.parameters()``, the Trainer's two groups) parameters are matched through the model's order
+    (:func:`remember_parameter_order`), each group takes its parameters' saved group's hyperparameters, and
+    :func:`align_scheduler` regroups the LR scheduler's loaded lists."""
     saved_groups = state_dict["param_groups"]
     saved_ids = [i for g in saved_groups for i in g["params"]]
     saved_group_of = [index for index, g in enumerate(saved_groups) for _ in g["params"]]
@@ -243,12 +218,9 @@ def _import_official(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, 
 
 
 def align_scheduler(optimizer: torch.optim.Optimizer, scheduler: Any) -> bool:
-    """After an official import that regrouped ``optimizer`` (see :func:`_import_official`), give the
-    LR ``scheduler`` whose state was loaded from the same checkpoint one entry per group of
-    ``optimizer`` in each of its per-group lists (``base_lrs``, ``_last_lr``, CyclicLR's ``max_lrs``,
-    ...), each group taking its saved group's entry. Lists that already have one entry per group are
-    left alone. Returns whether anything changed. sai-hf's Trainer callback calls this when training
-    begins (after the Trainer loaded the checkpoint)."""
+    """After an official import that regrouped ``optimizer``, give the LR ``scheduler`` loaded from the same checkpoint
+    one entry per group in each per-group list (``base_lrs``, ``_last_lr``, ...), each group taking its saved group's
+    entry; lists already of that length are left alone. Returns whether anything changed."""
     found = _REGROUPED.get(optimizer)
     if found is None:
         return False

@@ -1,19 +1,9 @@
 """The whole SGD-SaI update of a CPU block as one native loop (:mod:`sai_hf.native`, ``csrc/sgd_sai_cpu.c``).
 
-For every element, in the block's precision (float32, or float64 for a float64 block)::
-
-    g <- -g                              if maximize
-    m <- g                               if first      (the block's first update: m_1 = g_1)
-    m <- mu * m + (1 - mu) * g           otherwise     (momentum != 0)
-    p <- p * decay + step_size * m                     (decay = 1 - lr * wd; step_size = -lr * s_i)
-
-These are the Triton kernel's operations (:mod:`sai_hf.triton_update`), each rounded separately, so
-a float32 block gets bit for bit the Triton kernel's result. One loop reads ``p, g, m`` and writes
-``p, m`` once: the memory floor, decoupled decay included. A bfloat16 buffer of a float32 block is
-read, updated in float32, stochastically rounded (the hash of :mod:`sai_hf.rounding`, bit for bit)
-and written back in the same loop; the parameter is updated with the float32 momentum. Where the
-library is not available ``sai_hf.functional`` keeps its slab path (same equations, different
-rounding order, more passes over memory).
+The Triton kernel's equations and operations (:mod:`sai_hf.triton_update`), each rounded separately in the block's
+precision (float32, or float64), so a float32 block gets the Triton kernel's result bit for bit; one loop reads
+``p, g, m`` and writes ``p, m`` once. A bfloat16 buffer of a float32 block is updated in float32 and stochastically
+rounded (:mod:`sai_hf.rounding`'s hash) in the same loop. Without the library ``sai_hf.functional`` keeps its slab path.
 """
 
 from __future__ import annotations

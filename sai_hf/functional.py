@@ -1,6 +1,6 @@
 """Functional SGD-SaI update, dispatched like ``torch.optim.sgd.sgd``.
 
-For every block ``i`` with a fixed scale ``s_i`` (from its g-SNR, see :mod:`sai_hf.gsnr`)::
+For every block ``i`` with a fixed scale ``s_i`` (a host float: no path syncs the device)::
 
     g   <- -g                         if maximize
     m   <- g                          on the block's first update (m_1 = g_1)
@@ -8,23 +8,14 @@ For every block ``i`` with a fixed scale ``s_i`` (from its g-SNR, see :mod:`sai_
     p   <- p * (1 - lr * wd)          decoupled weight decay: uses lr, not lr * s_i
     p   <- p - lr * s_i * m
 
-With ``momentum == 0`` no buffer is kept and ``m = g``. Scales are host floats, fixed after the first
-step, so no path syncs the device.
+With ``momentum == 0`` no buffer is kept and ``m = g``. Paths, tested against each other and against a float64
+reference (``tests/reference.py``): ``_single_tensor_sgd_sai`` (a for-loop, the reference), ``_multi_tensor_sgd_sai``
+(``torch._foreach_*`` per device and dtype) and ``_single_pass_sgd_sai`` (``fused``, the default: one pass over memory
+per block, decay included; the blocks it cannot run go through the multi-tensor path in the same call).
 
-Paths, each giving the result of the equations above (tested against each other and against an
-independent float64 reference, ``tests/reference.py``):
-
-* ``_single_tensor_sgd_sai``: a for-loop over tensors, the reference;
-* ``_multi_tensor_sgd_sai``: ``torch._foreach_*`` kernels grouped by device and dtype;
-* ``_single_pass_sgd_sai`` (``fused``, the default): one pass over memory per block, reading
-  ``p, g, m`` and writing ``p, m`` once, decay included. Blocks it cannot run (non-contiguous
-  layouts, CPU half-precision parameters) go through the multi-tensor path in the same call.
-
-**Low-precision momentum.** A momentum buffer may be stored in a narrower dtype than its parameter
-(``momentum_dtype=torch.bfloat16`` halves optimizer memory). The update is computed in the
-parameter's precision and written back with the unbiased stochastic rounding of
-:mod:`sai_hf.rounding`, seeded by the block's update count and index, so runs and resumed runs are
-reproducible and no generator state is kept.
+A momentum buffer may be narrower than its parameter (``momentum_dtype=torch.bfloat16``): the update is computed in the
+parameter's precision and written back with the stochastic rounding of :mod:`sai_hf.rounding`, seeded by the block's
+update count and index (reproducible, resumable, no generator state).
 """
 
 from __future__ import annotations
@@ -55,12 +46,9 @@ def _bf16_momentum_update(
 ) -> None:
     """One block's update with a bfloat16 buffer for a float32 parameter::
 
-        m = g (first) or mu buf + (1 - mu) g     in float32 (:func:`_bf16_momentum`)
-        buf <- stochastic_round_to_bf16(m);      param <- decay * param + step_size * m
+        m = g (first) or mu buf + (1 - mu) g (float32);  buf <- stochastic_round_to_bf16(m);  p <- decay p + step_size m
 
-    On CPU slab by slab (:data:`sai_hf.rounding.SLAB` elements), so that the float32 temporaries
-    and ``param`` stay in cache; elsewhere on the whole tensor. The result is the one of the
-    whole-tensor formulas (the hash takes each element's flat index)."""
+    slab by slab on CPU (temporaries stay in cache), the same result as on the whole tensor (the hash takes flat indices)."""
     if not (param.is_contiguous() and grad.is_contiguous() and buf.is_contiguous()):
         wide = grad.float()
         value = wide if first else _bf16_momentum(torch.empty_like(wide), buf, wide, momentum, torch.empty_like(wide))
@@ -92,9 +80,8 @@ _DECAY_SLAB = 1 << 20
 def _fused_sgd_block(
     param: Tensor, grad: Tensor, buf: Tensor | None, momentum: float, step_size: float, decay: float, maximize: bool, first: bool
 ) -> None:
-    """``torch._fused_sgd_`` on one block with decoupled decay folded in: ``p *= decay`` and the
-    fused SGD step (``lr = -step_size``, ``dampening = mu``: exactly SGD-SaI's momentum rule) run
-    slab by slab on CPU, so that one pass reads ``p, g, m`` and writes ``p, m``."""
+    """``p *= decay`` then ``torch._fused_sgd_`` (``lr = -step_size``, ``dampening = mu``: SGD-SaI's momentum rule) on
+    one block, slab by slab on CPU so that one pass reads ``p, g, m`` and writes ``p, m``."""
     numel = param.numel()
     size = _DECAY_SLAB if decay != 1.0 and param.device.type == "cpu" else max(1, numel)
     flat = [param.view(-1), grad.view(-1), buf.view(-1) if buf is not None else None]
@@ -109,9 +96,8 @@ def _fused_sgd_block(
         )  # fmt: skip
 
 
-#: dtypes the fused kernel updates correctly on CPU. torch 2.13's CPU ``_fused_sgd_`` leaves the
-#: vectorised part of bfloat16/float16 tensors unchanged (every element after the first multiple of
-#: 16 is silently skipped), so reduced-precision CPU parameters take the multi-tensor path.
+#: dtypes the fused kernel updates correctly on CPU: torch 2.13's CPU ``_fused_sgd_`` silently skips the vectorised
+#: part of bfloat16/float16 tensors, so those take the multi-tensor path.
 _CPU_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
@@ -122,11 +108,9 @@ def _fused_devices() -> frozenset[str]:
 
 
 def single_pass_supported(param: Tensor, grad: Tensor, buf: Tensor | None, momentum_dtype: torch.dtype | None) -> bool:
-    """Whether one block can take the single-pass kernel: ``param``, ``grad`` and ``buf`` contiguous
-    (the fused kernels read raw memory: a slice, strided or transposed view would be misread),
-    floating-point, on a device with fused kernels (float32/float64 only on CPU), and the momentum
-    buffer in the parameter's dtype or bfloat16 for a float32 parameter; on CUDA with Triton, any
-    float32/float16/bfloat16 combination (:mod:`sai_hf.triton_update`)."""
+    """Whether one block can take the single-pass kernel: ``param``, ``grad`` and ``buf`` contiguous (the kernels read
+    raw memory), floating-point, on a device with fused kernels (float32/float64 only on CPU), the buffer in the
+    parameter's dtype or bfloat16 for a float32 parameter; with Triton on CUDA, any float32/float16/bfloat16 mix."""
     if param.device.type not in _fused_devices() or not param.is_floating_point() or param.is_complex():
         return False
     if not (param.is_contiguous() and grad.is_contiguous() and (buf is None or buf.is_contiguous())):
@@ -189,20 +173,13 @@ def sgd_sai(
     momentum_dtype: torch.dtype | None = None,
     steps: Sequence[int] | None = None,
 ) -> None:
-    """Apply one SGD-SaI step in place (see the module docstring for the equations).
+    """Apply one SGD-SaI step in place (equations in the module docstring).
 
-    ``momentum_buffer_list[i]`` is ``None`` for a block's first update; the new buffer (of
-    ``momentum_dtype``, default the parameter's dtype) is written back into the list, as
-    ``torch.optim.sgd.sgd`` does, so the caller can store it. ``steps[i]`` (the block's update
-    count, used only to seed stochastic rounding) defaults to 0.
-
-    Paths: ``fused`` runs each block that :func:`single_pass_supported` allows in one pass (decay,
-    momentum and update together), and the other blocks (non-contiguous layouts, CPU half-precision
-    parameters, ...) through the multi-tensor path, which gives the same result. ``foreach=True``:
-    the multi-tensor path; ``foreach=False``: the for-loop reference. ``None`` chooses, as in torch:
-    ``fused=None, foreach=None`` (the default) is ``fused`` (the multi-tensor path under
-    ``torch.compile``); ``fused=False, foreach=None`` is the multi-tensor path where every tensor is
-    on a device with foreach kernels (CUDA), the for-loop elsewhere (CPU).
+    ``momentum_buffer_list[i]`` is ``None`` for a block's first update; the new buffer (of ``momentum_dtype``, default
+    the parameter's) is written back into the list, as ``torch.optim.sgd.sgd`` does. ``steps[i]`` (the block's update
+    count, only seeding stochastic rounding) defaults to 0. ``fused`` runs each block :func:`single_pass_supported`
+    allows in one pass and the others through the multi-tensor path; ``foreach=True``: the multi-tensor path;
+    ``foreach=False``: the for-loop reference; ``None`` chooses as torch does (:func:`_resolve_path`).
     """
     if not (len(params) == len(grads) == len(momentum_buffer_list) == len(scales)):
         raise ValueError("params, grads, momentum_buffer_list and scales must have the same length")
@@ -285,10 +262,8 @@ def _single_tensor_sgd_sai(
         param.add_(direction, alpha=step_size)
 
 
-# The multi-tensor path exists for CUDA (a few launches per device and dtype group instead of several
-# per tensor) and torch.compile (traced and fused by inductor), and as the fused path's fallback for
-# the blocks its kernels cannot take. On CPU torch's foreach ops are loops over tensors with extra
-# temporaries, hence the for-loop there when ``None`` chooses.
+# The multi-tensor path: CUDA (a few launches per device and dtype group), torch.compile (fused by inductor), and the
+# fused path's fallback. On CPU foreach ops are loops with extra temporaries, hence the for-loop when ``None`` chooses.
 def _multi_tensor_sgd_sai(
     params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer_list: list[Tensor | None], scales: Sequence[float],
     *, lr: float, momentum: float, weight_decay: float, maximize: bool, momentum_dtype: torch.dtype | None, seeds: Sequence[int],
@@ -330,12 +305,9 @@ def _single_pass_sgd_sai(
     params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer_list: list[Tensor | None], scales: Sequence[float],
     *, lr: float, momentum: float, weight_decay: float, maximize: bool, momentum_dtype: torch.dtype | None, seeds: Sequence[int],
 ) -> None:  # fmt: skip
-    """One pass per block (blocks that :func:`single_pass_supported` allows): decay, momentum and
-    the scaled update read ``p, g, m`` and write ``p, m`` once, in the first of these that takes the
-    block: the Triton kernel (:mod:`sai_hf.triton_update`: CUDA blocks where Triton is available),
-    the native C loop (:mod:`sai_hf.cpu_update`: CPU blocks with weight decay or a bfloat16 buffer),
-    else :func:`_fused_sgd_block` (torch's fused SGD, decay folded in slab by slab) or, for a
-    bfloat16 buffer of a float32 block, :func:`_bf16_momentum_update`."""
+    """One pass per block (each :func:`single_pass_supported`) in the first that takes it: the Triton kernel (CUDA), the
+    native C loop (CPU blocks with decay or a bfloat16 buffer), else :func:`_fused_sgd_block` or, for a bfloat16 buffer
+    of a float32 block, :func:`_bf16_momentum_update`."""
     decay = 1 - lr * weight_decay
     first = [buf is None for buf in momentum_buffer_list]
     if momentum != 0:

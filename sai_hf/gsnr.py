@@ -1,45 +1,29 @@
 """Gradient signal-to-noise ratio (g-SNR) of parameter blocks: the one place this math lives.
 
-For a block (one parameter tensor) whose gradient ``g`` has ``n`` entries with mean ``mu``::
+For a block (one parameter tensor) whose gradient ``g`` has ``n`` entries with mean ``mu`` (complex: ``|.|`` the
+modulus, as torch)::
 
-    norm(g)  = sqrt(sum_j |g_j|^2)
-    M2(g)    = sum_j |g_j - mu|^2                                   (centred sum of squares)
-    std(g)   = sqrt(M2 / (n - 1))                                   (unbiased, as torch.std)
-    gsnr(g)  = norm(g) / (std(g) + eps)
+    norm(g) = sqrt(sum_j |g_j|^2);   M2(g) = sum_j |g_j - mu|^2;   std(g) = sqrt(M2 / (n - 1));   gsnr = norm / (std + eps)
 
-(complex gradients: torch's definitions, ``|.|`` the modulus).
-
-**Statistics.** Everything is computed from ``STATISTICS_WIDTH`` additive float64 *statistics* per
-block, so that a block split into disjoint pieces (FSDP shards, rows of a CPU reduction, fragments
-of a ZeRO partition) gives the whole block's numbers by summing the pieces' rows. For a piece ``k``
-with ``n_k`` entries, sum ``S_k`` and centred sum of squares ``C_k = sum_j |g_j - S_k/n_k|^2``::
+**Statistics.** Everything comes from ``STATISTICS_WIDTH`` additive float64 statistics per piece of a block, so that a
+block split into disjoint pieces (FSDP shards, CPU rows, ZeRO fragments) gives the whole block's numbers by summing the
+pieces' rows. For a piece ``k`` with ``n_k`` entries, sum ``S_k`` and centred sum of squares
+``C_k = sum_j |g_j - S_k/n_k|^2``, and for the sums ``n, S, C, P`` of the rows (Chan et al.'s parallel variance)::
 
     row_k = [n_k,  Re S_k,  Im S_k,  C_k,  |S_k|^2 / n_k]
+    M2    = C + (P - |S|^2 / n)         (the bracket: sum_k n_k |mu_k - mu|^2, between pieces)
+    sum |g|^2 = C + P
 
-and for the sums ``n, S, C, P`` of the rows (Chan et al.'s parallel variance)::
+The variance is never ``sum g^2 - (sum g)^2 / n``: that difference cancels catastrophically (a constant gradient got a
+g-SNR of ~5e8). ``C_k`` is accumulated from centred values; the bracket is exactly zero for one piece (the same float64
+operations) and tiny across pieces.
 
-    M2          = C + (P - |S|^2 / n)       the bracket: sum_k n_k |mu_k - mu|^2, between pieces
-    sum |g|^2   = C + P
+:class:`BlockStatus`: ``SCALED`` (finite, non-zero gradient with a spread: the formula above); ``DEGENERATE`` (finite,
+non-zero, but one element or a std below ``DEGENERATE_RELATIVE_STD`` of its RMS: ``norm / eps`` would explode the
+weights, the caller substitutes a fallback); ``PENDING`` (absent, empty, all zero or non-finite: no information yet).
 
-The variance is *never* a difference of the two large numbers ``sum g^2`` and ``(sum g)^2 / n``:
-with float64 accumulation that difference has an error of ~1e-12 of ``sum g^2`` at a million
-entries (measured), enough to give a constant gradient a g-SNR of ~5e8. Each piece's ``C_k`` is
-accumulated from centred values; the bracket is exactly zero for an unsharded block (one piece:
-``P`` and ``|S|^2 / n`` are the same float64 operations) and, across pieces, wrong by at most
-~1e-16 of ``n mu^2``, i.e. a std error below ~1e-8 ``|mu|`` whatever the block size.
-
-Each block is classified by :class:`BlockStatus`:
-
-* ``SCALED``: finite, non-zero gradient with a well-defined spread; ``gsnr`` is the formula above.
-* ``DEGENERATE``: finite, non-zero gradient but no usable spread: a one-element block (unbiased
-  variance undefined) or a gradient whose std is below ``DEGENERATE_RELATIVE_STD`` of its RMS (e.g.
-  all entries equal). The official formula gives ``norm / eps`` there (~1e8: the weights explode),
-  so the caller substitutes a finite fallback.
-* ``PENDING``: the gradient is absent, empty, all zero or has a NaN/inf entry: it carries no
-  information yet.
-
-Only :func:`gradient_statistics` touches the gradients (no host sync on accelerators);
-:func:`gsnr_from_statistics` is pure arithmetic on the ``(B, STATISTICS_WIDTH)`` statistics.
+Only :func:`gradient_statistics` touches the gradients (no host sync on accelerators); :func:`gsnr_from_statistics` is
+pure arithmetic on the ``(B, STATISTICS_WIDTH)`` statistics.
 """
 
 from __future__ import annotations
@@ -79,10 +63,8 @@ class BlockStatus(enum.IntEnum):
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
-    """The entries of ``t`` stored on this rank: ``t.to_local()`` for a tensor subclass that holds a
-    shard of a larger tensor (a DTensor), ``t`` itself otherwise. The sharding backends
-    (:mod:`sai_hf.sharding`) hand local tensors to :func:`gradient_statistics` already; this keeps
-    the public function usable on DTensor gradients directly."""
+    """The entries of ``t`` stored on this rank: ``t.to_local()`` for a DTensor (so that :func:`gradient_statistics`
+    takes DTensor gradients directly), ``t`` itself otherwise."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
 
@@ -110,18 +92,12 @@ def _row(n: torch.Tensor, total: torch.Tensor, centred: torch.Tensor) -> torch.T
 
 
 def gradient_statistics(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Statistics rows (see the module docstring) of each gradient, as a ``(B, STATISTICS_WIDTH)`` tensor.
+    """Statistics rows (see the module docstring) of each gradient, as a ``(B, STATISTICS_WIDTH)`` tensor on the first
+    gradient's device. DTensor gradients contribute their local shard (sum the rows across ranks for the whole tensor).
 
-    DTensor gradients contribute their local shard (sum the rows across ranks to get the whole
-    tensor's statistics). The result lives on the device of the first gradient.
-
-    Every row is accumulated from centred values in float64 (float32 on MPS, which has no float64),
-    by one of:
-
-    * :func:`_batched_statistics`: non-empty contiguous float32 CPU gradients where the native kernels
-      are built (one call for all of them), and non-empty contiguous float32/float16/bfloat16 CUDA
-      gradients where Triton is (one launch per device and dtype group, no host sync);
-    * :func:`_shifted_statistics`, one gradient at a time: every other gradient.
+    Rows are accumulated from centred values in float64 (float32 on MPS) by :func:`_batched_statistics` (contiguous
+    float32 CPU gradients in one native call; contiguous CUDA gradients in one Triton launch per device and dtype
+    group) and by :func:`_shifted_statistics`, one at a time, for every other gradient.
     """
     if not grads:
         return torch.zeros((0, STATISTICS_WIDTH), dtype=torch.float64)
@@ -134,10 +110,7 @@ def gradient_statistics(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 
 @torch.compiler.disable  # raw pointers into a ctypes call and Triton launches: always eager
 def _batched_statistics(grads: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Statistics rows, by index, of the gradients that a batched kernel reduces (see
-    :func:`gradient_statistics`): the native kernel (``block_statistics_f32``, pieces of
-    :data:`_CPU_ROW` entries) and the Triton kernel (:mod:`sai_hf.triton_statistics`, per device).
-    The others are absent (the caller reduces them one by one)."""
+    """Statistics rows, by index, of the gradients that the native or the Triton kernel reduces (the others absent)."""
     on_native = [i for i, g in enumerate(grads) if g.dtype == torch.float32 and g.is_contiguous() and g.numel() and native.readable(g)]
     on_native = on_native if on_native and native.available() else []
     on_triton: dict[torch.device, list[int]] = {}
@@ -157,9 +130,8 @@ def _batched_statistics(grads: Sequence[torch.Tensor]) -> dict[int, torch.Tensor
 
 
 def _native_sums(grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(n, sums)``: float64 entry counts ``(B,)`` and ``[S_b, C_b]`` ``(B, 2)`` of contiguous float32
-    CPU gradients, from one call of the native kernel (``block_statistics_f32``: pieces of
-    :data:`_CPU_ROW` entries, equations in the C file), as :func:`sai_hf.triton_statistics.triton_sums`."""
+    """``(n, sums)`` of contiguous float32 CPU gradients from one native call (``block_statistics_f32``, pieces of
+    :data:`_CPU_ROW` entries), as :func:`sai_hf.triton_statistics.triton_sums`."""
     sums = torch.empty((len(grads), 2), dtype=torch.float64)
     pointers = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
     numels = torch.tensor([g.numel() for g in grads], dtype=torch.int64)
@@ -183,14 +155,11 @@ _SHIFTED_CHUNK = 1 << 23
 
 
 def _shifted_statistics(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The statistics row of ``g`` with ``dtype`` (float64) accumulation, from shifted data::
+    """The statistics row of ``g`` accumulated in ``dtype`` (float64) from shifted data, chunk by chunk::
 
         K = mean(g);   D1 = sum(g - K);   D2 = sum |g - K|^2;   S = n K + D1;   C = D2 - |D1|^2 / n
 
-    exact algebra for any ``K``; ``K`` close to the mean makes ``D1`` tiny, so ``C`` is accumulated
-    from centred values (zero for a constant gradient). The centring runs in ``dtype`` too, chunk by
-    chunk (bounded temporaries: ``_SHIFTED_CHUNK`` entries).
-    """
+    (exact for any ``K``; ``K`` near the mean makes ``D1`` tiny, so ``C`` is zero for a constant gradient)."""
     flat = g.reshape(-1)
     numel = flat.numel()
     n = torch.tensor(float(numel), dtype=dtype, device=g.device)
@@ -215,12 +184,10 @@ def gsnr_from_statistics(
     """g-SNR and :class:`BlockStatus` of each statistics row of ``stats``.
 
     Args:
-        stats: ``(B, STATISTICS_WIDTH)`` statistics from :func:`gradient_statistics` (summed over
-            the pieces of each block).
+        stats: ``(B, STATISTICS_WIDTH)`` statistics from :func:`gradient_statistics`, summed over each block's pieces.
         eps: the ``eps`` added to the std (a float, or a ``(B,)`` tensor of per-block values).
-        eps_free: ``True`` (or a ``(B,)`` bool tensor) where the block's g-SNR is the scale-free
-            limit ``norm / std`` (eps dropped). Used for blocks whose first non-zero gradient is
-            tiny by construction (see :class:`sai_hf.SGDSaI`, "deferred blocks").
+        eps_free: ``True`` (or a ``(B,)`` bool tensor) where the g-SNR is ``norm / std``, eps dropped (deferred
+            blocks, :class:`sai_hf.SGDSaI`).
 
     Returns:
         ``(gsnr, status)``: float64 ``(B,)`` g-SNR (0 where not ``SCALED``) and int64 ``(B,)`` status.

@@ -1,42 +1,24 @@
-"""The native CPU kernels (``csrc/sgd_sai_cpu.c``): built once per process with the system C compiler, called through ctypes.
+"""The native CPU kernels (``csrc/sgd_sai_cpu.c``, equations there): the whole update of a block in one loop
+(:mod:`sai_hf.cpu_update`) and the float64 first-step g-SNR sums of many gradients in one call (:mod:`sai_hf.gsnr`),
+built once per process with the system C compiler and called through ctypes: torch has no kernel for SGD with
+decoupled decay, and an inductor loop was slower than torch's fused SGD and compiled for seconds in every process.
 
-Two kernels live there: the whole SGD-SaI update of a block in one loop (used by
-:mod:`sai_hf.cpu_update`) and the float64 sums of the first step's g-SNR for many gradients in one
-call (used by :mod:`sai_hf.gsnr`). Their equations are in the C file.
+**Build.** Once per process (under a lock), into a temporary directory removed once the library is loaded, under
+``$SAI_HF_BUILD_DIR`` if set (for a ``noexec`` ``$TMPDIR``), with ``$CC`` (split like a shell word list), else ``cc``,
+``gcc`` or ``clang``, with ``-march=native`` (the build is never shared), no ``-ffast-math`` and ``-ffp-contract=off``
+(each operation rounded as in the Triton kernel). Where the compiler is GCC and torch's threads are libgomp's, it is
+built with ``-fopenmp`` and runs on ``torch.get_num_threads()`` threads; otherwise single-threaded, and
+:meth:`NativeLibrary.usable` only while torch runs on one thread.
 
-Why C through ctypes, not torch ops or ``torch.compile``: torch has no kernel for SGD with decoupled
-decay, and inductor's loop (the previous version of the update) was 10-25% slower than torch's fused
-SGD on 0.6-2.4M-entry blocks, cost ~30 us of host time per call and 3-11 s of compilation per
-process. The C loop matches torch's fused kernel (measured in :mod:`sai_hf.cpu_update`), a ctypes
-call costs ~3 us, and the build takes 0.1-0.4 s.
-
-**Build.** Once per process (a lock: threads constructing optimizers at once wait for one build),
-into a temporary directory (removed as soon as the library is loaded) under ``$SAI_HF_BUILD_DIR``
-if set, else the system's temporary directory (``$TMPDIR``: set ``SAI_HF_BUILD_DIR`` where that one
-is mounted ``noexec``, on which a built library cannot be loaded), with the compiler
-named by ``$CC`` (split like a shell word list), else ``cc``, ``gcc`` or ``clang``, for this machine's CPU (``-march=native``: the
-build is never shared, so a cluster with mixed CPUs cannot get another machine's instructions). No
-``-ffast-math``, and ``-ffp-contract=off``: each floating-point operation is rounded as in the
-Triton kernel.
-
-**Threads.** Where the compiler is GCC and torch's threads are libgomp's (every Linux wheel of
-torch), the library is built with ``-fopenmp``: it links the libgomp that torch already loaded (one
-thread pool in the process) and each call runs on ``torch.get_num_threads()`` threads. Elsewhere it
-is built single-threaded and :meth:`NativeLibrary.usable` only while torch runs on one thread (with
-more, torch's own threaded kernels are faster).
-
-**Where it cannot run** (no compiler, a ``$CC`` that cannot be split or run, a failed build: one
-RuntimeWarning names the cause, quoting the compiler's first error line and its last line;
-``SAI_HF_CPU_KERNEL=0``/``false``/``no``/``off``: silently; any other value than those and
-``1``/``true``/``yes``/``on`` is a ``ValueError`` naming the variable), :func:`available` is False and the callers keep their torch-ops
-paths: the same equations, more passes over memory. :func:`readable` says which tensors C may be
-handed at all: tensors whose memory is real.
+**Where it cannot run** (no compiler, a bad ``$CC``, a failed build: one RuntimeWarning naming the cause;
+``SAI_HF_CPU_KERNEL=0``/``false``/``no``/``off``: silently; another value than those and ``1``/``true``/``yes``/``on``:
+``ValueError`` naming the variable), :func:`available` is False and callers keep their torch-ops paths (same
+equations, more passes over memory).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import platform
 import shlex
@@ -54,8 +36,7 @@ __all__ = ["NativeLibrary", "available", "library", "readable", "BUILD_DIR_VARIA
 
 #: The C source of the kernels.
 SOURCE = Path(__file__).with_name("csrc") / "sgd_sai_cpu.c"
-#: Set to ``0`` (or ``false``, ``no``, ``off``) to keep every CPU block on the torch-ops paths (a
-#: comparison baseline, or a workaround).
+#: Set to ``0`` (or ``false``, ``no``, ``off``) to keep every CPU block on the torch-ops paths.
 DISABLE_VARIABLE = "SAI_HF_CPU_KERNEL"
 _TRUE, _FALSE = ("1", "true", "yes", "on", "y"), ("0", "false", "no", "off", "n")
 #: A directory to build in instead of the system's temporary directory (which may be ``noexec``).

@@ -1,19 +1,13 @@
 """The first step's g-SNR sums of many gradients in one Triton launch per dtype group (CUDA).
 
-For every gradient ``b`` with ``n_b`` entries: its sum ``S_b`` and centred sum of squares ``C_b`` in
-float64 (what :mod:`sai_hf.gsnr` builds its statistics rows from). Each program of the launch reduces
-one tile of ``BLOCK`` entries, two-pass in registers (``tile_statistics_kernel``: the tile's own
-mean ``K_r``, then ``S_r = m_r K_r + sum (x - K_r)`` and ``C_r = sum (x - K_r)^2 - ...``: centred
-values, no cancellation); the tiles of each gradient are then combined on the device (Chan et al.)::
+For every gradient ``b`` with ``n_b`` entries: its sum ``S_b`` and centred sum of squares ``C_b`` in float64 (the
+inputs of :mod:`sai_hf.gsnr`'s rows). Each program reduces one tile ``r`` of ``BLOCK`` entries two-pass in registers
+(centred values, no cancellation); the tiles of each gradient are combined on the device (Chan et al.)::
 
     S_b = sum_r S_r;     C_b = sum_r C_r + sum_r m_r (S_r / m_r - S_b / n_b)^2
 
-with ``torch.segment_reduce`` over the tiles (a deterministic segmented sum: no atomics, the same
-result on every run). Launches: one kernel per (dtype, alignment) group plus a handful of segmented
-reductions, under the gradients' device guard; no host-device sync (the tile table goes
-host-to-device from pinned memory).
-
-Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors through Triton's interpreter (the tests).
+with ``torch.segment_reduce`` (deterministic, no atomics), under the gradients' device guard and without a host sync.
+Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (the tests).
 """
 
 from __future__ import annotations

@@ -1,29 +1,20 @@
 """The whole SGD-SaI update as one Triton kernel launch per group of same-dtype tensors (CUDA).
 
-For every tensor ``i`` and every element, computed in float32 whatever the storage dtypes::
+For every tensor ``i`` and every element, computed in float32 whatever the storage dtypes (float32, float16, bfloat16)::
 
     g <- -g                              if maximize
     m <- g                               if first[i]   (the block's first update: m_1 = g_1)
     m <- mu * m + (1 - mu) * g           otherwise     (momentum != 0; m is read from the buffer)
     p <- p * decay + step_sizes[i] * m                 (decay = 1 - lr * wd; step_sizes[i] = -lr * s_i)
 
-With ``momentum == 0`` there is no buffer and ``m = g``. The new ``m`` is written back to the buffer
-in the buffer's dtype: with *stochastic rounding* when the buffer is bfloat16 and the parameter is
-not (bit for bit ``sai_hf.rounding.stochastic_round_to_bf16(m, seeds[i])``), otherwise rounded to
-nearest. Parameters and gradients may be float32, float16 or
-bfloat16; the parameter is updated from the unrounded float32 ``m``. Every float32 operation above is
-rounded separately (no fused multiply-add: the kernel is compiled with ``enable_fp_fusion=False``), so
-the results are bit for bit those of the same torch float32 operations, on the GPU and in the
-interpreter alike; bfloat16 and float16 stores round to nearest-even.
+With ``momentum == 0`` there is no buffer and ``m = g``. ``m`` is stored in the buffer's dtype, stochastically rounded
+(bit for bit ``sai_hf.rounding.stochastic_round_to_bf16(m, seeds[i])``) when the buffer is bfloat16 and the parameter
+is not, else to nearest-even; ``p`` is updated from the unrounded ``m``. Every float32 operation is rounded separately
+(``enable_fp_fusion=False``), so results equal the same torch float32 operations, on the GPU and in the interpreter.
 
-Launches: tensors are grouped by device, (parameter, gradient, buffer) dtype and 16-byte alignment;
-each group is one launch, under its device's guard (the kernel reads raw addresses and Triton launches
-on the current device), whose tensors are described by a small int64 table (addresses, sizes, flags,
-factors: 9 values per tensor) copied host-to-device from pinned memory without a sync. A model whose
-parameters share one dtype and one device is one launch per call, whatever its number of tensors.
-
-Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors through Triton's numpy interpreter
-(slow: for tests); CUDA tensors then are not accepted (the interpreter cannot follow device addresses).
+Tensors are grouped by device, dtypes and 16-byte alignment; each group is one launch under its device's guard (Triton
+launches on the current device), described by an int64 table copied from pinned memory without a sync. Under
+``TRITON_INTERPRET=1`` the kernel runs on CPU tensors through Triton's interpreter (tests; CUDA tensors refused).
 """
 
 from __future__ import annotations
@@ -42,10 +33,8 @@ from torch import Tensor
 
 from .rounding import seed_offset
 
-__all__ = [
-    "SUPPORTED_DTYPES", "aligned", "device_guard", "dtype_code", "first_programs", "interpreting", "kernel_module",
-    "triton_available", "triton_sgd_sai_",
-]
+__all__ = ["SUPPORTED_DTYPES", "aligned", "device_guard", "dtype_code", "first_programs", "interpreting", "kernel_module",
+           "triton_available", "triton_sgd_sai_"]  # fmt: skip
 
 #: Storage dtypes of parameters, gradients and momentum buffers that the kernel accepts.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -141,28 +130,21 @@ def triton_sgd_sai_(
     block: int = BLOCK,
     chunk_blocks: int = CHUNK_BLOCKS,
 ) -> None:
-    """Apply one SGD-SaI step in place to ``params`` and ``buffers`` (equations in the module docstring).
+    """Apply one SGD-SaI step in place to ``params`` and ``buffers`` (equations in the module docstring; no host sync).
 
     Args:
-        params, grads: contiguous tensors (CUDA, on any devices; CPU under ``TRITON_INTERPRET=1``),
-            ``grads[i]`` on ``params[i]``'s device with its number of elements; float32, float16 or
-            bfloat16 each.
-        buffers: the momentum buffers, preallocated by the caller (contiguous, same numel, any
-            supported dtype; ``torch.empty`` is fine where ``first[i]``). Ignored (may be ``None``)
-            when ``momentum == 0``.
+        params, grads: contiguous float32/float16/bfloat16 tensors (CUDA, any devices; CPU under ``TRITON_INTERPRET=1``),
+            ``grads[i]`` on ``params[i]``'s device with its number of elements.
+        buffers: momentum buffers preallocated by the caller (contiguous, same numel, a supported dtype; ``torch.empty``
+            is fine where ``first[i]``). Ignored (may be ``None``) when ``momentum == 0``.
         step_sizes: ``-lr * s_i`` per tensor.
-        decay: the decoupled weight-decay *factor* ``1 - lr * weight_decay`` (one float, or one per
-            tensor; 1.0 for no decay): ``p <- p * decay + ...``, as ``decay`` in ``sai_hf.functional``.
+        decay: the factor ``1 - lr * weight_decay`` (one float, or one per tensor; 1.0 for no decay).
         momentum: ``mu`` (0 keeps no buffer).
-        first: per tensor, whether this is the block's first update (then ``m = g``; the buffer is
-            written, not read).
+        first: per tensor, whether this is the block's first update (``m = g``; the buffer is written, not read).
         maximize: negate the gradients.
-        seeds: per tensor, the seed of the stochastic rounding (``sai_hf.rounding.rounding_seed(step, i)``
-            to match the other paths); only used for bfloat16 buffers of non-bfloat16 parameters.
+        seeds: per tensor, the rounding seed (``sai_hf.rounding.rounding_seed(step, i)``); used only for bfloat16
+            buffers of non-bfloat16 parameters.
         block, chunk_blocks: elements per block and blocks per program (tuning/testing only).
-
-    No host-device sync: one small pinned host-to-device copy and one kernel launch per group, each
-    under its device's guard.
     """
     n = len(params)
     has_momentum = momentum != 0
