@@ -1,17 +1,9 @@
 """``--optim adam_mini``: the official Adam-mini (``adam-mini`` package) as a Trainer optimizer.
 
-Adam-mini partitions parameters by *name* (attention heads, embeddings, output layer), so it needs
-``model.named_parameters()`` and the model's attention shape, not the Trainer's parameter groups.
-:class:`AdamMiniFactory` is therefore handed to the Trainer as an optimizer *factory*
-(``Trainer.create_optimizer`` calls ``factory()(model, **kwargs)``), and reads ``dim``,
-``n_heads`` and ``n_kv_heads`` from ``model.config``. Adam-mini applies its own no-weight-decay rule
-(biases and norms) instead of the Trainer's grouping.
-
-PEFT adapters: Adam-mini matches names by substring, so a LoRA factor of ``q_proj`` was cut into
-attention heads and the first step crashed (``lora_A`` of a 256-wide ``q_proj`` has 2,048 entries,
-not a multiple of a head's 16,384). :func:`adam_mini_name` renames adapter tensors so that
-Adam-mini gives a matrix one second moment per row (its rule for generic linear layers) and any
-other adapter tensor one second moment.
+Adam-mini partitions parameters by *name* and needs the model's attention shape, so :class:`AdamMiniFactory` is handed
+to the Trainer as an optimizer *factory* (``factory()(model, **kwargs)``) reading ``dim``, ``n_heads`` and
+``n_kv_heads`` from ``model.config``; Adam-mini applies its own no-weight-decay rule. PEFT adapter tensors are renamed
+(:func:`adam_mini_name`): matched by substring, a LoRA factor of ``q_proj`` was cut into attention heads and crashed.
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """g-SNR drift: is a block's g-SNR at step 1 still representative later in training?
 
-SGD-SaI fixes every block's learning-rate scale from its g-SNR at the first step. The assumption is
-that the *ranking* and rough *ratios* of g-SNR across blocks stay stable. Given the step-1 g-SNR
-(``reference``) and a later measurement (``current``) of the same blocks, :func:`drift_summary`
-reports
-
-* ``spearman``: Spearman rank correlation of the two vectors (1 = same ordering of blocks; NaN when
-  either side has every value tied, which has no ordering to compare);
-* ``max_ratio``: the worst block's ``max(current/reference, reference/current)``;
-* ``median_ratio``: the median of that ratio over blocks.
-
-Reading: spearman >= 0.9 and max_ratio <= ~3 mean the step-1 scales still reflect the blocks'
-relative signal-to-noise; a falling spearman or a ratio above ~10 means they no longer do (see
-README, "g-SNR drift").
+Given the step-1 g-SNR (``reference``) and a later measurement (``current``) of the same blocks, :func:`drift_summary`
+reports ``spearman`` (rank correlation: 1 = same ordering; NaN when either side is all ties), ``max_ratio`` (the worst
+block's ``max(current/reference, reference/current)``) and ``median_ratio``. How to read them: README, "g-SNR drift".
 """
 
 from __future__ import annotations

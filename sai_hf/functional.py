@@ -130,12 +130,6 @@ def _on_triton(param: Tensor, grad: Tensor, buf_dtype: torch.dtype) -> bool:
     )
 
 
-def _on_native_cpu_loop(param: Tensor, grad: Tensor, buf_dtype: torch.dtype, decayed: bool) -> bool:
-    """Whether a contiguous block runs in the native CPU loop (:mod:`sai_hf.cpu_update`): a CPU
-    block with weight decay or a bfloat16 buffer."""
-    return param.device.type == "cpu" and (decayed or buf_dtype != param.dtype) and cpu_update.takes(param, grad, buf_dtype)
-
-
 def _resolve_path(params: Sequence[Tensor], foreach: bool | None, fused: bool | None) -> str:
     """``"fused"``, ``"foreach"`` or ``"loop"`` for the caller's flags (``None``: choose, as torch).
 
@@ -333,7 +327,7 @@ def _single_pass_sgd_sai(
         # and the slab path wherever neither kernel runs (no C compiler, devices without Triton).
         if _on_triton(p, g, buf_dtype):
             on_triton.append(i)
-        elif _on_native_cpu_loop(p, g, buf_dtype, decay != 1.0):
+        elif p.device.type == "cpu" and (decay != 1.0 or buf_dtype != p.dtype) and cpu_update.takes(p, g, buf_dtype):
             on_native.append(i)
         else:
             others.append(i)

@@ -28,11 +28,8 @@ def state_tensors(value: Any) -> Iterable[Tensor]:
     """Every tensor inside an optimizer-state value (recursing into dicts, lists and tuples)."""
     if isinstance(value, Tensor):
         yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from state_tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
+    elif isinstance(value, (dict, list, tuple)):
+        for item in value.values() if isinstance(value, dict) else value:
             yield from state_tensors(item)
 
 

@@ -11,15 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = [
-    "OptionSpec",
-    "parse_bool",
-    "parse_dtype",
-    "parse_float",
-    "parse_optional_bool",
-    "parse_optim_args",
-    "parse_str",
-]
+__all__ = ["OptionSpec", "parse_bool", "parse_dtype", "parse_float", "parse_optional_bool", "parse_optim_args", "parse_str"]
 
 
 @dataclass(frozen=True)
@@ -50,14 +42,8 @@ def parse_optional_bool(text: str) -> bool | None:
     return None if text.strip().lower() == "none" else parse_bool(text)
 
 
-_DTYPES = {
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-}
+_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float16": "float16",
+           "fp16": "float16"}  # fmt: skip
 
 
 def parse_dtype(text: str) -> Any:
@@ -78,18 +64,10 @@ def parse_str(text: str) -> str:
 
 
 def parse_optim_args(text: str | None, options: Mapping[str, OptionSpec], optimizer: str) -> dict[str, Any]:
-    """Turn ``"k=v,k=v"`` into a dict of parsed values; ``ValueError`` naming the offending key.
-
-    Only what ``transformers`` itself can split is accepted (it splits ``--optim_args`` on ``,`` and
-    each entry on ``=`` before any optimizer sees it, and crashes on anything else inside
-    ``train()``): every entry is exactly one ``key=value``, so an empty entry (a trailing, leading or
-    doubled comma, or a blank string) and a second ``=`` are refused here, before training.
-
-    Args:
-        text: the ``--optim_args`` string (``None`` or empty: no options).
-        options: the accepted keys of ``optimizer``.
-        optimizer: the ``--optim`` name, for messages.
-    """
+    """``text`` (the ``--optim_args`` string; ``None`` or empty: no options) as a dict of values parsed by ``options``
+    (the accepted keys of ``optimizer``, the ``--optim`` name for messages); ``ValueError`` naming the offending key.
+    Every entry must be exactly one ``key=value``, as ``transformers`` itself splits them (it crashes inside ``train()``
+    on an empty entry or a second ``=``)."""
     parsed: dict[str, Any] = {}
     if not text:
         return parsed

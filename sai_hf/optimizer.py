@@ -380,10 +380,8 @@ def _complete_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> di
     for group in optimizer.param_groups:
         for p in group["params"]:
             entry = state_dict["state"].setdefault(index, {})
-            entry.setdefault("step", 0)
-            entry.setdefault("gsnr", math.nan)
-            entry.setdefault("scale", math.nan)
-            entry.setdefault("gsnr_eps_free", False)
+            for key, value in (("step", 0), ("gsnr", math.nan), ("scale", math.nan), ("gsnr_eps_free", False)):
+                entry.setdefault(key, value)
             if group["momentum"] != 0 and "momentum_buffer" not in entry:
                 entry["momentum_buffer"] = torch.zeros_like(p, dtype=group.get("momentum_dtype") or p.dtype)
             index += 1

@@ -1,24 +1,17 @@
 """Stochastic rounding of float32 to bfloat16: the counter-based hash that every update path uses.
 
-With ``b`` the float32 bits of element ``i`` of a tensor (an int32), all arithmetic mod 2^32 and
-``>>>`` the logical shift::
+With ``b`` the float32 bits of element ``i`` of a tensor (an int32), all arithmetic mod 2^32 and ``>>>`` the logical
+shift::
 
     x      = (b + i) xor c(seed)
     x      = (x xor (x >>> 16)) * M1;   x = (x xor (x >>> 15)) * M2      (the "lowbias32" mix)
     u_i    = x >>> 16                                                  (top 16 bits)
     result = top 16 bits of  b + u_i                                   (a bfloat16 bit pattern)
 
-``c(seed)`` (:func:`seed_offset`) is a pseudo-random 32-bit key. For any fixed ``b`` and ``i``,
-``(b + i) xor c`` is uniform when ``c`` is, and each mixing step is a bijection mod 2^32 (odd ``M1``,
-``M2``), so ``u_i`` is uniform on ``[0, 2^16)``: ``x`` rounds up (away from zero) with probability
-equal to its truncated low 16 bits / 2^16, i.e. ``E[result] = x``. Equal entries get different
-``u_i`` (the index enters the hash), and the full mix decorrelates the dithers of consecutive steps.
-No generator state is kept: a run and its resumed run round alike.
-
-This module is the bottom layer of the update: the torch-ops paths (:mod:`sai_hf.functional`), the
-Triton kernel (:mod:`sai_hf._triton_kernels`) and the native CPU loop (:mod:`sai_hf.cpu_update`,
-``csrc/sgd_sai_cpu.c``) take the same constants and seeds from here, tested bit for bit against
-:func:`stochastic_bf16_bits`.
+``c(seed)`` (:func:`seed_offset`) is a pseudo-random 32-bit key and each mixing step a bijection (odd ``M1``, ``M2``), so
+``u_i`` is uniform on ``[0, 2^16)`` and ``E[result] = x``; the index decorrelates equal entries, the mix consecutive
+steps. No generator state is kept: a run and its resumed run round alike. The torch-ops paths, the Triton kernel and
+the C loop take the same constants and seeds from here (tested bit for bit against :func:`stochastic_bf16_bits`).
 """
 
 from __future__ import annotations
@@ -26,10 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = [
-    "MIX_1", "MIX_2", "SLAB", "element_index", "round_bits_into", "rounding_seed", "seed_offset", "slab_size",
-    "stochastic_bf16_bits", "stochastic_round_to_bf16",
-]
+__all__ = ["MIX_1", "MIX_2", "SLAB", "element_index", "round_bits_into", "rounding_seed", "seed_offset", "slab_size",
+           "stochastic_bf16_bits", "stochastic_round_to_bf16"]  # fmt: skip
 
 #: The two odd multipliers of the hash (Chris Wellons' "lowbias32"), as signed int32.
 MIX_1 = 0x7FEB352D

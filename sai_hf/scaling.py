@@ -80,15 +80,9 @@ def assigned_scales(
         if status == BlockStatus.PENDING:
             out.append(None)
             continue
-        if scale_rule == "sqrt_numel":
-            basis = math.sqrt(numel)
-        else:
-            if status == BlockStatus.DEGENERATE:
-                value = gsnr_max if gsnr_max is not None else 1.0
-            basis = value
-        if normalize == "max":
-            scale = basis / gsnr_max if gsnr_max is not None else 1.0
-        else:
-            scale = basis
+        if scale_rule != "sqrt_numel" and status == BlockStatus.DEGENERATE:
+            value = gsnr_max if gsnr_max is not None else 1.0
+        basis = math.sqrt(numel) if scale_rule == "sqrt_numel" else value
+        scale = basis if normalize != "max" else (basis / gsnr_max if gsnr_max is not None else 1.0)
         out.append(AssignedScale(float(value), float(scale), status))
     return out
