@@ -112,11 +112,6 @@ def _build_root() -> str | None:
     return named
 
 
-def _machine_flag() -> str:
-    """This CPU's instructions: ``-march=native`` on x86, ``-mcpu=native`` elsewhere (GCC and clang on ARM)."""
-    return "-march=native" if platform.machine().lower() in ("x86_64", "amd64", "i686") else "-mcpu=native"
-
-
 class NativeLibrary:
     """The kernels built for this process (:meth:`build`), or why there are none (``failure``)."""
 
@@ -133,7 +128,8 @@ class NativeLibrary:
                 named = os.environ.get("CC", "").strip()
                 raise OSError(f"CC={named!r} is not on PATH" if named else "no C compiler: set CC or install gcc or clang")
             self.threaded = _torch_threads_are_libgomp() and _is_gcc(compiler)
-            optional = [_machine_flag()] + ([] if self.threaded else ["-fopenmp-simd"])
+            x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
+            optional = ["-march=native" if x86 else "-mcpu=native"] + ([] if self.threaded else ["-fopenmp-simd"])  # ARM: -mcpu
             flags = _FLAGS + (["-fopenmp"] if self.threaded else []) + _accepted(compiler, optional)
             with tempfile.TemporaryDirectory(prefix="sai_hf_cpu_", dir=_build_root()) as directory:  # removed once loaded
                 path = Path(directory) / "sgd_sai_cpu.so"
