@@ -48,6 +48,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 import weakref
@@ -679,7 +680,24 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         "python": platform.python_version(),
         "versions": versions,
         "sgdsai_variants": sorted(sgdsai_variant_options()),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "commit": git_commit(),
     }
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` with local changes), ``None`` outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    return commit + "+dirty" if commit and git("status", "--porcelain", "--untracked-files=no") else commit
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -854,8 +872,9 @@ def step_benchmark(args: argparse.Namespace, skipped: dict[str, str]) -> dict[st
     )
     report["plot"] = str(plot) if plot else None
     (args.out_dir / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (args.out_dir / "bench.md").write_text(report_markdown(report) + "\n")
     print(report_markdown(report))
-    log_stderr(f"wrote {args.out_dir / 'bench.json'}" + (f" and {plot}" if plot else " (no plot: no matplotlib)"))
+    log_stderr(f"wrote {args.out_dir / 'bench.json'}, bench.md" + (f" and {plot}" if plot else " (no plot: no matplotlib)"))
     return report
 
 

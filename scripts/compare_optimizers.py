@@ -539,6 +539,41 @@ def separations(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def compare_markdown(report: dict[str, Any]) -> str:
+    """``compare.md`` from ``compare.json``'s contents: the table, then the seed-spread checks
+    (``scripts/results/render.py --check`` compares committed tables with this)."""
+    return markdown_table(report["rows"]) + "\n" + "".join(f"\n- {line}" for line in report["separations"]) + "\n"
+
+
+def provenance() -> dict[str, Any]:
+    """Where a result was produced: date (UTC), commit (``+dirty`` with local changes), CPU, torch."""
+    import platform
+
+    import torch
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), cpu)
+    return {
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "commit": commit,
+        "machine": f"{os.cpu_count()} CPUs, {cpu}",
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
 def drift_cell(row: dict[str, Any]) -> str:
     if "drift_spearman" not in row:
         return "-"
@@ -676,9 +711,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "provenance": provenance(),
     }
     (args.out_dir / "compare.json").write_text(json.dumps(report, indent=1, default=float))
-    (args.out_dir / "compare.md").write_text(table + "\n" + "".join(f"\n- {line}" for line in spreads) + "\n")
+    (args.out_dir / "compare.md").write_text(compare_markdown(report))
     title = "LoRA recipe" if recipe == "lora" else "GPT-2 recipe"
     pictures = plot(runs, rows, args.out_dir, title)
     print(table)
