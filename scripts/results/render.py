@@ -61,7 +61,8 @@ def provenance_line(name: str, report: dict[str, Any]) -> str:
         env = report["environment"]
         command = env["command"].split("scripts/", 1)[-1]
         recorded = {k: env[k] for k in ("date", "commit") if env.get(k)}
-        machine = f"{env['cpu_count']} CPUs, {env['device_name']}, {env['threads']} threads, torch {env['versions']['torch']}"
+        versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v and k != "sai-hf")
+        machine = f"{env['cpu_count']} CPUs, {env['device_name']}, {env['threads']} threads, {env['dtype']}; {versions}"
         recorded = RECORDED.get(name, {}) | {"machine": machine} | recorded
     else:
         command = report["command"]
@@ -203,19 +204,20 @@ BLOCKS: dict[str, Callable[[str], str]] = {
     "gpt2-124m-lr": curves_table,
     "lora-r16": grid_table,
     "lora-r16/curves": lambda name: curves_table(name.split("/")[0]).split("\n\n", 1)[1],
+    "lora-grid/curves": lambda name: curves_table(name.split("/")[0]).split("\n\n", 1)[1],
 }
 
-BLOCK = re.compile(r"(<!-- generated: (?P<name>\S+) -->\n)(?P<body>.*?)(\n<!-- end generated: (?P=name) -->)", re.S)
+BLOCK = re.compile(r"<!-- generated: (?P<name>\S+) -->\n.*?<!-- end generated: (?P=name) -->", re.S)
 
 
 def render_readme(text: str) -> str:
-    """``text`` with every generated block rewritten; an unknown block name is an error."""
+    """``text`` with every generated block rewritten (an empty one filled); an unknown name is an error."""
 
     def replace(match: re.Match[str]) -> str:
         name = match["name"]
         if name not in BLOCKS:
             raise KeyError(f"{README.name}: unknown generated block {name!r} (known: {', '.join(BLOCKS)})")
-        return match.group(1) + BLOCKS[name](name) + match.group(4)
+        return f"<!-- generated: {name} -->\n{BLOCKS[name](name)}\n<!-- end generated: {name} -->"
 
     return BLOCK.sub(replace, text)
 

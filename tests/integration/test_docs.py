@@ -211,7 +211,9 @@ def test_a_table_that_no_longer_matches_its_json_fails_the_check(
     assert f"{report['rows'][0]['final_eval_loss']:.3f}" in (results / "gpt2-seeds" / "compare.md").read_text()
 
 
-def test_an_unknown_generated_block_is_an_error() -> None:
+def test_an_empty_generated_block_is_filled_and_an_unknown_one_is_an_error() -> None:
     render = _render()
+    filled = render.render_readme("<!-- generated: horizon -->\n<!-- end generated: horizon -->\n")
+    assert "| gap |" in filled and filled.endswith("\n<!-- end generated: horizon -->\n")
     with pytest.raises(KeyError, match="no-such-table"):
         render.render_readme("<!-- generated: no-such-table -->\nx\n<!-- end generated: no-such-table -->\n")
