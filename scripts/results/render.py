@@ -10,7 +10,7 @@ What it writes:
   function the comparison itself writes it with);
 * ``bench-cpu.md`` from ``bench-cpu.json`` (``bench_optimizers.report_markdown``, what the benchmark
   prints and writes as ``bench.md``);
-* in ``scripts/results/README.md``, every block between ``<!-- generated: NAME -->`` and
+* in ``scripts/results/README.md`` and the top-level ``README.md``, every block between ``<!-- generated: NAME -->`` and
   ``<!-- end generated: NAME -->``, by the renderer ``NAME`` of :data:`BLOCKS` (a provenance line and
   a table built from one JSON).
 
@@ -194,6 +194,35 @@ def bench_summary(name: str) -> str:
     return provenance_line(name, report) + "\n\n" + table(header, rows) + "\n\nGoals (default SGDSaI):\n\n" + goals
 
 
+def headline(_: str) -> str:
+    """The top-level README's measured results, from the LoRA and GPT-2 seed sweeps, the 1000-step
+    run and the benchmark (what a newcomer reads first must not drift from its runs either)."""
+    def best(report: dict[str, Any], optim: str) -> dict[str, Any]:
+        return compare_optimizers.best_per_optimizer(report["rows"])[optim]
+
+    def loss(row: dict[str, Any]) -> str:
+        return f"{row['final_eval_loss']:.3f} ± {row['final_eval_loss_std']:.3f}"
+
+    lora, gpt2, horizon, bench = load("lora-seeds"), load("gpt2-seeds"), load("horizon"), load("bench-cpu.json")
+    l_sai, l_adamw, l_mini = (best(lora, o) for o in ("sgd_sai", "adamw_torch_fused", "adam_mini"))
+    g_sai, g_adamw = best(gpt2, "sgd_sai"), best(gpt2, "adamw_torch_fused")
+    h_sai, h_adamw = (next(r for r in horizon["runs"] if r["optim"] == o) for o in ("sgd_sai", "adamw_torch_fused"))
+    h_steps = max(evals(h_sai))
+    step = next(r for r in bench["results"] if r["optimizer"] == "sgdsai" and r["weight_decay"] > 0)
+    return (
+        f"- **LoRA fine-tuning: a tie with AdamW at half the optimizer state.** Final eval loss {loss(l_sai)}\n"
+        f"  (SGD-SaI) against {loss(l_adamw)} (AdamW) and {loss(l_mini)} (Adam-mini), at SGD-SaI's lr of\n"
+        f"  {l_sai['learning_rate']:g}, {l_sai['learning_rate'] / l_adamw['learning_rate']:.0f}x AdamW's.\n"
+        f"- **Small-model pretraining: SGD-SaI trails AdamW.** A 4.2M-parameter GPT-2: {loss(g_sai)} against\n"
+        f"  AdamW's {loss(g_adamw)} after {max(evals(gpt2['runs'][0]))} steps "
+        f"(+{g_sai['final_eval_loss'] - g_adamw['final_eval_loss']:.2f} nats, many times the seed spread), and\n"
+        f"  still +{evals(h_sai)[h_steps] - evals(h_adamw)[h_steps]:.2f} after {h_steps} steps.\n"
+        f"- **Speed:** an optimizer step costs {step['ratio_to_sgd_fused']:.2f}x torch's fused SGD and "
+        f"{step['ratio_to_adamw_fused']:.2f}x fused AdamW\n"
+        f"  (GPT-2 {step['size']} shapes, CPU, weight decay {step['weight_decay']:g})."
+    )
+
+
 #: name -> (JSON it reads, renderer).
 BLOCKS: dict[str, Callable[[str], str]] = {
     "bench-cpu.json": bench_summary,
@@ -205,6 +234,7 @@ BLOCKS: dict[str, Callable[[str], str]] = {
     "lora-r16": grid_table,
     "lora-r16/curves": lambda name: curves_table(name.split("/")[0]).split("\n\n", 1)[1],
     "lora-grid/curves": lambda name: curves_table(name.split("/")[0]).split("\n\n", 1)[1],
+    "headline": headline,
 }
 
 BLOCK = re.compile(r"<!-- generated: (?P<name>\S+) -->\n.*?<!-- end generated: (?P=name) -->", re.S)
@@ -230,7 +260,8 @@ def expected_files() -> dict[Path, str]:
     }
     for bench in sorted(HERE.glob("bench-*.json")):
         files[bench.with_suffix(".md")] = bench_optimizers.report_markdown(json.loads(bench.read_text())) + "\n"
-    files[README] = render_readme(README.read_text())
+    for readme in (README, HERE.parents[1] / "README.md"):
+        files[readme] = render_readme(readme.read_text())
     return files
 
 

@@ -184,7 +184,11 @@ def test_committed_results_tables_match_their_json(capsys: pytest.CaptureFixture
     status = render.main(["--check"])
     assert status == 0, capsys.readouterr().out
     generated = render.expected_files()
-    assert set(render.BLOCKS) <= set(re.findall(r"<!-- generated: (\S+) -->", (REPO / "scripts/results/README.md").read_text()))
+    used = {
+        name for readme in ("README.md", "scripts/results/README.md")
+        for name in re.findall(r"<!-- generated: (\S+) -->", (REPO / readme).read_text())
+    }
+    assert set(render.BLOCKS) <= used and "headline" in re.findall(r"<!-- generated: (\S+) -->", (REPO / "README.md").read_text())
     assert len([p for p in generated if p.name == "compare.md"]) == len(list((REPO / "scripts/results").glob("*/compare.json")))
 
 
@@ -192,10 +196,11 @@ def test_a_table_that_no_longer_matches_its_json_fails_the_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     render = _render()
-    results = tmp_path / "results"
+    results = tmp_path / "scripts" / "results"
     shutil.copytree(REPO / "scripts" / "results", results)
     monkeypatch.setattr(render, "HERE", results)
     monkeypatch.setattr(render, "README", results / "README.md")
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")  # scripts/results/../.. is the checkout's root
     assert render.main(["--check"]) == 0
 
     report = json.loads((results / "gpt2-seeds" / "compare.json").read_text())
