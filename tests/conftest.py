@@ -1,9 +1,18 @@
-"""Shared pytest configuration: hypothesis profiles for the property tests (tests/test_properties.py).
+"""Shared pytest configuration (loaded for every test under tests/, ``tests/gpu`` included).
+
+Layout: ``unit/`` (in-process contracts of the package: update paths, statistics, scaling,
+checkpoints, kernels), ``integration/`` (Trainer, resume, recipes and the scripts), ``distributed/``
+(2-process gloo runs: DDP, FSDP1/2, DeepSpeed), ``gpu/`` (CUDA, ``make test-gpu``), ``workers/``
+(scripts the tests launch as subprocesses), ``support/`` (helpers the tests and workers import:
+``_models``, ``reference``, ``_triton_reference``). ``support/`` is put on ``sys.path`` here, so a test
+in any folder imports them by their plain names; the workers add it themselves.
+
+Hypothesis profiles for the property tests (tests/unit/test_properties.py):
 
 * ``ci`` (the default, and what CI runs): derandomised, a fixed example budget (the property file
   takes about a minute on 2 CPU cores), no deadline, no example database.
 * ``thorough``: 10x the examples, random seeds, failures kept in ``.pytest_cache/hypothesis``.
-  ``pytest tests/test_properties.py --hypothesis-profile=thorough`` (or ``HYPOTHESIS_PROFILE=thorough``).
+  ``pytest tests/unit/test_properties.py --hypothesis-profile=thorough`` (or ``HYPOTHESIS_PROFILE=thorough``).
 
 Each property test takes a fixed share of the loaded profile's ``max_examples``.
 """
@@ -11,10 +20,15 @@ Each property test takes a fixed share of the loaded profile's ``max_examples``.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
+
+SUPPORT = Path(__file__).resolve().parent / "support"
+if str(SUPPORT) not in sys.path:
+    sys.path.insert(0, str(SUPPORT))
 
 _SLOW_DATA = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
 

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-1/2 with exact per-tensor g-SNR (``sai_hf.deepspeed_zero``), and what is refused.
 
 Multi-process tests run 2 CPU processes (``DS_ACCELERATOR=cpu``, gloo, ``torchrun``) through
-tests/_deepspeed_worker.py and compare against one process on the same global batch (4 sequences
+tests/workers/deepspeed_worker.py and compare against one process on the same global batch (4 sequences
 a step). In-process tests lay a flat partition out by hand, as DeepSpeed does, to check the layout
 logic without DeepSpeed; the refusals need only the Trainer.
 """
@@ -26,7 +26,7 @@ from sai_hf.gsnr import STATISTICS_WIDTH
 from sai_hf.sharding.deepspeed_config import deepspeed_in_use, refuse_unsupported_deepspeed
 from sai_hf.sharding.deepspeed_zero import ZeroFragments
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 CONFIGS = TESTS.parent / "configs"
 SCALE_TOLERANCE = 1e-6  # the issue's bound on the relative scale difference vs one process
 # bf16 ZeRO-2 vs one fp32 process: scale = g-SNR, and gsnr^2 = (n - 1)(1 + n mu^2 / M2) (sai_hf.gsnr),
@@ -63,7 +63,7 @@ needs_deepspeed = pytest.mark.skipif(not has_deepspeed(), reason="deepspeed not 
 def launch_worker(tmp_path_factory, part: str) -> SimpleNamespace:
     out = tmp_path_factory.mktemp(f"deepspeed_{part}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-           TESTS / "_deepspeed_worker.py", out, part]  # fmt: skip
+           TESTS / "workers" / "deepspeed_worker.py", out, part]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU: gloo without oneCCL
         return launch_two_ranks(cmd, out, f"[deepspeed {part}] torchrun, 2 processes")

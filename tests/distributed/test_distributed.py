@@ -26,9 +26,9 @@ from transformers import Trainer
 import sai_hf
 from sai_hf import SGDSaI, UnsupportedShardingError, statistics_reducer
 from sai_hf.callback import clean_parameter_name, parameter_names
-from sai_hf.run import main as run_main
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
+WORKERS = TESTS / "workers"
 WRAPPER_PARTS = ("module.", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 LAUNCH_TIMEOUT_S = 240
 
@@ -119,7 +119,7 @@ DDP_SCRIPT_ARGS = [
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("ddp")
-    script = TESTS / "_ddp_script.py"
+    script = WORKERS / "ddp_script.py"
     args = ["--output_dir", str(out), *DDP_SCRIPT_ARGS]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            "-m", "sai_hf.run", script, *args]  # fmt: skip
@@ -136,7 +136,7 @@ def test_ddp_unmodified_script_through_torchrun_and_sai_hf_run(ddp_run):
         assert rank["argv"] == [str(ddp_run.script), *ddp_run.args]
         assert rank["name"] == "__main__"
         assert rank["file"] == str(ddp_run.script)
-        assert rank["path0"] == str(TESTS)
+        assert rank["path0"] == str(WORKERS)
         assert rank["world"] == 2 and rank["parallel_mode"] == "ParallelMode.DISTRIBUTED"
         assert rank["optimizer"] == "SGDSaI"
 
@@ -172,8 +172,8 @@ def test_ddp_weights_identical_across_ranks_and_close_to_single_process(ddp_run,
 def fsdp2_run(tmp_path_factory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("fsdp2")
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
-           "--config_file", TESTS / "accelerate_fsdp2_cpu.yaml", "--main_process_port", free_port(),
-           "-m", "sai_hf.run", TESTS / "_fsdp2_worker.py", out]  # fmt: skip
+           "--config_file", WORKERS / "accelerate_fsdp2_cpu.yaml", "--main_process_port", free_port(),
+           "-m", "sai_hf.run", WORKERS / "fsdp2_worker.py", out]  # fmt: skip
     return launch_two_ranks(cmd, out, "[fsdp2] accelerate launch, 2 processes, 4 Trainer runs")
 
 
@@ -239,7 +239,7 @@ def test_fsdp2_resume_keeps_scales(fsdp2_run, run, resumed, key):
 def shard_run(tmp_path_factory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("shards")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-           TESTS / "_shard_worker.py", out]  # fmt: skip
+           WORKERS / "shard_worker.py", out]  # fmt: skip
     return launch_two_ranks(cmd, out, "[fsdp1+dtensor] torchrun, 2 processes")
 
 
@@ -351,101 +351,3 @@ def test_deepspeed_zero3_parameters_refused():
     with pytest.raises(UnsupportedShardingError, match="ZeRO stage 3") as err:
         statistics_reducer([p])
     assert "FSDP2" in str(err.value)
-
-
-# --------------------------------------------------------------------------- the launcher
-LAUNCHER_SCRIPT = '''
-import json, sys
-from dataclasses import dataclass
-from transformers import HfArgumentParser, TrainingArguments
-
-@dataclass
-class ScriptArgs:
-    report: str
-    exit_code: int = 0
-    fail_with: str = ""
-
-def main():
-    script, args = HfArgumentParser((ScriptArgs, TrainingArguments)).parse_args_into_dataclasses()
-    with open(script.report, "w") as fh:
-        json.dump({"argv": sys.argv, "name": __name__, "file": __file__, "path0": sys.path[0],
-                   "optim": str(args.optim.value), "sai_hf_imported_by_script": "sai_hf" in globals()}, fh)
-    if script.fail_with:
-        raise RuntimeError(script.fail_with)
-    sys.exit(script.exit_code)
-
-if __name__ == "__main__":
-    main()
-'''
-
-
-@pytest.mark.slow
-def test_launcher_runs_unmodified_script_with_exit_codes(tmp_path):
-    script_dir = tmp_path / "scripts"
-    script_dir.mkdir()
-    script = script_dir / "train.py"
-    script.write_text(LAUNCHER_SCRIPT)
-    common = ["--output_dir", str(tmp_path / "out"), "--optim", "sgd_sai", "--use_cpu", "true"]
-    launcher = [sys.executable, "-m", "sai_hf.run", script]
-    runs = {  # two processes at once (2 cores); nothing in the script registers sgd_sai
-        "exit3": [*launcher, "--report", tmp_path / "exit3.json", "--exit_code", "3", *common],
-        "raise": [*launcher, "--report", tmp_path / "raise.json", "--fail_with", "boom", *common],
-    }
-    procs = {
-        name: subprocess.Popen([str(c) for c in cmd], cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        for name, cmd in runs.items()
-    }
-    results = {name: (proc.wait(timeout=LAUNCH_TIMEOUT_S), proc.stdout.read()) for name, proc in procs.items()}
-    assert results["exit3"][0] == 3, results["exit3"][1]
-    report = json.loads((tmp_path / "exit3.json").read_text())
-    assert report == {
-        "argv": [str(script), "--report", str(tmp_path / "exit3.json"), "--exit_code", "3", *common],
-        "name": "__main__",
-        "file": str(script),
-        "path0": str(script_dir),
-        "optim": "sgd_sai",
-        "sai_hf_imported_by_script": False,
-    }
-    assert results["raise"][0] == 1 and "RuntimeError: boom" in results["raise"][1]
-    assert (tmp_path / "raise.json").exists()
-
-
-def test_launcher_main_in_process(tmp_path, capsys):
-    script = tmp_path / "probe.py"
-    script.write_text(
-        "import sys, json\n"
-        "from transformers.training_args import OptimizerNames\n"
-        "out = {'argv': sys.argv, 'name': __name__, 'file': __file__, 'path0': sys.path[0],\n"
-        "       'registered': 'sgd_sai' in [m.value for m in OptimizerNames]}\n"
-        "json.dump(out, open(sys.argv[1], 'w'))\n"
-        "if len(sys.argv) > 2: sys.exit(sys.argv[2])\n"
-    )
-    argv, path = list(sys.argv), list(sys.path)
-    assert run_main([str(script), str(tmp_path / "a.json")]) == 0
-    seen = json.loads((tmp_path / "a.json").read_text())
-    assert seen == {"argv": [str(script), str(tmp_path / "a.json")], "name": "__main__", "file": str(script),
-                    "path0": str(tmp_path), "registered": True}  # fmt: skip
-    assert sys.argv == argv and sys.path == path  # restored
-    with pytest.raises(SystemExit) as exit_info:
-        run_main([str(script), str(tmp_path / "b.json"), "message to stderr"])
-    assert exit_info.value.code == "message to stderr"  # SystemExit propagates unchanged
-    assert sys.argv == argv and sys.path == path
-    assert run_main([str(tmp_path / "missing.py")]) == 2
-    assert run_main([]) == 2
-    assert "python -m sai_hf.run: error: no script given" in capsys.readouterr().err
-    assert run_main(["--help"]) == 0
-
-
-def test_launcher_runs_a_module(tmp_path, monkeypatch):
-    package = tmp_path / "pkg_sai_run_probe"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "train.py").write_text(
-        "import sys, json\njson.dump({'argv': sys.argv, 'name': __name__}, open(sys.argv[1], 'w'))\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert run_main(["-m", "pkg_sai_run_probe.train", str(tmp_path / "m.json")]) == 0
-    seen = json.loads((tmp_path / "m.json").read_text())
-    assert seen == {"argv": [str(package / "train.py"), str(tmp_path / "m.json")], "name": "__main__"}
-    assert sai_hf.REGISTRY["sgd_sai"].name == "sgd_sai"

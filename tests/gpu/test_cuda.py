@@ -27,7 +27,7 @@ import pytest
 import torch
 
 TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))  # tests/_models.py, tests/_triton_reference.py
+sys.path.insert(0, str(TESTS / "support"))  # tests/support/_models.py, _triton_reference.py (as tests/conftest.py does)
 
 from _models import TokenDataset, tiny_gpt2, training_args  # noqa: E402
 from _triton_reference import compare_with_loop_path, run_steps  # noqa: E402

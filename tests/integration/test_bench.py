@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_optimizers.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_optimizers.py"
 
 
 def load_bench() -> ModuleType:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_optimizers.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_optimizers.py"
 
 
 def _compare_module():
@@ -128,3 +128,83 @@ def test_lora_comparison_with_seeds_and_the_sqrt_numel_ablation(tmp_path):
     assert any(e["scale"] != pytest.approx(math.sqrt(e["numel"]), rel=1e-3) for e in reports["sgd_sai"].values())
     assert "± " in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------- refused or resumed sweeps
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--optimizers", "sgd_sai,sgd_sai"], "sgd_sai is given twice"),
+        (["--optimizers", "sgd_sai", "--grid", "sgd_sai=3e-3,3e-3"], "3e-3,3e-3.*0.003 is given twice"),
+        (["--optimizers", "sgd_sai", "--grid", "sgd_sai=3e-3,0.003"], "0.003 is given twice"),
+        (["--optimizers", "sgd_sai", "--grid", "sgd_sai=0.0030000001,0.003"], "0.003 is given twice"),  # one run dir
+        (["--optimizers", "sgd_sai", "--grid", "sgd_sai=1e-3", "--grid", "sgd_sai=3e-3"], "sgd_sai is given twice"),
+        (["--optimizers", "sgd_sai", "--grid", "sgd_sai="], "no learning rate"),
+        (["--optimizers", "sgd_sai", "--grid", "sgd_sai=nan"], "nan"),
+        (["--optimizers", ","], "no optimizer"),
+        (["--optimizers", "../../x"], "'../../x' is not an optimizer name"),
+    ],
+)
+def test_compare_refuses_repeated_points(tmp_path, argv, match, monkeypatch):
+    compare = _compare_module()
+    monkeypatch.setattr(compare, "run_one", lambda *a: pytest.fail("a run started"))
+    with pytest.raises(ValueError, match=match):
+        compare.main([*argv, "--out_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "flag, instead",
+    [
+        (["--learning_rate", "1"], "--grid"),
+        (["--learning_rate=1"], "--grid"),
+        (["--optim", "adamw_torch"], "--optimizers"),
+        (["--optim_args", "momentum=0.5"], "optim_args"),
+        (["--seed", "7"], "--seeds"),  # not read as an abbreviation of --seeds
+        (["--output_dir", "x"], "--out_dir"),
+    ],
+)
+def test_compare_refuses_pass_through_flags_the_sweep_sets(tmp_path, flag, instead, monkeypatch):
+    compare = _compare_module()
+    monkeypatch.setattr(compare, "run_one", lambda *a: pytest.fail("a run started"))
+    with pytest.raises(ValueError, match=f"{flag[0].split('=')[0]} is set by the sweep.*{instead}"):
+        compare.main(["--optimizers", "sgd_sai", *flag, "--out_dir", str(tmp_path)])
+
+
+def test_compare_resume_is_keyed_on_the_config_contents(tmp_path, monkeypatch, capsys):
+    """A finished run is reused only while the config file (and code, environment) are unchanged."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    compare = _compare_module()
+    config = tmp_path / "config.yaml"
+    config.write_text("max_steps: 3\nblock_size: 16\n")
+    calls = []
+
+    def fake_child(command, stdout=None, stderr=None, env=None):
+        spec = json.loads(command[-1])
+        calls.append(spec["argv"])
+        Path(spec["result"]).write_text(json.dumps({"argv": spec["argv"], "optim": spec["optim"]}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_child)
+    sweep = compare.Sweep(str(config), "gpt2", tmp_path / "out", [], 16, resume=True)
+    compare.run_one(sweep, "sgd", 0.1, 1)
+    compare.run_one(sweep, "sgd", 0.1, 1)
+    assert len(calls) == 1  # reused: nothing changed
+    config.write_text("max_steps: 300\nblock_size: 16\n")  # same path, same argv: other contents
+    compare.run_one(sweep, "sgd", 0.1, 1)
+    assert len(calls) == 2 and "config_sha256" in capsys.readouterr().out
+    monkeypatch.setenv("SAI_HF_CPU_KERNEL", "0")
+    compare.run_one(sweep, "sgd", 0.1, 1)
+    assert len(calls) == 3 and "environment" in capsys.readouterr().out
+    # a truncated result file is rerun, not a crash
+    (tmp_path / "out" / "runs" / "sgd-lr0.1-seed1" / "result.json").write_text('{"argv": [')
+    compare.run_one(sweep, "sgd", 0.1, 1)
+    assert len(calls) == 4
+
+
+def test_compare_reads_block_size_given_as_flag_equals_value():
+    compare = _compare_module()
+    assert compare._last_override(["--block_size=64", "--max_steps", "5"], "--block_size", 128) == "64"
+    assert compare._last_override(["--max_steps", "5"], "--block_size", 128) == 128

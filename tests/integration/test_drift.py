@@ -51,7 +51,7 @@ def test_drift_tracking_in_trainer_and_plots(tmp_path, monkeypatch):
     for name, series in history["blocks"].items():
         assert len(series) == 4 and series[0] == report[name]["gsnr"]  # scales stayed the g-SNR of step 1
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_gsnr.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "plot_gsnr.py"
     spec = importlib.util.spec_from_file_location("plot_gsnr", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -80,3 +80,46 @@ def test_layer_types_group_gpt2_and_lora_names():
     assert layer_type("transformer.wte.weight") == "embedding"
     assert layer_type("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight") == "lora_A"
     assert layer_type("model.layers.0.mlp.down_proj.weight") == "mlp"
+
+
+# --------------------------------------------------------------------------- plot_gsnr.py on broken files; ties
+def _plot_gsnr():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "plot_gsnr.py"
+    spec = importlib.util.spec_from_file_location("plot_gsnr", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("gsnr.json", '{"h.0.attn.weight": {"gsnr": 3.0, "sc', "cannot read .*gsnr.json"),
+        ("gsnr.json", "[1, 2]", "gsnr.json is not a g-SNR report"),
+        ("gsnr.json", '{"h.0.attn.weight": {"scale": 1.0}}', "block 'h.0.attn.weight' has no 'gsnr'"),
+        ("gsnr_history.json", '{"steps": [1, 2], "blo', "cannot read .*gsnr_history.json"),
+    ],
+)
+def test_plot_gsnr_names_a_broken_file(tmp_path, capsys, name, text, match):
+    (tmp_path / "gsnr.json").write_text('{"h.0.attn.weight": {"gsnr": 3.0, "scale": 3.0}}')
+    (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        _plot_gsnr().main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    import re
+
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_spearman_of_all_tied_values_is_undefined_not_perfect():
+    import math
+
+    from sai_hf.drift import drift_summary, spearman
+
+    assert math.isnan(spearman([1.0, 2.0, 3.0], [5.0, 5.0, 5.0]))
+    assert math.isnan(spearman([5.0, 5.0], [1.0, 2.0]))
+    assert math.isnan(drift_summary([1.0, 2.0, 3.0], [4.0, 4.0, 4.0])["spearman"])
+    assert spearman([1.0, 2.0, 3.0], [1.0, 2.0, 4.0]) == pytest.approx(1.0)

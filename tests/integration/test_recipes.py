@@ -36,7 +36,7 @@ from sai_hf.recipes.arguments import (  # noqa: E402
 )
 from sai_hf.recipes.config import parse_recipe_args  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 PRETRAIN_ARGS = (GPT2ModelArguments, DataArguments, DiagnosticsArguments, TrainingArguments)
 FINETUNE_ARGS = (LlamaModelArguments, FinetuneDataArguments, LoraArguments, DiagnosticsArguments, TrainingArguments)
@@ -510,3 +510,301 @@ def test_token_accuracy_metric_loads_offline_from_the_package() -> None:
 
     metric = load_token_accuracy_metric()
     assert metric.compute(predictions=[1, 2, 3, 4], references=[1, 2, 0, 4]) == {"accuracy": 0.75}
+
+
+# --------------------------------------------------------------------------- recipe YAML: values as written, errors that name the key
+def _parse(tmp_path: Path, text: str, finetune: bool = False):
+    from sai_hf.recipes.arguments import (
+        DataArguments,
+        DiagnosticsArguments,
+        FinetuneDataArguments,
+        GPT2ModelArguments,
+        LlamaModelArguments,
+        LoraArguments,
+    )
+    from sai_hf.recipes.config import parse_recipe_args
+
+    types = (
+        (LlamaModelArguments, FinetuneDataArguments, LoraArguments, DiagnosticsArguments, TrainingArguments)
+        if finetune
+        else (GPT2ModelArguments, DataArguments, DiagnosticsArguments, TrainingArguments)
+    )
+    config = tmp_path / "config.yaml"
+    config.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+    return parse_recipe_args([str(config), "--output_dir", str(tmp_path / "out")], types)
+
+
+def test_yaml_scalars_reach_text_fields_as_written(tmp_path):
+    *_, args = _parse(
+        tmp_path,
+        "save_strategy: no\nrun_name: -exp-12:30\nlr_scheduler_type: linear\nhub_model_id: 010\n"
+        "eval_on_start: yes\ntorch_compile: off\nlearning_rate: 1e-3\nmax_grad_norm: .inf\nmax_steps: 0x10\n"
+        "weight_decay: -0.0\nadam_epsilon: -1.0e-5\nreport_to: null\n",
+    )
+    assert args.save_strategy == "no" and args.run_name == "-exp-12:30" and args.hub_model_id == "010"
+    assert args.eval_on_start is True and args.torch_compile is False
+    assert args.learning_rate == 1e-3 and args.max_grad_norm == math.inf and args.max_steps == 16
+    assert args.adam_epsilon == -1e-5
+
+
+@pytest.mark.parametrize("value, expected", [("no", "no"), ("12:30", "12:30"), ("1.10", "1.10"), ("-x", "-x"), ("'no'", "no"), ("off", "off")])
+def test_yaml_plain_scalar_in_a_string_field_keeps_its_text(tmp_path, value, expected):
+    *_, args = _parse(tmp_path, f"run_name: {value}\n")
+    assert args.run_name == expected
+
+
+def test_yaml_list_items_may_start_with_a_dash_and_the_command_line_still_wins(tmp_path):
+    model_args, data_args, lora_args, diagnostics, args = _parse(tmp_path, "lora_target_modules: [-odd, q_proj, 12:30]\n", finetune=True)
+    assert lora_args.lora_target_modules == ["-odd", "q_proj", "12:30"]
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("max_steps: 3\nlearning_rate: 1.0e-3\nmax_steps: 5\n", r"key 'max_steps' is given twice \(lines 1 and 3\)"),
+        ("max_steps: yes\n", r"--max_steps.*invalid int value: 'yes'"),
+        ("max_steps: 1.5\n", r"--max_steps.*invalid int value: '1.5'"),
+        ("save_strategy: maybe\n", r"--save_strategy.*'maybe'"),
+        (b"run_name: caf\xe9\n", r"config file .*config.yaml is not UTF-8"),
+        ("lora_target_modules: [q_proj, null]\n", r"lora_target_modules.*not a single value"),
+    ],
+)
+def test_bad_yaml_values_are_named(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        _parse(tmp_path, text, finetune="lora" in str(text))
+
+
+def test_config_that_is_a_directory_is_named(tmp_path):
+    from sai_hf.recipes.config import load_yaml_config
+
+    with pytest.raises(ValueError, match=r"is a directory"):
+        load_yaml_config(tmp_path)
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<<: {save_strategy: no, run_name: 1.10}\nlogging_steps: 3\n",
+        "<<: [{save_strategy: no}, {run_name: 1.10}]\n",
+        "<<: {save_strategy: steps, run_name: 1.10}\nsave_strategy: no\n",
+    ],
+)
+def test_merge_keys_keep_values_as_written(tmp_path, text):
+    from transformers import TrainingArguments
+
+    from sai_hf.recipes.config import parse_recipe_args
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"output_dir: {tmp_path}\nreport_to: none\nuse_cpu: true\n" + text)
+    (args,) = parse_recipe_args([str(config)], (TrainingArguments,))
+    assert str(args.save_strategy.value if hasattr(args.save_strategy, "value") else args.save_strategy) == "no"
+    assert args.run_name == "1.10"  # not YAML's float 1.1
+
+
+# --------------------------------------------------------------------------- recipe data and numbers, named before training
+#: Keeps a run tiny should a check ever let bad input through (the flags under test come after).
+TINY = ["--report_to", "none", "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--tokenizer_vocab_size", "300", "--corpus_max_files", "3", "--block_size", "32"]  # fmt: skip
+
+
+def _pretrain_with(tmp_path: Path, *extra: str):
+    return pretrain_gpt2.main([str(CONFIGS / "gpt2-local.yaml"), "--output_dir", str(tmp_path / "out"),
+                               "--recipe_cache_dir", str(tmp_path / "cache"), *TINY,
+                               "--n_layer", "1", "--n_embd", "32", "--n_head", "2", *extra])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("empty.txt", "", r"train file .*empty.txt is empty"),
+        ("blank.txt", "\n  \n\t\n", r"train file .*blank.txt holds only whitespace"),
+        ("header.csv", "text\n", r"train file .*header.csv holds no rows"),
+        ("none.json", "[]", r"train file .*none.json holds no rows"),
+        ("broken.json", "{oops", r"cannot read train file .*broken.json as json data"),
+        ("numbers.csv", "text,id\n1,2\n3,4\n5,6\n", r"column 'text' .* of dataset .*numbers.csv holds int64 values"),
+        ("lists.jsonl", '{"text": ["a", "b"]}\n' * 4, r"column 'text' .* of dataset .*lists.jsonl holds List"),
+        ("one.txt", "a single line of text\n", r"only 1 row.*validation_split_percentage=5.0 leaves none"),
+    ],
+)
+def test_bad_train_files_are_named_before_training(tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        _pretrain_with(tmp_path, "--train_file", str(path))
+    assert not (tmp_path / "out" / "trainer_state.json").exists()
+
+
+def test_empty_validation_file_is_named(tmp_path):
+    train = tmp_path / "train.txt"
+    train.write_text("some text\n" * 20)
+    valid = tmp_path / "valid.txt"
+    valid.write_text("")
+    with pytest.raises(ValueError, match=r"validation file .*valid.txt is empty"):
+        _pretrain_with(tmp_path, "--train_file", str(train), "--validation_file", str(valid))
+
+
+def test_train_file_that_is_a_directory_is_named(tmp_path):
+    folder = tmp_path / "data.txt"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"train file .*data.txt is not a regular file"):
+        _pretrain_with(tmp_path, "--train_file", str(folder))
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--max_train_samples", "0"),
+        ("--max_eval_samples", "-3"),
+        ("--block_size", "1"),
+        ("--validation_split_percentage", "100"),
+        ("--corpus_max_files", "0"),
+        ("--preprocessing_num_workers", "0"),
+        ("--text_column", " "),
+        ("--n_layer", "0"),
+        ("--model_dropout", "1.5"),
+    ],
+)
+def test_recipe_numbers_that_leave_nothing_to_train_on_are_named(tmp_path, flag, value):
+    with pytest.raises(ValueError, match=rf"Invalid {flag[2:]}="):
+        _pretrain_with(tmp_path, flag, value)
+
+
+@pytest.mark.parametrize("flag, value", [("--lora_r", "0"), ("--lora_dropout", "1.0"), ("--num_key_value_heads", "0")])
+def test_lora_recipe_numbers_are_named(tmp_path, flag, value):
+    finetune = load_script("finetune_llama_lora")
+    with pytest.raises(ValueError, match=rf"Invalid {flag[2:]}="):
+        finetune.main(
+            [str(CONFIGS / "llama-lora-local.yaml"), "--output_dir", str(tmp_path), "--recipe_cache_dir", str(tmp_path / "cache"),
+             *TINY, "--base_pretrain_steps", "0", "--hidden_size", "32", "--intermediate_size", "32", "--num_hidden_layers", "1",
+             "--num_attention_heads", "2", "--num_key_value_heads", "1", flag, value]
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "records, match",
+    [
+        ([{"prompt": "p", "completion": None}] * 4 + [{"prompt": "p", "completion": "c"}] * 4, r"column 'completion' .*missing \(null\)"),
+        ([{"prompt": i, "completion": "c"} for i in range(8)], r"column 'prompt' .*holds int64 values"),
+    ],
+)
+def test_prompt_completion_columns_must_hold_text(tmp_path, records, match):
+    from sai_hf.recipes.arguments import FinetuneDataArguments
+    from sai_hf.recipes.finetuning_data import finetuning_examples
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data_args = FinetuneDataArguments(train_file=str(path), validation_split_percentage=25)
+    with pytest.raises(ValueError, match=match):
+        finetuning_examples(data_args, tokenizer=None)
+
+
+def test_cache_variable_that_is_not_a_directory_is_named(tmp_path, monkeypatch):
+    from sai_hf.recipes.cache import resolve_cache_dir
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    monkeypatch.setenv("SAI_HF_CACHE", str(not_a_dir))
+    with pytest.raises(ValueError, match=r"environment variable SAI_HF_CACHE=.*is not a directory"):
+        resolve_cache_dir()
+
+
+def test_recipe_command_line_error_is_one_line_and_exit_2(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "pretrain_gpt2.py"), str(CONFIGS / "gpt2-local.yaml"),
+         "--output_dir", str(tmp_path), "--max_train_samples", "0"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr
+    lines = [line for line in completed.stderr.splitlines() if "error:" in line]
+    assert lines == [
+        "pretrain_gpt2.py: error: Invalid max_train_samples=0: expected a number of examples >= 1 (leave it unset to "
+        "keep them all)"
+    ]
+
+
+# --------------------------------------------------------------------------- the LoRA recipe's cached base: its key, concurrent runs
+def _base_key_and_args(tmp_path, **run_fields):
+    from datasets import Dataset, DatasetDict
+    from transformers import TrainingArguments
+
+    from sai_hf.recipes.arguments import DataArguments, LlamaModelArguments
+    from sai_hf.recipes.pretrained_base import base_cache_key, base_training_arguments
+
+    class Tokenizer:
+        def get_vocab(self):
+            return {f"t{i}": i for i in range(64)}
+
+        def __len__(self):
+            return 64
+
+    corpus = DatasetDict(train=Dataset.from_dict({"text": ["a = 1\n"], "path": ["a.py"]}))
+    model_args = LlamaModelArguments(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    data_args = DataArguments(block_size=32)
+    run = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **run_fields)
+    key = base_cache_key(model_args, data_args, run, Tokenizer(), corpus)
+    return key, base_training_arguments(run, tmp_path / "base", model_args)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_grad_norm", 0.25), ("adam_beta1", 0.5), ("adam_beta2", 0.9), ("adam_epsilon", 1e-3),
+     ("label_smoothing_factor", 0.2), ("neftune_noise_alpha", 5.0), ("dataloader_drop_last", True),
+     ("train_sampling_strategy", "sequential")],
+)  # fmt: skip
+def test_cached_base_does_not_depend_on_the_run_that_created_it(tmp_path, field, value):
+    """A field the cache key leaves out must not reach the base's pretraining."""
+    key, base = _base_key_and_args(tmp_path)
+    other_key, other_base = _base_key_and_args(tmp_path, **{field: value})
+    assert other_key == key
+    assert getattr(other_base, field) == getattr(base, field) != value
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [dict(lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": 3}), dict(warmup_steps=7),
+     dict(per_device_train_batch_size=3), dict(gradient_accumulation_steps=2)],
+)  # fmt: skip
+def test_run_settings_the_base_uses_are_in_its_cache_key(tmp_path, fields):
+    key, _ = _base_key_and_args(tmp_path, lr_scheduler_type="cosine_with_restarts")
+    other_key, base = _base_key_and_args(tmp_path, **{"lr_scheduler_type": "cosine_with_restarts", **fields})
+    assert other_key != key
+    assert all(getattr(base, name) == value for name, value in fields.items())
+
+
+def test_building_a_base_leaves_another_runs_staging_alone(tmp_path):
+    """Two runs building the same base at once: neither deletes (nor writes into) the other's staging."""
+    from datasets import Dataset, DatasetDict
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, TrainingArguments
+
+    from sai_hf.recipes.arguments import DataArguments, LlamaModelArguments
+    from sai_hf.recipes.pretrained_base import base_cache_key, pretrained_local_llama
+
+    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200)]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>")
+    corpus = DatasetDict(train=Dataset.from_dict({"text": texts}))
+    model_args = LlamaModelArguments(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        base_pretrain_steps=2, recipe_cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    data_args = DataArguments(block_size=16)
+    run = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", per_device_train_batch_size=2)
+    key = base_cache_key(model_args, data_args, run, tokenizer, corpus)
+    bases = tmp_path / "cache" / "bases"
+    bases.mkdir(parents=True)
+    others = [bases / f".llama-{key}.staging", bases / f".llama-{key}.staging-0123456789ab"]
+    for other in others:  # another run, mid-way: the old shared name, and a launch token
+        other.mkdir()
+        (other / "partial.bin").write_bytes(b"not ours")
+    model = pretrained_local_llama(model_args, data_args, run, tokenizer, corpus)
+    assert model.config.hidden_size == 16
+    entry = bases / f"llama-{key}"
+    assert (entry / "config.json").is_file() and not (entry / "partial.bin").exists()
+    for other in others:
+        assert (other / "partial.bin").read_bytes() == b"not ours"
+    # nothing of ours is left behind
+    assert sorted(p.name for p in bases.iterdir()) == sorted([entry.name, *(o.name for o in others)])

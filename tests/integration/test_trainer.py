@@ -5,17 +5,21 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from _models import TokenDataset, tiny_gpt2, tiny_llama, training_args
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 from transformers.trainer import DEFAULT_CALLBACKS
+from transformers.trainer_callback import TrainerCallback
+from transformers.trainer_optimizer import _parse_optim_args
 from transformers.training_args import OptimizerNames
 
 import sai_hf
 from sai_hf import GSNRCallback, SGDSaI, find_sgd_sai
-from sai_hf.callback import AutoGSNRCallback
+from sai_hf.callback import TRACK_EVERY_ENV, AutoGSNRCallback
 
 # --------------------------------------------------------------------------- registration
 
@@ -256,3 +260,204 @@ def test_adam_mini_missing_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "adam_mini" else real_find_spec(name, *a))
     with pytest.raises(ImportError, match=r"sai-hf\[adam-mini\]"):
         Trainer(model=tiny_llama(), args=training_args(tmp_path, optim="adam_mini"), train_dataset=TokenDataset())
+
+
+# --------------------------------------------------------------------------- GSNRCallback: unused heads, dropped gradients, resumed histories, hand-added callbacks (found attacking the callback)
+def _history(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _drift_logs(trainer: Trainer) -> list[dict]:
+    return [log for log in trainer.state.log_history if "gsnr_drift/spearman" in log]
+
+
+@pytest.fixture(autouse=True)
+def _no_track_env(monkeypatch):
+    monkeypatch.delenv(TRACK_EVERY_ENV, raising=False)
+
+
+def _with_unused_head(model: torch.nn.Module) -> torch.nn.Module:
+    model.unused_head = torch.nn.Linear(32, 3)  # registered, trainable, never in the forward pass
+    return model
+
+
+def test_unused_head_leaves_drift_tracking_on(tmp_path, monkeypatch):
+    monkeypatch.setenv(TRACK_EVERY_ENV, "2")
+    model = _with_unused_head(tiny_gpt2())
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4), train_dataset=TokenDataset())
+    trainer.train()
+    assert [log["step"] for log in _drift_logs(trainer)] == [2, 4]
+    assert all(log["gsnr_drift/skipped"] == 0 for log in _drift_logs(trainer))
+    history = _history(tmp_path / "gsnr_history.json")
+    assert history["steps"] == [1, 2, 4]
+    report = json.loads((tmp_path / "gsnr.json").read_text())
+    assert "unused_head.weight" not in report and set(history["blocks"]) == set(report)
+    assert all(len(series) == 3 and all(math.isfinite(v) for v in series) for series in history["blocks"].values())
+
+
+class _DropGradientAt(TrainerCallback):
+    """Removes one block's gradient at one step, before the GSNRCallbacks after it see it."""
+
+    def __init__(self, name: str, step: int) -> None:
+        self.name, self.step = name, step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            dict(model.named_parameters())[self.name].grad = None
+
+
+def test_block_without_gradient_at_a_tracking_step_is_skipped_not_fatal(tmp_path):
+    name = "transformer.wte.weight"
+    callbacks = [_DropGradientAt(name, step=2), GSNRCallback(track_every=2)]
+    trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path, max_steps=4), train_dataset=TokenDataset(), callbacks=callbacks)
+    trainer.train()
+    logs = _drift_logs(trainer)
+    assert [(log["step"], log["gsnr_drift/skipped"]) for log in logs] == [(2, 1.0), (4, 0.0)]
+    history = _history(tmp_path / "gsnr_history.json")
+    assert history["steps"] == [1, 2, 4]
+    assert math.isnan(history["blocks"][name][1]) and math.isfinite(history["blocks"][name][2])
+    assert all(len(series) == 3 for series in history["blocks"].values())
+
+
+RESUME = dict(max_steps=4, save_strategy="steps", save_steps=2)
+
+
+def _first_run(out: Path) -> dict:
+    """4 steps tracking drift every step, checkpoints at 2 and 4; returns the history."""
+    trainer = Trainer(model=tiny_gpt2(), args=training_args(out, **RESUME), train_dataset=TokenDataset(), callbacks=[GSNRCallback(track_every=1)])
+    trainer.train()
+    return _history(out / "gsnr_history.json")
+
+
+def _resume(out: Path, checkpoint: Path, **overrides) -> Trainer:
+    args = training_args(out, **{**RESUME, **overrides})
+    trainer = Trainer(model=tiny_gpt2(seed=1), args=args, train_dataset=TokenDataset(), callbacks=[GSNRCallback(track_every=1)])
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    return trainer
+
+
+def test_resumed_run_appends_to_the_history(tmp_path):
+    full = _first_run(tmp_path)
+    assert full["steps"] == [1, 2, 3, 4]
+    _resume(tmp_path, tmp_path / "checkpoint-2")
+    resumed = _history(tmp_path / "gsnr_history.json")
+    assert resumed["steps"] == [1, 2, 3, 4]  # steps 3-4 of the first run dropped, then measured again
+    assert set(resumed["blocks"]) == set(full["blocks"])
+    for name, series in resumed["blocks"].items():
+        assert series[:2] == full["blocks"][name][:2], name  # kept from the file, not recomputed
+        assert series[2:] == pytest.approx(full["blocks"][name][2:], rel=1e-4), name  # the same steps again
+
+
+def test_resume_survives_a_corrupt_or_missing_history(tmp_path):
+    _first_run(tmp_path)
+    history = tmp_path / "gsnr_history.json"
+    history.write_text("{not json")
+    with pytest.warns(UserWarning, match=r"gsnr_history.json is unreadable.*continuing the g-SNR history from"):
+        _resume(tmp_path, tmp_path / "checkpoint-2")
+    assert (tmp_path / "gsnr_history.json.corrupt").read_text() == "{not json"
+    assert _history(history)["steps"] == [1, 2, 3, 4]  # from checkpoint-2's copy
+
+    history.unlink()
+    (tmp_path / "checkpoint-2" / "gsnr_history.json").unlink()
+    with pytest.warns(UserWarning, match=r"does not exist and the checkpoint holds no copy: the g-SNR drift history restarts"):
+        _resume(tmp_path, tmp_path / "checkpoint-2")
+    restarted = _history(history)
+    assert restarted["steps"] == [1, 3, 4]
+    assert all(math.isfinite(v) for series in restarted["blocks"].values() for v in series)
+
+
+def test_resume_into_a_new_output_dir_writes_gsnr_json_and_continues_the_history(tmp_path):
+    first = tmp_path / "first"
+    _first_run(first)
+    second = tmp_path / "second"
+    checkpoint = first / "checkpoint-2"
+    trainer = _resume(second, checkpoint, resume_from_checkpoint=str(checkpoint))  # as the recipes pass it
+    assert json.loads((second / "gsnr.json").read_text()) == json.loads((first / "gsnr.json").read_text())
+    assert _history(second / "gsnr_history.json")["steps"] == [1, 2, 3, 4]
+    assert find_sgd_sai(trainer.optimizer) is not None
+
+    # The automatic callback, resumed with train(resume_from_checkpoint=...) only: the report too.
+    third = tmp_path / "third"
+    args = training_args(third, **RESUME)
+    Trainer(model=tiny_gpt2(seed=1), args=args, train_dataset=TokenDataset()).train(resume_from_checkpoint=str(checkpoint))
+    assert json.loads((third / "gsnr.json").read_text()) == json.loads((first / "gsnr.json").read_text())
+
+
+def test_hand_added_callbacks_each_write_their_report_and_use_their_reducer(tmp_path):
+    calls = []
+
+    def reducer(stats):
+        calls.append(tuple(stats.shape))
+        return stats
+
+    callbacks = [GSNRCallback(filename="a.json", reduce_statistics=reducer), GSNRCallback(filename="b.json", track_every=2)]
+    trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path, max_steps=2), train_dataset=TokenDataset(), callbacks=callbacks)
+    trainer.train()
+    a, b = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
+    assert a == b and len(a) == len(list(trainer.model.parameters()))
+    assert not (tmp_path / "gsnr.json").exists(), "the automatic callback stood down"
+    assert len(calls) == 1, "the first hand-added callback computed the scales, with its reducer"
+    assert _history(tmp_path / "b_history.json")["steps"] == [1, 2] and not (tmp_path / "a_history.json").exists()
+    assert len([log for log in trainer.state.log_history if "gsnr/scale_max" in log]) == 1
+
+
+def test_two_callbacks_tracking_into_one_history_file_are_refused_before_training(tmp_path):
+    callbacks = [GSNRCallback(track_every=2), GSNRCallback(filename="gsnr.json", track_every=3)]
+    trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path), train_dataset=TokenDataset(), callbacks=callbacks)
+    with pytest.raises(ValueError, match=r"same file .*gsnr_history.json"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not (tmp_path / "gsnr.json").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(track_every="5"), "track_every"),
+        (dict(track_every=2.5), "track_every"),
+        (dict(track_every=True), "track_every"),
+        (dict(filename=""), "filename"),
+        (dict(filename="x.json", history_filename="x.json"), "history_filename"),
+    ],
+)
+def test_callback_arguments_are_checked(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        GSNRCallback(**kwargs)
+
+
+# --------------------------------------------------------------------------- settings named before training: $SAI_HF_GSNR_TRACK_EVERY, --optim_args
+@pytest.mark.parametrize("value", ["abc", "-1", "2.5", "1e3", "true"])
+def test_bad_track_every_variable_spares_other_optimizers_and_is_named_for_sgd_sai(tmp_path, monkeypatch, value):
+    monkeypatch.setenv(TRACK_EVERY_ENV, value)
+    Trainer(model=tiny_gpt2(), args=training_args(tmp_path, optim="adamw_torch"), train_dataset=TokenDataset())
+    with pytest.raises(ValueError, match=rf"{TRACK_EVERY_ENV}='{re.escape(value)}'"):
+        Trainer(model=tiny_gpt2(), args=training_args(tmp_path), train_dataset=TokenDataset())
+
+
+def test_blank_track_every_variable_means_off(tmp_path, monkeypatch):
+    monkeypatch.setenv(TRACK_EVERY_ENV, " ")
+    trainer = Trainer(model=tiny_gpt2(), args=training_args(tmp_path, max_steps=2), train_dataset=TokenDataset())
+    trainer.train()
+    assert not (tmp_path / "gsnr_history.json").exists()
+
+
+@pytest.mark.parametrize(
+    "optim_args, named",
+    [
+        ("momentum=0.9,", "empty entry"),
+        (",momentum=0.9", "empty entry"),
+        ("momentum=0.9,,eps=1e-8", "empty entry"),
+        ("   ", "blank"),
+        ("momentum=0.9=1", "more than one '='"),
+        ("momentum=", "'momentum' has no value"),
+    ],
+)
+def test_optim_args_transformers_cannot_split_fail_when_the_trainer_is_built(tmp_path, optim_args, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        Trainer(model=tiny_gpt2(), args=training_args(tmp_path, optim_args=optim_args), train_dataset=TokenDataset())
+
+
+@pytest.mark.parametrize("optim_args", ["momentum=0.9", " momentum = 0.8 , eps=1e-6 ", "fused=none,momentum_dtype=bf16", ""])
+def test_accepted_optim_args_are_splittable_by_transformers(tmp_path, optim_args):
+    args = training_args(tmp_path, optim_args=optim_args)
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())  # our check accepts it ...
+    _parse_optim_args(args.optim_args)  # ... and so must the parser transformers runs inside train()

@@ -1,4 +1,5 @@
-"""An independent float64 reference of SGD-SaI, the oracle of ``tests/test_properties.py``.
+"""An independent float64 reference of SGD-SaI, the oracle of ``tests/unit/test_properties.py`` and
+``tests/unit/test_update_against_reference.py``.
 
 Written from ``/work/shared/SPEC.md`` (Algorithm 1) and the public rules in the docstrings of
 ``sai_hf.SGDSaI`` / ``sai_hf.functional``; it imports nothing from ``sai_hf``. Every quantity is

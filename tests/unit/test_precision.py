@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from _models import lm_step, tiny_gpt2, token_batches
@@ -64,32 +62,6 @@ def test_slabbed_bf16_momentum_update_with_decay_and_first_step(monkeypatch):
     torch.testing.assert_close(p, want_p, rtol=0, atol=1e-7)
 
 
-def test_bf16_momentum_paths_agree():
-    # Fixed gradients: the bf16 buffers depend on gradients and seeds only, so they must be equal bit
-    # for bit; parameters differ by the rounding of a fused multiply-add at most.
-    torch.manual_seed(0)
-    shapes = [(64, 48), (48,), (1,), (700,)]
-    base = [torch.randn(s) for s in shapes]
-    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
-    results = []
-    for path in (dict(foreach=True), dict(foreach=False, fused=False), dict(fused=True)):
-        params = [t.clone().requires_grad_() for t in base]
-        opt = SGDSaI(params, lr=2e-3, weight_decay=0.1, momentum_dtype=torch.bfloat16, **path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the one-element block is degenerate
-            for step_grads in grads:
-                for p, g in zip(params, step_grads):
-                    p.grad = g.clone()
-                opt.step()
-        results.append(([p.detach() for p in params], [opt.state[p]["momentum_buffer"] for p in params]))
-    (params_a, bufs_a), *others = results
-    assert all(b.dtype == torch.bfloat16 for b in bufs_a)
-    for params_b, bufs_b in others:
-        assert all(torch.equal(a, b) for a, b in zip(bufs_a, bufs_b))
-    for a, b in ((a, b) for params_b, _ in others for a, b in zip(params_a, params_b)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
 def test_momentum_state_bytes_fp32_and_bf16():
     model = tiny_gpt2()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -130,19 +102,6 @@ def test_low_precision_parameters_train(param_dtype, path):
     assert sum(losses[-4:]) / 4 < losses[0] - 0.05
     for p in model.parameters():
         assert opt.state[p]["momentum_buffer"].dtype == param_dtype  # rule: buffers follow the parameter
-
-
-def test_fp32_momentum_for_bf16_parameters_matches_loop():
-    results = []
-    for path in (dict(foreach=True), dict(foreach=False, fused=False)):
-        model = tiny_gpt2().to(torch.bfloat16)
-        opt = SGDSaI(model.parameters(), lr=2e-3, momentum_dtype=torch.float32, **path)
-        for ids in token_batches(3):
-            lm_step(model, ids, opt)
-        assert all(s["momentum_buffer"].dtype == torch.float32 for s in opt.state.values())
-        results.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*results):  # equal up to one bf16 rounding of the final add
-        torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1e-3)
 
 
 @pytest.mark.slow
@@ -187,3 +146,18 @@ def test_fused_updates_every_element_of_cpu_half_precision(dtype):
     assert (fused_half != base).float().mean() > 0.9  # every element moves, not only the first 16
     assert torch.equal(fused_half, multi_half)
     torch.testing.assert_close(fused_fp32, multi_fp32, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- found attacking the optimizer
+def test_bf16_momentum_of_float64_parameters_is_stochastically_rounded():
+    # Round-to-nearest would lose every (1 - mu) * 0.003 increment on a bf16 buffer around 1.0.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(4096, dtype=torch.float64))
+    opt = SGDSaI([p], lr=1e-6, momentum=0.9, momentum_dtype=torch.bfloat16)
+    p.grad = torch.randn(4096, dtype=torch.float64) * 0.01 + 1.0
+    opt.step()
+    for _ in range(100):
+        p.grad = torch.full((4096,), 1.003, dtype=torch.float64)
+        opt.step()
+    # 0.9^100 of the start is left; bf16 spacing near 1 is 0.0078, the mean of 4096 dithers ~1e-4.
+    assert opt.state[p]["momentum_buffer"].double().mean().item() == pytest.approx(1.003, abs=3e-4)

@@ -1,4 +1,4 @@
-"""Property tests: ``sai_hf.SGDSaI`` against the float64 oracle of ``tests/reference.py`` (issue #10).
+"""Property tests: ``sai_hf.SGDSaI`` against the float64 oracle of ``tests/support/reference.py``.
 
 What is generated (``hypothesis``): parameter groups (per-group lr, weight decay, eps, momentum
 including 0, momentum_dtype; maximize per optimizer or per group) of blocks of every shape class
@@ -20,7 +20,7 @@ oracle re-anchored to the optimizer's rounded values before each step (a few ulp
 stochastically rounded bf16 buffers also with a z-test for unbiasedness.
 
 Profiles (``tests/conftest.py``): ``ci`` (default; derandomised, fixed budget) and ``thorough``
-(``pytest tests/test_properties.py --hypothesis-profile=thorough``).
+(``pytest tests/unit/test_properties.py --hypothesis-profile=thorough``).
 """
 
 from __future__ import annotations

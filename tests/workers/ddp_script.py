@@ -1,7 +1,7 @@
 """An unmodified Trainer script: it never imports sai_hf, so ``--optim sgd_sai`` only parses when it
 is started through the launcher::
 
-    torchrun --nproc_per_node 2 -m sai_hf.run tests/_ddp_script.py --output_dir OUT --optim sgd_sai ...
+    torchrun --nproc_per_node 2 -m sai_hf.run tests/workers/ddp_script.py --output_dir OUT --optim sgd_sai ...
 
 Every rank writes ``OUT/rank{r}.json`` (how it was run, the optimizer's scales) and
 ``OUT/weights_rank{r}.pt`` (the trained weights); the Trainer writes ``OUT/gsnr.json``.
@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
-from _models import TokenDataset, tiny_gpt2  # found because the script's directory is sys.path[0]
 from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support (appended: sys.path[0] stays the script's directory)
+from _models import TokenDataset, tiny_gpt2  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
-"""DeepSpeed ZeRO worker for tests/test_deepspeed.py (2 CPU processes, gloo)::
+"""DeepSpeed ZeRO worker for tests/distributed/test_deepspeed.py (2 CPU processes, gloo)::
 
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/_deepspeed_worker.py OUT PART
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/workers/deepspeed_worker.py OUT PART
 
 PART ``trainer`` (ZeRO-2 through the HF Trainer, ``deepspeed=<config dict>``):
 
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
 from _models import TokenDataset, tiny_gpt2, tiny_llama, token_batches, training_args
 from transformers import Trainer
 
@@ -51,7 +52,7 @@ def count_sai_all_reduces() -> None:
     dist.all_reduce = all_reduce
 
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
 
 def zero_config(stage: int) -> dict:

@@ -1,6 +1,6 @@
 """FSDP2 Trainer worker for test_distributed (2 CPU processes, gloo)::
 
-    accelerate launch --config_file tests/accelerate_fsdp2_cpu.yaml -m sai_hf.run tests/_fsdp2_worker.py OUT
+    accelerate launch --config_file tests/workers/accelerate_fsdp2_cpu.yaml -m sai_hf.run tests/workers/fsdp2_worker.py OUT
 
 1. Run "a": 4 steps, checkpoints at steps 2 and 4; at the first optimizer step, also compares the
    reducer's sums with the statistics of the gathered whole gradients, and counts the all_reduce
@@ -19,14 +19,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from _cpu_fsdp import enable_fsdp_on_cpu
-from _models import TokenDataset, tiny_gpt2, training_args
+from cpu_fsdp import enable_fsdp_on_cpu  # tests/workers, the script's directory
 from transformers import Trainer, TrainerCallback
 
 import sai_hf.sharding
 import sai_hf.sharding.base
 from sai_hf import GSNRCallback, find_sgd_sai, gradient_statistics, gsnr_from_statistics, statistics_reducer
 from sai_hf.callback import parameter_names
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
+from _models import TokenDataset, tiny_gpt2, training_args  # noqa: E402
 
 #: Same data, hyperparameters and global batch (2 x 2) as the single-process reference in the test.
 ARGS = dict(per_device_train_batch_size=2, weight_decay=0.01, max_steps=4, save_strategy="steps", save_steps=2)

@@ -1,4 +1,4 @@
-"""Worker for test_resume: ``python _resume_worker.py MODE DIR`` in a fresh process.
+"""Worker for test_resume: ``python tests/workers/resume_worker.py MODE DIR`` in a fresh process.
 
 MODE ``full``: 10 steps, save weights. ``first``: 5 steps, save weights + optimizer state.
 ``resume``: load the ``first`` checkpoint, 5 more steps, save weights.
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
 from _models import lm_step, tiny_gpt2, token_batches
 
 from sai_hf import SGDSaI

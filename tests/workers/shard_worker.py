@@ -1,6 +1,6 @@
 """Sharded-statistics worker for test_distributed (2 CPU processes, gloo)::
 
-    torchrun --nproc_per_node 2 tests/_shard_worker.py OUT
+    torchrun --nproc_per_node 2 tests/workers/shard_worker.py OUT
 
 Part 1, DTensors built by hand (no FSDP): uneven ``Shard(0)`` (one rank's shard empty),
 ``Shard(1)``, ``Replicate``, plain tensors (one with a NaN gradient on a non-contributing rank), 2-D
@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
 from _models import tiny_gpt2, token_batches
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP

@@ -1,0 +1,222 @@
+"""Optimizer state dicts: a round trip continues exactly; what is refused (other shapes, other
+optimizers, garbage, bad group hyperparameters) names what is wrong; the official sgd-sai package's
+state (also with a scheduler's keys) is imported. Trainer checkpoints: ``integration/test_resume.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from _models import tiny_gpt2
+
+from sai_hf import SGDSaI
+def test_state_dict_round_trip_continues_exactly():
+    torch.manual_seed(0)
+    shapes = [(6, 6), (6,)]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(6)]
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
+    opt = SGDSaI(params, lr=0.1, weight_decay=0.01, normalize="max")
+    for step_grads in grads[:3]:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = copy.deepcopy(opt.state_dict())
+    for step_grads in grads[3:]:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+
+    resumed = [t.clone().requires_grad_() for t in saved_params]
+    opt2 = SGDSaI(resumed, lr=0.1, weight_decay=0.01, normalize="max")
+    opt2.load_state_dict(saved_state)
+    for step_grads in grads[3:]:
+        for p, g in zip(resumed, step_grads):
+            p.grad = g.clone()  # recomputing scales from this gradient (the official bug) would diverge
+        opt2.step()
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+    assert opt2.gsnr_max == opt.gsnr_max
+
+
+# --------------------------------------------------------------------------- state dicts refused or imported (found attacking the optimizer: each reproduced its defect)
+def _save_load(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _trained(shapes, steps=2, **kwargs):
+    torch.manual_seed(0)
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
+    opt = SGDSaI(params, lr=1e-3, **kwargs)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape).to(p.dtype)
+        opt.step()
+    return params, opt
+
+
+def test_state_dict_of_another_shape_is_refused_naming_index_and_shapes():
+    _, opt = _trained([(8, 4), (16,)])
+    _, other = _trained([(8, 4), (32,)], steps=0)
+    with pytest.raises(ValueError, match=r"parameter #1.*shape \(16,\).*shape \(32,\)"):
+        other.load_state_dict(_save_load(opt.state_dict()))
+
+
+@pytest.mark.parametrize(
+    "param_dtype, momentum_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+)
+def test_momentum_dtype_survives_save_and_load_and_resume_is_bit_exact(param_dtype, momentum_dtype):
+    shapes = [(64, 32), (300,)]
+    params, opt = _trained([s for s in shapes], steps=0, momentum_dtype=momentum_dtype)
+    for p in params:
+        p.data = p.data.to(param_dtype)
+    opt = SGDSaI(params, lr=1e-3, weight_decay=0.1, momentum_dtype=momentum_dtype)
+    torch.manual_seed(1)
+    grads = [[torch.randn(s).to(param_dtype) for s in shapes] for _ in range(6)]
+
+    def run(optimizer, ps, steps):
+        for step_grads in steps:
+            for p, g in zip(ps, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+
+    run(opt, params, grads[:3])
+    saved_params, saved_state = _save_load(([p.detach().clone() for p in params], opt.state_dict()))
+    run(opt, params, grads[3:])
+
+    resumed = [p.clone().requires_grad_() for p in saved_params]
+    opt2 = SGDSaI(resumed, lr=1e-3, weight_decay=0.1, momentum_dtype=momentum_dtype)
+    opt2.load_state_dict(saved_state)
+    assert [opt2.state[p]["momentum_buffer"].dtype for p in resumed] == [momentum_dtype] * 2
+    run(opt2, resumed, grads[3:])
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed))
+    assert all(torch.equal(opt.state[a]["momentum_buffer"], opt2.state[b]["momentum_buffer"]) for a, b in zip(params, resumed))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda ps: torch.optim.AdamW(ps, lr=1e-3), "Adam/AdamW"),
+        (lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9), "torch.optim.SGD"),
+        (lambda ps: torch.optim.RMSprop(ps, lr=1e-3), "RMSprop"),
+    ],
+    ids=["adamw", "sgd", "rmsprop"],
+)
+@pytest.mark.parametrize("stepped", [True, False])
+def test_other_optimizers_state_is_refused_saying_what_it_is(make, match, stepped):
+    params = [torch.randn(4, 3, requires_grad=True)]
+    foreign = make(params)
+    if stepped:
+        params[0].grad = torch.randn(4, 3)
+        foreign.step()
+    opt = SGDSaI([torch.randn(4, 3, requires_grad=True)], lr=1e-3)
+    with pytest.raises(ValueError, match=f"not SGD-SaI's.*{match}"):
+        opt.load_state_dict(_save_load(foreign.state_dict()))
+
+
+def test_official_sgd_sai_checkpoint_is_imported_exactly():
+    sgd_sai = pytest.importorskip("sgd_sai")
+    torch.manual_seed(0)
+    shapes = [(32, 16), (16,), (40,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(6)]
+    official_params = [t.clone().requires_grad_() for t in init]
+    official = sgd_sai.SGD_sai(official_params, lr=1e-3, momentum=0.9, weight_decay=0.01)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        for step in range(6):
+            for p, g in zip(official_params, grads[step]):
+                p.grad = g.clone()
+            official.step()
+            if step == 2:
+                checkpoint = _save_load(([p.detach().clone() for p in official_params], official.state_dict()))
+    saved_params, saved_state = checkpoint
+    params = [t.clone().requires_grad_() for t in saved_params]
+    opt = SGDSaI(params, lr=5.0, normalize="max")  # the checkpoint's own hyperparameters win
+    with pytest.warns(UserWarning, match="official sgd-sai"):
+        opt.load_state_dict(saved_state)
+    assert opt.param_groups[0]["lr"] == 1e-3 and opt.param_groups[0]["normalize"] == "none"
+    for step in range(3, 6):
+        for p, g in zip(params, grads[step]):
+            p.grad = g.clone()
+        opt.step()
+    for a, b in zip(params, official_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_garbage_state_dict_names_what_is_wrong():
+    opt = SGDSaI([torch.randn(3, requires_grad=True)], lr=1e-3)
+    with pytest.raises(ValueError, match="'state'"):
+        opt.load_state_dict({"param_groups": opt.state_dict()["param_groups"]})
+    bad = opt.state_dict()
+    bad["state"] = {0: {"scale": "big", "gsnr": 1.0, "step": 1}}
+    with pytest.raises(ValueError, match="scale of parameter #0"):
+        opt.load_state_dict(bad)
+
+
+@pytest.mark.parametrize(
+    "change, key", [({"momentum": 1.5}, "momentum"), ({"lr": -1.0}, "lr"), ({"normalize": "bogus"}, "normalize")]
+)
+def test_loaded_group_hyperparameters_are_checked(change, key):
+    _, opt = _trained([(4, 3)])
+    state = opt.state_dict()
+    state["param_groups"][0].update(change)
+    with pytest.raises(ValueError, match=f"parameter group #0: Invalid {key}"):
+        opt.load_state_dict(state)
+    del state["param_groups"][0]["momentum"]
+    with pytest.raises(ValueError, match=r"parameter group #0: missing \['momentum'\]"):
+        opt.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- the official package's state with a scheduler's keys
+@pytest.mark.parametrize("named", [False, True])
+@pytest.mark.parametrize("scheduler", ["lambda", "onecycle", "cyclic"])
+def test_official_state_with_scheduler_keys_is_imported(named, scheduler):
+    sgd_sai = pytest.importorskip("sgd_sai")
+    from sai_hf import SGDSaI
+
+    model = tiny_gpt2()
+    optimizer = sgd_sai.SGD_sai(model.named_parameters() if named else model.parameters(), lr=1e-3, weight_decay=0.1)
+    make = {
+        "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.5),
+        "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=10),
+        "cyclic": lambda o: torch.optim.lr_scheduler.CyclicLR(o, 1e-4, 1e-2),
+    }
+    schedule = make[scheduler](optimizer)
+    ids = torch.randint(0, 128, (2, 8))
+    with contextlib.redirect_stdout(io.StringIO()):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        schedule.step()
+    saved = optimizer.state_dict()
+    fresh = tiny_gpt2()
+    mine = SGDSaI(fresh.parameters(), lr=5.0)
+    with pytest.warns(UserWarning, match="official sgd-sai"):
+        mine.load_state_dict(saved)
+    assert mine.param_groups[0]["lr"] == saved["param_groups"][0]["lr"]
+    assert mine.param_groups[0]["initial_lr"] == saved["param_groups"][0]["initial_lr"]
+    for p, q in zip(fresh.parameters(), model.parameters()):
+        torch.testing.assert_close(mine.state[p]["momentum_buffer"], optimizer.state[q]["momentum_buffer"])
+        assert mine.state[p]["scale"] == pytest.approx(float(optimizer.state[q]["gsnr"]))
+
+
+def test_official_state_onto_other_groups_without_model_order_says_what_to_do():
+    sgd_sai = pytest.importorskip("sgd_sai")
+    from sai_hf import SGDSaI
+
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    official = sgd_sai.SGD_sai(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with contextlib.redirect_stdout(io.StringIO()):
+        official.step()
+    mine = SGDSaI([{"params": [torch.randn(3, requires_grad=True)]}, {"params": [torch.randn(4, 3, requires_grad=True)]}], lr=1e-3)
+    with pytest.raises(ValueError, match="remember_parameter_order"):
+        mine.load_state_dict(official.state_dict())
