@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import sys
@@ -28,12 +29,10 @@ HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$", re.M)
 def markdown_files() -> list[Path]:
     """Every Markdown file of the project (not the virtualenv, build outputs or hidden folders)."""
     files = []
-    for path in sorted(REPO.rglob("*.md")):
-        parts = path.relative_to(REPO).parts[:-1]
-        if any(p.startswith(".") or p in SKIPPED_DIRS or p.endswith(".egg-info") for p in parts):
-            continue
-        files.append(path)
-    return files
+    for folder, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not (d.startswith(".") or d in SKIPPED_DIRS or d.endswith(".egg-info"))]
+        files += [Path(folder) / name for name in names if name.endswith(".md")]
+    return sorted(files)
 
 
 def prose(text: str) -> str:
