@@ -379,7 +379,7 @@ def _complete_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> di
     index = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            entry = state_dict["state"].setdefault(index, {})
+            entry = state_dict["state"][index] = dict(state_dict["state"].get(index, {}))  # not the live state's dict
             for key, value in (("step", 0), ("gsnr", math.nan), ("scale", math.nan), ("gsnr_eps_free", False)):
                 entry.setdefault(key, value)
             if group["momentum"] != 0 and "momentum_buffer" not in entry:
