@@ -2,7 +2,7 @@
 
 Given the step-1 g-SNR (``reference``) and a later measurement (``current``) of the same blocks, :func:`drift_summary`
 reports ``spearman`` (rank correlation: 1 = same ordering; NaN when either side is all ties), ``max_ratio`` (the worst
-block's ``max(current/reference, reference/current)``) and ``median_ratio``. How to read them: README, "g-SNR drift".
+block's ``max(current/reference, reference/current)``) and ``median_ratio``. How to read them: scripts/README.md, "g-SNR drift".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run an unmodified training script with ``--optim sgd_sai`` available (see ``HELP`` and README, "Launching")::
+"""Run an unmodified training script with ``--optim sgd_sai`` available (``HELP``; scripts/README.md)::
 
     python -m sai_hf.run SCRIPT.py [ARGS...]        # or a directory / zip file holding a __main__.py
     python -m sai_hf.run -m PACKAGE.MODULE [ARGS...]
