@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 import warnings
 
 import pytest
@@ -220,3 +221,29 @@ def test_official_state_onto_other_groups_without_model_order_says_what_to_do():
     mine = SGDSaI([{"params": [torch.randn(3, requires_grad=True)]}, {"params": [torch.randn(4, 3, requires_grad=True)]}], lr=1e-3)
     with pytest.raises(ValueError, match="remember_parameter_order"):
         mine.load_state_dict(official.state_dict())
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_state_dict_before_a_deferred_block_is_scaled_leaves_training_unchanged(momentum):
+    """``state_dict()`` (a Trainer checkpoint) while a block waits for its scale (LoRA's ``lora_A``:
+    zero first gradient) changes nothing: its placeholders (NaN scale, zero buffer) go into the copy,
+    not into the live state, where the NaN scale was once taken as the block's and put NaN in the weights."""
+    torch.manual_seed(0)
+    grads = [[torch.randn(4, 4), torch.zeros(4, 8)], [torch.randn(4, 4), torch.randn(4, 8)]]
+    runs = []
+    for save in (False, True):
+        params = [torch.randn(4, 4, generator=torch.Generator().manual_seed(1)).requires_grad_(),
+                  torch.randn(4, 8, generator=torch.Generator().manual_seed(2)).requires_grad_()]  # fmt: skip
+        opt = SGDSaI(params, lr=0.1, momentum=momentum, weight_decay=0.1)
+        for step, step_grads in enumerate(grads):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+            if save and step == 0:
+                saved = opt.state_dict()
+                assert "scale" not in opt.state[params[1]]  # the live state still says: deferred
+                assert math.isnan(saved["state"][1]["scale"])  # the placeholder is in the copy
+        assert all(torch.isfinite(p).all() for p in params)
+        assert math.isfinite(opt.state[params[1]]["scale"])
+        runs.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
