@@ -9,7 +9,7 @@ For every block ``i`` with a fixed scale ``s_i`` (a host float: no path syncs th
     p   <- p - lr * s_i * m
 
 With ``momentum == 0`` no buffer is kept and ``m = g``. Paths, tested against each other and against a float64
-reference (``tests/reference.py``): ``_single_tensor_sgd_sai`` (a for-loop, the reference), ``_multi_tensor_sgd_sai``
+reference (``tests/support/reference.py``): ``_single_tensor_sgd_sai`` (a for-loop, the reference), ``_multi_tensor_sgd_sai``
 (``torch._foreach_*`` per device and dtype) and ``_single_pass_sgd_sai`` (``fused``, the default: one pass over memory
 per block, decay included; the blocks it cannot run go through the multi-tensor path in the same call).
 
