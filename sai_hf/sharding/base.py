@@ -102,6 +102,14 @@ class ShardingBackend:
         Raises :class:`UnsupportedShardingError` for a layout without exact per-tensor statistics."""
         raise NotImplementedError
 
+    def resting_blocks(
+        self, optimizer: Any, groups: Sequence[Mapping[str, Any]], present: set[int]
+    ) -> list[Block]:
+        """Blocks of parameters that a wrapper keeps out of ``groups`` between its steps (DeepSpeed
+        ZeRO-3 puts each partition into its group only while stepping it), for the reports made
+        outside a step; ``present``: ids of the parameters now in ``groups``."""
+        return []
+
     def keep_buffer(self, block: Block, local: Tensor) -> None:
         """Store ``local``, the momentum buffer the block's first update created."""
         raise NotImplementedError

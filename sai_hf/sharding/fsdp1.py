@@ -106,12 +106,15 @@ class Fsdp1Views(WholeTensors):
     def check_blocks(self, blocks: Sequence[Block]) -> None:
         """Two 1-D optimizer parameters sharing one storage are flat views into one buffer: the
         signature of FSDP1 ``use_orig_params=True`` (every original parameter becomes a 1-D view of
-        the local shard, or of one shared empty tensor), whose views must be registered."""
+        the local shard, or of one shared empty tensor), whose views must be registered. Blocks a
+        backend already placed as sharded (ZeRO fragments: their model parameters are views into
+        DeepSpeed's flat buffers) are not such views."""
         dtensor = dtensor_types()
         seen: dict[int, int] = {}
-        for i, p in enumerate(block.param for block in blocks):
-            if p.dim() != 1 or (dtensor and isinstance(p, dtensor)) or p in self.views:
-                continue
+        for i, block in enumerate(blocks):
+            p = block.param
+            if block.placement.sharded or p.dim() != 1 or (dtensor and isinstance(p, dtensor)) or p in self.views:
+                continue  # sharded: a backend placed it (DeepSpeed ZeRO's model parameters may share a flat buffer)
             try:
                 key = p.untyped_storage()._cdata
             except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage

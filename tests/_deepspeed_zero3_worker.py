@@ -1,0 +1,115 @@
+"""DeepSpeed ZeRO-3 and optimizer / parameter offload worker for tests/test_deepspeed_zero3.py (2 CPU
+processes, gloo)::
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/_deepspeed_zero3_worker.py OUT CONFIG [EXTRA...]
+
+CONFIG is a shipped config name (``zero3``, ``zero3_offload``, ``zero2_offload``): the HF Trainer with
+``deepspeed=<that config>`` ("auto" values filled in by the Trainer) runs
+
+* ``a``: 4 steps, 2 sequences per rank (the global batch of the single-process reference), weight
+  decay 0.01, a DeepSpeed checkpoint at step 2; gsnr.json, losses, every SGD-SaI all_reduce, the
+  fp32 master weights gathered per parameter, the saved model (``trainer.save_model``);
+* ``b``: resume from ``a``'s checkpoint-2 to step 4 (the scales come from the checkpoint);
+
+and, with EXTRA ``lora``: PEFT LoRA on the tiny Llama (lora_A's first gradient is exactly 0); with
+``hostile``: 1 sequence per rank x 2 accumulation steps, clipping 0.05 (every step clipped), weight
+decay 0.1, momentum bf16; with ``bf16``: ``"bf16": {"enabled": true}`` in the config.
+
+Writes ``OUT/rank{r}.json`` (and per run ``OUT/<run>/gsnr.json`` from rank 0, ``OUT/weights_<run>.pt``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from _deepspeed_worker import SAI_ALL_REDUCES, count_sai_all_reduces
+from _models import TokenDataset, tiny_gpt2, tiny_llama, training_args
+from transformers import Trainer
+
+from sai_hf.callback import find_sgd_sai, parameter_names
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+def shipped(name: str) -> dict:
+    return json.loads((CONFIGS / f"{name}.json").read_text())
+
+
+def master_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The fp32 master weights SGD-SaI updates, gathered per parameter (a collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trainer_run(out: Path, name: str, config: dict, model=None, resume=None, save=False, **overrides) -> dict:
+    SAI_ALL_REDUCES.clear()
+    kwargs = dict(per_device_train_batch_size=2, weight_decay=0.01, max_steps=4, deepspeed=config)
+    kwargs.update(overrides)
+    args = training_args(out / name, **kwargs)
+    model = model if model is not None else tiny_gpt2()
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset())
+    trainer.train(resume_from_checkpoint=resume)
+    sai = find_sgd_sai(trainer.optimizer)
+    names = parameter_names(trainer.model)
+    blocks = sai.blocks()
+    scales = {names[id(b.param)]: b.state["scale"] for b in blocks if "scale" in b.state}
+    weights = master_weights(trainer.model)
+    if dist.get_rank() == 0:
+        torch.save(weights, out / f"weights_{name}.pt")
+    if save:
+        trainer.save_model(str(out / name / "saved"))
+    zero = getattr(blocks[0].backend, "zero_optimizer", lambda: None)()
+    return {
+        "scales": scales,
+        "all_reduces": list(SAI_ALL_REDUCES),
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "backends": sorted({type(b.backend).__name__ for b in blocks}),
+        "partition_devices": sorted({str(p.device) for g in sai.param_groups for p in g["params"]} | {str(b.local.device) for b in blocks}),
+        "momentum_dtypes": sorted({str(s["momentum_buffer"].dtype) for s in sai.state.values() if "momentum_buffer" in s}),
+        "sub_groups": None if zero is None else len(zero.fp16_groups),
+        "steps": trainer.state.global_step,
+        "weights": weights,
+    }
+
+
+def strip(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "weights"}
+
+
+def main() -> None:
+    out, name, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    config = shipped(name)
+    count_sai_all_reduces()
+    result: dict = {}
+    if "lora" in extra:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        run = trainer_run(out, "lora", config, model=model, max_steps=3, weight_decay=0.0)
+        result["lora"] = {**strip(run), "moved": {n: float((w - initial[n]).abs().max()) for n, w in run["weights"].items()}}
+    elif "hostile" in extra:
+        run = trainer_run(
+            out, "hostile", config, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_grad_norm=0.05,
+            weight_decay=0.1, optim_args="momentum_dtype=bfloat16",
+        )
+        result["hostile"] = strip(run)
+    elif "bf16" in extra:
+        run = trainer_run(out, "bf16", {**config, "bf16": {"enabled": True}}, bf16=True)
+        result["bf16"] = strip(run)
+    else:
+        a = trainer_run(out, "a", config, save_strategy="steps", save_steps=2, save=True)
+        b = trainer_run(out, "b", config, resume=str(out / "a" / "checkpoint-2"))
+        result["a"], result["b"] = strip(a), strip(b)
+        result["resumed_weights_max_abs_diff"] = max(float((a["weights"][k] - b["weights"][k]).abs().max()) for k in a["weights"])
+    result["world"] = dist.get_world_size()
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
