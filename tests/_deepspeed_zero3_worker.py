@@ -11,9 +11,15 @@ CONFIG is a shipped config name (``zero3``, ``zero3_offload``, ``zero2_offload``
   fp32 master weights gathered per parameter, the saved model (``trainer.save_model``);
 * ``b``: resume from ``a``'s checkpoint-2 to step 4 (the scales come from the checkpoint);
 
+CONFIG ``plain``: ``deepspeed.initialize(model=OddModule(), optimizer=SGDSaI(...))`` under ZeRO-3 with
+sub_group_size 10 (3 sub-groups) and with a one-element parameter and odd sizes (padding, a rank holding
+no entry of a block), with and without optimizer + parameter offload; ``normalize="max"`` with one
+sub-group (exact) and with 3 (refused).
+
 and, with EXTRA ``lora``: PEFT LoRA on the tiny Llama (lora_A's first gradient is exactly 0); with
 ``hostile``: 1 sequence per rank x 2 accumulation steps, clipping 0.05 (every step clipped), weight
-decay 0.1, momentum bf16; with ``bf16``: ``"bf16": {"enabled": true}`` in the config.
+decay 0.1, momentum bf16; with ``bf16``: ``"bf16": {"enabled": true}`` in the config; with
+``resume_from CHECKPOINT`` (run with another number of processes): the resume's error.
 
 Writes ``OUT/rank{r}.json`` (and per run ``OUT/<run>/gsnr.json`` from rank 0, ``OUT/weights_<run>.pt``).
 """
@@ -77,16 +83,79 @@ def trainer_run(out: Path, name: str, config: dict, model=None, resume=None, sav
     }
 
 
+class OddModule(torch.nn.Module):
+    """Odd sizes (35, 5, 15, 3 entries: padded pieces) and a one-element parameter (rank 1 holds none of it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(7, 5)
+        self.t = torch.nn.Parameter(torch.ones(1))
+        self.b = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.b(torch.tanh(self.a(x))) * self.t).pow(2).mean()
+
+
+def odd_batches(steps: int = 3) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randn(8, 7, generator=gen) for _ in range(steps)]
+
+
+def plain_run(zero: dict, normalize: str = "none") -> dict:
+    """``deepspeed.initialize`` with an SGD-SaI client optimizer, 4 rows per rank, 3 steps."""
+    import deepspeed
+
+    from sai_hf import SGDSaI
+
+    SAI_ALL_REDUCES.clear()
+    model = OddModule()
+    optimizer = SGDSaI(model.parameters(), lr=1e-2, weight_decay=0.1, normalize=normalize)
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+              "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}  # fmt: skip
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    rank = dist.get_rank()
+    try:
+        for x in odd_batches():
+            engine.backward(engine(x[4 * rank : 4 * rank + 4]))
+            engine.step()
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        return {"error": f"{type(err).__name__}: {err}"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        "scales": {names[id(p)]: s for p, s in optimizer.scales().items()},
+        "all_reduces": list(SAI_ALL_REDUCES),
+        "sub_groups": len(engine.optimizer.fp16_groups),
+        "weights": {n: w.tolist() for n, w in master_weights(model).items()},
+    }
+
+
 def strip(run: dict) -> dict:
     return {k: v for k, v in run.items() if k != "weights"}
 
 
 def main() -> None:
     out, name, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    config = shipped(name)
     count_sai_all_reduces()
     result: dict = {}
-    if "lora" in extra:
+    if name == "plain":
+        offload = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+        small = {"stage": 3, "sub_group_size": 10, "stage3_param_persistence_threshold": 0}
+        result["plain"] = plain_run(small)
+        result["plain_offload"] = plain_run({**small, **offload})
+        result["max_one_sub_group"] = plain_run({"stage": 3}, normalize="max")
+        result["max_sub_groups"] = plain_run(small, normalize="max")
+        result["world"] = dist.get_world_size()
+        (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1, default=str))
+        return
+    config = shipped(name)
+    if extra and extra[0] == "resume_from":  # another world size than the checkpoint's
+        try:
+            trainer_run(out, "other_world", config, resume=extra[1], per_device_train_batch_size=4)
+            result["error"] = None
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            result["error"] = f"{type(err).__name__}: {err}"
+    elif "lora" in extra:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

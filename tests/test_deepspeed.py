@@ -320,9 +320,13 @@ def test_flat_partition_normalize_max_with_two_groups_refused():
         ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param", "configs/deepspeed/zero2.json"),
         ({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False}, "stage 1", "zero2_offload.json"),
         ({"zero_optimization": {"stage": 3, "zenflow": {"topk_ratio": 0.1}}}, "zenflow", "configs/deepspeed"),
+        ({"zero_optimization": {"stage": 3}, "checkpoint": {"load_universal": True}}, "load_universal", "world size it was saved with"),
         ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {}}}, "'optimizer' section", "configs/deepspeed/zero2.json"),
     ],
-    ids=["offload_force_default", "offload_force_true", "offload_nvme", "param_nvme", "offload_param_stage2", "offload_stage1", "zenflow", "optimizer_section"],
+    ids=[
+        "offload_force_default", "offload_force_true", "offload_nvme", "param_nvme", "offload_param_stage2",
+        "offload_stage1", "zenflow", "universal_checkpoint", "optimizer_section",
+    ],  # fmt: skip
 )
 def test_trainer_refuses_unsupported_deepspeed_before_training(tmp_path, config, match, advice):
     args = training_args(tmp_path)

@@ -106,6 +106,24 @@ def test_resume_from_deepspeed_checkpoint_is_bit_exact(runs):
 
 @needs_deepspeed
 @pytest.mark.slow
+def test_resume_at_another_world_size_is_refused_at_load(runs, tmp_path):
+    """A 2-rank checkpoint resumed by 1 process: refused while loading, before any step."""
+    from test_distributed import launch as launch_command
+    from test_distributed import tail
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", free_port(),
+           TESTS / "_deepspeed_zero3_worker.py", tmp_path, runs.config, "resume_from", runs.out / "a" / "checkpoint-2"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DS_ACCELERATOR", "cpu")
+        rc, _, output = launch_command(cmd, cwd=TESTS.parent)
+    assert rc == 0, tail(output)
+    error = json.loads((tmp_path / "rank0.json").read_text())["error"]
+    assert error is not None and "world size of 2 but the current world size is 1" in error
+    assert not (tmp_path / "other_world" / "gsnr.json").exists()
+
+
+@needs_deepspeed
+@pytest.mark.slow
 def test_saved_model_is_the_trained_one(runs):
     """ZeRO-3 with ``stage3_gather_16bit_weights_on_model_save`` (the shipped configs): ``save_model``
     gathers the partitions; the file holds the trained weights, not the empty partitioned tensors."""
@@ -174,3 +192,48 @@ def test_zero3_bf16_from_deepspeed_config(tmp_path_factory, reference):
     master = torch.load(run.out / "weights_bf16.pt")
     initial = dict(tiny_gpt2().named_parameters())
     assert all(torch.isfinite(w).all() and (w - initial[k].detach().to(torch.bfloat16).float()).abs().max() > 0 for k, w in master.items())
+
+
+# --------------------------------------------------------------------------- plain deepspeed.initialize, odd layouts
+@needs_deepspeed
+@pytest.mark.slow
+def test_plain_zero3_odd_sizes_sub_groups_offload_and_normalize_max(tmp_path_factory):
+    """``deepspeed.initialize(model, optimizer=SGDSaI(...))``: odd sizes (padded pieces), a one-element
+    parameter (rank 1 holds none of it), 3 sub-groups (sub_group_size 10), with and without optimizer +
+    parameter offload; ``normalize="max"`` exact with one sub-group, refused with several."""
+    import warnings
+
+    from _deepspeed_zero3_worker import OddModule, odd_batches
+
+    from sai_hf import SGDSaI
+
+    run = launch(tmp_path_factory, "plain")
+    ranks = run.ranks
+    reference = {}
+    for normalize in ("none", "max"):
+        model = OddModule()
+        optimizer = SGDSaI(model.parameters(), lr=1e-2, weight_decay=0.1, normalize=normalize)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the one-element block is degenerate
+            for x in odd_batches():
+                model(x).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        names = {id(p): n for n, p in model.named_parameters()}
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        reference[normalize] = ({names[id(p)]: s for p, s in optimizer.scales().items()}, weights)
+    for run_name, normalize in (("plain", "none"), ("plain_offload", "none"), ("max_one_sub_group", "max")):
+        got = ranks[0][run_name]
+        assert "error" not in got, got
+        assert got["scales"] == ranks[1][run_name]["scales"]
+        diff = max_rel_diff(got["scales"], reference[normalize][0])
+        weights = {n: torch.tensor(w) for n, w in got["weights"].items()}
+        wdiff = max_weight_diff(weights, reference[normalize][1])
+        print(f"\n[plain {run_name}] scales vs 1 process: {diff:.3e}; weights after 3 steps: {wdiff:.3e}")
+        assert diff <= SCALE_TOLERANCE and wdiff < 1e-6
+    assert ranks[0]["plain"]["sub_groups"] == 3 and ranks[0]["max_one_sub_group"]["sub_groups"] == 1
+    # One reduction per sub-group at step 1 (DeepSpeed steps them one at a time).
+    assert ranks[0]["plain"]["all_reduces"] == [CHECK, rows(2), CHECK, rows(2), CHECK, rows(1)]
+    assert ranks[0]["max_one_sub_group"]["all_reduces"] == [CHECK, rows(5)]
+    for rank in ranks:
+        assert "normalize='max' under DeepSpeed ZeRO-3 is not exact" in rank["max_sub_groups"]["error"]

@@ -2,8 +2,8 @@
 run exactly. Stages 0 to 3 pass, with ``offload_optimizer`` (``device: cpu``, stages 2 and 3, with
 ``"zero_force_ds_cpu_optimizer": false``: otherwise DeepSpeed insists on its own CPU Adam) and
 ``offload_param`` (``device: cpu``, stage 3). Refused: NVMe offload, ``offload_param`` below stage
-3, optimizer offload at stage 1, ZenFlow, SuperOffload, and an ``optimizer`` section (DeepSpeed would
-replace SGD-SaI)."""
+3, optimizer offload at stage 1, ZenFlow, SuperOffload, loading a universal checkpoint (it holds no
+scales), and an ``optimizer`` section (DeepSpeed would replace SGD-SaI)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ _FORCE_CPU_OPTIMIZER_MESSAGE = (
 )
 _UNSUPPORTED_FEATURE_MESSAGE = (
     "SGD-SaI (--optim sgd_sai) does not support DeepSpeed {key}: {why} Remove it (see configs/deepspeed/)."
+)
+_UNIVERSAL_CHECKPOINT_MESSAGE = (
+    "SGD-SaI (--optim sgd_sai) with DeepSpeed checkpoint.load_universal: a universal checkpoint restores "
+    "tensors per parameter but not SGD-SaI's per-block scales, which would then be measured again from a "
+    "later gradient. Resume from the DeepSpeed checkpoint at the world size it was saved with (DeepSpeed "
+    "refuses another), or start the optimizer afresh from the saved model weights."
 )
 _OPTIMIZER_SECTION_MESSAGE = (
     "--optim sgd_sai with a DeepSpeed config that has an 'optimizer' section: DeepSpeed would build "
@@ -123,6 +129,9 @@ def refuse_unsupported_zero(config: Mapping[str, Any] | None) -> None:
                 key="zero_optimization.offload_optimizer.super_offload", why="SuperOffload runs its own CPU optimizer step."
             )
         )
+    checkpoint = config.get("checkpoint")
+    if isinstance(checkpoint, Mapping) and checkpoint.get("load_universal"):
+        raise UnsupportedShardingError(_UNIVERSAL_CHECKPOINT_MESSAGE)
     if "optimizer" in config:
         raise UnsupportedShardingError(_OPTIMIZER_SECTION_MESSAGE)
 
