@@ -12,13 +12,13 @@ CONFIG is a shipped config name (``zero3``, ``zero3_offload``, ``zero2_offload``
 * ``b``: resume from ``a``'s checkpoint-2 to step 4 (the scales come from the checkpoint);
 
 CONFIG ``plain``: ``deepspeed.initialize(model=OddModule(), optimizer=SGDSaI(...))`` under ZeRO-3 with
-sub_group_size 10 (3 sub-groups) and with a one-element parameter and odd sizes (padding, a rank holding
-no entry of a block), with and without optimizer + parameter offload; ``normalize="max"`` with one
-sub-group (exact) and with 3 (refused).
+sub_group_size 10 (3 sub-groups), a one-element parameter and odd sizes (padding, a rank holding no
+entry of a block), gradient clipping on every step, with and without optimizer + parameter offload;
+``normalize="max"`` with one sub-group and with 3.
 
 and, with EXTRA ``lora``: PEFT LoRA on the tiny Llama (lora_A's first gradient is exactly 0); with
 ``hostile``: 1 sequence per rank x 2 accumulation steps, clipping 0.05 (every step clipped), weight
-decay 0.1, momentum bf16; with ``bf16``: ``"bf16": {"enabled": true}`` in the config; with
+decay 0.1, bf16 momentum, normalize="max", eps 1e-4 (the g-SNR depends on the clipping factor); with ``bf16``: ``"bf16": {"enabled": true}`` in the config; with
 ``resume_from CHECKPOINT`` (run with another number of processes): the resume's error.
 
 Writes ``OUT/rank{r}.json`` (and per run ``OUT/<run>/gsnr.json`` from rank 0, ``OUT/weights_<run>.pt``).
@@ -39,6 +39,7 @@ from transformers import Trainer
 from sai_hf.callback import find_sgd_sai, parameter_names
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+HOSTILE_OPTIM_ARGS = "momentum_dtype=bfloat16,normalize=max,eps=1e-4"
 
 
 def shipped(name: str) -> dict:
@@ -84,17 +85,23 @@ def trainer_run(out: Path, name: str, config: dict, model=None, resume=None, sav
 
 
 class OddModule(torch.nn.Module):
-    """Odd sizes (35, 5, 15, 3 entries: padded pieces) and a one-element parameter (rank 1 holds none of it)."""
+    """Odd sizes (35 and 5 entries: padded pieces), a one-element parameter (rank 1 holds none of it;
+    degenerate: it gets the largest g-SNR, which is b.weight's, in a later sub-group)."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.a = torch.nn.Linear(7, 5)
         self.t = torch.nn.Parameter(torch.ones(1))
-        self.b = torch.nn.Linear(5, 3)
+        self.b = torch.nn.Linear(5, 40)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.b(torch.tanh(self.a(x))) * self.t).pow(2).mean()
+
+
+#: Every step clipped, and an eps of the order of the clipped gradients' spread: the g-SNR then depends
+#: on the clipping factor, so a later sub-group measured with another factor than DeepSpeed's is seen.
+PLAIN_CLIP, PLAIN_EPS = 0.01, 1e-4
 
 
 def odd_batches(steps: int = 3) -> list[torch.Tensor]:
@@ -110,9 +117,9 @@ def plain_run(zero: dict, normalize: str = "none") -> dict:
 
     SAI_ALL_REDUCES.clear()
     model = OddModule()
-    optimizer = SGDSaI(model.parameters(), lr=1e-2, weight_decay=0.1, normalize=normalize)
+    optimizer = SGDSaI(model.parameters(), lr=1e-2, weight_decay=0.1, normalize=normalize, eps=PLAIN_EPS)
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": zero,
-              "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}  # fmt: skip
+              "gradient_clipping": PLAIN_CLIP, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}  # fmt: skip
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     rank = dist.get_rank()
     try:
@@ -165,7 +172,7 @@ def main() -> None:
     elif "hostile" in extra:
         run = trainer_run(
             out, "hostile", config, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_grad_norm=0.05,
-            weight_decay=0.1, optim_args="momentum_dtype=bfloat16",
+            weight_decay=0.1, optim_args=HOSTILE_OPTIM_ARGS,
         )
         result["hostile"] = strip(run)
     elif "bf16" in extra:

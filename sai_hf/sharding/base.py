@@ -56,7 +56,9 @@ class Block:
     ``step``), owned by the optimizer. ``may_lack_gradient``: ``grad`` may be ``None`` here while other
     ranks hold entries of it, so the block joins every reduction until it has its scale. A backend
     that counts optimizer steps itself (ZeRO: one call per group per step) gives ``step_index``; the
-    optimizer then records it as the block's ``scaled_at``."""
+    optimizer then records it as the block's ``scaled_at``. ``scale_only``: the block joins this call's
+    scaling but is updated by a later call of the same optimizer step (DeepSpeed ZeRO-3 steps its
+    sub-groups one at a time; the first scaling step measures them all at once)."""
 
     param: Tensor
     local: Tensor
@@ -69,6 +71,7 @@ class Block:
     may_lack_gradient: bool = False
     buffer_slot: Tensor | None = None  # where the first update's buffer is stored in place (flat partitions)
     step_index: int | None = None  # the optimizer step being taken, where the backend counts steps
+    scale_only: bool = False  # scaled in this step but updated in a later call (ZeRO-3's later sub-groups)
 
 
 def world() -> tuple[int, int]:
