@@ -194,11 +194,12 @@ class OptimArgsCheck(TrainerCallback):
 
     ``Trainer`` only reads ``--optim_args`` when it creates the optimizer, inside ``train()``; this
     callback checks them at the end of ``Trainer.__init__`` so the error comes before any data
-    loading or training. For SGD-SaI, DeepSpeed ZeRO-3, optimizer offload or a DeepSpeed ``optimizer``
-    section, and FSDP1 with ``use_orig_params=False`` (FlatParameters, on which per-tensor g-SNR would be
-    silently wrong) are refused here too, with :class:`sai_hf.UnsupportedShardingError`
-    (naming the stage or option, suggesting ZeRO-2 or FSDP2). ZeRO-1/2 are supported
-    (:mod:`sai_hf.sharding.deepspeed_zero`).
+    loading or training. For SGD-SaI, the DeepSpeed configurations it cannot run exactly (NVMe offload,
+    optimizer offload without ``"zero_force_ds_cpu_optimizer": false``, a DeepSpeed ``optimizer``
+    section, ...: :mod:`sai_hf.sharding.deepspeed_config`) and FSDP1 with ``use_orig_params=False``
+    (FlatParameters, on which per-tensor g-SNR would be silently wrong) are refused here too, with
+    :class:`sai_hf.UnsupportedShardingError` naming the key or option and what to use instead. ZeRO-1/2/3
+    and CPU offload are supported (:mod:`sai_hf.sharding.deepspeed_zero`, :mod:`sai_hf.sharding.deepspeed_zero3`).
     """
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
