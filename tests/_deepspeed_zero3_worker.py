@@ -109,17 +109,23 @@ def odd_batches(steps: int = 3) -> list[torch.Tensor]:
     return [torch.randn(8, 7, generator=gen) for _ in range(steps)]
 
 
-def plain_run(zero: dict, normalize: str = "none") -> dict:
-    """``deepspeed.initialize`` with an SGD-SaI client optimizer, 4 rows per rank, 3 steps."""
+def plain_run(zero: dict, normalize: str = "none", zero_init: bool = False) -> dict:
+    """``deepspeed.initialize`` with an SGD-SaI client optimizer, 4 rows per rank, 3 steps.
+    ``zero_init``: the model is built under ``deepspeed.zero.Init`` (partitioned as it is created, as
+    ``from_pretrained`` does under a ZeRO-3 config), so SGD-SaI is constructed over empty ZeRO-3
+    parameters."""
+    import contextlib
+
     import deepspeed
 
     from sai_hf import SGDSaI
 
     SAI_ALL_REDUCES.clear()
-    model = OddModule()
-    optimizer = SGDSaI(model.parameters(), lr=1e-2, weight_decay=0.1, normalize=normalize, eps=PLAIN_EPS)
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": zero,
               "gradient_clipping": PLAIN_CLIP, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}  # fmt: skip
+    with deepspeed.zero.Init(config_dict_or_path=config) if zero_init else contextlib.nullcontext():
+        model = OddModule()
+    optimizer = SGDSaI(model.parameters(), lr=1e-2, weight_decay=0.1, normalize=normalize, eps=PLAIN_EPS)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     rank = dist.get_rank()
     try:
@@ -152,6 +158,7 @@ def main() -> None:
         result["plain_offload"] = plain_run({**small, **offload})
         result["max_one_sub_group"] = plain_run({"stage": 3}, normalize="max")
         result["max_sub_groups"] = plain_run(small, normalize="max")
+        result["zero_init"] = plain_run(small, zero_init=True)
         result["world"] = dist.get_world_size()
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1, default=str))
         return

@@ -207,7 +207,8 @@ def test_plain_zero3_odd_sizes_sub_groups_offload_and_normalize_max(tmp_path_fac
     """``deepspeed.initialize(model, optimizer=SGDSaI(...))``: odd sizes (padded pieces), a one-element
     parameter (rank 1 holds none of it), 3 sub-groups (sub_group_size 10), with and without optimizer +
     parameter offload, every step clipped with an eps that makes the g-SNR depend on the clipping factor;
-    ``normalize="max"`` with one sub-group and with several. The one-element block is degenerate: it
+    ``normalize="max"`` with one sub-group and with several; a model built under ``deepspeed.zero.Init``
+    (SGD-SaI constructed over already partitioned parameters). The one-element block is degenerate: it
     gets the largest g-SNR of all blocks, b.weight's, which is in a later sub-group."""
     import warnings
 
@@ -231,7 +232,7 @@ def test_plain_zero3_odd_sizes_sub_groups_offload_and_normalize_max(tmp_path_fac
         names = {id(p): n for n, p in model.named_parameters()}
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
         reference[normalize] = ({names[id(p)]: s for p, s in optimizer.scales().items()}, weights)
-    runs = (("plain", "none"), ("plain_offload", "none"), ("max_one_sub_group", "max"), ("max_sub_groups", "max"))
+    runs = (("plain", "none"), ("plain_offload", "none"), ("max_one_sub_group", "max"), ("max_sub_groups", "max"), ("zero_init", "none"))
     for run_name, normalize in runs:
         got = ranks[0][run_name]
         assert "error" not in got, got
@@ -248,3 +249,41 @@ def test_plain_zero3_odd_sizes_sub_groups_offload_and_normalize_max(tmp_path_fac
     assert ranks[0]["plain"]["sub_groups"] == 3 and ranks[0]["max_one_sub_group"]["sub_groups"] == 1
     scales = ranks[0]["plain"]["scales"]
     assert scales["t"] == max(scales.values()) == scales["b.weight"]  # the degenerate block: the largest g-SNR
+
+
+# --------------------------------------------------------------------------- the shipped configs under each launcher
+LAUNCH_ARGS = [
+    "--optim", "sgd_sai", "--use_cpu", "true", "--per_device_train_batch_size", "2", "--max_steps", "4",
+    "--learning_rate", "1e-3", "--weight_decay", "0.01", "--seed", "0", "--data_seed", "0",
+    "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
+def test_shipped_configs_under_accelerate_launch_and_the_deepspeed_launcher(launcher, tmp_path, reference):
+    """``accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml`` (zero3.json,
+    zero3_init_flag) and ``deepspeed --num_gpus 2 ... --deepspeed configs/deepspeed/zero3_offload.json``
+    with the Trainer's "auto" values: 2 processes, scales and losses of one process."""
+    from test_distributed import launch as launch_command
+    from test_distributed import tail
+
+    binary = str(Path(sys.executable).parent / launcher)
+    script = TESTS / "_deepspeed_launch_script.py"
+    if launcher == "accelerate":
+        cmd = [binary, "launch", "--config_file", TESTS.parent / "configs" / "accelerate" / "deepspeed_zero3.yaml",
+               "--num_processes", "2", "--main_process_port", free_port(), script, "--output_dir", tmp_path, *LAUNCH_ARGS]  # fmt: skip
+    else:
+        cmd = [binary, "--num_gpus", "2", "--master_port", free_port(), script,
+               "--deepspeed", CONFIGS / "zero3_offload.json", "--output_dir", tmp_path, *LAUNCH_ARGS]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DS_ACCELERATOR", "cpu")
+        rc, seconds, output = launch_command(cmd, cwd=TESTS.parent)
+    print(f"\n[{launcher} launcher] {seconds:.1f} s")
+    assert rc == 0, tail(output)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["world_size"] == 2 and run["zero_optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+    scales = {k: v["scale"] for k, v in json.loads((tmp_path / "gsnr.json").read_text()).items()}
+    assert max_rel_diff(scales, reference.scales) <= SCALE_TOLERANCE
+    assert max(rel(a, b) for a, b in zip(run["losses"][:3], reference.losses[:3])) <= LOSS_TOLERANCE
