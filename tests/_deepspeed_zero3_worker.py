@@ -16,9 +16,11 @@ sub_group_size 10 (3 sub-groups), a one-element parameter and odd sizes (padding
 entry of a block), gradient clipping on every step, with and without optimizer + parameter offload;
 ``normalize="max"`` with one sub-group and with 3.
 
-and, with EXTRA ``lora``: PEFT LoRA on the tiny Llama (lora_A's first gradient is exactly 0); with
+and, with EXTRA ``lora``: PEFT LoRA on the tiny Llama (lora_A's first gradient is exactly 0), and its
+resume from step 1 (lora_A not scaled yet); with
 ``hostile``: 1 sequence per rank x 2 accumulation steps, clipping 0.05 (every step clipped), weight
-decay 0.1, bf16 momentum, normalize="max", eps 1e-4 (the g-SNR depends on the clipping factor); with ``bf16``: ``"bf16": {"enabled": true}`` in the config; with
+decay 0.1, bf16 momentum, normalize="max", eps 1e-4 (the g-SNR depends on the clipping factor), and
+its resume from step 2; with ``bf16``: ``"bf16": {"enabled": true}`` in the config; with
 ``resume_from CHECKPOINT`` (run with another number of processes): the resume's error.
 
 Writes ``OUT/rank{r}.json`` (and per run ``OUT/<run>/gsnr.json`` from rank 0, ``OUT/weights_<run>.pt``).
@@ -174,14 +176,20 @@ def main() -> None:
 
         model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
         initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        run = trainer_run(out, "lora", config, model=model, max_steps=3, weight_decay=0.0)
+        run = trainer_run(out, "lora", config, model=model, max_steps=3, weight_decay=0.0, save_strategy="steps", save_steps=1)
         result["lora"] = {**strip(run), "moved": {n: float((w - initial[n]).abs().max()) for n, w in run["weights"].items()}}
+        # Interrupted after step 1, while every lora_A still waits for its scale: resumed, lora_A is
+        # scaled at step 2 as in the uninterrupted run (eps dropped: scaled after the first scaling step).
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        resumed = trainer_run(out, "lora_b", config, model=model, max_steps=3, weight_decay=0.0, resume=str(out / "lora" / "checkpoint-1"))
+        result["lora_b"] = strip(resumed)
+        result["lora_resumed_weights_max_abs_diff"] = max(float((run["weights"][k] - resumed["weights"][k]).abs().max()) for k in run["weights"])
     elif "hostile" in extra:
-        run = trainer_run(
-            out, "hostile", config, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_grad_norm=0.05,
-            weight_decay=0.1, optim_args=HOSTILE_OPTIM_ARGS,
-        )
-        result["hostile"] = strip(run)
+        hostile = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, max_grad_norm=0.05, weight_decay=0.1, optim_args=HOSTILE_OPTIM_ARGS)
+        run = trainer_run(out, "hostile", config, save_strategy="steps", save_steps=2, **hostile)
+        resumed = trainer_run(out, "hostile_b", config, resume=str(out / "hostile" / "checkpoint-2"), **hostile)
+        result["hostile"], result["hostile_b"] = strip(run), strip(resumed)
+        result["hostile_resumed_weights_max_abs_diff"] = max(float((run["weights"][k] - resumed["weights"][k]).abs().max()) for k in run["weights"])
     elif "bf16" in extra:
         run = trainer_run(out, "bf16", {**config, "bf16": {"enabled": True}}, bf16=True)
         result["bf16"] = strip(run)
