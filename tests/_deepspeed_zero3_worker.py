@@ -158,6 +158,7 @@ def main() -> None:
         small = {"stage": 3, "sub_group_size": 10, "stage3_param_persistence_threshold": 0}
         result["plain"] = plain_run(small)
         result["plain_offload"] = plain_run({**small, **offload})
+        result["param_offload_only"] = plain_run({**small, "offload_param": {"device": "cpu"}})
         result["max_one_sub_group"] = plain_run({"stage": 3}, normalize="max")
         result["max_sub_groups"] = plain_run(small, normalize="max")
         result["zero_init"] = plain_run(small, zero_init=True)

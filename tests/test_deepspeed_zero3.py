@@ -214,7 +214,7 @@ def test_zero3_bf16_from_deepspeed_config(tmp_path_factory, reference):
 def test_plain_zero3_odd_sizes_sub_groups_offload_and_normalize_max(tmp_path_factory):
     """``deepspeed.initialize(model, optimizer=SGDSaI(...))``: odd sizes (padded pieces), a one-element
     parameter (rank 1 holds none of it), 3 sub-groups (sub_group_size 10), with and without optimizer +
-    parameter offload, every step clipped with an eps that makes the g-SNR depend on the clipping factor;
+    parameter offload and with parameter offload alone, every step clipped with an eps that makes the g-SNR depend on the clipping factor;
     ``normalize="max"`` with one sub-group and with several; a model built under ``deepspeed.zero.Init``
     (SGD-SaI constructed over already partitioned parameters). The one-element block is degenerate: it
     gets the largest g-SNR of all blocks, b.weight's, which is in a later sub-group."""
@@ -240,7 +240,10 @@ def test_plain_zero3_odd_sizes_sub_groups_offload_and_normalize_max(tmp_path_fac
         names = {id(p): n for n, p in model.named_parameters()}
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
         reference[normalize] = ({names[id(p)]: s for p, s in optimizer.scales().items()}, weights)
-    runs = (("plain", "none"), ("plain_offload", "none"), ("max_one_sub_group", "max"), ("max_sub_groups", "max"), ("zero_init", "none"))
+    runs = (
+        ("plain", "none"), ("plain_offload", "none"), ("param_offload_only", "none"), ("max_one_sub_group", "max"),
+        ("max_sub_groups", "max"), ("zero_init", "none"),
+    )  # fmt: skip
     for run_name, normalize in runs:
         got = ranks[0][run_name]
         assert "error" not in got, got
