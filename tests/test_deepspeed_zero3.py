@@ -298,3 +298,26 @@ def test_shipped_configs_under_accelerate_launch_and_the_deepspeed_launcher(laun
     scales = {k: v["scale"] for k, v in json.loads((tmp_path / "gsnr.json").read_text()).items()}
     assert max_rel_diff(scales, reference.scales) <= SCALE_TOLERANCE
     assert max(rel(a, b) for a, b in zip(run["losses"][:3], reference.losses[:3])) <= LOSS_TOLERANCE
+
+
+# --------------------------------------------------------------------------- in one process
+def test_grad_factor_scales_statistics_as_the_scaled_gradient():
+    """``Block.grad_factor``: ZeRO-3's later sub-groups are measured at the first step before DeepSpeed
+    multiplies their gradients by the loss-scale and clipping factor; the rows must be those of the
+    multiplied gradient, without making it."""
+    from sai_hf.gsnr import gradient_statistics
+    from sai_hf.sharding import Block, Placement, block_statistics
+
+    torch.manual_seed(0)
+    grads = [torch.randn(1000) * 1e-3 + 2e-4, torch.randn(7, 3), torch.zeros(5), torch.randn(1)]
+    factors = [0.0123, None, 0.5, 3.0]
+    blocks = [
+        Block(param=g, local=g, grad=g, buffer=None, state={}, group={}, placement=Placement(True, True, g.numel()),
+              backend=None, grad_factor=f)  # fmt: skip
+        for g, f in zip(grads, factors)
+    ]
+    got = block_statistics(blocks)
+    want = gradient_statistics([g * (1.0 if f is None else f) for g, f in zip(grads, factors)])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # fp32 products vs exact scaling
+    assert torch.equal(got[1], gradient_statistics([grads[1]])[0])  # no factor: untouched
+    assert got[2].tolist() == [5.0, 0.0, 0.0, 0.0, 0.0]  # a zero gradient stays zero (deferred)

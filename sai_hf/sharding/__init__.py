@@ -139,15 +139,22 @@ def refuse_unsupported_setup(args: Any = None) -> None:
 
 def block_statistics(blocks: Sequence[Block]) -> Tensor:
     """:func:`sai_hf.gsnr.gradient_statistics` of ``blocks``' local gradients, a zero row (no
-    entries here) where a block has no gradient on this rank: ``(B, STATISTICS_WIDTH)``."""
+    entries here) where a block has no gradient on this rank: ``(B, STATISTICS_WIDTH)``. A block's
+    ``grad_factor`` ``c`` scales its row as the gradient ``c g`` would: ``[n, c S, c S', c^2 C, c^2 P]``."""
     present = [i for i, b in enumerate(blocks) if b.grad is not None]
     if len(present) == len(blocks):
-        return gradient_statistics([b.grad for b in blocks])
-    rows = zero_statistics(len(blocks), blocks[0].local.device if blocks else torch.device("cpu"))
-    if present:
-        found = gradient_statistics([blocks[i].grad for i in present])
-        rows = rows.to(found.device, found.dtype)
-        rows[torch.tensor(present, device=found.device)] = found
+        rows = gradient_statistics([b.grad for b in blocks])
+    else:
+        rows = zero_statistics(len(blocks), blocks[0].local.device if blocks else torch.device("cpu"))
+        if present:
+            found = gradient_statistics([blocks[i].grad for i in present])
+            rows = rows.to(found.device, found.dtype)
+            rows[torch.tensor(present, device=found.device)] = found
+    factors = [b.grad_factor for b in blocks]
+    if any(f is not None for f in factors):
+        c = torch.tensor([1.0 if f is None else float(f) for f in factors], dtype=rows.dtype, device=rows.device)
+        one = torch.ones_like(c)
+        rows = rows * torch.stack((one, c, c, c * c, c * c), dim=1)
     return rows
 
 

@@ -58,7 +58,10 @@ class Block:
     that counts optimizer steps itself (ZeRO: one call per group per step) gives ``step_index``; the
     optimizer then records it as the block's ``scaled_at``. ``scale_only``: the block joins this call's
     scaling but is updated by a later call of the same optimizer step (DeepSpeed ZeRO-3 steps its
-    sub-groups one at a time; the first scaling step measures them all at once)."""
+    sub-groups one at a time; the first scaling step measures them all at once). ``grad_factor``: the
+    gradient to measure is ``grad * grad_factor`` (the loss-scale and clipping factor DeepSpeed applies
+    later); its statistics are those of ``grad``, scaled (sums by the factor, squares by its square),
+    so that no scaled copy of the gradient is made."""
 
     param: Tensor
     local: Tensor
@@ -72,6 +75,7 @@ class Block:
     buffer_slot: Tensor | None = None  # where the first update's buffer is stored in place (flat partitions)
     step_index: int | None = None  # the optimizer step being taken, where the backend counts steps
     scale_only: bool = False  # scaled in this step but updated in a later call (ZeRO-3's later sub-groups)
+    grad_factor: float | None = None  # the gradient to measure is grad * grad_factor (not materialised)
 
 
 def world() -> tuple[int, int]:

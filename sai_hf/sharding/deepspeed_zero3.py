@@ -17,9 +17,9 @@ with no entries of a block (``v_j = 0``) joins the reduction with a zero row.
 DeepSpeed steps the sub-groups one at a time, and the gradient of sub-group ``i`` becomes
 ``F_i.grad`` only when ``i`` is stepped. At the first scaling step (no block has a scale yet) the call
 for the first sub-group therefore also measures every later one, from the gradients DeepSpeed has
-already reduced (``averaged_gradients[j]``; with offload, ``F_j.grad``) multiplied by the factor
-DeepSpeed's ``unscale_and_clip_grads`` will apply (loss scale and clipping, recomputed from the same
-operands): one reduction of all blocks, and ``normalize="max"`` and degenerate blocks get the largest
+already reduced (``averaged_gradients[j]``; with offload, ``F_j.grad``), their statistics scaled by
+the factor DeepSpeed's ``unscale_and_clip_grads`` will apply (loss scale and clipping, recomputed from
+the same operands; no copy of a gradient is made): one reduction of all blocks, and ``normalize="max"`` and degenerate blocks get the largest
 g-SNR of all blocks, as in one process. Those blocks are updated in their own sub-group's call.
 Blocks deferred then (a zero gradient: LoRA's ``lora_A``) are scaled in their sub-group's call at the
 first step where they have a gradient.
@@ -166,8 +166,9 @@ class Zero3Partitions(ZeroFragments):
     ) -> list[Block]:
         """The blocks of sub-group ``i``. ``grad``: its gradient partition (``None``: none here), or
         the per-parameter pieces DeepSpeed has not flattened yet. ``scale_only``: measured now,
-        updated when DeepSpeed steps the sub-group; the gradient multiplied by ``factor`` (``None``:
-        1) as DeepSpeed will multiply it then."""
+        updated when DeepSpeed steps the sub-group; its statistics are those of the gradient times
+        ``factor`` (``None``: 1), as DeepSpeed will multiply it then (``Block.grad_factor``: no
+        scaled copy of the gradient is made)."""
         _, world_size = world()
         count = int(zero._get_sub_group_partition_count(i))
         if count != world_size:
@@ -186,12 +187,10 @@ class Zero3Partitions(ZeroFragments):
             slot = None if flat is None else flat.narrow(0, offset, valid)
             if grad is None or valid == 0:
                 g = None
-            elif isinstance(grad, list):
-                g = grad[index].reshape(-1).narrow(0, 0, valid).to(partition.dtype)
+            elif isinstance(grad, list):  # DeepSpeed's reduced piece (its accumulation dtype: exact in fp32)
+                g = grad[index].reshape(-1).narrow(0, 0, valid)
             else:
                 g = grad.narrow(0, offset, valid)
-            if g is not None and factor is not None:
-                g = g.to(partition.dtype) * factor
             out.append(
                 Block(
                     param=p,
@@ -206,6 +205,7 @@ class Zero3Partitions(ZeroFragments):
                     buffer_slot=slot,
                     step_index=step,
                     scale_only=scale_only,
+                    grad_factor=factor,
                 )
             )
             offset += piece
@@ -271,4 +271,5 @@ def _later_gradients(zero: Any, i: int) -> tuple[Any, list[tuple[int, Tensor | l
         if raw is None:
             return None
         out.append((j, raw))
-    return (None if float(factor) == 1.0 else factor), out
+    factor = float(factor)  # a 0-d tensor where clipping applies: one host sync, at the first step only
+    return (None if factor == 1.0 else factor), out
