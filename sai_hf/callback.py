@@ -347,8 +347,8 @@ class GSNRCallback(TrainerCallback):
         history = self._history
         history["steps"].append(getattr(state, "global_step", 0) + 1)
         width = len(history["steps"])
-        for p, state in scaled.items():
-            history["blocks"].setdefault(names[id(p)], [state["gsnr"]])
+        for p, block_state in scaled.items():
+            history["blocks"].setdefault(names[id(p)], [block_state["gsnr"]])
         measured = {names[id(p)]: current[p] for p in blocks}
         for name, series in history["blocks"].items():
             series.extend([math.nan] * (width - 1 - len(series)))

@@ -321,3 +321,22 @@ def test_grad_factor_scales_statistics_as_the_scaled_gradient():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # fp32 products vs exact scaling
     assert torch.equal(got[1], gradient_statistics([grads[1]])[0])  # no factor: untouched
     assert got[2].tolist() == [5.0, 0.0, 0.0, 0.0, 0.0]  # a zero gradient stays zero (deferred)
+
+
+def test_drift_history_is_written_by_the_main_process_only(tmp_path):
+    """Found under ZeRO-3 + offload with SAI_HF_GSNR_TRACK_EVERY (both ranks wrote gsnr_history.json
+    into the same temporary file: FileNotFoundError): ``track_drift`` must read the TrainerState's
+    ``is_world_process_zero``, not a block's state."""
+    from sai_hf import GSNRCallback, SGDSaI
+
+    model = torch.nn.Linear(4, 3)
+    sai = SGDSaI(model.parameters(), lr=1e-2)
+    model(torch.randn(5, 4)).square().mean().backward()
+    sai.step()
+    model(torch.randn(5, 4)).square().mean().backward()
+    callback = GSNRCallback(track_every=2)
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    callback.track_drift(args, SimpleNamespace(global_step=1, is_world_process_zero=False), model, sai)
+    assert not (tmp_path / "gsnr_history.json").exists()  # another rank: nothing written
+    callback.track_drift(args, SimpleNamespace(global_step=1, is_world_process_zero=True), model, sai)
+    assert (tmp_path / "gsnr_history.json").exists()  # the main process: written
