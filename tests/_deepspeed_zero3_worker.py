@@ -14,7 +14,7 @@ CONFIG is a shipped config name (``zero3``, ``zero3_offload``, ``zero2_offload``
 CONFIG ``plain``: ``deepspeed.initialize(model=OddModule(), optimizer=SGDSaI(...))`` under ZeRO-3 with
 sub_group_size 10 (3 sub-groups), a one-element parameter and odd sizes (padding, a rank holding no
 entry of a block), gradient clipping on every step, with and without optimizer + parameter offload;
-``normalize="max"`` with one sub-group and with 3.
+``normalize="max"`` with one sub-group and with 3; fp16 (loss scale 256) with 3 sub-groups and with one.
 
 and, with EXTRA ``lora``: PEFT LoRA on the tiny Llama (lora_A's first gradient is exactly 0), and its
 resume from step 1 (lora_A not scaled yet); with
@@ -111,11 +111,12 @@ def odd_batches(steps: int = 3) -> list[torch.Tensor]:
     return [torch.randn(8, 7, generator=gen) for _ in range(steps)]
 
 
-def plain_run(zero: dict, normalize: str = "none", zero_init: bool = False) -> dict:
+def plain_run(zero: dict, normalize: str = "none", zero_init: bool = False, fp16: bool = False) -> dict:
     """``deepspeed.initialize`` with an SGD-SaI client optimizer, 4 rows per rank, 3 steps.
     ``zero_init``: the model is built under ``deepspeed.zero.Init`` (partitioned as it is created, as
     ``from_pretrained`` does under a ZeRO-3 config), so SGD-SaI is constructed over empty ZeRO-3
-    parameters."""
+    parameters. ``fp16``: fp16 with a loss scale (the gradients DeepSpeed hands over are unscaled
+    by the same factor as the clipping)."""
     import contextlib
 
     import deepspeed
@@ -125,6 +126,8 @@ def plain_run(zero: dict, normalize: str = "none", zero_init: bool = False) -> d
     SAI_ALL_REDUCES.clear()
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": zero,
               "gradient_clipping": PLAIN_CLIP, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}  # fmt: skip
+    if fp16:
+        config["fp16"] = {"enabled": True, "initial_scale_power": 8}
     with deepspeed.zero.Init(config_dict_or_path=config) if zero_init else contextlib.nullcontext():
         model = OddModule()
     optimizer = SGDSaI(model.parameters(), lr=1e-2, weight_decay=0.1, normalize=normalize, eps=PLAIN_EPS)
@@ -132,7 +135,7 @@ def plain_run(zero: dict, normalize: str = "none", zero_init: bool = False) -> d
     rank = dist.get_rank()
     try:
         for x in odd_batches():
-            engine.backward(engine(x[4 * rank : 4 * rank + 4]))
+            engine.backward(engine(x[4 * rank : 4 * rank + 4].to(torch.float16 if fp16 else torch.float32)))
             engine.step()
     except Exception as err:  # noqa: BLE001 - recorded for the test
         return {"error": f"{type(err).__name__}: {err}"}
@@ -141,6 +144,7 @@ def plain_run(zero: dict, normalize: str = "none", zero_init: bool = False) -> d
         "scales": {names[id(p)]: s for p, s in optimizer.scales().items()},
         "all_reduces": list(SAI_ALL_REDUCES),
         "sub_groups": len(engine.optimizer.fp16_groups),
+        "loss_scale": float(engine.optimizer.loss_scale),
         "weights": {n: w.tolist() for n, w in master_weights(model).items()},
     }
 
@@ -162,6 +166,8 @@ def main() -> None:
         result["max_one_sub_group"] = plain_run({"stage": 3}, normalize="max")
         result["max_sub_groups"] = plain_run(small, normalize="max")
         result["zero_init"] = plain_run(small, zero_init=True)
+        result["fp16_sub_groups"] = plain_run(small, fp16=True)
+        result["fp16_one_sub_group"] = plain_run({"stage": 3}, fp16=True)
         result["world"] = dist.get_world_size()
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1, default=str))
         return

@@ -216,7 +216,7 @@ def test_plain_zero3_odd_sizes_sub_groups_offload_and_normalize_max(tmp_path_fac
     parameter (rank 1 holds none of it), 3 sub-groups (sub_group_size 10), with and without optimizer +
     parameter offload and with parameter offload alone, every step clipped with an eps that makes the g-SNR depend on the clipping factor;
     ``normalize="max"`` with one sub-group and with several; a model built under ``deepspeed.zero.Init``
-    (SGD-SaI constructed over already partitioned parameters). The one-element block is degenerate: it
+    (SGD-SaI constructed over already partitioned parameters); fp16 with a loss scale. The one-element block is degenerate: it
     gets the largest g-SNR of all blocks, b.weight's, which is in a later sub-group."""
     import warnings
 
@@ -260,6 +260,13 @@ def test_plain_zero3_odd_sizes_sub_groups_offload_and_normalize_max(tmp_path_fac
     assert ranks[0]["plain"]["sub_groups"] == 3 and ranks[0]["max_one_sub_group"]["sub_groups"] == 1
     scales = ranks[0]["plain"]["scales"]
     assert scales["t"] == max(scales.values()) == scales["b.weight"]  # the degenerate block: the largest g-SNR
+    # fp16: DeepSpeed's factor includes the loss scale (256): the later sub-groups measured at the first
+    # one's call match the one-sub-group run (where each is measured on the gradient DeepSpeed hands over).
+    many, one = ranks[0]["fp16_sub_groups"], ranks[0]["fp16_one_sub_group"]
+    assert many["loss_scale"] == one["loss_scale"] == 256.0 and many["sub_groups"] == 3
+    fp16_diff = max_rel_diff(many["scales"], one["scales"])
+    print(f"[plain fp16] scales, 3 sub-groups vs one: {fp16_diff:.3e}; vs 1 fp32 process: {max_rel_diff(many['scales'], reference['none'][0]):.3e}")
+    assert fp16_diff <= SCALE_TOLERANCE and max_rel_diff(many["scales"], reference["none"][0]) < 1e-2
 
 
 # --------------------------------------------------------------------------- the shipped configs under each launcher
