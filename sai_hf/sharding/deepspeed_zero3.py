@@ -237,9 +237,10 @@ class Zero3Partitions(ZeroFragments):
 
 
 def _later_gradients(zero: Any, i: int) -> tuple[Any, list[tuple[int, Tensor | list[Tensor]]]] | None:
-    """The gradient partitions of the sub-groups DeepSpeed steps after ``i`` in this step, exactly as
-    DeepSpeed will hand them to the optimizer (fp32, unscaled and clipped: ``unscale_and_clip_grads``'
-    factor, recomputed from the same operands), or ``None`` where this DeepSpeed does not expose them.
+    """``(factor, [(j, gradient of sub-group j)])`` for the sub-groups DeepSpeed steps after ``i`` in
+    this step: their reduced gradients before DeepSpeed's ``unscale_and_clip_grads`` multiplies them by
+    ``factor`` (loss scale and clipping, recomputed from the same operands; ``None`` for 1), or
+    ``None`` where this DeepSpeed does not expose them.
 
     Without offload they are the reduced per-parameter pieces in ``averaged_gradients[j]`` (flattened
     into the fp32 partition's gradient only when ``j`` is stepped); with ``offload_optimizer`` they are
@@ -257,7 +258,7 @@ def _later_gradients(zero: Any, i: int) -> tuple[Any, list[tuple[int, Tensor | l
     # >= 1; grad *= 1 / combined. Its _global_grad_norm is that same total_norm / loss_scale.
     combined: Any = loss_scale
     if clip_grad > 0.0:
-        clip = torch.clamp((norm + 1e-6) / clip_grad, min=1.0)
+        clip = torch.clamp(torch.as_tensor((norm + 1e-6) / clip_grad), min=1.0)
         combined = clip * loss_scale
     factor = 1.0 / combined
     out: list[tuple[int, Tensor | list[Tensor]]] = []
