@@ -166,7 +166,8 @@ def _transformers_hooks() -> tuple[type[enum.Enum], dict, list]:
 class OptimArgsCheck(TrainerCallback):
     """Rejects a bad ``--optim_args`` for a sai-hf optimizer at the end of ``Trainer.__init__`` (the Trainer reads them
     only inside ``train()``), and for SGD-SaI the setups :func:`sai_hf.sharding.refuse_unsupported_setup` refuses
-    (DeepSpeed ZeRO-3, offload or an ``optimizer`` section, FSDP1 ``use_orig_params=False``)."""
+    (DeepSpeed NVMe offload, optimizer offload without ``"zero_force_ds_cpu_optimizer": false``, an ``optimizer``
+    section, ...; FSDP1 ``use_orig_params=False``), naming the key and what to use instead."""
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         found = optimizer_kwargs_from_args(args)

@@ -273,7 +273,7 @@ class SGDSaI(Optimizer):
         gradient here, group by group; blocks without a scale are not touched."""
         by_group: dict[int, list[Block]] = {}
         for b in blocks:
-            if b.grad is not None and "scale" in b.state:
+            if b.grad is not None and "scale" in b.state and not b.scale_only:
                 by_group.setdefault(id(b.group), []).append(b)
         for chosen in by_group.values():
             group = chosen[0].group

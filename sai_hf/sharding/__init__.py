@@ -5,7 +5,9 @@ one module per backend.
 module                       what the optimizer's parameters are; its blocks
 ===========================  ==============================================================
 :mod:`.deepspeed_zero`       DeepSpeed ZeRO-1/2 flat partitions; blocks are their fragments
-                             (ZeRO-3 parameters: refused)
+                             (ZeRO-3 model parameters in an optimizer: refused)
+:mod:`.deepspeed_zero3`      DeepSpeed ZeRO-3 fp32 sub-group partitions; blocks are the
+                             parameters' per-rank pieces
 :mod:`.fsdp1`                FSDP1 ``use_orig_params=True`` views (registered from the model)
 :mod:`.dtensor`              DTensors (FSDP2): ``to_local()`` shards and replicas
 :mod:`.local`                whole tensors on every rank (one process, DDP)
@@ -30,6 +32,7 @@ from torch import Tensor
 from ..gsnr import gradient_statistics, zero_statistics
 from .base import Block, ExactReducer, Placement, ShardingBackend, UnsupportedShardingError, world
 from .deepspeed_zero import Zero3Parameters, ZeroFragments
+from .deepspeed_zero3 import Zero3Partitions
 from .dtensor import DTensorShards
 from .fsdp1 import Fsdp1Views
 from .local import WholeTensors
@@ -52,7 +55,14 @@ __all__ = [
 
 #: Backends in order of precedence: the first that claims an optimizer parameter answers for it
 #: (the last, :class:`~sai_hf.sharding.local.WholeTensors`, claims every parameter).
-BACKENDS: list[type[ShardingBackend]] = [ZeroFragments, Zero3Parameters, Fsdp1Views, DTensorShards, WholeTensors]
+BACKENDS: list[type[ShardingBackend]] = [
+    ZeroFragments,
+    Zero3Partitions,
+    Zero3Parameters,
+    Fsdp1Views,
+    DTensorShards,
+    WholeTensors,
+]
 
 #: State keys the backends add besides the per-block ones (for :mod:`sai_hf.checkpoint`).
 STATE_KEYS: frozenset[str] = frozenset().union(*(backend.STATE_KEYS for backend in BACKENDS))
@@ -90,6 +100,10 @@ class Backends:
                     runs.append((backend, [p]))
             for backend, params in runs:
                 out.extend(backend.blocks(optimizer, group, params, stepping))
+        if not stepping:  # reports: also the parameters a wrapper keeps out of the groups between steps
+            present = {id(p) for group in groups for p in group["params"]}
+            for backend in self.backends:
+                out.extend(backend.resting_blocks(optimizer, groups, present))
         return out
 
     def reducer(self, blocks: Sequence[Block]) -> ExactReducer | None:
@@ -125,15 +139,22 @@ def refuse_unsupported_setup(args: Any = None) -> None:
 
 def block_statistics(blocks: Sequence[Block]) -> Tensor:
     """:func:`sai_hf.gsnr.gradient_statistics` of ``blocks``' local gradients, a zero row (no
-    entries here) where a block has no gradient on this rank: ``(B, STATISTICS_WIDTH)``."""
+    entries here) where a block has no gradient on this rank: ``(B, STATISTICS_WIDTH)``. A block's
+    ``grad_factor`` ``c`` scales its row as the gradient ``c g`` would: ``[n, c S, c S', c^2 C, c^2 P]``."""
     present = [i for i, b in enumerate(blocks) if b.grad is not None]
     if len(present) == len(blocks):
-        return gradient_statistics([b.grad for b in blocks])
-    rows = zero_statistics(len(blocks), blocks[0].local.device if blocks else torch.device("cpu"))
-    if present:
-        found = gradient_statistics([blocks[i].grad for i in present])
-        rows = rows.to(found.device, found.dtype)
-        rows[torch.tensor(present, device=found.device)] = found
+        rows = gradient_statistics([b.grad for b in blocks])
+    else:
+        rows = zero_statistics(len(blocks), blocks[0].local.device if blocks else torch.device("cpu"))
+        if present:
+            found = gradient_statistics([blocks[i].grad for i in present])
+            rows = rows.to(found.device, found.dtype)
+            rows[torch.tensor(present, device=found.device)] = found
+    factors = [b.grad_factor for b in blocks]
+    if any(f is not None for f in factors):
+        c = torch.tensor([1.0 if f is None else float(f) for f in factors], dtype=rows.dtype, device=rows.device)
+        one = torch.ones_like(c)
+        rows = rows * torch.stack((one, c, c, c * c, c * c), dim=1)
     return rows
 
 

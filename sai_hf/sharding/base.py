@@ -56,7 +56,12 @@ class Block:
     ``step``), owned by the optimizer. ``may_lack_gradient``: ``grad`` may be ``None`` here while other
     ranks hold entries of it, so the block joins every reduction until it has its scale. A backend
     that counts optimizer steps itself (ZeRO: one call per group per step) gives ``step_index``; the
-    optimizer then records it as the block's ``scaled_at``."""
+    optimizer then records it as the block's ``scaled_at``. ``scale_only``: the block joins this call's
+    scaling but is updated by a later call of the same optimizer step (DeepSpeed ZeRO-3 steps its
+    sub-groups one at a time; the first scaling step measures them all at once). ``grad_factor``: the
+    gradient to measure is ``grad * grad_factor`` (the loss-scale and clipping factor DeepSpeed applies
+    later); its statistics are those of ``grad``, scaled (sums by the factor, squares by its square),
+    so that no scaled copy of the gradient is made."""
 
     param: Tensor
     local: Tensor
@@ -69,6 +74,8 @@ class Block:
     may_lack_gradient: bool = False
     buffer_slot: Tensor | None = None  # where the first update's buffer is stored in place (flat partitions)
     step_index: int | None = None  # the optimizer step being taken, where the backend counts steps
+    scale_only: bool = False  # scaled in this step but updated in a later call (ZeRO-3's later sub-groups)
+    grad_factor: float | None = None  # the gradient to measure is grad * grad_factor (not materialised)
 
 
 def world() -> tuple[int, int]:
@@ -101,6 +108,14 @@ class ShardingBackend:
         is the same on every rank. ``stepping``: called for an optimizer step (not a report).
         Raises :class:`UnsupportedShardingError` for a layout without exact per-tensor statistics."""
         raise NotImplementedError
+
+    def resting_blocks(
+        self, optimizer: Any, groups: Sequence[Mapping[str, Any]], present: set[int]
+    ) -> list[Block]:
+        """Blocks of parameters that a wrapper keeps out of ``groups`` between its steps (DeepSpeed
+        ZeRO-3 puts each partition into its group only while stepping it), for the reports made
+        outside a step; ``present``: ids of the parameters now in ``groups``."""
+        return []
 
     def keep_buffer(self, block: Block, local: Tensor) -> None:
         """Store ``local``, the momentum buffer the block's first update created."""

@@ -1,6 +1,9 @@
 """Which DeepSpeed configuration is in use, and refusing, before training, the ones SGD-SaI cannot
-run exactly: ZeRO stage 3, ``offload_optimizer`` / ``offload_param``, an ``optimizer`` section
-(DeepSpeed would replace SGD-SaI). Stages 0, 1 and 2 pass."""
+run exactly. Stages 0 to 3 pass, with ``offload_optimizer`` (``device: cpu``, stages 2 and 3, with
+``"zero_force_ds_cpu_optimizer": false``: otherwise DeepSpeed insists on its own CPU Adam) and
+``offload_param`` (``device: cpu``, stage 3). Refused: NVMe offload, ``offload_param`` below stage
+3, optimizer offload at stage 1, ZenFlow, SuperOffload, loading a universal checkpoint (it holds no
+scales), and an ``optimizer`` section (DeepSpeed would replace SGD-SaI)."""
 
 from __future__ import annotations
 
@@ -20,14 +23,36 @@ __all__ = [
 ]
 
 DEEPSPEED_ZERO3_MESSAGE = (
-    "SGD-SaI (--optim sgd_sai) does not support DeepSpeed ZeRO stage 3 yet: the parameters are partitioned "
-    "before the optimizer exists, so per-tensor g-SNR statistics cannot be attributed exactly. Use ZeRO "
-    "stage 2 (configs/deepspeed/zero2.json) or FSDP2 (configs/accelerate/fsdp.yaml), both exact."
+    "SGD-SaI (--optim sgd_sai) was handed DeepSpeed ZeRO stage 3 partitioned model parameters themselves "
+    "(each rank holds only a piece of every tensor, and the optimizer cannot tell which): per-tensor g-SNR "
+    "statistics would be wrong. Give the optimizer to deepspeed.initialize(model=..., optimizer=...) or to "
+    "the Trainer with a ZeRO-3 config (configs/deepspeed/zero3.json): DeepSpeed's stage-3 optimizer then "
+    "steps it on its fp32 partitions, which sai-hf maps back to the parameters exactly. Or use FSDP2."
 )
-_OFFLOAD_MESSAGE = (
-    "SGD-SaI (--optim sgd_sai) does not support DeepSpeed zero_optimization.{key} (device {device!r}) yet: "
-    "the offloaded step path is not covered by sai-hf's exact per-tensor g-SNR. Remove {key} and use ZeRO "
-    "stage 2 (configs/deepspeed/zero2.json) or FSDP2."
+_OFFLOAD_DEVICE_MESSAGE = (
+    "SGD-SaI (--optim sgd_sai) does not support DeepSpeed zero_optimization.{key} with device {device!r}: "
+    "only device 'cpu' is covered by sai-hf's exact per-tensor g-SNR (NVMe swaps the optimizer state in "
+    "and out, which sai-hf's per-block state does not follow). Use device 'cpu' "
+    "(configs/deepspeed/zero3_offload.json, configs/deepspeed/zero2_offload.json)."
+)
+_OFFLOAD_STAGE_MESSAGE = (
+    "SGD-SaI (--optim sgd_sai) with DeepSpeed zero_optimization.{key} at ZeRO stage {stage}: {what} Use "
+    "{use}."
+)
+_FORCE_CPU_OPTIMIZER_MESSAGE = (
+    "--optim sgd_sai with DeepSpeed zero_optimization.offload_optimizer (device 'cpu') needs "
+    "\"zero_force_ds_cpu_optimizer\": false in the DeepSpeed config (it is {value!r}): otherwise DeepSpeed "
+    "insists on its own CPU optimizer (DeepSpeedCPUAdam) instead of SGD-SaI. Add "
+    "\"zero_force_ds_cpu_optimizer\": false (as configs/deepspeed/zero2_offload.json and zero3_offload.json do)."
+)
+_UNSUPPORTED_FEATURE_MESSAGE = (
+    "SGD-SaI (--optim sgd_sai) does not support DeepSpeed {key}: {why} Remove it (see configs/deepspeed/)."
+)
+_UNIVERSAL_CHECKPOINT_MESSAGE = (
+    "SGD-SaI (--optim sgd_sai) with DeepSpeed checkpoint.load_universal: a universal checkpoint restores "
+    "tensors per parameter but not SGD-SaI's per-block scales, which would then be measured again from a "
+    "later gradient. Resume from the DeepSpeed checkpoint at the world size it was saved with (DeepSpeed "
+    "refuses another), or start the optimizer afresh from the saved model weights."
 )
 _OPTIMIZER_SECTION_MESSAGE = (
     "--optim sgd_sai with a DeepSpeed config that has an 'optimizer' section: DeepSpeed would build "
@@ -71,12 +96,42 @@ def refuse_unsupported_zero(config: Mapping[str, Any] | None) -> None:
     if not config:
         return
     zero = config.get("zero_optimization") or {}
-    if str(zero.get("stage", 0)) == "3":
-        raise UnsupportedShardingError(DEEPSPEED_ZERO3_MESSAGE)
-    for key in ("offload_optimizer", "offload_param"):
-        device = _offload_device(zero.get(key))
-        if device is not None:
-            raise UnsupportedShardingError(_OFFLOAD_MESSAGE.format(key=key, device=device))
+    stage = str(zero.get("stage", 0))
+    optimizer_offload = _offload_device(zero.get("offload_optimizer"))
+    param_offload = _offload_device(zero.get("offload_param"))
+    for key, device in (("offload_optimizer", optimizer_offload), ("offload_param", param_offload)):
+        if device is not None and device != "cpu":
+            raise UnsupportedShardingError(_OFFLOAD_DEVICE_MESSAGE.format(key=key, device=device))
+    if optimizer_offload is not None and stage not in ("2", "3"):
+        raise UnsupportedShardingError(
+            _OFFLOAD_STAGE_MESSAGE.format(
+                key="offload_optimizer", stage=stage, what="sai-hf covers optimizer offload at stages 2 and 3.",
+                use="ZeRO stage 2 (configs/deepspeed/zero2_offload.json) or 3 (configs/deepspeed/zero3_offload.json)",
+            )
+        )
+    if param_offload is not None and stage != "3":
+        raise UnsupportedShardingError(
+            _OFFLOAD_STAGE_MESSAGE.format(
+                key="offload_param", stage=stage, what="parameter offload is a ZeRO stage 3 feature.",
+                use="ZeRO stage 3 (configs/deepspeed/zero3_offload.json), or ZeRO stage 2 without offload_param "
+                "(configs/deepspeed/zero2.json)",
+            )
+        )
+    if optimizer_offload is not None and config.get("zero_force_ds_cpu_optimizer", True) is not False:
+        raise UnsupportedShardingError(_FORCE_CPU_OPTIMIZER_MESSAGE.format(value=config.get("zero_force_ds_cpu_optimizer", True)))
+    if zero.get("zenflow"):
+        raise UnsupportedShardingError(
+            _UNSUPPORTED_FEATURE_MESSAGE.format(key="zero_optimization.zenflow", why="ZenFlow runs its own CPU optimizer step.")
+        )
+    if isinstance(zero.get("offload_optimizer"), Mapping) and zero["offload_optimizer"].get("super_offload"):
+        raise UnsupportedShardingError(
+            _UNSUPPORTED_FEATURE_MESSAGE.format(
+                key="zero_optimization.offload_optimizer.super_offload", why="SuperOffload runs its own CPU optimizer step."
+            )
+        )
+    checkpoint = config.get("checkpoint")
+    if isinstance(checkpoint, Mapping) and checkpoint.get("load_universal"):
+        raise UnsupportedShardingError(_UNIVERSAL_CHECKPOINT_MESSAGE)
     if "optimizer" in config:
         raise UnsupportedShardingError(_OPTIMIZER_SECTION_MESSAGE)
 

@@ -307,39 +307,57 @@ def test_flat_partition_normalize_max_with_two_groups_refused():
 
 # --------------------------------------------------------------------------- refusals before training
 @pytest.mark.parametrize(
-    "config, match",
+    "config, match, advice",
     [
-        ({"zero_optimization": {"stage": 3}}, "stage 3"),
-        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
-        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param"),
-        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {}}}, "'optimizer' section"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "zero_force_ds_cpu_optimizer", "zero2_offload.json"),
+        (
+            {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": True},
+            "zero_force_ds_cpu_optimizer",
+            "zero3_offload.json",
+        ),
+        ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}, "zero_force_ds_cpu_optimizer": False}, "'nvme'", "device 'cpu'"),
+        ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "offload_param with device 'nvme'", "device 'cpu'"),
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param", "configs/deepspeed/zero2.json"),
+        ({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False}, "stage 1", "zero2_offload.json"),
+        ({"zero_optimization": {"stage": 3, "zenflow": {"topk_ratio": 0.1}}}, "zenflow", "configs/deepspeed"),
+        ({"zero_optimization": {"stage": 3}, "checkpoint": {"load_universal": True}}, "load_universal", "world size it was saved with"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {}}}, "'optimizer' section", "configs/deepspeed/zero2.json"),
     ],
-    ids=["zero3", "offload_optimizer", "offload_param", "optimizer_section"],
+    ids=[
+        "offload_force_default", "offload_force_true", "offload_nvme", "param_nvme", "offload_param_stage2",
+        "offload_stage1", "zenflow", "universal_checkpoint", "optimizer_section",
+    ],  # fmt: skip
 )
-def test_trainer_refuses_unsupported_deepspeed_before_training(tmp_path, config, match):
+def test_trainer_refuses_unsupported_deepspeed_before_training(tmp_path, config, match, advice):
     args = training_args(tmp_path)
     args.deepspeed = config  # what --deepspeed leaves in the arguments (set afterwards: one process)
     with pytest.raises(UnsupportedShardingError, match=match) as err:
         Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
-    assert "ZeRO stage 2" in str(err.value) or "configs/deepspeed/zero2.json" in str(err.value)
+    assert advice in str(err.value)
     assert not (tmp_path / "gsnr.json").exists()
 
 
-@pytest.mark.parametrize("name", ["zero1.json", "zero2.json"])
+@pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"])
 def test_trainer_accepts_the_shipped_zero_configs(tmp_path, name):
     args = training_args(tmp_path)
     args.deepspeed = str(CONFIGS / "deepspeed" / name)
     Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())  # no refusal
-    assert json.loads((CONFIGS / "deepspeed" / name).read_text())["zero_allow_untested_optimizer"] is True
+    config = json.loads((CONFIGS / "deepspeed" / name).read_text())
+    assert config["zero_allow_untested_optimizer"] is True
+    if "offload_optimizer" in config["zero_optimization"]:
+        assert config["zero_force_ds_cpu_optimizer"] is False  # else DeepSpeed insists on DeepSpeedCPUAdam
+    if config["zero_optimization"]["stage"] == 3:
+        assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
 def test_deepspeed_zero3_config_from_accelerate_launch_environment(monkeypatch, tmp_path):
-    config = tmp_path / "zero3.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    config = tmp_path / "zero3_nvme.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}))
     assert not deepspeed_in_use(SimpleNamespace(deepspeed=None, deepspeed_plugin=None))
     assert deepspeed_in_use(SimpleNamespace(deepspeed=None, deepspeed_plugin=object()))
     refuse_unsupported_deepspeed(SimpleNamespace(deepspeed=str(CONFIGS / "deepspeed" / "zero2.json"), deepspeed_plugin=None))
-    with pytest.raises(UnsupportedShardingError, match="stage 3"):
+    refuse_unsupported_deepspeed(SimpleNamespace(deepspeed=str(CONFIGS / "deepspeed" / "zero3_offload.json"), deepspeed_plugin=None))
+    with pytest.raises(UnsupportedShardingError, match="nvme"):
         refuse_unsupported_deepspeed(SimpleNamespace(deepspeed=str(config), deepspeed_plugin=None))
     # Under `accelerate launch` with DeepSpeed, a plain PyTorch model is not partitioned: it just trains.
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
