@@ -1,0 +1,176 @@
+"""The learning-rate range test's arithmetic: the ramp, the smoothed loss, the stop rule and the
+suggestion (pure Python, no torch; :mod:`sai_hf.find_lr` runs the test).
+
+* :func:`ramp_lr`: the exponential ramp ``start * (end / start) ** (i / (steps - 1))``.
+* :class:`Smoother`: fastai's smoothed loss, an exponential moving average with bias correction
+  (``avg = beta * avg + (1 - beta) * loss``, ``smoothed = avg / (1 - beta ** n)``).
+* :func:`diverged`: why to stop (a non-finite loss, or the smoothed loss above ``factor`` times
+  its best), or ``None``.
+* :func:`suggest`: the suggested learning rate of a recorded curve and how it was chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "METHODS",
+    "DEFAULT_METHOD",
+    "NoDecreaseError",
+    "Smoother",
+    "Suggestion",
+    "diverged",
+    "ramp_lr",
+    "suggest",
+]
+
+#: ``--method`` choices (see :func:`suggest`).
+METHODS = ("steepest", "min_div_10", "valley")
+DEFAULT_METHOD = "min_div_10"
+
+#: The smoothed loss must fall at least this fraction below its first value for a suggestion.
+MIN_RELATIVE_DECREASE = 0.01
+
+
+class NoDecreaseError(ValueError):
+    """The loss never decreased over the range: there is no learning rate to suggest."""
+
+
+def ramp_lr(i: int, start: float, end: float, steps: int) -> float:
+    """The learning rate of step ``i`` (0-based) of an exponential ramp from ``start`` to ``end``
+    over ``steps`` steps (``start`` at step 0, ``end`` at step ``steps - 1``; beyond it keeps rising)."""
+    if steps <= 1:
+        return start
+    return start * (end / start) ** (i / (steps - 1))
+
+
+class Smoother:
+    """Exponential moving average of the loss with bias correction (fastai's ``SmoothenValue``)."""
+
+    def __init__(self, beta: float) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"the smoothing factor must be in [0, 1), got {beta!r}")
+        self.beta = beta
+        self.n = 0
+        self.avg = 0.0
+
+    def add(self, loss: float) -> float:
+        """Add one loss; return the smoothed value (``nan`` once a loss is not finite)."""
+        self.n += 1
+        self.avg = self.beta * self.avg + (1.0 - self.beta) * loss
+        return self.avg / (1.0 - self.beta**self.n)
+
+
+def diverged(loss: float, smoothed: float, best: float, factor: float) -> str | None:
+    """Why the range test should stop here, or ``None``: a loss that is not finite, or a smoothed
+    loss above ``factor`` times the best smoothed loss so far (fastai's rule, factor 4)."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if not math.isfinite(smoothed):
+        return f"the smoothed loss is {smoothed}"
+    if math.isfinite(best) and best > 0 and smoothed > factor * best:
+        return f"the smoothed loss {smoothed:.4g} exceeds {factor:g}x its best {best:.4g}"
+    return None
+
+
+@dataclass
+class Suggestion:
+    """A suggested learning rate, the rule that chose it, and every rule's value (for comparison)."""
+
+    lr: float
+    method: str
+    index: int
+    candidates: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _finite_prefix(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for lr, s in zip(lrs, smoothed):
+        if s is None or not math.isfinite(s):
+            break
+        xs.append(float(lr))
+        ys.append(float(s))
+    return xs, ys
+
+
+def _steepest(logs: list[float], ys: list[float], lo: int, hi: int) -> int:
+    """Index in ``[lo, hi]`` where the smoothed loss falls fastest against log(lr) (central differences)."""
+    best, where = math.inf, lo
+    for i in range(max(lo, 1), min(hi, len(ys) - 2) + 1):
+        slope = (ys[i + 1] - ys[i - 1]) / (logs[i + 1] - logs[i - 1])
+        if slope < best:
+            best, where = slope, i
+    return where
+
+
+def _valley(ys: list[float]) -> int:
+    """fastai's ``valley`` (2.7): the longest decreasing subsequence of the curve, and the point half
+    way along it (``start + sections + sections / 2`` with ``sections`` a third of its span)."""
+    n = len(ys)
+    lds = [1] * n
+    max_start = max_end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if ys[i] < ys[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+            if lds[max_end] < lds[i]:
+                max_end = i
+                max_start = max_end - lds[max_end]
+    sections = (max_end - max_start) / 3
+    return min(max(max_start + int(sections) + int(sections / 2), 0), n - 1)
+
+
+def suggest(
+    lrs: Sequence[float], smoothed: Sequence[float], method: str = DEFAULT_METHOD, skip_start: int = 5
+) -> Suggestion:
+    """The suggested learning rate of a range test (``lrs[i]`` the rate of step ``i``, ``smoothed[i]``
+    its smoothed loss; the points after the first non-finite one are ignored).
+
+    Rules (``method``):
+
+    * ``"min_div_10"`` (default): a tenth of the learning rate at the minimum of the smoothed loss
+      (Smith 2015, fastai's ``lr_min``): the minimum is where the rate is already too large to keep
+      improving, a decade below it the loss still falls steadily.
+    * ``"steepest"``: where the smoothed loss falls fastest against log(lr), between the first
+      ``skip_start`` points and the minimum (fastai's ``steep``, Lightning's suggestion).
+    * ``"valley"``: fastai's default: half way along the longest decreasing stretch.
+
+    Every rule's value is in :attr:`Suggestion.candidates`. ``NoDecreaseError`` (naming the range)
+    if the smoothed loss never falls :data:`MIN_RELATIVE_DECREASE` below its first value.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown suggestion method {method!r}; choose one of {', '.join(METHODS)}")
+    xs, ys = _finite_prefix(lrs, smoothed)
+    if len(xs) < 3:
+        raise NoDecreaseError(
+            f"only {len(xs)} finite loss value(s) were recorded: the loss diverged at once "
+            f"(lower --start-lr, now {lrs[0]:.3g})" if lrs else "no loss was recorded"
+        )
+    low = min(range(len(ys)), key=lambda i: ys[i])
+    first = ys[0]
+    if not ys[low] < first - MIN_RELATIVE_DECREASE * abs(first):
+        raise NoDecreaseError(
+            f"the smoothed loss never decreased between lr {xs[0]:.3g} and {xs[-1]:.3g} "
+            f"(from {first:.4g}, lowest {ys[low]:.4g}): raise --end-lr or --steps, or check that the "
+            "script trains at all (labels, frozen parameters)"
+        )
+    logs = [math.log(x) for x in xs]
+    steep = _steepest(logs, ys, min(skip_start, max(low - 1, 0)), max(low - 1, 1))
+    valley = _valley(ys)
+    min_lr = xs[low]
+    candidates = {"min_div_10": min_lr / 10.0, "steepest": xs[steep], "valley": xs[valley], "loss_min": min_lr}
+    index = {"min_div_10": low, "steepest": steep, "valley": valley}[method]
+    warnings = []
+    if low >= len(ys) - 3 and len(xs) == len(lrs):
+        warnings.append(
+            f"the loss was still falling at the end of the range (lr {xs[-1]:.3g}): the range may end too early; "
+            "raise --end-lr"
+        )
+    if low <= skip_start:
+        warnings.append(
+            f"the loss was lowest near the start of the range (lr {min_lr:.3g}): lower --start-lr"
+        )
+    return Suggestion(lr=candidates[method], method=method, index=index, candidates=candidates, warnings=warnings)
