@@ -198,6 +198,7 @@ class _RampScheduler:
         self.base_lr, self.start, self.end, self.steps = base_lr, start, end, steps
 
         self.ratio = 1.0  # group 0's rate over the ramp's (set by build)
+        self.built = False  # whether the Trainer asked for the ramp (not e.g. DeepSpeed's own scheduler)
 
     def lr(self, step: int) -> float:
         return ramp_lr(step, self.start, self.end, self.steps)
@@ -211,6 +212,8 @@ class _RampScheduler:
 
     def build(self, optimizer: Any) -> Any:
         import torch
+
+        self.built = True
 
         for group in optimizer.param_groups:
             group.pop("initial_lr", None)  # a scheduler of an earlier run set it; LambdaLR keeps it otherwise
@@ -413,6 +416,11 @@ def lr_find(
     restore = restore and not (getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
     with _restored(trainer, restore), _test_setup(trainer, ramp, callback, int(steps)) as real_output_dir:
         train(trainer)
+    if not ramp.built:
+        raise LRFindError(
+            "the Trainer never built its learning-rate scheduler, so the ramp was not applied (a DeepSpeed config "
+            "with its own 'scheduler' section? remove it for the range test)"
+        )
     settings = {
         "start_lr": float(start_lr), "end_lr": float(end_lr), "steps": int(steps), "smooth": float(smooth),
         "diverge": float(diverge), "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
@@ -456,7 +464,7 @@ def plot_lr_find(result: LRFindResult, path: str | os.PathLike) -> str | None:
         ax.plot(*zip(*pairs), color="0.7", lw=1, label="loss")
     if smooth:
         ax.plot(*zip(*smooth), color="C0", lw=2, label="smoothed loss")
-        low = min(s for _, s in smooth)
+        low = min([s for _, s in smooth] + [loss for _, loss in pairs])
         high = smooth[0][1]
         ax.set_ylim(low - 0.1 * abs(high - low) - 1e-3, high + 0.5 * abs(high - low) + 1e-3)
     ax.axvline(result.suggestion, color="C3", ls="--", label=f"suggested {result.suggestion:.3g} ({result.method})")
@@ -595,6 +603,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             launcher.main(target)
         except _Finished as done:
             finished = done
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted" + (": the range test wrote nothing" if seen["tested"] is not None else ""),
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return 130
         except SystemExit as exit_:
             if seen["tested"] is None:
                 code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)

@@ -2,7 +2,7 @@
 a learnable toy language (arithmetic token sequences), trained, saved and evaluated like a recipe.
 
     python -m sai_hf.find_lr tests/_lr_find_script.py --output_dir OUT --use_cpu true [TrainingArguments...]
-    [--mode normal|no_trainer|exit_before_train|frozen|lora|two_trainers|catch_all] [--marker FILE]
+    [--mode normal|no_trainer|exit_before_train|frozen|lora|two_trainers|catch_all|interrupt] [--marker FILE]
 
 Everything after ``train()`` writes (``save_model``, ``save_metrics``, ``save_state``, a marker
 file), so a test can check that none of it happened under the range test.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from _models import VOCAB, tiny_gpt2  # found because the script's directory is sys.path[0]
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 
 @dataclass
@@ -43,17 +43,32 @@ class ProgressionDataset(torch.utils.data.Dataset):
 
 def build(args: TrainingArguments, mode: str) -> Trainer:
     model = tiny_gpt2()
-    if mode == "frozen":  # nothing trains: the loss cannot decrease
+    if mode == "frozen":  # nothing that changes the loss trains: it cannot decrease
         for p in model.parameters():
             p.requires_grad_(False)
-        model.lm_head.weight.requires_grad_(False)
-        extra = torch.nn.Parameter(torch.zeros(1))
-        model.register_parameter("unused_scalar", extra)  # the optimizer needs one parameter
+        model.register_parameter("idle", torch.nn.Parameter(torch.ones(4)))
+
+        def touch(module, inputs, output):  # the loss depends on `idle` only through a zero factor
+            output.loss = output.loss + 0.0 * module.idle.sum()
+            return output
+
+        model.register_forward_hook(touch)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], lora_dropout=0.0))
-    return Trainer(model=model, args=args, train_dataset=ProgressionDataset(), eval_dataset=ProgressionDataset(16, seed=1))
+        with torch.no_grad():  # a random base: its tied 0.02-scale head would keep logits near 0 whatever LoRA does
+            model.transformer.wte.weight.mul_(25.0)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0))
+    trainer = Trainer(model=model, args=args, train_dataset=ProgressionDataset(), eval_dataset=ProgressionDataset(16, seed=1))
+    if mode == "interrupt":  # Ctrl-C at the third step
+        trainer.add_callback(Interrupt())
+    return trainer
+
+
+class Interrupt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise KeyboardInterrupt
 
 
 def main() -> None:
