@@ -27,8 +27,8 @@ __all__ = [
 ]
 
 #: ``--method`` choices (see :func:`suggest`).
-METHODS = ("steepest", "min_div_10", "valley")
-DEFAULT_METHOD = "min_div_10"
+METHODS = ("steepest_capped", "steepest", "min_div_10", "valley")
+DEFAULT_METHOD = "steepest_capped"
 
 #: The smoothed loss must fall at least this fraction below its first value for a suggestion.
 MIN_RELATIVE_DECREASE = 0.01
@@ -131,11 +131,16 @@ def suggest(
 
     Rules (``method``):
 
-    * ``"min_div_10"`` (default): a tenth of the learning rate at the minimum of the smoothed loss
-      (Smith 2015, fastai's ``lr_min``): the minimum is where the rate is already too large to keep
-      improving, a decade below it the loss still falls steadily.
+    * ``"steepest_capped"`` (default): where the smoothed loss falls fastest against log(lr)
+      (``"steepest"``), but at most half the learning rate of the lowest smoothed loss. The steepest
+      fall alone sits right at the edge for optimizers whose loss keeps falling until it blows up
+      (SGD-SaI: no flat bottom, the lowest point is one step from divergence), and half the
+      lowest point alone is too high for those with a long flat bottom (AdamW); the cap keeps a 2x
+      margin below the rate where the loss stopped improving.
     * ``"steepest"``: where the smoothed loss falls fastest against log(lr), between the first
       ``skip_start`` points and the minimum (fastai's ``steep``, Lightning's suggestion).
+    * ``"min_div_10"``: a tenth of the learning rate at the minimum of the smoothed loss (fastai's
+      ``minimum``/10).
     * ``"valley"``: fastai's default: half way along the longest decreasing stretch.
 
     Every rule's value is in :attr:`Suggestion.candidates`. ``NoDecreaseError`` (naming the range)
@@ -161,8 +166,13 @@ def suggest(
     steep = _steepest(logs, ys, min(skip_start, max(low - 1, 0)), max(low - 1, 1))
     valley = _valley(ys)
     min_lr = xs[low]
-    candidates = {"min_div_10": min_lr / 10.0, "steepest": xs[steep], "valley": xs[valley], "loss_min": min_lr}
-    index = {"min_div_10": low, "steepest": steep, "valley": valley}[method]
+    capped = min(xs[steep], min_lr / 2.0)
+    candidates = {
+        "steepest_capped": capped, "steepest": xs[steep], "min_div_10": min_lr / 10.0, "valley": xs[valley],
+        "loss_min": min_lr,
+    }  # fmt: skip
+    index = {"steepest_capped": steep if xs[steep] <= min_lr / 2.0 else low, "min_div_10": low, "steepest": steep,
+             "valley": valley}[method]  # fmt: skip
     warnings = []
     if low >= len(ys) - 3 and len(xs) == len(lrs):
         warnings.append(

@@ -70,9 +70,11 @@ def check_curve(payload: dict, start: float, end: float, steps: int) -> None:
     for a, b in zip(lrs, lrs[1:]):
         assert b / a == pytest.approx(ratio, rel=1e-6)
     assert len(payload["losses"]) == len(payload["smoothed"]) == len(lrs)
-    assert payload["method"] == "min_div_10"
+    assert payload["method"] == "steepest_capped"
     assert lrs[0] <= payload["suggestion"] <= end
-    assert payload["candidates"]["min_div_10"] == payload["suggestion"]
+    candidates = payload["candidates"]
+    assert candidates["steepest_capped"] == payload["suggestion"]
+    assert payload["suggestion"] == min(candidates["steepest"], candidates["loss_min"] / 2)
 
 
 # --------------------------------------------------------------------------- the rule (pure)
@@ -97,8 +99,15 @@ def test_suggestion_rules_on_a_synthetic_curve():
     assert 0.05 < lrs[low] < 0.2
     steep = suggest(lrs, loss, "steepest").lr
     assert 3e-3 < steep < 3e-2
+    assert suggest(lrs, loss).method == "steepest_capped"
+    assert suggest(lrs, loss).lr == steep  # well below half the minimum's rate: the steepest point itself
     assert 1e-4 < suggest(lrs, loss, "valley").lr < 0.2
-    assert set(found.candidates) == {"min_div_10", "steepest", "valley", "loss_min"}
+    assert set(found.candidates) == {"steepest_capped", "min_div_10", "steepest", "valley", "loss_min"}
+    # a curve that falls faster and faster until it blows up (SGD-like): capped at half the minimum's rate
+    cliff = [3.0 - 0.02 * i**1.5 if i <= 40 else 50.0 for i in range(61)]
+    edge = suggest(lrs, cliff)
+    assert edge.candidates["steepest"] == pytest.approx(lrs[39])
+    assert edge.lr == pytest.approx(lrs[40] / 2)
     with pytest.raises(NoDecreaseError, match="never decreased between lr"):
         suggest(lrs, [3.0] * 61)
     with pytest.raises(NoDecreaseError, match="diverged at once"):
@@ -223,7 +232,7 @@ def test_api_returns_result_restores_model_and_trainer_trains_after(tmp_path):
     result = find_lr.lr_find(trainer, start_lr=1e-4, end_lr=30, steps=40, verbose=False)
     assert isinstance(result, find_lr.LRFindResult)
     assert result.lrs[0] == pytest.approx(1e-4) and len(result.lrs) == len(result.losses)
-    assert 1e-4 <= result.suggestion <= 30 and result.method == "min_div_10"
+    assert 1e-4 <= result.suggestion <= 30 and result.method == "steepest_capped"
     assert sorted(p.name for p in out.iterdir()) == ["lr_find.json", "lr_find.png"]
     for n, p in trainer.model.named_parameters():
         assert torch.equal(p, before[n]), n
