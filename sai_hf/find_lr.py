@@ -410,7 +410,9 @@ def lr_find(
     if not isinstance(trainer, Trainer):
         raise TypeError(f"lr_find needs a transformers.Trainer, got {type(trainer).__name__}")
     began = time.monotonic()
-    ramp = _RampScheduler(float(trainer.args.learning_rate), float(start_lr), float(end_lr), int(steps))
+    # a group at the script's learning_rate gets the ramp itself; an optimizer given to the Trainer: its first group
+    base_lr = trainer.optimizer.param_groups[0]["lr"] if trainer.optimizer is not None else trainer.args.learning_rate
+    ramp = _RampScheduler(float(base_lr), float(start_lr), float(end_lr), int(steps))
     callback = _range_test_callback(ramp, float(smooth), float(diverge), verbose)
     train = _train if _train is not None else type(trainer).train
     restore = restore and not (getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
@@ -437,9 +439,13 @@ def lr_find(
     found, error = _broadcast((found, error))
     if error is not None:
         raise LRFindError(error)
+    stop_reason = callback.stop_reason
+    if not stop_reason.startswith("diverged") and len(callback.lrs) < steps:
+        stop_reason = f"training ended after {len(callback.lrs)} of {steps} steps (the data ran out?)"
+        found.warnings.append(f"{stop_reason}: the range ended at lr {callback.lrs[-1]:.3g}, not {end_lr:g}")
     result = LRFindResult(
         lrs=callback.lrs, losses=callback.losses, smoothed=callback.smoothed, suggestion=found.lr,
-        method=found.method, candidates=found.candidates, stop_reason=callback.stop_reason, settings=settings,
+        method=found.method, candidates=found.candidates, stop_reason=stop_reason, settings=settings,
         warnings=found.warnings, seconds=time.monotonic() - began,
     )  # fmt: skip
     if write and trainer.is_world_process_zero():

@@ -294,3 +294,4 @@ def test_torchrun_two_processes_one_decision(tmp_path):
     payload = json.loads((out / "lr_find.json").read_text())
     assert payload["settings"]["world_size"] == 2
     check_curve(payload, 1e-4, 30.0, 40)
+
