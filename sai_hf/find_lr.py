@@ -500,6 +500,9 @@ def _parse(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     options: dict[str, Any] = {}
     i = 0
     while i < len(argv) and argv[i].startswith("--"):
+        if argv[i] == "--":  # end of our options: what follows is the script
+            i += 1
+            break
         name, eq, value = argv[i].partition("=")
         if name not in _OPTIONS:
             raise _UsageError(f"unknown option {name!r} (options go before the script; see --help)")
@@ -587,6 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if skip_trains < 0:
             raise _UsageError(f"--skip-trains must be 0 or more, got {skip_trains}")
         output_dir = options.pop("output_dir", None)
+        if output_dir is not None and os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise _UsageError(f"--output {output_dir!r} is a file, not a directory")
         settings = {**asdict(DEFAULTS), **options}
         try:
             _check_settings(**settings)

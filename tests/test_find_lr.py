@@ -175,6 +175,8 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys):
         (["--method", "magic", *script_args(out)], 2, "--method must be one of"),
         (["--warmup", "3", *script_args(out)], 2, "unknown option '--warmup'"),
         ([tmp_path / "missing.py"], 2, "can't open file"),
+        (["--output", SCRIPT, "--", *script_args(out)], 2, "is a file, not a directory"),
+        (["--", "--steps", "5"], 2, "unknown option '--steps': give a script"),
         ([], 2, "no script given"),
         (["-m", "no_such_module_xyz"], 2, "no module named 'no_such_module_xyz'"),
         ([*script_args(out, "--mode", "no_trainer")], 2, "ended without calling transformers.Trainer.train()"),
