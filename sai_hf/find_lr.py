@@ -438,6 +438,14 @@ def lr_find(
             error = str(err)
     found, error = _broadcast((found, error))
     if error is not None:
+        if write and trainer.is_world_process_zero():  # the curve still helps to choose another range
+            directory = Path(output_dir if output_dir is not None else real_output_dir or ".")
+            directory.mkdir(parents=True, exist_ok=True)
+            payload = {"lrs": callback.lrs, "losses": callback.losses, "smoothed": callback.smoothed,
+                       "suggestion": None, "method": method, "error": error, "stop_reason": callback.stop_reason,
+                       "settings": {"start_lr": start_lr, "end_lr": end_lr, "steps": steps}}  # fmt: skip
+            (directory / JSON_NAME).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+            error += f" (the curve: {directory / JSON_NAME})"
         raise LRFindError(error)
     stop_reason = callback.stop_reason
     if not stop_reason.startswith("diverged") and len(callback.lrs) < steps:

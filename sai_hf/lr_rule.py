@@ -155,12 +155,17 @@ def suggest(
             f"(lower --start-lr, now {lrs[0]:.3g})" if lrs else "no loss was recorded"
         )
     low = min(range(len(ys)), key=lambda i: ys[i])
-    first = ys[0]
+    first = ys[min(4, len(ys) - 1)]  # the start: the smoothed loss after up to 5 steps, not one noisy batch
     if not ys[low] < first - MIN_RELATIVE_DECREASE * abs(first):
+        hint = (
+            "the loss moved less than its batch-to-batch noise before it diverged: spend more steps below the "
+            "divergence (a higher --start-lr, more --steps)" if len(xs) < len(lrs) or ys[-1] > first
+            else "raise --end-lr or --steps"
+        )  # fmt: skip
         raise NoDecreaseError(
-            f"the smoothed loss never decreased between lr {xs[0]:.3g} and {xs[-1]:.3g} "
-            f"(from {first:.4g}, lowest {ys[low]:.4g}): raise --end-lr or --steps, or check that the "
-            "script trains at all (labels, frozen parameters)"
+            f"the smoothed loss never fell {MIN_RELATIVE_DECREASE:.0%} below its start between lr {xs[0]:.3g} and "
+            f"{xs[-1]:.3g} (from {first:.4g}, lowest {ys[low]:.4g}): {hint}; or check that the script trains at "
+            "all (labels, frozen parameters)"
         )
     logs = [math.log(x) for x in xs]
     steep = _steepest(logs, ys, min(skip_start, max(low - 1, 0)), max(low - 1, 1))

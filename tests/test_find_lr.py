@@ -108,7 +108,7 @@ def test_suggestion_rules_on_a_synthetic_curve():
     edge = suggest(lrs, cliff)
     assert edge.candidates["steepest"] == pytest.approx(lrs[39])
     assert edge.lr == pytest.approx(lrs[40] / 2)
-    with pytest.raises(NoDecreaseError, match="never decreased between lr"):
+    with pytest.raises(NoDecreaseError, match="never fell 1% below its start between lr"):
         suggest(lrs, [3.0] * 61)
     with pytest.raises(NoDecreaseError, match="diverged at once"):
         suggest(lrs, [3.0, float("nan")] + [None] * 59)
@@ -181,7 +181,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys):
         (["-m", "no_such_module_xyz"], 2, "no module named 'no_such_module_xyz'"),
         ([*script_args(out, "--mode", "no_trainer")], 2, "ended without calling transformers.Trainer.train()"),
         ([*script_args(out, "--mode", "exit_before_train")], 3, "exited (status 3) before calling Trainer.train()"),
-        ([*FAST, *script_args(out, "--mode", "frozen", "--optim", "adamw_torch")], 1, "never decreased between lr"),
+        ([*FAST, *script_args(out, "--mode", "frozen", "--optim", "adamw_torch")], 1, "never fell 1% below its start between lr"),
         (["--start-lr", "1e3", "--end-lr", "1e9", "--steps", "10", *script_args(out, "--optim", "sgd_sai")], 1, "diverged at once"),
     ]
     for argv, expected, message in cases:
@@ -190,6 +190,10 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys):
         assert message in stderr, (argv, stderr)
         assert "Traceback" not in stderr + stdout
         assert stderr.strip().splitlines()[-1].startswith("python -m sai_hf.find_lr: error: "), stderr
+        if expected == 1:  # the test ran: its curve is kept (no suggestion) to help choose another range
+            payload = json.loads((out / "lr_find.json").read_text())
+            assert payload["suggestion"] is None and payload["error"] in stderr
+            (out / "lr_find.json").unlink()
         assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
 
 
