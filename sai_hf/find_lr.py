@@ -445,7 +445,9 @@ def lr_find(
                        "suggestion": None, "method": method, "error": error, "stop_reason": callback.stop_reason,
                        "settings": {"start_lr": start_lr, "end_lr": end_lr, "steps": steps}}  # fmt: skip
             (directory / JSON_NAME).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-            error += f" (the curve: {directory / JSON_NAME})"
+            curve = LRFindResult(callback.lrs, callback.losses, callback.smoothed, None, method, {}, "", {})  # type: ignore[arg-type]
+            png = plot_lr_find(curve, directory / PNG_NAME)
+            error += f" (the curve: {directory / JSON_NAME}" + (f", {png})" if png else ")")
         raise LRFindError(error)
     stop_reason = callback.stop_reason
     if not stop_reason.startswith("diverged") and len(callback.lrs) < steps:
@@ -466,8 +468,8 @@ def lr_find(
 
 
 def plot_lr_find(result: LRFindResult, path: str | os.PathLike) -> str | None:
-    """Loss and smoothed loss against the learning rate (log axis), the suggestion marked; ``None``
-    (nothing written) without matplotlib."""
+    """Loss and smoothed loss against the learning rate (log axis), the suggestion (if any) marked;
+    ``None`` (nothing written) without matplotlib."""
     try:
         fig, ax = figure((7, 4.5))
     except ImportError:
@@ -479,9 +481,11 @@ def plot_lr_find(result: LRFindResult, path: str | os.PathLike) -> str | None:
     if smooth:
         ax.plot(*zip(*smooth), color="C0", lw=2, label="smoothed loss")
         low = min([s for _, s in smooth] + [loss for _, loss in pairs])
-        high = smooth[0][1]
-        ax.set_ylim(low - 0.1 * abs(high - low) - 1e-3, high + 0.5 * abs(high - low) + 1e-3)
-    ax.axvline(result.suggestion, color="C3", ls="--", label=f"suggested {result.suggestion:.3g} ({result.method})")
+        middle = sorted(s for _, s in smooth)[len(smooth) // 2]  # the diverged tail would squash the rest
+        span = max(middle - low, 1e-3)
+        ax.set_ylim(low - 0.05 * span, middle + 1.2 * span)
+    if result.suggestion is not None:
+        ax.axvline(result.suggestion, color="C3", ls="--", label=f"suggested {result.suggestion:.3g} ({result.method})")
     ax.set_xscale("log")
     return str(save_figure(fig, ax, path, "learning rate", "training loss", "learning-rate range test"))
 

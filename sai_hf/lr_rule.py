@@ -144,7 +144,8 @@ def suggest(
     * ``"valley"``: fastai's default: half way along the longest decreasing stretch.
 
     Every rule's value is in :attr:`Suggestion.candidates`. ``NoDecreaseError`` (naming the range)
-    if the smoothed loss never falls :data:`MIN_RELATIVE_DECREASE` below its first value.
+    if the smoothed loss never falls :data:`MIN_RELATIVE_DECREASE` below its value at point
+    ``skip_start - 1`` (the first points only settle the average and are never "the lowest").
     """
     if method not in METHODS:
         raise ValueError(f"unknown suggestion method {method!r}; choose one of {', '.join(METHODS)}")
@@ -154,8 +155,10 @@ def suggest(
             f"only {len(xs)} finite loss value(s) were recorded: the loss diverged at once "
             f"(lower --start-lr, now {lrs[0]:.3g})" if lrs else "no loss was recorded"
         )
-    low = min(range(len(ys)), key=lambda i: ys[i])
-    first = ys[min(4, len(ys) - 1)]  # the start: the smoothed loss after up to 5 steps, not one noisy batch
+    # the first `skip_start` points only settle the average (one noisy batch must not be "the lowest loss")
+    start = skip_start if len(ys) > skip_start + 2 else 0
+    low = min(range(start, len(ys)), key=lambda i: ys[i])
+    first = ys[max(start - 1, 0)]
     if not ys[low] < first - MIN_RELATIVE_DECREASE * abs(first):
         hint = (
             "the loss moved less than its batch-to-batch noise before it diverged: spend more steps below the "
@@ -184,7 +187,7 @@ def suggest(
             f"the loss was still falling at the end of the range (lr {xs[-1]:.3g}): the range may end too early; "
             "raise --end-lr"
         )
-    if low <= skip_start:
+    if low <= start + 1:
         warnings.append(
             f"the loss was lowest near the start of the range (lr {min_lr:.3g}): lower --start-lr"
         )

@@ -110,6 +110,9 @@ def test_suggestion_rules_on_a_synthetic_curve():
     assert edge.lr == pytest.approx(lrs[40] / 2)
     with pytest.raises(NoDecreaseError, match="never fell 1% below its start between lr"):
         suggest(lrs, [3.0] * 61)
+    noisy_start = [2.0] + [3.0 + 0.01 * math.sin(i) for i in range(40)] + [9.0] * 20  # one lucky first batch, flat, diverges
+    with pytest.raises(NoDecreaseError, match="moved less than its batch-to-batch noise before it diverged"):
+        suggest(lrs, noisy_start)
     with pytest.raises(NoDecreaseError, match="diverged at once"):
         suggest(lrs, [3.0, float("nan")] + [None] * 59)
     with pytest.raises(ValueError, match="unknown suggestion method"):
@@ -194,6 +197,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys):
             payload = json.loads((out / "lr_find.json").read_text())
             assert payload["suggestion"] is None and payload["error"] in stderr
             (out / "lr_find.json").unlink()
+            (out / "lr_find.png").unlink()
         assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
 
 
