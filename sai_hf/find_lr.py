@@ -88,11 +88,13 @@ options (before SCRIPT):
   --steps N       optimizer steps from --start-lr to --end-lr (default {DEFAULTS.steps})
   --smooth BETA   smoothing of the loss: EMA factor in [0, 1) with bias correction (default {DEFAULTS.smooth:g})
   --diverge X     stop once the smoothed loss exceeds X times its best (default {DEFAULTS.diverge:g})
-  --method RULE   suggestion rule: {' | '.join(METHODS)} (default {DEFAULTS.method}: where the
-                  smoothed loss falls fastest, at most half the rate of its lowest point)
+  --method RULE   suggestion rule, one of: {', '.join(METHODS)}
+                  (default {DEFAULTS.method}: where the smoothed loss falls fastest, at most half
+                  the rate of its lowest point)
   --output DIR    where lr_find.json and lr_find.png go (default: the Trainer's output_dir)
   --skip-trains K let the script's first K Trainer.train() calls run normally (e.g. a recipe that
-                  pretrains a base model first); the test replaces call K+1 (default 0)
+                  pretrains a base model first); the test replaces call K+1 (default 0).
+                  The calls it lets through train and save as usual
   -h, --help      show this message and exit
 
 The script keeps its own arguments (--optim, --optim_args, batch size, gradient accumulation,
