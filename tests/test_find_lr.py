@@ -212,6 +212,10 @@ def test_script_that_catches_exceptions_and_two_trainers(tmp_path, capsys):
     )
     assert code == 0, stderr
     assert json.loads((out2 / "lr_find.json").read_text())["lrs"][0] == pytest.approx(1e-4)
+    from transformers import Trainer
+
+    for name in ("train", "save_model", "_save_checkpoint", "save_state", "save_metrics"):  # the hooks are gone
+        assert getattr(Trainer, name).__module__.startswith("transformers."), name
 
 
 # --------------------------------------------------------------------------- Python API
