@@ -435,7 +435,7 @@ def lr_find(
     found = None
     if _world()[0] == 0:
         try:
-            found = suggest(callback.lrs, callback.smoothed, method)
+            found = suggest(callback.lrs, callback.smoothed, method, losses=callback.losses, beta=float(smooth))
         except NoDecreaseError as err:
             error = str(err)
     found, error = _broadcast((found, error))

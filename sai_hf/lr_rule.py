@@ -19,6 +19,7 @@ __all__ = [
     "METHODS",
     "DEFAULT_METHOD",
     "NoDecreaseError",
+    "smoothed_noise",
     "Smoother",
     "Suggestion",
     "diverged",
@@ -30,8 +31,10 @@ __all__ = [
 METHODS = ("steepest_capped", "steepest", "min_div_10", "valley")
 DEFAULT_METHOD = "steepest_capped"
 
-#: The smoothed loss must fall at least this fraction below its first value for a suggestion.
+#: Without the raw losses: the smoothed loss must fall at least this fraction below its start.
 MIN_RELATIVE_DECREASE = 0.01
+#: With the raw losses: the fall must exceed this many standard deviations of the smoothed loss's noise.
+NOISE_FACTOR = 3.0
 
 
 class NoDecreaseError(ValueError):
@@ -123,8 +126,26 @@ def _valley(ys: list[float]) -> int:
     return min(max(max_start + int(sections) + int(sections / 2), 0), n - 1)
 
 
+def smoothed_noise(losses: Sequence[float | None], beta: float, upto: int) -> float:
+    """Standard deviation of the smoothed loss's noise: the batch-to-batch noise of the raw loss
+    (successive differences over the first ``upto + 1`` points, over sqrt 2) times the EMA's
+    stationary factor ``sqrt((1 - beta) / (1 + beta))``."""
+    raw = [float(x) for x in losses[: upto + 1] if x is not None and math.isfinite(x)]
+    if len(raw) < 3:
+        return 0.0
+    diffs = [b - a for a, b in zip(raw, raw[1:])]
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1)) / math.sqrt(2.0)
+    return sd * math.sqrt((1.0 - beta) / (1.0 + beta))
+
+
 def suggest(
-    lrs: Sequence[float], smoothed: Sequence[float], method: str = DEFAULT_METHOD, skip_start: int = 5
+    lrs: Sequence[float],
+    smoothed: Sequence[float],
+    method: str = DEFAULT_METHOD,
+    skip_start: int = 5,
+    losses: Sequence[float | None] | None = None,
+    beta: float | None = None,
 ) -> Suggestion:
     """The suggested learning rate of a range test (``lrs[i]`` the rate of step ``i``, ``smoothed[i]``
     its smoothed loss; the points after the first non-finite one are ignored).
@@ -144,8 +165,11 @@ def suggest(
     * ``"valley"``: fastai's default: half way along the longest decreasing stretch.
 
     Every rule's value is in :attr:`Suggestion.candidates`. ``NoDecreaseError`` (naming the range)
-    if the smoothed loss never falls :data:`MIN_RELATIVE_DECREASE` below its value at point
-    ``skip_start - 1`` (the first points only settle the average and are never "the lowest").
+    if the loss did not clearly fall: with the raw ``losses`` and the smoothing ``beta``, the fall of
+    the smoothed loss from its highest point before its lowest to the lowest must exceed
+    :data:`NOISE_FACTOR` times its noise (:func:`smoothed_noise`); without them, the lowest point
+    must lie :data:`MIN_RELATIVE_DECREASE` below the value at point ``skip_start - 1``. The first
+    ``skip_start`` points only settle the average and are never "the lowest".
     """
     if method not in METHODS:
         raise ValueError(f"unknown suggestion method {method!r}; choose one of {', '.join(METHODS)}")
@@ -159,14 +183,22 @@ def suggest(
     start = skip_start if len(ys) > skip_start + 2 else 0
     low = min(range(start, len(ys)), key=lambda i: ys[i])
     first = ys[max(start - 1, 0)]
-    if not ys[low] < first - MIN_RELATIVE_DECREASE * abs(first):
+    if losses is not None and beta is not None:
+        top = max(ys[max(start - 1, 0) : low + 1])
+        noise = smoothed_noise(losses, beta, low)
+        fell = top - ys[low] > max(NOISE_FACTOR * noise, 1e-3 * abs(ys[low]))
+        first, needed = top, f"{NOISE_FACTOR:g}x its noise ({noise:.3g})"
+    else:
+        fell = ys[low] < first - MIN_RELATIVE_DECREASE * abs(first)
+        needed = f"{MIN_RELATIVE_DECREASE:.0%}"
+    if not fell:
         hint = (
             "the loss moved less than its batch-to-batch noise before it diverged: spend more steps below the "
             "divergence (a higher --start-lr, more --steps)" if len(xs) < len(lrs) or ys[-1] > first
             else "raise --end-lr or --steps"
         )  # fmt: skip
         raise NoDecreaseError(
-            f"the smoothed loss never fell {MIN_RELATIVE_DECREASE:.0%} below its start between lr {xs[0]:.3g} and "
+            f"the smoothed loss never fell more than {needed} between lr {xs[0]:.3g} and "
             f"{xs[-1]:.3g} (from {first:.4g}, lowest {ys[low]:.4g}): {hint}; or check that the script trains at "
             "all (labels, frozen parameters)"
         )
