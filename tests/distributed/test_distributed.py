@@ -62,11 +62,16 @@ def launch(cmd: list[str], cwd: Path, timeout: float = LAUNCH_TIMEOUT_S) -> tupl
     return proc.returncode, time.monotonic() - start, output
 
 
+#: Lines a rank prints when it dies in native code (C++ exceptions, gloo, signals), which no Python traceback shows.
+NATIVE_FATAL = re.compile(r"terminate called|what\(\):|Fatal Python error|Segmentation fault|Aborted|\[enforce fail|gloo|SIGABRT|core dumped")
+
+
 def tail(output: str, lines: int = 30) -> str:
-    """The exceptions the ranks raised, then the last ``lines`` lines of the output."""
+    """The exceptions the ranks raised, the lines of native crashes, then the last ``lines`` lines of the output."""
     kept = [line for line in output.splitlines() if "Warning" not in line]
     errors = [line for line in kept if re.match(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception)\b", line)]
-    return "\n".join(["--- errors:", *errors[:10], f"--- last {lines} lines:", *kept[-lines:]])
+    native = [line for line in kept if NATIVE_FATAL.search(line)]
+    return "\n".join(["--- errors:", *errors[:10], "--- native crashes:", *native[:10], f"--- last {lines} lines:", *kept[-lines:]])
 
 
 def launch_two_ranks(cmd: list[str], out: Path, label: str) -> SimpleNamespace:
@@ -74,7 +79,10 @@ def launch_two_ranks(cmd: list[str], out: Path, label: str) -> SimpleNamespace:
     ``rank{0,1}.json`` each rank wrote into ``out``."""
     rc, seconds, output = launch(cmd, cwd=TESTS.parent)
     print(f"\n{label}: {seconds:.1f} s")
-    assert rc == 0, tail(output)
+    if rc != 0:  # every rank's whole output (shown by pytest with the failure), for a crash without a traceback
+        (out / "launch.log").write_text(output)
+        print(output)
+    assert rc == 0, f"{tail(output)}\n--- whole output: {out / 'launch.log'}"
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return SimpleNamespace(out=out, ranks=ranks, seconds=seconds)
 

@@ -19,6 +19,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support (appended: sys.path[0] stays the script's directory)
 from _models import TokenDataset, tiny_gpt2  # noqa: E402
+from _processes import end_process_group  # noqa: E402
 
 
 def main() -> None:
@@ -51,3 +52,4 @@ def scaled_params(optimizer):
 
 if __name__ == "__main__":
     main()
+    end_process_group()

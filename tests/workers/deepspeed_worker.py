@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
 from _models import TokenDataset, tiny_gpt2, tiny_llama, token_batches, training_args
+from _processes import end_process_group  # noqa: E402
 from transformers import Trainer
 
 import sai_hf
@@ -174,3 +175,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -29,6 +29,7 @@ from sai_hf.callback import parameter_names
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
 from _models import TokenDataset, tiny_gpt2, training_args  # noqa: E402
+from _processes import end_process_group  # noqa: E402
 
 #: Same data, hyperparameters and global batch (2 x 2) as the single-process reference in the test.
 ARGS = dict(per_device_train_batch_size=2, weight_decay=0.01, max_steps=4, save_strategy="steps", save_steps=2)
@@ -157,3 +158,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    end_process_group()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
 from _models import lm_step, tiny_gpt2, token_batches
+from _processes import end_process_group  # noqa: E402
 
 from sai_hf import SGDSaI
 
@@ -37,3 +38,4 @@ def main(mode: str, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
+    end_process_group()
