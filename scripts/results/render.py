@@ -10,9 +10,11 @@ What it writes:
   function the comparison itself writes it with);
 * ``bench-cpu.md`` from ``bench-cpu.json`` (``bench_optimizers.report_markdown``, what the benchmark
   prints and writes as ``bench.md``);
-* in ``scripts/results/README.md`` and the top-level ``README.md``, every block between ``<!-- generated: NAME -->`` and
-  ``<!-- end generated: NAME -->``, by the renderer ``NAME`` of :data:`BLOCKS` (a provenance line and
-  a table built from one JSON).
+* in ``scripts/results/README.md``, ``lr_find.md``, ``zero_memory.md`` and the top-level ``README.md``
+  (:func:`pages`), every block between ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->``,
+  by the renderer ``NAME`` of :data:`BLOCKS` (a provenance line and a table built from the JSON:
+  ``<dir>/compare.json``, ``bench-cpu.json``, ``zero_memory.json``, ``zero_cpu_step.json``,
+  ``lr_find/<case>/lr_find.json``).
 
 Text outside the blocks is prose: it quotes the tables but is not checked.
 """
@@ -47,6 +49,27 @@ RECORDED: dict[str, dict[str, str]] = {
     "lora-seeds": {"machine": "2-core Intel Xeon, one run at a time", "date": "2026-12-01", "commit": "6009207"},
     "gpt2-124m-lr": {"machine": "2-core Intel Xeon", "date": "2026-12-01", "commit": "f53ea54"},
     "lora-r16": {"machine": "2-core Intel Xeon", "date": "2026-12-01", "commit": "c4d3798"},
+    "zero_memory.json": {"date": "2026-12-02", "commit": "7174b04"},
+    "zero_cpu_step.json": {"date": "2026-12-02", "commit": "7174b04"},
+    "lr_find/gpt2-sai": {"date": "2026-12-02", "commit": "d861b76"},
+    "lr_find/gpt2-adamw": {"date": "2026-12-02", "commit": "d861b76"},
+    "lr_find/gpt2-sai-seed43": {"date": "2026-12-02", "commit": "d3a2465"},
+    "lr_find/lora": {"date": "2026-12-02", "commit": "ddc816e"},
+    "lr_find/lora-150steps": {"date": "2026-12-02", "commit": "ddc816e"},
+}
+
+#: Figures with no JSON, kept as measured and printed with *typed* after them: the first GPT-2
+#: learning-rate grid (final eval loss at 200 steps by lr; its runs' ``compare.json`` was not kept,
+#: README.md here, "GPT-2 pretraining: learning-rate grid (typed)"), and the machine of the range
+#: tests (``lr_find.json`` does not record it).
+TYPED: dict[str, Any] = {
+    "gpt2-grid": {
+        "steps": 200,
+        "sgd_sai": {3e-4: 6.102, 1e-3: 5.728, 3e-3: 5.481, 1e-2: 6.492},
+        "adamw_torch_fused": {3e-4: 5.719, 1e-3: 5.199, 3e-3: 5.727},
+    },
+    "lr_find machine": "2 CPU cores shared with three other jobs (load 5-6)",
+    "lr_find/lora seconds": "3.6 min with data loading",
 }
 
 
@@ -223,6 +246,247 @@ def headline(_: str) -> str:
     )
 
 
+def command_provenance(command: str, machine: str, recorded: dict[str, str]) -> str:
+    """The provenance line of a result whose JSON holds its whole command line (not a ``scripts/`` one)."""
+    return f"Command: `{command}`. Machine: {machine}. Date: {recorded['date']}. Commit: `{recorded['commit'][:7]}`."
+
+
+def zero_machine(machine: dict[str, Any]) -> str:
+    return (
+        f"{machine['cpu']}, {machine['cores']} cores, accelerator {machine['accelerator']}; torch {machine['torch']}, "
+        f"DeepSpeed {machine['deepspeed']}, transformers {machine['transformers']}"
+    )
+
+
+ZERO_STAGES = {
+    "zero2": "ZeRO-2",
+    "zero2_offload": "ZeRO-2 + `offload_optimizer`",
+    "zero3": "ZeRO-3",
+    "zero3_offload_optimizer": "ZeRO-3 + `offload_optimizer`",
+    "zero3_offload_all": "ZeRO-3 + `offload_optimizer` + `offload_param`",
+}
+ZERO_OPTIMIZERS = ("adamw", "sgd_sai_fp32", "sgd_sai_bf16")
+
+
+def zero_bytes(report: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """stage -> optimizer -> its row of ``zero_memory.json``."""
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in report["rows"]:
+        rows.setdefault(row["stage"], {})[row["optimizer"]] = row
+    return rows
+
+
+def zero_memory_table(name: str) -> str:
+    """Bytes per parameter of each optimizer's state, the fp32 master and gradient partitions, per stage."""
+    report = load("zero_memory.json")
+    rows = zero_bytes(report)
+    cells = []
+    for stage, by_optim in rows.items():
+        first = by_optim[ZERO_OPTIMIZERS[0]]
+        cells.append(
+            [
+                ZERO_STAGES.get(stage, stage),
+                "CPU" if first["where"] == "cpu" else first["where"],
+                *(f"{by_optim[o]['optimizer_state_bytes_per_param']:.2f}" for o in ZERO_OPTIMIZERS),
+                f"{first['fp32_master_bytes_per_param']:.2f}",
+                f"{first['fp32_grad_partition_bytes_per_param']:.2f}" if first["fp32_grad_partition_bytes_per_param"] else "0",
+            ]
+        )
+    header = ["stage", "where", "AdamW state", "SGD-SaI state (fp32 momentum)", "SGD-SaI state (bf16 momentum)", "fp32 master (all)", "fp32 grad partition (all)"]
+    params = {row["params"] for row in report["rows"]}
+    adamw = max(row["optimizer_state_bytes_per_param"] for row in report["rows"] if row["optimizer"] == "adamw")
+    total = {o: rows["zero3"][o]["optimizer_state_bytes_per_param"] + rows["zero3"][o]["fp32_master_bytes_per_param"] for o in ZERO_OPTIMIZERS}
+    machine = zero_machine(report["machine"])
+    return (
+        command_provenance(report["command"], machine, RECORDED[name])
+        + f"\n\nA bf16 GPT-2 of {report['layers']} layers, width {report['width']}: "
+        + " / ".join(f"{p:,}" for p in sorted(params))
+        + f" parameters, {report['world_size']} ranks.\n\n"
+        + table(header, cells).replace("| --- | --- | --- | --- | --- | --- | --- |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        + f"\n\n(AdamW: {adamw:.10f}, its per-tensor `step` counters.) Optimizer state plus fp32 master:"
+        + f" AdamW {total['adamw']:.0f} B/parameter, SGD-SaI {total['sgd_sai_fp32']:.0f}"
+        + f" ({total['sgd_sai_fp32'] / total['adamw']:.2f} of AdamW's), SGD-SaI with bf16 momentum {total['sgd_sai_bf16']:.0f}"
+        + f" ({total['sgd_sai_bf16'] / total['adamw']:.2f})."
+    )
+
+
+#: The projection's model: Llama-3.1-8B's parameter count, and the GPUs of the multi-GPU rows.
+LLAMA_8B_PARAMS = 8.03e9
+LLAMA_8B_GPUS = 8
+
+
+def zero_memory_llama_8b(_: str) -> str:
+    """Memory of a Llama-3.1-8B full fine-tune from the measured bytes per parameter (GB = 1e9 bytes);
+    the bf16 weights (2 B) and gradients (2 B) follow DeepSpeed's layout, not measured."""
+    zero3 = zero_bytes(load("zero_memory.json"))["zero3_offload_all"]
+    n, gpus = LLAMA_8B_PARAMS, LLAMA_8B_GPUS
+
+    def row(label: str, per_param: Callable[[dict[str, Any]], float]) -> list[str]:
+        return [label, *(f"{per_param(zero3[o]) * n / 1e9:.1f} GB" for o in ZERO_OPTIMIZERS)]
+
+    def kept(r: dict[str, Any]) -> float:
+        return r["optimizer_state_bytes_per_param"] + r["fp32_master_bytes_per_param"]
+
+    rows = [
+        row(f"{gpus} GPUs, ZeRO-3: optimizer state + fp32 master per GPU", lambda r: kept(r) / gpus),
+        row(f"{gpus} GPUs, ZeRO-3: + bf16 weights and gradients (2 + 2 B / {gpus}) per GPU", lambda r: (kept(r) + 4) / gpus),
+        row(f"{gpus} GPUs, ZeRO-2: + full bf16 weights (2 B) and gradient partition per GPU", lambda r: (kept(r) + 2) / gpus + 2),
+        row(
+            "1 GPU, ZeRO-3 + optimizer and parameter offload: CPU memory (state + master + grad partition, + bf16 weights 2 B)",
+            lambda r: kept(r) + r["fp32_grad_partition_bytes_per_param"] + 2,
+        ),
+    ]
+    return table(["setup", "AdamW", "SGD-SaI", "SGD-SaI, bf16 momentum"], rows).replace("| --- | --- | --- | --- |", "| --- | ---: | ---: | ---: |")
+
+
+#: Bytes one optimizer step reads and writes per fp32 entry: SGD-SaI's parameter, gradient and
+#: momentum read, parameter and momentum written (20); CPUAdam's two moments on top (28).
+CPU_STEP_BYTES = {"sgd_sai_fp32": 20, "deepspeed_cpu_adam": 28}
+
+
+def zero_cpu_step_table(name: str) -> str:
+    """Median step time of SGD-SaI (fp32 and bf16 momentum) and DeepSpeedCPUAdam per thread count."""
+    report = load(name)
+    runs = sorted(report["runs"].items(), key=lambda item: int(item[0].rsplit("=", 1)[-1]))
+    first = runs[0][1]
+    rows = []
+    for key, run in runs:
+        ms, ratio = run["median_seconds"], run["ratio_to_deepspeed_cpu_adam"]
+        rows.append(
+            [
+                key.rsplit("=", 1)[-1],
+                *(f"{ms[o] * 1e3:.1f} ms" for o in ("sgd_sai_fp32", "sgd_sai_bf16", "deepspeed_cpu_adam")),
+                f"{ratio['sgd_sai_fp32']:.2f} (bf16: {ratio['sgd_sai_bf16']:.2f})",
+            ]
+        )
+    header = ["threads", "SGD-SaI fp32 momentum", "SGD-SaI bf16 momentum", "DeepSpeedCPUAdam", "SGD-SaI / CPUAdam"]
+    memory = first["cpu_bytes_per_entry_with_fp32_master"]
+    single = first["median_seconds"]
+    rate = {o: CPU_STEP_BYTES[o] * first["partition_entries"] / single[o] / 1e9 for o in CPU_STEP_BYTES}
+    slowdown = [run["median_seconds"]["sgd_sai_fp32"] / single["sgd_sai_fp32"] for _, run in runs[1:]]
+    machine = zero_machine(first["machine"])
+    return (
+        command_provenance(report["command"], machine, RECORDED[name])
+        + f" Note: {report['note']}."
+        + f"\n\n{first['partition_entries']:,} entries, {first['fragments']} tensor fragments, median of"
+        + f" {first['repeats']} steps.\n\n"
+        + table(header, rows).replace("| --- | --- | --- | --- | --- |", "| --- | ---: | ---: | ---: | ---: |")
+        + f"\n\nCPU state memory with the fp32 master: SGD-SaI {memory['sgd_sai_fp32']:g} B/entry,"
+        + f" {memory['sgd_sai_bf16']:g} with bf16 momentum, DeepSpeedCPUAdam {memory['deepspeed_cpu_adam']:g}."
+        + f" Single-threaded, SGD-SaI moves {CPU_STEP_BYTES['sgd_sai_fp32']} B per entry at"
+        + f" {rate['sgd_sai_fp32']:.1f} GB/s, CPUAdam {CPU_STEP_BYTES['deepspeed_cpu_adam']} B at"
+        + f" {rate['deepspeed_cpu_adam']:.1f} GB/s (the bandwidth floor of the ratio:"
+        + f" {CPU_STEP_BYTES['sgd_sai_fp32'] / CPU_STEP_BYTES['deepspeed_cpu_adam']:.2f})"
+        + "".join(f"; with {key.rsplit('=', 1)[-1]} threads SGD-SaI took {s:.1f}x its single-thread time" for (key, _), s in zip(runs[1:], slowdown))
+        + "."
+    )
+
+
+#: The range tests of ``lr_find.md``: case directory, label, the grid it is judged against
+#: (``TYPED`` key or results directory, and optimizer), whether its grid row is shown.
+LR_FIND_CASES = [
+    ("gpt2-sai", "GPT-2 offline default, `sgd_sai`", ("gpt2-grid", "sgd_sai"), True),
+    ("gpt2-sai-seed43", "same, `--seed 43` (other init and batches)", ("gpt2-grid", "sgd_sai"), False),
+    ("gpt2-adamw", "GPT-2 offline default, AdamW", ("gpt2-grid", "adamw_torch_fused"), True),
+    ("lora", "LoRA offline default, `sgd_sai`, default test", ("lora-grid", "sgd_sai"), True),
+    ("lora-150steps", "same, `--start-lr 1e-3 --end-lr 1 --steps 150 --smooth 0.95`", ("lora-grid", "sgd_sai"), False),
+]
+
+
+def fmt_lr(lr: float) -> str:
+    """A learning rate as the docs write it: 3e-4, 3.3e-3, 0.045, 0.1."""
+    if lr >= 0.015:
+        return f"{lr:.2g}"
+    exponent = math.floor(math.log10(lr))
+    mantissa = f"{lr / 10**exponent:.2g}"
+    if mantissa == "10":
+        mantissa, exponent = "1", exponent + 1
+    return f"{mantissa}e{exponent}"
+
+
+def lr_grid(source: str, optim: str) -> tuple[dict[float, float], int, bool]:
+    """A grid's final eval loss by lr, its steps, and whether it is typed."""
+    if source in TYPED:
+        return TYPED[source][optim], TYPED[source]["steps"], True
+    report = load(source)
+    runs = [run for run in report["runs"] if run["optim"] == optim]
+    losses = {row["learning_rate"]: row["final_eval_loss"] for row in report["rows"] if row["optim"] == optim}
+    return losses, max(max(evals(run)) for run in runs), False
+
+
+def lr_find_report(case: str) -> dict[str, Any]:
+    return json.loads((HERE / "lr_find" / case / "lr_find.json").read_text())
+
+
+def lr_find_table(_: str) -> str:
+    """Each range test's suggestion against its grid's best learning rate."""
+    rows = []
+    for case, label, (source, optim), show_grid in LR_FIND_CASES:
+        report = lr_find_report(case)
+        losses, steps, typed = lr_grid(source, optim)
+        best = min(losses, key=losses.__getitem__)
+        grid = " · ".join(f"**{fmt_lr(lr)}: {loss:.3f}**" if lr == best else f"{fmt_lr(lr)}: {loss:.3f}" for lr, loss in sorted(losses.items()))
+        suggestion = report.get("suggestion")
+        if suggestion is None:
+            found = re.search(r"noise \(([\d.]+)\).*\(from ([\d.]+), lowest ([\d.]+)\)", report.get("error", ""))
+            why = f", the fall ({float(found[2]) - float(found[3]):.2f}) is below 3x the noise ({float(found[1]):.2f})" if found else ""
+            suggested, ratio = f"**none**: refused{why}", "-"
+        else:
+            suggested = f"**{fmt_lr(suggestion)}**"
+            ratio = f"{suggestion / best:.2f}" + ("" if 0.5 <= suggestion / best <= 2 else " (**outside 2x**)")
+        diverged = re.search(r"diverged at lr ([\d.e+-]+)", report.get("stop_reason", ""))
+        test = f"{len(report['lrs'])} steps" + (f" (diverged at {float(diverged[1]):.2g})" if diverged else "")
+        test += f", {report['seconds']:.0f} s" if "seconds" in report else f", {TYPED[f'lr_find/{case} seconds']} (*typed*)"
+        rows.append(
+            [
+                label,
+                f"{grid} ({steps} steps{', *typed*' if typed else ''})" if show_grid else "(same grid)",
+                fmt_lr(best),
+                suggested,
+                ratio,
+                test,
+                f"{len(losses)} runs x {steps} steps" if show_grid else "-",
+            ]
+        )
+    r16 = compare_optimizers.best_per_optimizer(load("lora-r16")["rows"])
+    rows.append(
+        [
+            "LoRA r=16, GPT-2 124M shape",
+            "not run (CPU time)",
+            ", ".join(f"{fmt_lr(r16[o]['learning_rate'])} ({o})" for o in ("sgd_sai", "adamw_torch_fused")),
+            "-", "-", "-", "-",
+        ]
+    )  # fmt: skip
+    header = ["case", "grid: final eval loss by lr (best in bold)", "grid best", "suggestion", "ratio", "range test", "grid"]
+    recorded = {case: RECORDED[f"lr_find/{case}"] for case, *_ in LR_FIND_CASES}
+    commits = ", ".join(f"`{r['commit'][:7]}` ({case})" for case, r in recorded.items())
+    dates = sorted({r["date"] for r in recorded.values()})
+    return (
+        "Command: `python -m sai_hf.find_lr --output scripts/results/lr_find/CASE SCRIPT CONFIG [options]` (each case's"
+        f" line above; its settings are in `lr_find/CASE/lr_find.json`). Machine: {TYPED['lr_find machine']} (*typed*)."
+        f" Date: {', '.join(dates)}. Commit: {commits}. Grid: `lora-grid/compare.json`, the LoRA r=16 grid's"
+        " `lora-r16/compare.json`; the GPT-2 grid is typed (its runs were not kept).\n\n" + table(header, rows)
+    )
+
+
+def lr_find_rules(_: str) -> str:
+    """Every rule's value on the same curves (``candidates``), against the grid's best."""
+    rows = []
+    rules = ["steepest_capped", "steepest", "min_div_10", "valley"]
+    for case, label, (source, optim), _ in LR_FIND_CASES:
+        report = lr_find_report(case)
+        candidates = report.get("candidates")
+        if not candidates:
+            continue
+        losses, _, _ = lr_grid(source, optim)
+        best = min(losses, key=losses.__getitem__)
+        cells = [f"{fmt_lr(candidates[r])} ({candidates[r] / best:.2f}x)" for r in rules]
+        cells[rules.index(report["method"])] = f"**{cells[rules.index(report['method'])]}**"
+        rows.append([f"{case} (best {fmt_lr(best)})", fmt_lr(candidates["loss_min"]), *cells])
+    header = ["case", "lowest smoothed loss at", *(f"`{r}`" + (" (default)" if r == "steepest_capped" else "") for r in rules)]
+    return table(header, rows)
+
+
 #: name -> (JSON it reads, renderer).
 BLOCKS: dict[str, Callable[[str], str]] = {
     "bench-cpu.json": bench_summary,
@@ -235,18 +499,28 @@ BLOCKS: dict[str, Callable[[str], str]] = {
     "lora-r16/curves": lambda name: curves_table(name.split("/")[0]).split("\n\n", 1)[1],
     "lora-grid/curves": lambda name: curves_table(name.split("/")[0]).split("\n\n", 1)[1],
     "headline": headline,
+    "zero_memory.json": zero_memory_table,
+    "zero_memory.json/llama-8b": zero_memory_llama_8b,
+    "zero_cpu_step.json": zero_cpu_step_table,
+    "lr_find": lr_find_table,
+    "lr_find/rules": lr_find_rules,
 }
 
 BLOCK = re.compile(r"<!-- generated: (?P<name>\S+) -->\n.*?<!-- end generated: (?P=name) -->", re.S)
 
 
-def render_readme(text: str) -> str:
+def pages() -> list[Path]:
+    """The Markdown files with generated blocks."""
+    return [README, HERE / "lr_find.md", HERE / "zero_memory.md", HERE.parents[1] / "README.md"]
+
+
+def render_readme(text: str, page: str = "README.md") -> str:
     """``text`` with every generated block rewritten (an empty one filled); an unknown name is an error."""
 
     def replace(match: re.Match[str]) -> str:
         name = match["name"]
         if name not in BLOCKS:
-            raise KeyError(f"{README.name}: unknown generated block {name!r} (known: {', '.join(BLOCKS)})")
+            raise KeyError(f"{page}: unknown generated block {name!r} (known: {', '.join(BLOCKS)})")
         return f"<!-- generated: {name} -->\n{BLOCKS[name](name)}\n<!-- end generated: {name} -->"
 
     return BLOCK.sub(replace, text)
@@ -260,8 +534,8 @@ def expected_files() -> dict[Path, str]:
     }
     for bench in sorted(HERE.glob("bench-*.json")):
         files[bench.with_suffix(".md")] = bench_optimizers.report_markdown(json.loads(bench.read_text())) + "\n"
-    for readme in (README, HERE.parents[1] / "README.md"):
-        files[readme] = render_readme(readme.read_text())
+    for page in pages():
+        files[page] = render_readme(page.read_text(), page.name)
     return files
 
 

@@ -183,10 +183,9 @@ def test_committed_results_tables_match_their_json(capsys: pytest.CaptureFixture
     status = render.main(["--check"])
     assert status == 0, capsys.readouterr().out
     generated = render.expected_files()
-    used = {
-        name for readme in ("README.md", "scripts/results/README.md")
-        for name in re.findall(r"<!-- generated: (\S+) -->", (REPO / readme).read_text())
-    }
+    pages = {path.relative_to(REPO).as_posix() for path in render.pages()}
+    assert {"README.md", "scripts/results/README.md", "scripts/results/lr_find.md", "scripts/results/zero_memory.md"} <= pages
+    used = {name for page in pages for name in re.findall(r"<!-- generated: (\S+) -->", (REPO / page).read_text())}
     assert set(render.BLOCKS) <= used and "headline" in re.findall(r"<!-- generated: (\S+) -->", (REPO / "README.md").read_text())
     assert len([p for p in generated if p.name == "compare.md"]) == len(list((REPO / "scripts/results").glob("*/compare.json")))
 
@@ -201,6 +200,20 @@ def test_a_table_that_no_longer_matches_its_json_fails_the_check(
     monkeypatch.setattr(render, "README", results / "README.md")
     shutil.copy(REPO / "README.md", tmp_path / "README.md")  # scripts/results/../.. is the checkout's root
     assert render.main(["--check"]) == 0
+
+    for name in ("zero_cpu_step.json", "lr_find/gpt2-adamw/lr_find.json"):  # the pages beside the README
+        report = json.loads((results / name).read_text())
+        if "runs" in report:
+            report["runs"]["OMP_NUM_THREADS=1"]["median_seconds"]["deepspeed_cpu_adam"] *= 2
+        else:
+            report["suggestion"] = report["candidates"]["steepest_capped"] = 4e-3
+        (results / name).write_text(json.dumps(report))
+    capsys.readouterr()
+    assert render.main(["--check"]) == 1
+    out = capsys.readouterr().out
+    assert "zero_memory.md" in out and "lr_find.md" in out
+    assert render.main([]) == 0
+    assert "404.6 ms" in (results / "zero_memory.md").read_text() and "**4e-3**" in (results / "lr_find.md").read_text()
 
     report = json.loads((results / "gpt2-seeds" / "compare.json").read_text())
     report["rows"][0]["final_eval_loss"] += 0.1  # the run's numbers changed, the tables did not
