@@ -23,7 +23,7 @@ def load_pretrained_causal_lm(name_or_path: str, model_args: ModelArguments) -> 
     kwargs: dict[str, object] = {"dtype": model_args.model_dtype}
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    return _with_causal_lm_loss(AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs))
 
 
 def _special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
@@ -79,9 +79,23 @@ def llama_config(model_args: LlamaModelArguments, vocab_size: int, block_size: i
     )
 
 
+def _with_causal_lm_loss(model: PreTrainedModel) -> PreTrainedModel:
+    """Name the loss of a causal LM whose class name does not say it (``ForCausalLM``).
+
+    transformers derives ``loss_type`` from the class name; ``GPT2LMHeadModel`` matches none. The
+    model then falls back to ``ForCausalLMLoss`` with a "``loss_type=None`` ... unrecognized"
+    warning, and the ``Trainer``, not knowing the loss shifts the labels, counts every label of a
+    block as a target (``num_items_in_batch``): the loss it trains on and reports is the mean token
+    cross-entropy times (block_size - 1) / block_size. Named, the loss is the mean over the tokens
+    actually predicted, and the warning is gone."""
+    if getattr(model, "loss_type", "unset") is None:
+        model.loss_type = "ForCausalLM"
+    return model
+
+
 def _from_config(config: GPT2Config | LlamaConfig, model_args: ModelArguments) -> PreTrainedModel:
     kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    return AutoModelForCausalLM.from_config(config, **kwargs)
+    return _with_causal_lm_loss(AutoModelForCausalLM.from_config(config, **kwargs))
 
 
 def build_gpt2(model_args: GPT2ModelArguments, tokenizer: PreTrainedTokenizerBase, block_size: int) -> PreTrainedModel:

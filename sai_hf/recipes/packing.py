@@ -13,6 +13,8 @@ from itertools import chain
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
+from .quiet import quiet_progress
+
 
 def tokenize_documents(
     raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, text_column: str, num_proc: int | None = None
@@ -27,18 +29,19 @@ def tokenize_documents(
         ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         return {"input_ids": [doc + [eos] for doc in ids]}
 
-    return DatasetDict(
-        {
-            split: dataset.map(
-                tokenize,
-                batched=True,
-                num_proc=num_proc,
-                remove_columns=dataset.column_names,
-                desc=f"Tokenizing {split}",
-            )
-            for split, dataset in raw.items()
-        }
-    )
+    with quiet_progress():
+        return DatasetDict(
+            {
+                split: dataset.map(
+                    tokenize,
+                    batched=True,
+                    num_proc=num_proc,
+                    remove_columns=dataset.column_names,
+                    desc=f"Tokenizing {split}",
+                )
+                for split, dataset in raw.items()
+            }
+        )
 
 
 def pack_into_blocks(
@@ -56,12 +59,13 @@ def pack_into_blocks(
         blocks = [stream[i : i + block_size] for i in range(0, usable, block_size)]
         return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": [b[:] for b in blocks]}
 
-    packed = DatasetDict(
-        {
-            split: dataset.map(pack, batched=True, num_proc=num_proc, desc=f"Packing {split} into blocks of {block_size}")
-            for split, dataset in tokenized.items()
-        }
-    )
+    with quiet_progress():
+        packed = DatasetDict(
+            {
+                split: dataset.map(pack, batched=True, num_proc=num_proc, desc=f"Packing {split} into blocks of {block_size}")
+                for split, dataset in tokenized.items()
+            }
+        )
     for split, dataset in packed.items():
         if len(dataset) == 0:
             where = f" of dataset {source}" if source else ""

@@ -12,6 +12,8 @@ from __future__ import annotations
 from datasets import DatasetDict
 from transformers import PreTrainedTokenizerBase
 
+from .quiet import quiet_progress
+
 IGNORE_INDEX = -100
 
 ALPACA_PROMPT = (
@@ -36,12 +38,13 @@ def alpaca_to_prompt_completion(raw: DatasetDict, num_proc: int | None = None) -
             "completion": record["output"],
         }
 
-    return DatasetDict(
-        {
-            split: dataset.map(to_pair, num_proc=num_proc, remove_columns=dataset.column_names, desc=f"Formatting {split}")
-            for split, dataset in raw.items()
-        }
-    )
+    with quiet_progress():
+        return DatasetDict(
+            {
+                split: dataset.map(to_pair, num_proc=num_proc, remove_columns=dataset.column_names, desc=f"Formatting {split}")
+                for split, dataset in raw.items()
+            }
+        )
 
 
 def tokenize_prompt_completion(
@@ -71,23 +74,25 @@ def tokenize_prompt_completion(
             out["labels"].append(labels)
         return out
 
-    tokenized = DatasetDict(
-        {
-            split: dataset.map(
-                tokenize, batched=True, num_proc=num_proc, remove_columns=dataset.column_names, desc=f"Tokenizing {split}"
-            )
-            for split, dataset in raw.items()
-        }
-    )
+    with quiet_progress():
+        tokenized = DatasetDict(
+            {
+                split: dataset.map(
+                    tokenize, batched=True, num_proc=num_proc, remove_columns=dataset.column_names, desc=f"Tokenizing {split}"
+                )
+                for split, dataset in raw.items()
+            }
+        )
     def has_target(example: dict[str, list[int]]) -> bool:
         return any(label != IGNORE_INDEX for label in example["labels"])
 
-    tokenized = DatasetDict(
-        {
-            split: dataset.filter(has_target, num_proc=num_proc, desc=f"Dropping {split} examples truncated to no target")
-            for split, dataset in tokenized.items()
-        }
-    )
+    with quiet_progress():
+        tokenized = DatasetDict(
+            {
+                split: dataset.filter(has_target, num_proc=num_proc, desc=f"Dropping {split} examples truncated to no target")
+                for split, dataset in tokenized.items()
+            }
+        )
     for split, dataset in tokenized.items():
         if len(dataset) == 0:
             where = f" of dataset {source}" if source else ""

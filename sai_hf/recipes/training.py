@@ -25,6 +25,7 @@ from transformers import DataCollator, PreTrainedModel, PreTrainedTokenizerBase,
 from ..callback import GSNRCallback, checked_track_every
 from .metrics import CausalLMMetrics, logits_to_token_ids, perplexity, request_losses_for_metrics
 from .plotting import loss_curves, plot_loss_curve
+from .quiet import quiet_progress
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def train_and_evaluate(trainer: Trainer, title: str = "training") -> RecipeResul
     """
     args = trainer.args
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model()
+    with quiet_progress():  # no "Writing model shards" bar after the run's own
+        trainer.save_model()
 
     metrics: dict[str, Any] = dict(train_result.metrics)
     metrics["train_samples"] = len(trainer.train_dataset)

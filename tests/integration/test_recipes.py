@@ -227,6 +227,67 @@ def test_pretrain_gpt2_runs_as_a_subprocess(tmp_path: Path, recipe_cache: Path) 
     assert (output_dir / "gsnr.json").is_file()
 
 
+@pytest.mark.slow
+def test_quickstart_prints_only_what_matters(tmp_path: Path, recipe_cache: Path) -> None:
+    """``make quickstart``'s command, shrunk: no DeepSpeed accelerator warning (accelerate imports
+    DeepSpeed when it is installed), no ``loss_type=None`` warning, no progress bars of the data
+    preparation or of saving; the Trainer's progress bar, its loss logs and the last line stay."""
+    output_dir = tmp_path / "quickstart"
+    overrides = tiny_gpt2(output_dir, recipe_cache)
+    at = overrides.index("--disable_tqdm")
+    del overrides[at : at + 2]  # the Trainer's own progress bar, as the quickstart shows it
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "pretrain_gpt2.py"), str(CONFIGS / "gpt2-local.yaml"), *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-3000:]
+    assert "Setting accelerator to CPU" not in output
+    assert "loss_type=None" not in output
+    for bar in ("Tokenizing train", "Packing train", "Writing model shards"):
+        assert bar not in output, f"{bar!r} progress bar in the quickstart's output"
+    assert "4/4 [" in completed.stderr, "the Trainer's progress bar"
+    assert "'loss':" in output and "'eval_loss':" in output
+    assert f"results in {output_dir}, metrics in {output_dir / 'all_results.json'}" in completed.stdout.splitlines()
+
+
+def test_recipe_quieting_puts_progress_bars_back_and_leaves_a_chosen_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets.utils.logging as datasets_logging
+    import transformers.utils.logging as transformers_logging
+
+    from sai_hf.recipes.quiet import default_deepspeed_accelerator_to_cpu, quiet_progress
+
+    assert datasets_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
+    with quiet_progress():
+        assert not datasets_logging.is_progress_bar_enabled() and not transformers_logging.is_progress_bar_enabled()
+    assert datasets_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()  # a user's choice survives the block
+    try:
+        with quiet_progress():
+            pass
+        assert not datasets_logging.is_progress_bar_enabled()
+    finally:
+        datasets_logging.enable_progress_bar()
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    default_deepspeed_accelerator_to_cpu()
+    assert os.environ["DS_ACCELERATOR"] == "cuda"
+    monkeypatch.delenv("DS_ACCELERATOR")
+    monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    default_deepspeed_accelerator_to_cpu()
+    assert "DS_ACCELERATOR" not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    default_deepspeed_accelerator_to_cpu()
+    assert os.environ["DS_ACCELERATOR"] == "cpu" or torch.backends.mps.is_available()
+
+
 # --------------------------------------------------------------------------- hub-layout models and data
 
 
