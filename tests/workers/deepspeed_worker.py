@@ -29,28 +29,13 @@ import torch
 import torch.distributed as dist
 sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
 from _models import TokenDataset, tiny_gpt2, tiny_llama, token_batches, training_args
-from _processes import end_process_group  # noqa: E402
+from _processes import SAI_ALL_REDUCES, count_sai_all_reduces, end_process_group  # noqa: E402
 from transformers import Trainer
 
-import sai_hf
-import sai_hf.sharding.base
 from sai_hf.sharding.deepspeed_zero import ZeroFragments
 from sai_hf import SGDSaI
 from sai_hf.callback import find_sgd_sai, parameter_names
 
-SAI_ALL_REDUCES: list[str] = []
-
-
-def count_sai_all_reduces() -> None:
-    """Record every ``all_reduce`` issued by the exact reducer (:mod:`sai_hf.sharding.base`)."""
-    original = dist.all_reduce
-
-    def all_reduce(tensor, *args, **kwargs):
-        if sys._getframe(1).f_globals.get("__name__") == sai_hf.sharding.base.__name__:
-            SAI_ALL_REDUCES.append(f"{tuple(tensor.shape)} {tensor.dtype}")
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = all_reduce
 
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"

@@ -37,8 +37,7 @@ import torch.distributed as dist
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
 from _models import TokenDataset, tiny_gpt2, tiny_llama, training_args  # noqa: E402
-from _processes import end_process_group  # noqa: E402
-from deepspeed_worker import SAI_ALL_REDUCES, count_sai_all_reduces  # noqa: E402
+from _processes import SAI_ALL_REDUCES, count_sai_all_reduces, end_process_group  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from sai_hf.callback import find_sgd_sai, parameter_names

@@ -23,31 +23,17 @@ from cpu_fsdp import enable_fsdp_on_cpu  # tests/workers, the script's directory
 from transformers import Trainer, TrainerCallback
 
 import sai_hf.sharding
-import sai_hf.sharding.base
 from sai_hf import GSNRCallback, find_sgd_sai, gradient_statistics, gsnr_from_statistics, statistics_reducer
 from sai_hf.callback import parameter_names
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
 from _models import TokenDataset, tiny_gpt2, training_args  # noqa: E402
-from _processes import end_process_group  # noqa: E402
+from _processes import SAI_ALL_REDUCES, count_sai_all_reduces, end_process_group  # noqa: E402
 
 #: Same data, hyperparameters and global batch (2 x 2) as the single-process reference in the test.
 ARGS = dict(per_device_train_batch_size=2, weight_decay=0.01, max_steps=4, save_strategy="steps", save_steps=2)
 
-SAI_ALL_REDUCES: list[str] = []
 WRITES: list[str] = []
-
-
-def count_sai_all_reduces() -> None:
-    """Record every ``all_reduce`` issued by the exact reducer (:mod:`sai_hf.sharding.base`)."""
-    original = dist.all_reduce
-
-    def all_reduce(tensor, *args, **kwargs):
-        if sys._getframe(1).f_globals.get("__name__") == sai_hf.sharding.base.__name__:
-            SAI_ALL_REDUCES.append(f"{tuple(tensor.shape)} {tensor.dtype}")
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = all_reduce
 
 
 def count_report_writes() -> None:
