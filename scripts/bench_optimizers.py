@@ -48,7 +48,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import weakref
@@ -64,6 +63,7 @@ from torch.optim import Optimizer
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # a checkout that is not pip-installed
 from sai_hf.memory import optimizer_state_bytes, tensor_bytes  # noqa: E402
+from sai_hf.provenance import cpu_name, git_commit  # noqa: E402
 
 # ----------------------------------------------------------------------------------- model sizes
 
@@ -645,16 +645,6 @@ def goals_markdown(checks: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def cpu_name() -> str:
-    """The CPU model from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """What the numbers depend on: versions, device, threads, dtype, repeats, command line."""
     versions = {}
@@ -681,23 +671,9 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         "versions": versions,
         "sgdsai_variants": sorted(sgdsai_variant_options()),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "commit": git_commit(),
+        "commit": git_commit(Path(__file__).resolve().parents[1]),
     }
 
-
-def git_commit() -> str | None:
-    """The checkout's commit (``+dirty`` with local changes), ``None`` outside a git checkout."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    return commit + "+dirty" if commit and git("status", "--porcelain", "--untracked-files=no") else commit
 
 
 def report_markdown(report: dict[str, Any]) -> str:

@@ -547,28 +547,14 @@ def compare_markdown(report: dict[str, Any]) -> str:
 
 def provenance() -> dict[str, Any]:
     """Where a result was produced: date (UTC), commit (``+dirty`` with local changes), CPU, torch."""
-    import platform
-
     import torch
 
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
+    from sai_hf.provenance import cpu_name, git_commit
 
-    commit = git("rev-parse", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), cpu)
     return {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "commit": commit,
-        "machine": f"{os.cpu_count()} CPUs, {cpu}",
+        "commit": git_commit(ROOT),
+        "machine": f"{os.cpu_count()} CPUs, {cpu_name()}",
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
