@@ -53,6 +53,7 @@ from typing import Any
 
 from .lr_rule import DEFAULT_METHOD, METHODS, NoDecreaseError, Smoother, diverged, ramp_lr, suggest
 from .plots import figure, save_figure
+from .sharding import world
 
 __all__ = ["LRFindResult", "LRFindError", "lr_find", "main", "DEFAULTS"]
 
@@ -169,21 +170,9 @@ def _check_settings(start_lr: float, end_lr: float, steps: int, smooth: float, d
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
-def _world() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:  # pragma: no cover - torch always has it
-        pass
-    return 0, 1
-
-
 def _broadcast(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (the value itself in one process)."""
-    rank, world = _world()
-    if world == 1:
+    if world()[1] == 1:
         return value
     import torch.distributed as dist
 
@@ -429,11 +418,11 @@ def lr_find(
         "start_lr": float(start_lr), "end_lr": float(end_lr), "steps": int(steps), "smooth": float(smooth),
         "diverge": float(diverge), "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
         "optim_args": trainer.args.optim_args, "script_learning_rate": float(trainer.args.learning_rate),
-        "world_size": _world()[1], "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+        "world_size": world()[1], "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
     }  # fmt: skip
     error = None
     found = None
-    if _world()[0] == 0:
+    if world()[0] == 0:
         try:
             found = suggest(callback.lrs, callback.smoothed, method, losses=callback.losses, beta=float(smooth))
         except NoDecreaseError as err:
@@ -582,8 +571,7 @@ def _hooks(settings: dict[str, Any], skip_trains: int) -> Iterator[dict[str, Any
 
 def _end_processes() -> None:
     """Wait for every rank, then tear down the process group the Trainer created (if any)."""
-    rank, world = _world()
-    if world > 1:
+    if world()[1] > 1:
         import torch.distributed as dist
 
         dist.barrier()
@@ -647,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    rank = _world()[0]
+    rank = world()[0]
     try:
         if finished.error is not None:
             if rank == 0:
