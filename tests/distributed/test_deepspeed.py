@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from _models import TokenDataset, tiny_gpt2, tiny_llama, token_batches, training_args
-from test_distributed import free_port, launch_two_ranks, max_rel_diff, max_weight_diff
+from _launch import free_port, launch_two_ranks
+from test_distributed import max_rel_diff, max_weight_diff
 from transformers import Trainer
 
 from sai_hf import SGDSaI, UnsupportedShardingError, cpu_update, native

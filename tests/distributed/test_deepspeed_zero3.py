@@ -20,7 +20,8 @@ import pytest
 import torch
 from _models import TokenDataset, tiny_gpt2, tiny_llama, training_args
 from test_deepspeed import CHECK, SCALE_TOLERANCE, needs_deepspeed, rows
-from test_distributed import free_port, launch_two_ranks, max_rel_diff, max_weight_diff
+from _launch import free_port, launch, launch_two_ranks, tail
+from test_distributed import max_rel_diff, max_weight_diff
 from transformers import Trainer
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -112,14 +113,11 @@ def test_resume_from_deepspeed_checkpoint_is_bit_exact(runs):
 @pytest.mark.slow
 def test_resume_at_another_world_size_is_refused_at_load(runs, tmp_path):
     """A 2-rank checkpoint resumed by 1 process: refused while loading, before any step."""
-    from test_distributed import launch as launch_command
-    from test_distributed import tail
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", free_port(),
            WORKERS / "deepspeed_zero3_worker.py", tmp_path, runs.config, "resume_from", runs.out / "a" / "checkpoint-2"]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DS_ACCELERATOR", "cpu")
-        rc, _, output = launch_command(cmd, cwd=TESTS.parent)
+        rc, _, output = launch(cmd)
     assert rc == 0, tail(output)
     error = json.loads((tmp_path / "rank0.json").read_text())["error"]
     assert error is not None and "world size of 2 but the current world size is 1" in error
@@ -287,9 +285,6 @@ def test_shipped_configs_under_accelerate_launch_and_the_deepspeed_launcher(laun
     """``accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml`` (zero3.json,
     zero3_init_flag) and ``deepspeed --num_gpus 2 ... --deepspeed configs/deepspeed/zero3_offload.json``
     with the Trainer's "auto" values: 2 processes, scales and losses of one process."""
-    from test_distributed import launch as launch_command
-    from test_distributed import tail
-
     binary = str(Path(sys.executable).parent / launcher)
     script = WORKERS / "deepspeed_launch_script.py"
     if launcher == "accelerate":
@@ -300,7 +295,7 @@ def test_shipped_configs_under_accelerate_launch_and_the_deepspeed_launcher(laun
                "--deepspeed", CONFIGS / "zero3_offload.json", "--output_dir", tmp_path, *LAUNCH_ARGS]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DS_ACCELERATOR", "cpu")
-        rc, seconds, output = launch_command(cmd, cwd=TESTS.parent)
+        rc, seconds, output = launch(cmd)
     print(f"\n[{launcher} launcher] {seconds:.1f} s")
     assert rc == 0, tail(output)
     run = json.loads((tmp_path / "run.json").read_text())

@@ -8,18 +8,13 @@ launch per test module fixture; each compares against a single process on the sa
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _launch import free_port, launch_two_ranks
 from _models import TokenDataset, tiny_gpt2, training_args
 from transformers import Trainer
 
@@ -30,63 +25,9 @@ from sai_hf.callback import clean_parameter_name, parameter_names
 TESTS = Path(__file__).resolve().parents[1]
 WORKERS = TESTS / "workers"
 WRAPPER_PARTS = ("module.", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
-LAUNCH_TIMEOUT_S = 240
 
 
 # --------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    return env
-
-
-def launch(cmd: list[str], cwd: Path, timeout: float = LAUNCH_TIMEOUT_S) -> tuple[int, float, str]:
-    """Run ``cmd`` in its own process group; returns (exit code, seconds, combined output)."""
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        [str(c) for c in cmd], cwd=cwd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        output += f"\n[test] killed after {timeout} s (a rank waiting in a collective?)"
-    return proc.returncode, time.monotonic() - start, output
-
-
-#: Lines a rank prints when it dies in native code (C++ exceptions, gloo, signals), which no Python traceback shows.
-NATIVE_FATAL = re.compile(r"terminate called|what\(\):|Fatal Python error|Segmentation fault|Aborted|\[enforce fail|gloo|SIGABRT|core dumped")
-
-
-def tail(output: str, lines: int = 30) -> str:
-    """The exceptions the ranks raised, the lines of native crashes, then the last ``lines`` lines of the output."""
-    kept = [line for line in output.splitlines() if "Warning" not in line]
-    errors = [line for line in kept if re.match(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception)\b", line)]
-    native = [line for line in kept if NATIVE_FATAL.search(line)]
-    return "\n".join(["--- errors:", *errors[:10], "--- native crashes:", *native[:10], f"--- last {lines} lines:", *kept[-lines:]])
-
-
-def launch_two_ranks(cmd: list[str], out: Path, label: str) -> SimpleNamespace:
-    """Run a 2-process job from the repository root; fail with the ranks' errors, else return the
-    ``rank{0,1}.json`` each rank wrote into ``out``."""
-    rc, seconds, output = launch(cmd, cwd=TESTS.parent)
-    print(f"\n{label}: {seconds:.1f} s")
-    if rc != 0:  # every rank's whole output (shown by pytest with the failure), for a crash without a traceback
-        (out / "launch.log").write_text(output)
-        print(output)
-    assert rc == 0, f"{tail(output)}\n--- whole output: {out / 'launch.log'}"
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return SimpleNamespace(out=out, ranks=ranks, seconds=seconds)
-
-
 def max_rel_diff(scales: dict[str, float], reference: dict[str, float]) -> float:
     assert set(scales) == set(reference)
     return max(abs(scales[k] - reference[k]) / abs(reference[k]) for k in reference)
@@ -131,11 +72,8 @@ def ddp_run(tmp_path_factory) -> SimpleNamespace:
     args = ["--output_dir", str(out), *DDP_SCRIPT_ARGS]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            "-m", "sai_hf.run", script, *args]  # fmt: skip
-    rc, seconds, output = launch(cmd, cwd=TESTS.parent)
-    print(f"\n[ddp] torchrun, 2 processes: {seconds:.1f} s")
-    assert rc == 0, tail(output)
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return SimpleNamespace(out=out, script=script, args=args, ranks=ranks, seconds=seconds)
+    run = launch_two_ranks(cmd, out, "[ddp] torchrun, 2 processes")
+    return SimpleNamespace(**vars(run), script=script, args=args)
 
 
 @pytest.mark.slow
@@ -255,13 +193,13 @@ def shard_run(tmp_path_factory) -> SimpleNamespace:
 def test_dtensor_layouts_reduce_exactly_after_agreeing_on_the_blocks(shard_run):
     for rank in shard_run.ranks:
         d = rank["dtensor"]
-        assert d["reducer_all_reduces"] == [[4], [8, 5]]  # block-list check, then 8 blocks' rows
+        assert d["reducer_all_reduces"] == ["(4,) torch.float64", "(8, 5) torch.float64"]  # block-list check, then 8 blocks' rows
         assert d["reduced_n"] == d["whole_n"]  # replicas counted once, shards summed, empty shard ok
         assert d["reduced_finite"]  # the NaN of a non-contributing replica did not leak
         assert d["reduced_vs_whole_max_rel"] < 1e-12
         assert d["unsharded_only_reducer_is_none"]
         assert "Partial" in d["partial_refused"]
-        assert d["auto_all_reduces"] == [[4], [7, 5]]  # initialize_scales() picked the reducer by itself
+        assert d["auto_all_reduces"] == ["(4,) torch.float64", "(7, 5) torch.float64"]  # initialize_scales() picked the reducer by itself
         assert d["auto_second_call_in_same_step"] == 0
         assert d["auto_records"] == 7
         assert "different lists of parameter blocks" in d["count_mismatch_refused"]
@@ -277,9 +215,9 @@ def test_fsdp1_use_orig_params_callback_and_lazy_path(shard_run):
     has_grad = [[s["deferred_has_grad_here"] for s in f["steps"]] for f in (rank0, rank1)]
     assert has_grad[0] != has_grad[1]
     for f in (rank0, rank1):
-        assert f["steps"][0]["all_reduces"] == [[4], [28, 5]]  # step() on every rank, the deferred block too
+        assert f["steps"][0]["all_reduces"] == ["(4,) torch.float64", "(28, 5) torch.float64"]  # step() on every rank, the deferred block too
         assert not f["steps"][0]["deferred_scaled"]
-        assert f["steps"][1]["all_reduces"] == [[4], [1, 5]] and f["steps"][1]["deferred_scaled"]
+        assert f["steps"][1]["all_reduces"] == ["(4,) torch.float64", "(1, 5) torch.float64"] and f["steps"][1]["deferred_scaled"]
         assert set(f["scales"]) == set(f["reference_scales"]) and len(f["scales"]) == 28
         assert f["scales_vs_reference_max_rel"] < 1e-6
         assert f["lazy_scaled"] == 28 and f["lazy_scales_vs_single_max_rel"] < 1e-6

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _launch import child_env, free_port
 
 from sai_hf import find_lr
 from sai_hf.lr_rule import NoDecreaseError, Smoother, diverged, ramp_lr, suggest
@@ -42,16 +42,15 @@ def script_args(out: Path, *extra: str) -> list[str]:
     return [str(SCRIPT), "--output_dir", str(out), *BASE_ARGS, *extra]
 
 
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+def script_env() -> dict[str, str]:
+    env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
 def run_cli(cmd: list[str], timeout: float = 240) -> tuple[int, str, float]:
     start = time.monotonic()
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -301,12 +300,6 @@ def test_interrupted_run_leaves_trainer_and_output_dir_as_they_were(tmp_path, ca
 
 
 # --------------------------------------------------------------------------- 2 processes
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_one_decision(tmp_path):
     out = tmp_path / "out"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch.distributed as dist
@@ -25,14 +26,22 @@ def count_sai_all_reduces() -> None:
 
 
 def end_process_group() -> None:
-    """Wait for every rank, then destroy the default process group, before the interpreter exits.
+    """Wait for every rank, destroy the default process group, then end this process without interpreter finalization.
 
-    A rank that exits with its gloo group still alive can die with SIGABRT during interpreter
-    finalization, after its work is done: gloo's C++ threads still hold work objects whose tensors
-    take the GIL while it is being torn down (pytorch/pytorch#179291). torchrun then reports the run
-    as failed (exit code -6, the other rank SIGTERM-ed), with no Python traceback. The barrier makes
-    both ranks leave their last collective before either tears its group down.
+    A rank whose process group outlives ``destroy_process_group`` can die with SIGABRT ("terminate called without
+    an active exception") while the interpreter finalizes, after its work is done and its results are written:
+    gloo's C++ threads still hold work objects whose tensors take the GIL while it is being torn down
+    (pytorch/pytorch#179291). ``destroy_process_group`` only drops ``torch.distributed``'s own references, and
+    DTensor keeps others: after ``shard_worker``'s DTensor checks the default group still has 3 references
+    (``DTensorSpec`` -> ``DeviceMesh`` -> process groups, kept by DTensor's sharding-propagation results), so it is
+    destroyed during finalization; a plain gloo script holds none. torchrun then reports the run as failed (exit
+    code -6, the other rank SIGTERM-ed), with no Python traceback (CI on 2026-12-02, ``shard_worker``). The
+    barrier makes both ranks leave their last collective first; ``os._exit(0)`` after flushing skips the
+    finalization that tears the remaining group down.
     """
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -27,8 +27,9 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
+sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models, _processes
 from _models import tiny_gpt2, token_batches
+from _processes import SAI_ALL_REDUCES, count_sai_all_reduces, end_process_group
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -36,23 +37,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 import sai_hf.sharding
-import sai_hf.sharding.base
 from sai_hf import GSNRCallback, SGDSaI, UnsupportedShardingError, gradient_statistics, gsnr_from_statistics, register_sharded_model
 from sai_hf.callback import parameter_names
-
-SAI_ALL_REDUCES: list[tuple[int, ...]] = []
-
-
-def count_sai_all_reduces() -> None:
-    original = dist.all_reduce
-
-    def all_reduce(tensor, *args, **kwargs):
-        if sys._getframe(1).f_globals.get("__name__") == sai_hf.sharding.base.__name__:
-            SAI_ALL_REDUCES.append(tuple(tensor.shape))
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = all_reduce
-
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
@@ -242,8 +228,7 @@ def main(out_dir: Path) -> None:
     count_sai_all_reduces()
     result = {"rank": rank, "dtensor": dtensor_checks(rank), "fsdp1": fsdp1_checks(rank, out_dir)}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":
