@@ -177,7 +177,7 @@ class GSNRCallback(TrainerCallback):
             self._standing_down = True
             return None
         self._interval()
-        sai.register_model(model)  # once per run: FSDP1 views (other layouts need nothing)
+        sai.register_model(model, optimizer)  # once per run: FSDP1 views, DeepSpeed ZeRO-1/2's optimizer
         self._reported = len(sai.scales())
         if self._reported:  # scales restored from a checkpoint (or a Trainer trained before)
             names = parameter_names(model)

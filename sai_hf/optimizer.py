@@ -241,7 +241,7 @@ class SGDSaI(Optimizer):
             stats = reduce_statistics(stats)
         values, statuses = scaling.measured_gsnr(stats, [b.group["eps"] for b in pending], [started] * len(pending))
         numels = [b.placement.numel for b in pending]
-        groups = self._all_groups()
+        groups = self.all_param_groups()
         rule, normalize = groups[0]["scale_rule"], groups[0]["normalize"]
         gsnr_max = self.gsnr_max
         if gsnr_max is None or not started:  # the first scaling step (its groups may come one by one)
@@ -303,10 +303,10 @@ class SGDSaI(Optimizer):
     def gsnr_max(self) -> float | None:
         """The ``normalize="max"`` divisor: the largest well-defined g-SNR of the first scaling step
         (under ``scale_rule="sqrt_numel"`` its largest ``sqrt(numel)``); ``None`` before it."""
-        groups = self._all_groups()
+        groups = self.all_param_groups()
         return groups[0]["gsnr_max"] if groups else None
 
-    def _all_groups(self) -> list[dict[str, Any]]:
+    def all_param_groups(self) -> list[dict[str, Any]]:
         """Every parameter group, also while DeepSpeed ZeRO has narrowed ``param_groups`` to the one it steps."""
         if not all(any(g is h for h in self._every_group) for g in self.param_groups):
             self._every_group = self.param_groups
@@ -367,10 +367,12 @@ class SGDSaI(Optimizer):
         """Whether every block has its fixed scale (the same answer on every rank)."""
         return all("scale" in b.state for b in self.blocks())
 
-    def register_model(self, model: torch.nn.Module) -> int:
+    def register_model(self, model: torch.nn.Module, wrapper: Any = None) -> int:
         """Tell the sharding backends about ``model`` (FSDP1 views, which the parameters do not
-        reveal); idempotent, returns the number of parameters recorded."""
-        return self._backends.register_model(model)
+        reveal) and ``wrapper``, the optimizer that wraps this one (e.g. accelerate's around DeepSpeed
+        ZeRO-1/2's, whose loss scale, clipping and not yet flattened gradients the optimizer does not
+        see); idempotent, returns the number of parameters recorded."""
+        return self._backends.register_model(model, wrappers(wrapper))
 
 
 def _complete_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -421,6 +423,21 @@ def _pending(block: Block) -> bool:
     return "scale" not in block.state and (block.grad is not None or block.may_lack_gradient)
 
 
+def wrappers(optimizer: Any) -> list[Any]:
+    """The objects around an :class:`SGDSaI` in ``optimizer``, outermost first, following ``.optimizer``
+    (e.g. accelerate's ``AcceleratedOptimizer``, then DeepSpeed's ZeRO optimizer); ``[]`` when
+    ``optimizer`` is none or holds no :class:`SGDSaI`."""
+    chain = []
+    for _ in range(8):
+        if optimizer is None:
+            return []
+        if isinstance(optimizer, SGDSaI):
+            return chain
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return []
+
+
 def find_sgd_sai(optimizer: Any) -> SGDSaI | None:
     """The :class:`SGDSaI` inside ``optimizer`` (unwrapping e.g. accelerate's ``AcceleratedOptimizer``)."""
     for _ in range(8):
@@ -432,10 +449,12 @@ def find_sgd_sai(optimizer: Any) -> SGDSaI | None:
 
 def register_sharded_model(model: torch.nn.Module, optimizer: Any) -> int:
     """Tell ``optimizer`` (an :class:`SGDSaI`, possibly wrapped) which of ``model``'s parameters are FSDP1
-    ``use_orig_params=True`` shard views (FSDP1 leaves them unmarked); idempotent, returns the number recorded. Only
-    plain-PyTorch FSDP1 needs it (once, after wrapping and building the optimizer); the Trainer's callback does it."""
+    ``use_orig_params=True`` shard views (FSDP1 leaves them unmarked), and which optimizer wraps it (DeepSpeed
+    ZeRO-1/2's: pass ``engine.optimizer``); idempotent, returns the number recorded. Plain-PyTorch FSDP1 needs it
+    (once, after wrapping and building the optimizer), and plain DeepSpeed ZeRO-1/2 with several parameter groups
+    for ``normalize="max"``; the Trainer's callback does it."""
     sai = find_sgd_sai(optimizer)
     if sai is None:
         raise TypeError("register_sharded_model: optimizer is not an sai_hf.SGDSaI (nor wraps one)")
-    return sai.register_model(model)
+    return sai.register_model(model, optimizer)
 

@@ -118,10 +118,11 @@ class Backends:
             return None
         return ExactReducer([b.placement for b in blocks], world_size)
 
-    def register_model(self, model: torch.nn.Module) -> int:
-        """Tell every backend about ``model`` (FSDP1 views); returns the parameters recorded."""
+    def register_model(self, model: torch.nn.Module, wrappers: Sequence[Any] = ()) -> int:
+        """Tell every backend about ``model`` (FSDP1 views) and the optimizer's ``wrappers`` (DeepSpeed
+        ZeRO-1/2's optimizer); returns the parameters recorded."""
         self._claimed.clear()
-        return sum(backend.register_model(model) for backend in self.backends)
+        return sum(backend.register_model(model, wrappers) for backend in self.backends)
 
     def scaling_started(self, optimizer: Any, blocks: Sequence[Block]) -> bool:
         """Whether some block got its scale in an earlier optimizer step (asked of the backends of ``blocks``)."""

@@ -58,7 +58,7 @@ class Block:
     that counts optimizer steps itself (ZeRO: one call per group per step) gives ``step_index``; the
     optimizer then records it as the block's ``scaled_at``. ``scale_only``: the block joins this call's
     scaling but is updated by a later call of the same optimizer step (DeepSpeed ZeRO-3 steps its
-    sub-groups one at a time; the first scaling step measures them all at once). ``grad_factor``: the
+    sub-groups, ZeRO-1/2 its groups, one at a time; the first scaling step measures them all at once). ``grad_factor``: the
     gradient to measure is ``grad * grad_factor`` (the loss-scale and clipping factor DeepSpeed applies
     later); its statistics are those of ``grad``, scaled (sums by the factor, squares by its square),
     so that no scaled copy of the gradient is made."""
@@ -74,7 +74,7 @@ class Block:
     may_lack_gradient: bool = False
     buffer_slot: Tensor | None = None  # where the first update's buffer is stored in place (flat partitions)
     step_index: int | None = None  # the optimizer step being taken, where the backend counts steps
-    scale_only: bool = False  # scaled in this step but updated in a later call (ZeRO-3's later sub-groups)
+    scale_only: bool = False  # scaled in this step but updated in a later call (DeepSpeed's later (sub-)groups)
     grad_factor: float | None = None  # the gradient to measure is grad * grad_factor (not materialised)
 
 
@@ -125,9 +125,10 @@ class ShardingBackend:
         """Whether some block got its scale in an earlier optimizer step than the current one."""
         return any("scale" in b.state for b in blocks)
 
-    def register_model(self, model: torch.nn.Module) -> int:
-        """Learn from ``model`` what the parameters cannot tell (FSDP1); returns how many
-        parameters were recorded."""
+    def register_model(self, model: torch.nn.Module, wrappers: Sequence[Any] = ()) -> int:
+        """Learn from ``model`` what the parameters cannot tell (FSDP1), and from ``wrappers`` (the
+        objects wrapping the optimizer, outermost first: DeepSpeed ZeRO-1/2's optimizer) what the
+        optimizer cannot; returns how many parameters were recorded."""
         return 0
 
     def check_blocks(self, blocks: Sequence[Block]) -> None:

@@ -12,12 +12,23 @@ has no local gradient and joins the reduction with a zero row. The partitions ar
 every rank's row counts.
 
 DeepSpeed steps the groups one at a time (``_optimizer_step`` narrows ``param_groups`` to group
-``k``; the gradient of group ``k + 1`` does not exist yet). So:
+``k``; the fp32 gradient partition of group ``k + 1`` does not exist yet). So:
 
 * "deferred blocks drop eps" is decided from the partitions' step counters (``scaled_at``), as in
   one process;
-* ``normalize="max"`` with more than one group would divide the first groups' scales by a partial
-  maximum: refused.
+* at the first scaling step (no block has a scale yet) the call for the first group also measures
+  every later group, from the gradients DeepSpeed has already reduced: DeepSpeed's own per-parameter
+  gradient fragments (``_hp_mapping.get_lp_grad_fragment``, what ``safe_get_full_grad`` reads; with
+  ``offload_optimizer`` views of the CPU partitions' gradients), their statistics scaled by the factor
+  DeepSpeed's ``unscale_and_clip_grads`` will apply (:func:`unscale_factor`: loss scale and clipping,
+  recomputed from the same operands; no copy of a gradient is made). One reduction of all blocks, and
+  ``normalize="max"`` and degenerate blocks get the largest g-SNR of all blocks, as in one process.
+  Those blocks are updated in their own group's call. This needs DeepSpeed's optimizer, which the
+  parameters do not reveal: :meth:`ZeroFragments.register_model` learns it from the optimizer's
+  wrappers (:class:`sai_hf.GSNRCallback` registers the Trainer's; plain DeepSpeed:
+  ``sai_hf.register_sharded_model(model, engine.optimizer)``). Without it each group is measured in
+  its own call, and ``normalize="max"`` with more than one group (which would divide the first
+  groups' scales by a partial maximum) is refused.
 
 State of partition ``P_k`` (``optimizer.state[P_k]``, saved per rank in DeepSpeed's checkpoint)::
 
@@ -41,7 +52,7 @@ from torch import Tensor
 from .base import Block, Placement, ShardingBackend, UnsupportedShardingError
 from .deepspeed_config import DEEPSPEED_ZERO3_MESSAGE, refuse_unsupported_deepspeed
 
-__all__ = ["ZeroFragments", "Zero3Parameters"]
+__all__ = ["ZeroFragments", "Zero3Parameters", "unscale_factor"]
 
 _LAYOUT_MISMATCH_MESSAGE = (
     "SGD-SaI: the momentum buffer restored for a DeepSpeed partition has shape {saved}, the partition "
@@ -50,11 +61,12 @@ _LAYOUT_MISMATCH_MESSAGE = (
     "size it was saved with, or start the optimizer afresh (load the model weights only)."
 )
 _NORMALIZE_MAX_MESSAGE = (
-    "SGD-SaI: normalize='max' under DeepSpeed ZeRO-1/2 with {groups} parameter groups is not exact: "
-    "DeepSpeed steps the groups one at a time, so the largest g-SNR over all blocks is not known when the "
-    "first group is updated (the Trainer always builds two groups: with and without weight decay). Use "
-    "normalize='none' (the default; multiply the learning rate by the largest first-step g-SNR, "
-    "gsnr_max in gsnr.json, for the same run) or FSDP2 (configs/accelerate/fsdp.yaml), where it is exact."
+    "SGD-SaI: normalize='max' under DeepSpeed ZeRO-1/2 with {groups} parameter groups is not exact here: "
+    "DeepSpeed steps the groups one at a time, and the optimizer does not know DeepSpeed's, so the largest "
+    "g-SNR over all blocks is not known when the first group is updated. Register DeepSpeed's optimizer "
+    "(the Trainer's GSNRCallback does it; plain DeepSpeed: sai_hf.register_sharded_model(model, "
+    "engine.optimizer) before the first step), or use normalize='none' (the default; multiply the learning "
+    "rate by the largest first-step g-SNR, gsnr_max in gsnr.json, for the same run)."
 )
 
 
@@ -71,6 +83,15 @@ class ZeroFragments(ShardingBackend):
         self.model_groups = model_groups
         self._blocks: list[list[Tensor]] | None = None
         self._group_of_partition: dict[int, int] = {}
+        self._wrapper: Any = None  # DeepSpeed's ZeRO-1/2 optimizer, once registered
+
+    def register_model(self, model: torch.nn.Module, wrappers: Sequence[Any] = ()) -> int:
+        """Record DeepSpeed's ZeRO-1/2 optimizer among ``wrappers`` (it holds the fp32 partitions and
+        the not yet flattened gradients of every group); no model parameter is recorded."""
+        found = next((w for w in wrappers if hasattr(w, "single_partition_of_fp32_groups") and hasattr(w, "averaged_gradients")), None)
+        if found is not None:
+            self._wrapper = found
+        return 0
 
     def _linked_blocks(self) -> list[list[Tensor]] | None:
         """Each group's linked model parameters, once DeepSpeed has linked them."""
@@ -114,45 +135,116 @@ class ZeroFragments(ShardingBackend):
             k = self.group_index(partition)
             state = optimizer.state[partition]
             state.setdefault("step", 0)
-            entries = state.setdefault("blocks", {})
-            flat = state.get("momentum_buffer")
+            later = None
             if stepping:
-                if group["normalize"] == "max" and len(model_blocks) > 1:
+                first_scaling = len(model_blocks) > 1 and not _any_scale(optimizer)
+                later = self._later_gradients(k) if first_scaling else None
+                if group["normalize"] == "max" and first_scaling and later is None:
                     raise UnsupportedShardingError(_NORMALIZE_MAX_MESSAGE.format(groups=len(model_blocks)))
                 state["step"] += 1
+                flat = state.get("momentum_buffer")
                 if group["momentum"] != 0 and flat is None:
-                    flat = state["momentum_buffer"] = torch.zeros_like(partition, dtype=group["momentum_dtype"] or partition.dtype)
-                if flat is not None and flat.shape != partition.shape:
+                    state["momentum_buffer"] = torch.zeros_like(partition, dtype=group["momentum_dtype"] or partition.dtype)
+                elif flat is not None and flat.shape != partition.shape:
                     raise UnsupportedShardingError(
                         _LAYOUT_MISMATCH_MESSAGE.format(saved=tuple(flat.shape), now=tuple(partition.shape))
                     )
-            for index, p in enumerate(model_blocks[k]):
-                entry = entries.setdefault(index, {})
-                mapping = p._hp_mapping
-                if mapping is None:  # no fragment of this block on this rank
-                    local, grad, buffer, slot = partition.narrow(0, 0, 0), None, None, None
-                else:
-                    start, numel = int(mapping.hp_fragment_address.start), int(mapping.hp_fragment_address.numel)
-                    local = partition.narrow(0, start, numel)
-                    grad = None if partition.grad is None else partition.grad.narrow(0, start, numel)
-                    slot = None if flat is None else flat.narrow(0, start, numel)
-                    buffer = slot if entry.get("step", 0) > 0 else None
-                out.append(
-                    Block(
-                        param=p,
-                        local=local,
-                        grad=grad,
-                        buffer=buffer,
-                        state=entry,
-                        group=group,
-                        placement=Placement(sharded=True, contributes=True, numel=int(p.numel())),
-                        backend=self,
-                        may_lack_gradient=partition.grad is not None,
-                        buffer_slot=slot,
-                        step_index=state["step"],
-                    )
-                )
+            out.extend(self._fragments(optimizer, k, group, partition, partition.grad, state["step"]))
+            if later is not None:
+                # The first scaling step: the groups DeepSpeed steps after this one are measured now
+                # too (their gradients are reduced already), so that every block's g-SNR is known
+                # before any is updated. They are updated in their own call.
+                factor, sources = later
+                every_group = optimizer.all_param_groups()
+                for j, partition_j, grads in sources:
+                    step = optimizer.state[partition_j].get("step", 0) + 1
+                    out.extend(self._fragments(optimizer, j, every_group[j], partition_j, grads, step, factor, scale_only=True))
         return out
+
+    def _fragments(
+        self,
+        optimizer: Any,
+        k: int,
+        group: Mapping[str, Any],
+        partition: Tensor,
+        grad: Tensor | list[Tensor | None] | None,
+        step: int,
+        factor: float | None = None,
+        scale_only: bool = False,
+    ) -> list[Block]:
+        """The blocks of group ``k``, whose fp32 partition here is ``partition``. ``grad``: the
+        partition's gradient (``None``: none here), or the blocks' gradient fragments, one per block
+        (:meth:`_later_gradients`). ``scale_only``: measured now, updated when DeepSpeed steps the
+        group, its statistics those of the gradient times ``factor`` (``None``: 1)."""
+        entries = optimizer.state[partition].setdefault("blocks", {})
+        flat = None if scale_only else optimizer.state[partition].get("momentum_buffer")
+        out: list[Block] = []
+        for index, p in enumerate((self._linked_blocks() or [])[k]):
+            entry = entries.setdefault(index, {})
+            mapping = p._hp_mapping
+            if mapping is None:  # no fragment of this block on this rank
+                local, g, slot = partition.narrow(0, 0, 0), None, None
+            else:
+                start, numel = int(mapping.hp_fragment_address.start), int(mapping.hp_fragment_address.numel)
+                local = partition.narrow(0, start, numel)
+                if isinstance(grad, list):
+                    g = grad[index]
+                else:
+                    g = None if grad is None else grad.narrow(0, start, numel)
+                slot = None if flat is None else flat.narrow(0, start, numel)
+            out.append(
+                Block(
+                    param=p,
+                    local=local,
+                    grad=g,
+                    buffer=slot if entry.get("step", 0) > 0 else None,
+                    state=entry,
+                    group=group,
+                    placement=Placement(sharded=True, contributes=True, numel=int(p.numel())),
+                    backend=self,
+                    may_lack_gradient=grad is not None,
+                    buffer_slot=slot,
+                    step_index=step,
+                    scale_only=scale_only,
+                    grad_factor=factor,
+                )
+            )
+        return out
+
+    def _later_gradients(self, k: int) -> tuple[float | None, list[tuple[int, Tensor, list[Tensor | None]]]] | None:
+        """``(factor, [(j, partition of group j, its blocks' gradient fragments)])`` for the groups DeepSpeed
+        steps after ``k`` in this step, before its ``unscale_and_clip_grads`` multiplies them by ``factor``
+        (:func:`unscale_factor`); ``None`` where DeepSpeed's optimizer is not registered or this DeepSpeed
+        does not expose them (Muon, another DeepSpeed version).
+
+        A fragment is ``p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)``, flattened: the block's
+        reduced gradient entries of this rank's partition in DeepSpeed's accumulation dtype (DeepSpeed casts
+        them to the fp32 partition's gradient exactly); where DeepSpeed keeps the whole gradient (bf16), the
+        fragment's range of it."""
+        zero = self._wrapper
+        blocks = self._linked_blocks()
+        if zero is None or blocks is None or getattr(zero, "use_muon", False):
+            return None
+        try:
+            factor = unscale_factor(zero)
+            partitions = zero.single_partition_of_fp32_groups
+            out = []
+            for j in range(k + 1, len(blocks)):
+                fragments: list[Tensor | None] = []
+                for p in blocks[j]:
+                    mapping = p._hp_mapping
+                    if mapping is None:
+                        fragments.append(None)
+                        continue
+                    g = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+                    numel = int(mapping.hp_fragment_address.numel)
+                    if g.numel() != numel:
+                        g = g.narrow(0, int(mapping.lp_fragment_address.start), numel)
+                    fragments.append(g)
+                out.append((j, partitions[j], fragments))
+        except (AttributeError, TypeError, ValueError, IndexError, KeyError):
+            return None
+        return factor, out
 
     def keep_buffer(self, block: Block, local: Tensor) -> None:
         """The first update's ``m_1 = g_1`` goes into the block's range of the flat buffer."""
@@ -184,3 +276,27 @@ class Zero3Parameters(ShardingBackend):
 
     def blocks(self, optimizer: Any, group: Mapping[str, Any], params: Sequence[Tensor], stepping: bool) -> list[Block]:
         raise UnsupportedShardingError(DEEPSPEED_ZERO3_MESSAGE)
+
+
+def _any_scale(optimizer: Any) -> bool:
+    """Whether some block of some partition has its scale (the same answer on every rank)."""
+    return any("scale" in entry for state in optimizer.state.values() for entry in state.get("blocks", {}).values())
+
+
+def unscale_factor(zero: Any) -> float | None:
+    """The factor DeepSpeed's ``unscale_and_clip_grads`` multiplies this step's gradients by, ``None`` for 1,
+    from its own operands (ZeRO-1/2 and ZeRO-3 alike)::
+
+        combined = loss_scale * max(1, (total_norm / loss_scale + 1e-6) / clip_grad)   (clip_grad > 0)
+        combined = loss_scale                                                          (otherwise)
+        factor   = 1 / combined
+
+    ``total_norm / loss_scale`` is DeepSpeed's ``_global_grad_norm`` of this step. A 0-d tensor where
+    clipping applies: one host sync, at the first scaling step only. Raises ``TypeError`` where clipping
+    applies but DeepSpeed computed no norm."""
+    combined: Any = zero.loss_scale
+    if zero.clip_grad > 0.0:
+        clip = torch.clamp(torch.as_tensor((zero._global_grad_norm + 1e-6) / zero.clip_grad), min=1.0)
+        combined = clip * zero.loss_scale
+    factor = float(1.0 / combined)
+    return None if factor == 1.0 else factor

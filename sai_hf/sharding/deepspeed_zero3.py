@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from .base import Block, Placement, UnsupportedShardingError, world
-from .deepspeed_zero import ZeroFragments
+from .deepspeed_zero import ZeroFragments, _any_scale, unscale_factor
 
 __all__ = ["Zero3Partitions"]
 
@@ -121,7 +121,7 @@ class Zero3Partitions(ZeroFragments):
             state = optimizer.state[partition]
             flat = state.get("momentum_buffer")
             if stepping:
-                first_scaling = not any("scale" in e for st in optimizer.state.values() for e in st.get("blocks", {}).values())
+                first_scaling = not _any_scale(optimizer)
                 later = _later_gradients(zero, i) if first_scaling else None
                 if group["normalize"] == "max" and len(zero.fp16_groups) > 1 and later is None and first_scaling:
                     raise UnsupportedShardingError(_NORMALIZE_MAX_MESSAGE)
@@ -239,8 +239,7 @@ class Zero3Partitions(ZeroFragments):
 def _later_gradients(zero: Any, i: int) -> tuple[Any, list[tuple[int, Tensor | list[Tensor]]]] | None:
     """``(factor, [(j, gradient of sub-group j)])`` for the sub-groups DeepSpeed steps after ``i`` in
     this step: their reduced gradients before DeepSpeed's ``unscale_and_clip_grads`` multiplies them by
-    ``factor`` (loss scale and clipping, recomputed from the same operands; ``None`` for 1), or
-    ``None`` where this DeepSpeed does not expose them.
+    ``factor`` (:func:`~.deepspeed_zero.unscale_factor`), or ``None`` where this DeepSpeed does not expose them.
 
     Without offload they are the reduced per-parameter pieces in ``averaged_gradients[j]`` (flattened
     into the fp32 partition's gradient only when ``j`` is stepped); with ``offload_optimizer`` they are
@@ -248,19 +247,12 @@ def _later_gradients(zero: Any, i: int) -> tuple[Any, list[tuple[int, Tensor | l
     try:
         flats = zero.fp32_partitioned_groups_flat
         offload = bool(zero.offload_optimizer)
-        loss_scale, clip_grad, norm = zero.loss_scale, zero.clip_grad, zero._global_grad_norm
+        factor = unscale_factor(zero)
         averaged = None if offload else zero.averaged_gradients
-    except AttributeError:
+    except (AttributeError, TypeError):
         return None
     if getattr(zero, "swap_optimizer", False) or getattr(zero, "use_muon", False):
         return None
-    # DeepSpeed: combined = loss_scale; clip = ((total_norm / loss_scale) + 1e-6) / clip_grad, clamped to
-    # >= 1; grad *= 1 / combined. Its _global_grad_norm is that same total_norm / loss_scale.
-    combined: Any = loss_scale
-    if clip_grad > 0.0:
-        clip = torch.clamp(torch.as_tensor((norm + 1e-6) / clip_grad), min=1.0)
-        combined = clip * loss_scale
-    factor = 1.0 / combined
     out: list[tuple[int, Tensor | list[Tensor]]] = []
     for j in range(i + 1, len(flats)):
         if offload:
@@ -272,5 +264,4 @@ def _later_gradients(zero: Any, i: int) -> tuple[Any, list[tuple[int, Tensor | l
         if raw is None:
             return None
         out.append((j, raw))
-    factor = float(factor)  # a 0-d tensor where clipping applies: one host sync, at the first step only
-    return (None if factor == 1.0 else factor), out
+    return factor, out

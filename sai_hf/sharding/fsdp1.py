@@ -49,7 +49,7 @@ class Fsdp1Views(WholeTensors):
     def __init__(self, model_groups: Sequence[Sequence[Tensor]] = ()) -> None:
         self.views: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-    def register_model(self, model: torch.nn.Module) -> int:
+    def register_model(self, model: torch.nn.Module, wrappers: Sequence[Any] = ()) -> int:
         """Record which parameters of ``model`` are FSDP1 ``use_orig_params=True`` views (``NO_SHARD``
         views as whole tensors). Idempotent; returns the number of parameters of ``model`` recorded."""
         try:

@@ -10,7 +10,10 @@ PART ``trainer`` (ZeRO-2 through the HF Trainer, ``deepspeed=<config dict>``):
 * ``lora``: PEFT LoRA on the tiny Llama under ZeRO-2 (lora_A's first gradient is exactly 0).
 
 PART ``zero1``: ZeRO-1 through the Trainer with 1 sequence per rank and gradient accumulation 2
-(same global batch), and plain ``deepspeed.initialize(model=..., optimizer=SGDSaI(...))`` under ZeRO-2.
+(same global batch); plain ``deepspeed.initialize(model=..., optimizer=SGDSaI(...))`` under ZeRO-2 with
+two parameter groups and ``normalize="max"`` (DeepSpeed's optimizer registered by
+``register_sharded_model``); ZeRO-2 with ``offload_optimizer`` (configs/deepspeed/zero2_offload.json)
+through the Trainer with ``normalize=max`` over the Trainer's two groups (``offload_max``).
 
 PART ``bf16``: ZeRO-2 through the Trainer as ``a``, with ``"bf16": {"enabled": true}`` set in the
 DeepSpeed config itself (``bf16=True`` in the arguments too: the Trainer refuses a mismatch): bf16
@@ -33,7 +36,7 @@ from _processes import SAI_ALL_REDUCES, count_sai_all_reduces, end_process_group
 from transformers import Trainer
 
 from sai_hf.sharding.deepspeed_zero import ZeroFragments
-from sai_hf import SGDSaI
+from sai_hf import SGDSaI, register_sharded_model
 from sai_hf.callback import find_sgd_sai, parameter_names
 
 
@@ -41,7 +44,7 @@ from sai_hf.callback import find_sgd_sai, parameter_names
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
 
-def zero_config(stage: int) -> dict:
+def zero_config(stage: int | str) -> dict:
     """The shipped configs/deepspeed/zero{stage}.json ("auto" values filled in by the Trainer)."""
     return json.loads((CONFIGS / f"zero{stage}.json").read_text())
 
@@ -104,13 +107,23 @@ def bf16_run(out: Path) -> dict:
     }
 
 
+def plain_groups(model) -> list[dict]:
+    """Two parameter groups (matrices with weight decay, the rest without), as users build them."""
+    params = list(model.parameters())
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
 def plain_deepspeed(out: Path) -> dict:
-    """``deepspeed.initialize(model=..., optimizer=SGDSaI(...))`` and the usual engine loop."""
+    """``deepspeed.initialize(model=..., optimizer=SGDSaI(two groups, normalize="max"))``, DeepSpeed's optimizer
+    registered, and the usual engine loop."""
     import deepspeed
 
     SAI_ALL_REDUCES.clear()
     model = tiny_gpt2()
-    optimizer = SGDSaI(model.parameters(), lr=1e-3, weight_decay=0.01)
+    optimizer = SGDSaI(plain_groups(model), lr=1e-3, normalize="max")
     config = {
         **zero_config(2),
         "train_micro_batch_size_per_gpu": 2,
@@ -121,6 +134,7 @@ def plain_deepspeed(out: Path) -> dict:
         "fp16": {"enabled": False},
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    register_sharded_model(model, engine.optimizer)  # DeepSpeed's optimizer: normalize="max" over both groups
     rank = dist.get_rank()
     for ids in token_batches(3, batch=4):
         local = ids[2 * rank : 2 * rank + 2]
@@ -151,6 +165,10 @@ def main() -> None:
         run.pop("trainer")
         result["zero1"] = run
         result["plain"] = plain_deepspeed(out)
+        offload = trainer_run(out, "offload_max", "2_offload", optim_args="normalize=max")
+        offload.pop("trainer")
+        offload.pop("weights")  # saved as weights_offload_max.pt
+        result["offload_max"] = offload
     elif part == "bf16":
         result["bf16"] = bf16_run(out)
     rank = dist.get_rank()

@@ -130,6 +130,12 @@ def plain_run(zero: dict, normalize: str = "none", zero_init: bool = False, fp16
               "gradient_clipping": PLAIN_CLIP, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}  # fmt: skip
     if fp16:
         config["fp16"] = {"enabled": True, "initial_scale_power": 8}
+        # DeepSpeed's CPU accelerator reports fp16 as supported only where oneDNN has native fp16 kernels
+        # (AVX512-FP16 / AMX CPUs; not e.g. AMD EPYC): its sanity check would refuse the config on those.
+        # torch's CPU kernels run fp16 everywhere; what is tested is SGD-SaI under DeepSpeed's loss scale.
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().is_fp16_supported = lambda: True
     with deepspeed.zero.Init(config_dict_or_path=config) if zero_init else contextlib.nullcontext():
         model = OddModule()
     optimizer = SGDSaI(model.parameters(), lr=1e-2, weight_decay=0.1, normalize=normalize, eps=PLAIN_EPS)
