@@ -192,24 +192,30 @@ class ZeroFragments(ShardingBackend):
                 else:
                     g = None if grad is None else grad.narrow(0, start, numel)
                 slot = None if flat is None else flat.narrow(0, start, numel)
-            out.append(
-                Block(
-                    param=p,
-                    local=local,
-                    grad=g,
-                    buffer=slot if entry.get("step", 0) > 0 else None,
-                    state=entry,
-                    group=group,
-                    placement=Placement(sharded=True, contributes=True, numel=int(p.numel())),
-                    backend=self,
-                    may_lack_gradient=grad is not None,
-                    buffer_slot=slot,
-                    step_index=step,
-                    scale_only=scale_only,
-                    grad_factor=factor,
-                )
-            )
+            out.append(self._block(p, int(p.numel()), local, g, slot, entry, group, grad is not None, step, factor, scale_only))
         return out
+
+    def _block(
+        self, p: Tensor, numel: int, local: Tensor, grad: Tensor | None, slot: Tensor | None, entry: dict[str, Any],
+        group: Mapping[str, Any], may_lack_gradient: bool, step: int, factor: float | None, scale_only: bool,
+    ) -> Block:
+        """One block of a DeepSpeed partition: ``numel`` entries in all, ``local`` / ``grad`` / ``slot`` its
+        entries here (every rank holds disjoint ones); the buffer is the slot once the block was updated."""
+        return Block(
+            param=p,
+            local=local,
+            grad=grad,
+            buffer=slot if entry.get("step", 0) > 0 else None,
+            state=entry,
+            group=group,
+            placement=Placement(sharded=True, contributes=True, numel=numel),
+            backend=self,
+            may_lack_gradient=may_lack_gradient,
+            buffer_slot=slot,
+            step_index=step,
+            scale_only=scale_only,
+            grad_factor=factor,
+        )
 
     def _later_gradients(self, k: int) -> tuple[float | None, list[tuple[int, Tensor, list[Tensor | None]]]] | None:
         """``(factor, [(j, partition of group j, its blocks' gradient fragments)])`` for the groups DeepSpeed

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Block, Placement, UnsupportedShardingError, world
+from .base import Block, UnsupportedShardingError, world
 from .deepspeed_zero import ZeroFragments, _any_scale, unscale_factor
 
 __all__ = ["Zero3Partitions"]
@@ -191,23 +191,8 @@ class Zero3Partitions(ZeroFragments):
                 g = grad[index].reshape(-1).narrow(0, 0, valid)
             else:
                 g = grad.narrow(0, offset, valid)
-            out.append(
-                Block(
-                    param=p,
-                    local=partition.narrow(0, offset, valid),
-                    grad=g,
-                    buffer=slot if entry.get("step", 0) > 0 else None,
-                    state=entry,
-                    group=group,
-                    placement=Placement(sharded=True, contributes=True, numel=numel),
-                    backend=self,
-                    may_lack_gradient=grad is not None,
-                    buffer_slot=slot,
-                    step_index=step,
-                    scale_only=scale_only,
-                    grad_factor=factor,
-                )
-            )
+            local = partition.narrow(0, offset, valid)
+            out.append(self._block(p, numel, local, g, slot, entry, group, grad is not None, step, factor, scale_only))
             offset += piece
         if offset != partition.numel():
             raise UnsupportedShardingError(

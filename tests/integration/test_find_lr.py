@@ -12,15 +12,12 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from _launch import child_env, free_port
+from _launch import child_env, free_port, launch
 
 from sai_hf import find_lr
 from sai_hf.lr_rule import NoDecreaseError, Smoother, diverged, ramp_lr, suggest
@@ -49,16 +46,9 @@ def script_env() -> dict[str, str]:
 
 
 def run_cli(cmd: list[str], timeout: float = 240) -> tuple[int, str, float]:
-    start = time.monotonic()
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        err += f"\n[test] killed after {timeout} s"
-    return proc.returncode, out + "\n--- stderr:\n" + err, time.monotonic() - start
+    """(exit code, stdout + ``--- stderr:`` + stderr, seconds) of ``cmd`` run from the repository root."""
+    rc, seconds, output = launch(cmd, cwd=ROOT, timeout=timeout, env=script_env(), stderr_apart=True)
+    return rc, output, seconds
 
 
 def check_curve(payload: dict, start: float, end: float, steps: int) -> None:

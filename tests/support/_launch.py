@@ -34,20 +34,27 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def launch(cmd: list, cwd: Path = REPO, timeout: float = LAUNCH_TIMEOUT_S, env: dict[str, str] | None = None) -> tuple[int, float, str]:
-    """Run ``cmd`` in its own session with :func:`child_env` (or ``env``); returns (exit code, seconds, stdout+stderr).
-    Past ``timeout`` the whole session is killed and the output says so."""
+def launch(
+    cmd: list, cwd: Path = REPO, timeout: float = LAUNCH_TIMEOUT_S, env: dict[str, str] | None = None, stderr_apart: bool = False
+) -> tuple[int, float, str]:
+    """Run ``cmd`` in its own session with :func:`child_env` (or ``env``); returns (exit code, seconds, output):
+    stdout and stderr interleaved, or with ``stderr_apart`` stdout, a line ``--- stderr:``, then stderr. Past
+    ``timeout`` the whole session is killed and the output says so."""
     start = time.monotonic()
     proc = subprocess.Popen(
         [str(c) for c in cmd], cwd=cwd, env=child_env() if env is None else env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stderr=subprocess.PIPE if stderr_apart else subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        output, errors = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        output += f"\n[test] killed after {timeout} s (a rank waiting in a collective?)"
+        output, errors = proc.communicate()
+        errors = (errors or "") + f"\n[test] killed after {timeout} s (a rank waiting in a collective?)"
+    if stderr_apart:
+        output += "\n--- stderr:\n" + errors
+    elif errors:
+        output += errors
     return proc.returncode, time.monotonic() - start, output
 
 
