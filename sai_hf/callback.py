@@ -3,13 +3,19 @@
 The optimizer scales each block in its own ``step()`` (a block deferred at the first step gets its scale at its first
 usable gradient; one that never gets a gradient never gets a scale); the callback knows no sharding backend. After each
 optimizer step in which blocks received their scale it adds ``gsnr/scale_{min,median,max}``, ``gsnr/scaled`` and
-``gsnr/deferred`` to the Trainer's next log and (world process zero) rewrites ``<output_dir>/gsnr.json`` atomically::
+``gsnr/deferred`` to the Trainer's next log and (world process zero) rewrites ``<output_dir>/gsnr.json`` atomically,
+logging where (``logging.INFO`` on the ``sai_hf.callback`` logger)::
 
     {"<name in model.named_parameters()>": {"gsnr": float, "scale": float, "numel": int, "gsnr_over_sqrt_numel": float}}
 
 for every parameter with a scale, under its original name (wrapper components removed: :func:`parameter_names`) and
-with the whole tensor's ``numel``. A resumed run restores the scales with the optimizer state and rewrites a missing or
-different report when it starts.
+with the whole tensor's ``numel``. A resumed run restores the scales with the optimizer state, rewrites a missing or
+different report when it starts, and adds the restored scales' ``gsnr/*`` summary to its first log.
+
+Unless the ``sai_hf`` logger has a level of its own (the recipes set one; so may you), a run whose log level for the
+process (``TrainingArguments.get_process_log_level()``) is more verbose than the logger's sets it to that level, as the
+Trainer does for ``transformers``: the report's line shows where the Trainer's INFO lines do (``run_clm.py``: the main
+process), and never fewer lines than the logging configuration already showed.
 
 ``import sai_hf`` adds an :class:`AutoGSNRCallback` to every Trainer (it does nothing unless the optimizer is SGD-SaI).
 A hand-added ``GSNRCallback`` takes over: the automatic one stands down for that run. With several hand-added ones,
@@ -20,6 +26,7 @@ history file are refused when training starts (``ValueError`` naming the file).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import operator
 import os
@@ -47,6 +54,17 @@ HISTORY_FILENAME = "gsnr_history.json"
 TRACK_EVERY_ENV = "SAI_HF_GSNR_TRACK_EVERY"
 #: Prefix of the Trainer's checkpoint folders (``transformers.trainer_utils.PREFIX_CHECKPOINT_DIR``).
 CHECKPOINT_PREFIX = "checkpoint"
+
+logger = logging.getLogger(__name__)
+
+
+def _follow_trainer_log_level(args: Any) -> None:
+    """Lower the ``sai_hf`` logger's level to the Trainer's log level for this process, if that is more verbose than
+    what it has now and nobody gave it a level of its own."""
+    package_logger = logging.getLogger(__name__.partition(".")[0])
+    level = args.get_process_log_level()
+    if package_logger.level == logging.NOTSET and level < package_logger.getEffectiveLevel():
+        package_logger.setLevel(level)
 
 
 def checked_track_every(value: Any, name: str = "track_every") -> int:
@@ -146,6 +164,7 @@ class GSNRCallback(TrainerCallback):
         self._standing_down = False
         self._reported = 0  # blocks with a scale at the last report
         self._pending_summary: dict[str, float] | None = None
+        self._log_at_step_end = False  # the pending summary forces a log at the end of this step (else: the next log)
         self._history: dict[str, Any] | None = None
         self._last_tracked = 0
 
@@ -177,9 +196,11 @@ class GSNRCallback(TrainerCallback):
             self._standing_down = True
             return None
         self._interval()
+        _follow_trainer_log_level(args)
         sai.register_model(model, optimizer)  # once per run: FSDP1 views, DeepSpeed ZeRO-1/2's optimizer
         self._reported = len(sai.scales())
         if self._reported:  # scales restored from a checkpoint (or a Trainer trained before)
+            self._pending_summary = self.summary(sai)  # in the run's first log, at its own logging step
             names = parameter_names(model)
             zero = getattr(state, "is_world_process_zero", True)
             if zero and args.output_dir:
@@ -235,11 +256,12 @@ class GSNRCallback(TrainerCallback):
         if scaled > self._reported:  # new scales (the optimizer's step, or another instance's reducer)
             self._reported = scaled
             self._pending_summary = {**(self._pending_summary or {}), **self.summary(sai)}
+            self._log_at_step_end = True
             if getattr(state, "is_world_process_zero", True) and args.output_dir:
                 self.write_report(os.path.join(args.output_dir, self.filename), sai, parameter_names(model))
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._pending_summary is not None:
+        if self._pending_summary is not None and self._log_at_step_end:
             control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -249,6 +271,7 @@ class GSNRCallback(TrainerCallback):
         if state.log_history:
             state.log_history[-1].update(self._pending_summary)
         self._pending_summary = None
+        self._log_at_step_end = False
 
     def on_save(self, args, state, control, **kwargs):
         """Copy the drift history into the checkpoint just saved (so a resume elsewhere continues it)."""
@@ -274,6 +297,7 @@ class GSNRCallback(TrainerCallback):
         drift = drift_summary([scaled[p]["gsnr"] for p in blocks], [current[p] for p in blocks])
         drift["skipped"] = float(len(scaled) - len(blocks))
         self._pending_summary = {**(self._pending_summary or {}), **{f"gsnr_drift/{k}": v for k, v in drift.items()}}
+        self._log_at_step_end = True
         if self._history is None:
             self._history = self._new_history(sai, names)
         history = self._history
@@ -356,8 +380,10 @@ class GSNRCallback(TrainerCallback):
         return out
 
     def write_report(self, path: str, sai: SGDSaI, names: dict[int, str]) -> None:
-        """Write :meth:`report` to ``path`` atomically."""
-        _write_json(path, self.report(sai, names))
+        """Write :meth:`report` to ``path`` atomically, and log where (INFO)."""
+        report = self.report(sai, names)
+        _write_json(path, report)
+        logger.info("g-SNR report (the scales of %d blocks) written to %s", len(report), os.path.abspath(path))
 
 
 def _scaled_blocks(sai: SGDSaI, names: dict[int, str]) -> dict[torch.Tensor, Any]:

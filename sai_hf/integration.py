@@ -21,7 +21,9 @@ from transformers import TrainerCallback
 
 from .checkpoint import align_scheduler, remember_parameter_order
 from .sharding import refuse_unsupported_setup
-from .optim_args import OptionSpec, parse_bool, parse_dtype, parse_float, parse_optim_args, parse_optional_bool, parse_str
+from .optim_args import (
+    OptionSpec, optim_args_source, parse_bool, parse_dtype, parse_float, parse_optim_args, parse_optional_bool, parse_str,
+)
 from .optimizer import SGDSaI, find_sgd_sai, validate_hyperparameters
 
 __all__ = ["OptimizerRegistration", "REGISTRY", "OptimArgsCheck", "register", "optimizer_kwargs_from_args"]
@@ -41,10 +43,20 @@ class OptimizerRegistration:
     build_kwargs: Callable[[Any, dict[str, Any]], dict[str, Any]] = lambda args, options: dict(options)
 
 
+def _validated(source: str, **values: Any) -> None:
+    """:func:`validate_hyperparameters` of ``values``, its ``ValueError`` naming where they came from (``source``: the
+    ``TrainingArguments`` flag, or ``--optim_args``)."""
+    try:
+        validate_hyperparameters(**values)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
 def _sgd_sai_kwargs(args: Any, options: dict[str, Any]) -> dict[str, Any]:
-    kwargs = {"lr": args.learning_rate, **options}
-    validate_hyperparameters(weight_decay=args.weight_decay, **{k: v for k, v in kwargs.items() if k != "maximize"})
-    return kwargs
+    _validated(optim_args_source(SGD_SAI.name), **{k: v for k, v in options.items() if k != "maximize"})
+    _validated("--learning_rate", lr=args.learning_rate)
+    _validated("--weight_decay", weight_decay=args.weight_decay)
+    return {"lr": args.learning_rate, **options}
 
 
 SGD_SAI = OptimizerRegistration(
@@ -77,7 +89,9 @@ def _adam_mini_kwargs(args: Any, options: dict[str, Any]) -> dict[str, Any]:
         "weight_decay": args.weight_decay,
         **options,
     }
-    validate_hyperparameters(lr=kwargs["lr"], eps=kwargs["eps"], weight_decay=kwargs["weight_decay"])
+    _validated("--learning_rate", lr=kwargs["lr"])
+    _validated("--adam_epsilon", eps=kwargs["eps"])
+    _validated("--weight_decay", weight_decay=kwargs["weight_decay"])
     return kwargs
 
 

@@ -11,7 +11,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["OptionSpec", "parse_bool", "parse_dtype", "parse_float", "parse_optional_bool", "parse_optim_args", "parse_str"]
+__all__ = [
+    "OptionSpec", "optim_args_source", "parse_bool", "parse_dtype", "parse_float", "parse_optional_bool", "parse_optim_args",
+    "parse_str",
+]
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,11 @@ def parse_str(text: str) -> str:
     return text.strip()
 
 
+def optim_args_source(optimizer: str) -> str:
+    """How an error message names a value that came from ``--optim_args`` for ``optimizer`` (the ``--optim`` name)."""
+    return f"--optim_args for {optimizer}"
+
+
 def parse_optim_args(text: str | None, options: Mapping[str, OptionSpec], optimizer: str) -> dict[str, Any]:
     """``text`` (the ``--optim_args`` string; ``None`` or empty: no options) as a dict of values parsed by ``options``
     (the accepted keys of ``optimizer``, the ``--optim`` name for messages); ``ValueError`` naming the offending key.
@@ -71,7 +79,7 @@ def parse_optim_args(text: str | None, options: Mapping[str, OptionSpec], optimi
     parsed: dict[str, Any] = {}
     if not text:
         return parsed
-    prefix = f"--optim_args for {optimizer}"
+    prefix = optim_args_source(optimizer)
     if not text.strip():
         raise ValueError(f"{prefix}: {text!r} is blank; leave --optim_args out, or give key=value entries")
     for item in text.split(","):

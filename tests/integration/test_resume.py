@@ -61,6 +61,24 @@ def test_trainer_resume_from_checkpoint_keeps_scales(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_resumed_run_logs_the_restored_gsnr_summary_at_its_first_logging_step(tmp_path):
+    """The ``gsnr/*`` summary of the restored scales is in the resumed run's first log, at its own logging step
+    (logging every 3 steps, resumed at step 4: step 6), not in an extra log the summary would force."""
+    common = dict(max_steps=6, save_strategy="steps", save_steps=4, logging_steps=3)
+    first = Trainer(model=tiny_gpt2(), args=training_args(tmp_path, **common), train_dataset=TokenDataset())
+    first.train()
+    (scaled_at_start,) = [log for log in first.state.log_history if "gsnr/scaled" in log]
+    assert scaled_at_start["step"] == 1
+
+    resumed = Trainer(model=tiny_gpt2(), args=training_args(tmp_path, **common), train_dataset=TokenDataset())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    after = [log for log in resumed.state.log_history if log["step"] > 4 and "loss" in log]
+    assert [log["step"] for log in after] == [6]
+    summary = {key: value for key, value in scaled_at_start.items() if key.startswith("gsnr/")}
+    assert set(summary) == {"gsnr/scaled", "gsnr/deferred", "gsnr/scale_min", "gsnr/scale_median", "gsnr/scale_max"}
+    assert {key: after[0][key] for key in summary} == summary
+
+
 # --------------------------------------------------------------------------- checkpoints written by other runs: the official sgd-sai under a Trainer, training_args.bin
 def _official_trainer(tmp_path, max_steps):
     """A Trainer run of the official SGD_sai built over model.parameters() (one group), cosine schedule."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from transformers.trainer import DEFAULT_CALLBACKS
 from transformers.trainer_callback import TrainerCallback
 from transformers.trainer_optimizer import _parse_optim_args
 from transformers.training_args import OptimizerNames
+from transformers.utils import logging as transformers_logging
 
 import sai_hf
 from sai_hf import GSNRCallback, SGDSaI, find_sgd_sai
@@ -101,28 +103,40 @@ def test_trainer_builds_sgd_sai_with_hf_weight_decay_groups(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides, key",
+    "overrides, key, source",
     [
-        (dict(optim_args="momentun=0.9"), "momentun"),
-        (dict(optim_args="momentum=abc"), "momentum"),
-        (dict(optim_args="momentum=1.5"), "momentum"),
-        (dict(optim_args="momentum=-0.1"), "momentum"),
-        (dict(optim_args="eps=-1e-8"), "eps"),
-        (dict(optim_args="normalize=mean"), "normalize"),
-        (dict(optim_args="maximize=perhaps"), "maximize"),
-        (dict(optim_args="momentum"), "momentum"),
-        (dict(optim_args="momentum_dtype=int8"), "momentum_dtype"),
-        (dict(optim_args="fused=true,foreach=true"), "fused"),
-        (dict(learning_rate=-1e-3), "lr"),
+        (dict(optim_args="momentun=0.9"), "momentun", "--optim_args"),
+        (dict(optim_args="momentum=abc"), "momentum", "--optim_args"),
+        (dict(optim_args="momentum=1.5"), "momentum", "--optim_args"),
+        (dict(optim_args="momentum=2"), "momentum", "--optim_args"),
+        (dict(optim_args="momentum=-0.1"), "momentum", "--optim_args"),
+        (dict(optim_args="eps=-1e-8"), "eps", "--optim_args"),
+        (dict(optim_args="eps=nan"), "eps", "--optim_args"),
+        (dict(optim_args="normalize=mean"), "normalize", "--optim_args"),
+        (dict(optim_args="scale_rule=sqrt"), "scale_rule", "--optim_args"),
+        (dict(optim_args="maximize=perhaps"), "maximize", "--optim_args"),
+        (dict(optim_args="momentum"), "momentum", "--optim_args"),
+        (dict(optim_args="momentum_dtype=int8"), "momentum_dtype", "--optim_args"),
+        (dict(optim_args="fused=true,foreach=true"), "fused", "--optim_args"),
+        (dict(learning_rate=-1e-3), "lr", "--learning_rate"),
+        (dict(weight_decay=-0.1), "weight_decay", "--weight_decay"),
     ],
 )
-def test_bad_optim_args_fail_before_training(tmp_path, overrides, key):
+def test_bad_optim_args_fail_before_training(tmp_path, overrides, key, source):
+    """The message names the key and the flag the value came from (``--optim_args`` for its keys: the optimizer's own
+    range checks, e.g. momentum=2, included)."""
     args = training_args(tmp_path, **overrides)
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(ValueError, match=rf"{re.escape(source)}.*\b{key}\b"):
         Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
     if "=" in (args.optim_args or "="):  # transformers' own parser fails first on an entry without '='
-        with pytest.raises(ValueError, match=key):
+        with pytest.raises(ValueError, match=rf"{re.escape(source)}.*\b{key}\b"):
             Trainer.get_optimizer_cls_and_kwargs(args)
+
+
+def test_adam_mini_hyperparameters_name_their_flag(tmp_path):
+    pytest.importorskip("adam_mini", reason="adam-mini is in the test extra")
+    with pytest.raises(ValueError, match=r"--adam_epsilon.*\beps=-1"):
+        Trainer.get_optimizer_cls_and_kwargs(training_args(tmp_path, optim="adam_mini", adam_epsilon=-1.0))
 
 
 # --------------------------------------------------------------------------- GSNRCallback
@@ -153,6 +167,53 @@ def test_training_writes_gsnr_json_and_logs_summary(tmp_path):
     assert summary["gsnr/scale_min"] == min(scales) and summary["gsnr/scale_max"] == max(scales)
     assert summary["gsnr/deferred"] == 0 and summary["gsnr/scaled"] == len(report)
     assert summary["step"] == 1
+
+
+@pytest.fixture
+def sai_hf_log_level():
+    """The ``sai_hf`` logger without a level of its own (as in a script that never configured it); restored after."""
+    package_logger = logging.getLogger("sai_hf")
+    saved, verbosity = package_logger.level, transformers_logging.get_verbosity()
+    package_logger.setLevel(logging.NOTSET)
+    yield package_logger
+    package_logger.setLevel(saved)
+    transformers_logging.set_verbosity(verbosity)
+
+
+def test_the_report_path_is_logged_where_the_trainer_logs_info(tmp_path, caplog, sai_hf_log_level):
+    """run_clm.py turns transformers' verbosity to INFO on the main process (``log_level`` left passive): the line saying
+    where gsnr.json went shows with the Trainer's own INFO lines; a default (quiet) run shows none; a level the user gave
+    the ``sai_hf`` logger wins."""
+    def report_lines(run: str, **overrides) -> list[str]:
+        caplog.clear()
+        _train(tmp_path / run, max_steps=1, **overrides)
+        return [r.getMessage() for r in caplog.records if r.name == "sai_hf.callback"]
+
+    assert report_lines("quiet") == []
+    assert sai_hf_log_level.level == logging.NOTSET  # a quiet run does not quieten a logger configured elsewhere
+    transformers_logging.set_verbosity_info()
+    (line,) = report_lines("run_clm")
+    report = tmp_path / "run_clm" / "gsnr.json"
+    assert str(report.resolve()) in line and f"of {len(json.loads(report.read_text()))} blocks" in line
+    sai_hf_log_level.setLevel(logging.WARNING)
+    assert report_lines("user_chose_warning") == []
+
+
+def test_readme_lists_every_metric_the_callback_logs(tmp_path):
+    trainer = Trainer(
+        model=tiny_gpt2(), args=training_args(tmp_path, max_steps=2), train_dataset=TokenDataset(),
+        callbacks=[GSNRCallback(track_every=2)],
+    )
+    trainer.train()
+    logged = {key for log in trainer.state.log_history for key in log if key.startswith(("gsnr/", "gsnr_drift/"))}
+    assert {"gsnr/scaled", "gsnr/deferred", "gsnr_drift/spearman"} <= logged
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    listed = {
+        prefix + option
+        for prefix, options in re.findall(r"\b(gsnr(?:_drift)?/[a-z_]*)(?:\{([a-z_,]+)\})?", readme)
+        for option in (options.split(",") if options else [""])
+    }
+    assert not logged - listed, f"README.md does not list {sorted(logged - listed)}"
 
 
 def test_gradient_accumulation_gives_the_big_batch_gsnr(tmp_path):
