@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from itertools import chain
 
-from datasets import Dataset, DatasetDict
+from datasets import DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from .quiet import quiet_progress
@@ -88,7 +88,3 @@ def packed_lm_datasets(
     data in errors)."""
     return pack_into_blocks(tokenize_documents(raw, tokenizer, text_column, num_proc), block_size, num_proc, source)
 
-
-def count_tokens(dataset: Dataset) -> int:
-    """Tokens in a packed dataset."""
-    return len(dataset) * len(dataset[0]["input_ids"]) if len(dataset) else 0
