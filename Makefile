@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup quickstart test test-fast test-gpu
+.PHONY: setup quickstart test test-fast test-gpu test-versions
 setup: $(VENV)/.sai_hf_installed
 
 $(VENV)/.sai_hf_installed: pyproject.toml
@@ -24,3 +24,10 @@ test-fast: setup
 # The CUDA suite (tests/gpu, marker `cuda`): on a machine without a GPU every test is skipped with its reason.
 test-gpu: setup
 	$(PY) -m pytest tests/gpu -m cuda
+
+# The declared dependency range, tested: each LEG installs sai-hf in a fresh .venv-LEG/ (floor: every pyproject
+# floor, transformers 4.57.1; transformers5: the floors with transformers 5.0.0; newest; torch-floor: also torch
+# at its floor, a multi-GB download) and runs the smoke tests (tests/smoke.txt). CI runs LEG=floor.
+LEG ?= floor newest
+test-versions:
+	$(PYTHON) scripts/test_versions.py $(LEG)

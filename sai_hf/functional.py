@@ -347,24 +347,6 @@ def _single_pass_sgd_sai(
             _fused_sgd_block(param, grad, buf, momentum, step_sizes[i], decay, maximize, first[i])
     # The kernels write memory behind autograd's back: bump the version counters, so that a backward
     # through a graph that saved these tensors raises, as after any in-place op.
-    _increment_versions([t for t in (*params, *bufs) if t is not None and not t.is_inference()])
+    torch.autograd.graph.increment_version([t for t in (*params, *bufs) if t is not None and not t.is_inference()])
 
 
-@functools.cache
-def _increment_version_takes_lists() -> bool:
-    """Whether ``torch.autograd.graph.increment_version`` takes a list of tensors (torch 2.4 takes
-    one tensor: "increment_version expect a Tensor as input"). Decided once per process."""
-    try:
-        with torch.inference_mode(False):
-            torch.autograd.graph.increment_version([torch.zeros(())])
-    except (TypeError, RuntimeError):
-        return False
-    return True
-
-
-def _increment_versions(tensors: list[Tensor]) -> None:
-    if _increment_version_takes_lists():
-        torch.autograd.graph.increment_version(tensors)
-    else:
-        for t in tensors:
-            torch.autograd.graph.increment_version(t)

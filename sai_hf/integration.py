@@ -1,10 +1,11 @@
-"""Registration of sai-hf's optimizers as ``--optim`` names in ``transformers`` (5.2+), as data: one
+"""Registration of sai-hf's optimizers as ``--optim`` names in ``transformers`` (4.57 or 5.x), as data: one
 :class:`OptimizerRegistration` per optimizer in :data:`REGISTRY`. :func:`register` (idempotent) adds each name
 
 1. as a member of ``transformers.training_args.OptimizerNames`` (so ``TrainingArguments(optim=...)`` and its
    subclasses validate it and ``HfArgumentParser`` lists it); the member pickles as ``getattr(OptimizerNames, NAME,
    "name")``, so a checkpoint's ``training_args.bin`` unpickles without sai_hf (as the plain string);
-2. as a handler in ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` (``Trainer.get_optimizer_cls_and_kwargs``);
+2. as a handler in the table ``Trainer.get_optimizer_cls_and_kwargs`` consults (:func:`sai_hf.compat.optimizer_handlers`:
+   ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` on 5.2+);
 
 and appends :class:`OptimArgsCheck`, :class:`ImportedSchedulerAlignment` and
 :class:`sai_hf.callback.AutoGSNRCallback` to ``transformers.trainer.DEFAULT_CALLBACKS``, so every Trainer gets them.
@@ -20,6 +21,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .checkpoint import align_scheduler, remember_parameter_order
+from .compat import optimizer_handlers
 from .sharding import refuse_unsupported_setup
 from .optim_args import (
     OptionSpec, optim_args_source, parse_bool, parse_dtype, parse_float, parse_optim_args, parse_optional_bool, parse_str,
@@ -131,7 +133,7 @@ def optimizer_kwargs_from_args(args: Any) -> tuple[type, dict[str, Any]] | None:
 
 
 def _handler(ctx: Any) -> tuple[type, dict[str, Any]]:
-    """The ``_OPTIMIZER_HANDLERS`` entry: Trainer's ``lr`` plus the validated ``--optim_args``."""
+    """The optimizer-handler table's entry: Trainer's ``lr`` plus the validated ``--optim_args``."""
     found = optimizer_kwargs_from_args(ctx.args)
     if found is None:  # pragma: no cover - only registered names are routed here
         raise ValueError(f"sai-hf has no optimizer named {_optim_name(ctx.args)!r}")
@@ -163,18 +165,10 @@ def _add_enum_member(enum_cls: type[enum.Enum], member_name: str, value: str) ->
 
 
 def _transformers_hooks() -> tuple[type[enum.Enum], dict, list]:
-    import transformers
     from transformers import trainer as trainer_module
     from transformers.training_args import OptimizerNames
 
-    try:
-        from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
-    except ImportError as err:  # transformers < 5.2 dispatched optimizers with an if/elif chain
-        raise ImportError(
-            f"sai-hf needs transformers>=5.2,<6 (found {transformers.__version__}): "
-            "it registers --optim names in transformers.trainer_optimizer._OPTIMIZER_HANDLERS"
-        ) from err
-    return OptimizerNames, _OPTIMIZER_HANDLERS, trainer_module.DEFAULT_CALLBACKS
+    return OptimizerNames, optimizer_handlers(), trainer_module.DEFAULT_CALLBACKS
 
 
 class OptimArgsCheck(TrainerCallback):

@@ -29,6 +29,8 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
+from ..compat import training_argument_name
+
 USAGE = "usage: {prog} CONFIG.yaml [--field value ...]"
 
 
@@ -198,6 +200,27 @@ def _list_item(key: str, item: Any, action: argparse.Action) -> Any:
     return converted
 
 
+def _installed_names(config: dict[str, Any], path: str) -> dict[str, Any]:
+    """``config`` with its keys named as the installed ``TrainingArguments`` names them; ``ValueError`` for two
+    keys that name one field there (``activation_checkpointing`` and ``gradient_checkpointing`` on 4.57)."""
+    renamed: dict[str, Any] = {}
+    first: dict[str, str] = {}
+    for key, value in config.items():
+        name = training_argument_name(key)
+        if name in renamed:
+            raise ValueError(f"config file {path}: keys '{first[name]}' and '{key}' set the same field ({name})")
+        renamed[name], first[name] = value, key
+    return renamed
+
+
+def _installed_name(token: str) -> str:
+    """A command-line token with its ``--field`` named as the installed ``TrainingArguments`` names it."""
+    if not token.startswith("--"):
+        return token
+    name, sep, value = token[2:].partition("=")
+    return f"--{training_argument_name(name)}{sep}{value}"
+
+
 def parse_recipe_args(
     argv: Sequence[str] | None, dataclass_types: Sequence[type], prog: str = "recipe"
 ) -> tuple[Any, ...]:
@@ -213,8 +236,8 @@ def parse_recipe_args(
         raise SystemExit(0)
     if not argv or argv[0].startswith("-"):
         raise ValueError(f"the first argument must be a YAML config file; {USAGE.format(prog=prog)}")
-    config_path, overrides = argv[0], argv[1:]
-    config, written = _load_config(config_path)
+    config_path, overrides = argv[0], [_installed_name(token) for token in argv[1:]]
+    config, written = (_installed_names(mapping, config_path) for mapping in _load_config(config_path))
     fields = known_fields(dataclass_types)
     check_config_keys(config, fields, source=f"config file {config_path}")
     override_keys = {tok[2:].split("=", 1)[0]: None for tok in overrides if tok.startswith("--")}

@@ -45,22 +45,30 @@ logger = logging.getLogger(__name__)
 BASE_FORMAT_VERSION = 3  # bump when the way bases are pretrained changes (2: base_optim, base_seed; 3: fixed settings)
 
 #: ``TrainingArguments`` fields that shape the base's weights and are *not* taken from the run: the
-#: base is pretrained with their ``TrainingArguments`` defaults, whatever the run says.
+#: base is pretrained with their ``TrainingArguments`` defaults, whatever the run says. Both transformers
+#: lines' names (5.x ``train_sampling_strategy`` is 4.57's ``group_by_length``); those the installed
+#: ``TrainingArguments`` lacks are skipped (:func:`_present`).
 FIXED_FIELDS = (
     "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "label_smoothing_factor", "neftune_noise_alpha",
     "optim_target_modules", "average_tokens_across_devices", "tf32", "torch_compile", "use_liger_kernel",
     "liger_kernel_config", "auto_find_batch_size", "dataloader_drop_last", "train_sampling_strategy",
-    "full_determinism", "num_train_epochs",
+    "group_by_length", "full_determinism", "num_train_epochs",
 )  # fmt: skip
-#: Fields taken from the run (its machine and launch decide them) and therefore in the cache key.
+#: Fields taken from the run (its machine and launch decide them) and therefore in the cache key (4.57 also
+#: has ``warmup_ratio``, which 5.x folded into ``warmup_steps``).
 KEYED_FIELDS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "lr_scheduler_kwargs",
-    "warmup_steps", "bf16", "fp16",
+    "warmup_steps", "warmup_ratio", "bf16", "fp16",
 )  # fmt: skip
 
 
-def _field_default(name: str) -> object:
-    found = next(f for f in dataclasses.fields(TrainingArguments) if f.name == name)
+def _present(names: tuple[str, ...]) -> dict[str, dataclasses.Field]:
+    """The fields of the installed ``TrainingArguments`` among ``names``, by name."""
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    return {name: fields[name] for name in names if name in fields}
+
+
+def _field_default(found: dataclasses.Field) -> object:
     return found.default_factory() if found.default_factory is not dataclasses.MISSING else found.default
 
 
@@ -82,7 +90,7 @@ def base_cache_key(
             "corpus": corpus_id(corpus["train"]),
             "steps": model_args.base_pretrain_steps,
             "learning_rate": model_args.base_learning_rate,
-            "run_fields": {name: str(getattr(training_args, name)) for name in KEYED_FIELDS},
+            "run_fields": {name: str(getattr(training_args, name)) for name in _present(KEYED_FIELDS)},
             "world_size": training_args.world_size,
             "split_batches": bool(getattr(training_args.accelerator_config, "split_batches", False)),
             "optim": model_args.base_optim,
@@ -96,7 +104,7 @@ def base_training_arguments(training_args: TrainingArguments, output_dir: Path, 
     :data:`FIXED_FIELDS` at their defaults)."""
     return dataclasses.replace(
         training_args,
-        **{name: _field_default(name) for name in FIXED_FIELDS},
+        **{name: _field_default(found) for name, found in _present(FIXED_FIELDS).items()},
         output_dir=str(output_dir),
         max_steps=model_args.base_pretrain_steps,
         learning_rate=model_args.base_learning_rate,

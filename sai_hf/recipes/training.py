@@ -152,5 +152,5 @@ def train_and_evaluate(trainer: Trainer, title: str = "training") -> RecipeResul
         print(f"results in {output_dir}, metrics in {output_dir / 'all_results.json'}", flush=True)
         if loss_curve is not None:
             print(f"loss curve in {loss_curve}", flush=True)
-    trainer.end()  # finish the report_to trackers (and the process group under accelerate launch)
+    trainer.accelerator.end_training()  # finish the report_to trackers and the process group (5.x: trainer.end(); 4.57 lacks it)
     return RecipeResult(trainer, metrics, output_dir, output_dir / "all_results.json", loss_curve)

@@ -185,3 +185,47 @@ def test_setup_script_is_quiet_when_pip_succeeds_and_loud_when_it_fails(tmp_path
     assert failed.returncode == 7
     assert "ERROR: pip failed on purpose" in failed.stderr and "setup: error:" in failed.stderr
     assert not (venv / ".sai_hf_installed").exists()
+
+
+def _version_legs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("test_versions", REPO / "scripts" / "test_versions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_version_legs_pin_the_floors_pyproject_declares():
+    """``make test-versions``: the floor legs install exactly pyproject's lower bounds (their one place)."""
+    legs = _version_legs()
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    floors = legs.floors(pyproject["project"]["dependencies"])
+    assert floors["transformers"] == "4.57.1" and set(floors) >= {"torch", "accelerate", "peft", "tokenizers"}
+    torch, floor = legs.leg_requirements("floor", pyproject, "torch==2.13.0")
+    pins = [f"{name}=={version}" for name, version in floors.items() if name != "torch"]
+    assert torch == "torch==2.13.0" and floor[: len(pins)] == pins
+    assert {r.split(">=")[0] for r in floor[len(pins) :]} == {"pytest", "hypothesis"}
+    torch, transformers5 = legs.leg_requirements("transformers5", pyproject, "torch==2.13.0")
+    assert "transformers==5.0.0" in transformers5 and f"accelerate=={floors['accelerate']}" in transformers5
+    assert legs.leg_requirements("torch-floor", pyproject, "torch==2.13.0")[0] == f"torch=={floors['torch']}"
+    torch, newest = legs.leg_requirements("newest", pyproject, "torch==2.13.0")
+    assert torch == "torch==2.13.0" and not any("==" in r for r in newest)
+
+
+def test_a_dependency_without_a_floor_is_named():
+    import pytest
+
+    with pytest.raises(ValueError, match="'peft' has no '>=' lower bound"):
+        _version_legs().floors(["torch>=2.6", "peft"])
+
+
+def test_every_smoke_test_exists():
+    """tests/smoke.txt names test functions that exist (a renamed test would make the leg fail to start)."""
+    smoke = _version_legs().smoke_tests()
+    assert len(smoke) >= 10
+    for node in smoke:
+        path, _, name = node.partition("::")
+        assert (REPO / path).is_file(), node
+        if name:
+            assert f"def {name.split('[')[0]}(" in (REPO / path).read_text(), node

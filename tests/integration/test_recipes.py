@@ -482,6 +482,30 @@ def test_every_config_parses(config: Path) -> None:
     assert training_args.eval_strategy == "steps"
 
 
+def test_configs_name_activation_checkpointing_on_every_supported_transformers() -> None:
+    """The configs use the newer ``activation_checkpointing``; transformers 4.57 and early 5.x name it
+    ``gradient_checkpointing`` (sai_hf.compat maps it), in the file and on the command line."""
+    config = str(CONFIGS / "gpt2-774m.yaml")
+    *_, on = parse_recipe_args([config, "--bf16", "false"], PRETRAIN_ARGS)
+    *_, off = parse_recipe_args([config, "--bf16", "false", "--activation_checkpointing=false"], PRETRAIN_ARGS)
+    assert (on.gradient_checkpointing, off.gradient_checkpointing) == (True, False)
+
+
+def test_a_field_set_under_its_old_and_new_name_is_refused(tmp_path: Path) -> None:
+    from transformers import TrainingArguments
+
+    from sai_hf.compat import training_argument_name
+
+    config = tmp_path / "both.yaml"
+    config.write_text("output_dir: out\nactivation_checkpointing: true\ngradient_checkpointing: false\n")
+    if training_argument_name("activation_checkpointing") == "activation_checkpointing":
+        *_, args = parse_recipe_args([str(config)], (TrainingArguments,))  # 5.x: transformers' rule, the new name wins
+        assert args.gradient_checkpointing is True
+    else:
+        with pytest.raises(ValueError, match="'activation_checkpointing' and 'gradient_checkpointing' set the same field"):
+            parse_recipe_args([str(config)], (TrainingArguments,))
+
+
 @pytest.mark.parametrize(
     ("config", "millions"), [("gpt2-124m", 124.4), ("gpt2-350m", 354.8), ("gpt2-774m", 774.0), ("gpt2-1.5b", 1557.6)]
 )
@@ -807,11 +831,20 @@ def _base_key_and_args(tmp_path, **run_fields):
     return key, base_training_arguments(run, tmp_path / "base", model_args)
 
 
+def _installed(field: str) -> bool:
+    """Whether the installed ``TrainingArguments`` has ``field`` (5.x: ``train_sampling_strategy``, a ratio in
+    ``warmup_steps``; 4.57: ``group_by_length``, ``warmup_ratio``)."""
+    import dataclasses
+
+    return any(f.name == field for f in dataclasses.fields(TrainingArguments))
+
+
 @pytest.mark.parametrize(
     "field, value",
-    [("max_grad_norm", 0.25), ("adam_beta1", 0.5), ("adam_beta2", 0.9), ("adam_epsilon", 1e-3),
-     ("label_smoothing_factor", 0.2), ("neftune_noise_alpha", 5.0), ("dataloader_drop_last", True),
-     ("train_sampling_strategy", "sequential")],
+    [(field, value) for field, value in
+     [("max_grad_norm", 0.25), ("adam_beta1", 0.5), ("adam_beta2", 0.9), ("adam_epsilon", 1e-3),
+      ("label_smoothing_factor", 0.2), ("neftune_noise_alpha", 5.0), ("dataloader_drop_last", True),
+      ("train_sampling_strategy", "sequential"), ("group_by_length", True)] if _installed(field)],
 )  # fmt: skip
 def test_cached_base_does_not_depend_on_the_run_that_created_it(tmp_path, field, value):
     """A field the cache key leaves out must not reach the base's pretraining."""
@@ -823,8 +856,10 @@ def test_cached_base_does_not_depend_on_the_run_that_created_it(tmp_path, field,
 
 @pytest.mark.parametrize(
     "fields",
-    [dict(lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": 3}), dict(warmup_steps=7),
-     dict(per_device_train_batch_size=3), dict(gradient_accumulation_steps=2)],
+    [fields for fields in
+     [dict(lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": 3}), dict(warmup_steps=7),
+      dict(warmup_ratio=0.5), dict(per_device_train_batch_size=3), dict(gradient_accumulation_steps=2)]
+     if all(map(_installed, fields))],
 )  # fmt: skip
 def test_run_settings_the_base_uses_are_in_its_cache_key(tmp_path, fields):
     key, _ = _base_key_and_args(tmp_path, lr_scheduler_type="cosine_with_restarts")

@@ -15,7 +15,6 @@ from _models import TokenDataset, tiny_gpt2, tiny_llama, training_args
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 from transformers.trainer import DEFAULT_CALLBACKS
 from transformers.trainer_callback import TrainerCallback
-from transformers.trainer_optimizer import _parse_optim_args
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging as transformers_logging
 
@@ -521,4 +520,4 @@ def test_optim_args_transformers_cannot_split_fail_when_the_trainer_is_built(tmp
 def test_accepted_optim_args_are_splittable_by_transformers(tmp_path, optim_args):
     args = training_args(tmp_path, optim_args=optim_args)
     Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())  # our check accepts it ...
-    _parse_optim_args(args.optim_args)  # ... and so must the parser transformers runs inside train()
+    Trainer.get_optimizer_cls_and_kwargs(args)  # ... and so must what train() runs (5.x: transformers' own parser first)

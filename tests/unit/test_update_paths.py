@@ -1,7 +1,6 @@
 """What every update path guarantees besides its values (those: ``test_update_against_reference.py``):
 which path ``sai_hf.functional.sgd_sai`` takes for ``fused`` / ``foreach`` (``None`` chooses, as in
-torch) and which kernel the fused path gives a CPU block; the autograd version counters bumped
-(also on torch versions whose ``increment_version`` takes one tensor only, torch 2.4); a view
+torch) and which kernel the fused path gives a CPU block; the autograd version counters bumped; a view
 updated alone; what every path refuses."""
 
 from __future__ import annotations
@@ -52,40 +51,6 @@ def test_both_true_is_refused():
     p = torch.zeros(3)
     with pytest.raises(ValueError, match="cannot both be True"):
         sgd_sai([p], [p], [None], [1.0], lr=1.0, momentum=0.9, weight_decay=0.0, maximize=False, fused=True, foreach=True)
-
-
-@pytest.fixture
-def torch_2_4_increment_version(monkeypatch):
-    """``torch.autograd.graph.increment_version`` as in torch 2.4: one tensor, a list refused."""
-    real = torch.autograd.graph.increment_version
-    calls = []
-
-    def one_tensor(tensor):
-        if not isinstance(tensor, torch.Tensor):
-            raise RuntimeError("increment_version expect a Tensor as input")
-        calls.append(tensor)
-        real(tensor)
-
-    monkeypatch.setattr(torch.autograd.graph, "increment_version", one_tensor)
-    functional._increment_version_takes_lists.cache_clear()
-    yield calls
-    functional._increment_version_takes_lists.cache_clear()
-
-
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_version_counters_with_a_one_tensor_increment_version(torch_2_4_increment_version, weight_decay):
-    layer = torch.nn.Linear(64, 64)
-    opt = SGDSaI(layer.parameters(), lr=1e-2, weight_decay=weight_decay)
-    loss = layer(torch.randn(8, 64, requires_grad=True)).square().sum()  # saves the weight
-    loss.backward(retain_graph=True)
-    before = layer.weight._version
-    opt.step()
-    opt.step()
-    assert layer.weight._version > before
-    assert len(torch_2_4_increment_version) == 2 * 4  # two parameters and their buffers, each step
-    assert not functional._increment_version_takes_lists()  # decided once, by one probe
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
 
 
 @pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16])
