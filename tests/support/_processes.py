@@ -6,6 +6,8 @@ import sys
 
 import torch.distributed as dist
 
+from sai_hf.run import end_process_group  # noqa: F401  (the workers end their ranks with it)
+
 #: ``"<shape> <dtype>"`` of every ``all_reduce`` the exact reducer issued since :func:`count_sai_all_reduces`.
 SAI_ALL_REDUCES: list[str] = []
 
@@ -22,17 +24,3 @@ def count_sai_all_reduces() -> None:
         return original(tensor, *args, **kwargs)
 
     dist.all_reduce = all_reduce
-
-
-def end_process_group() -> None:
-    """Wait for every rank, then destroy the default process group, before the interpreter exits.
-
-    A rank that exits with its gloo group still alive can die with SIGABRT during interpreter
-    finalization, after its work is done: gloo's C++ threads still hold work objects whose tensors
-    take the GIL while it is being torn down (pytorch/pytorch#179291). torchrun then reports the run
-    as failed (exit code -6, the other rank SIGTERM-ed), with no Python traceback. The barrier makes
-    both ranks leave their last collective before either tears its group down.
-    """
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
