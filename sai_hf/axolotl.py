@@ -30,6 +30,8 @@ def optim_args_text(optim_args: Any) -> str | None:
     builder makes of it (``key=value`` joined by commas)."""
     if isinstance(optim_args, Mapping):
         return ",".join(f"{key}={value}" for key, value in optim_args.items())
+    if optim_args is not None and not isinstance(optim_args, str):
+        raise ValueError(f"optim_args: expected key=value,... or a mapping, got {optim_args!r}")
     return optim_args
 
 

@@ -51,6 +51,8 @@ def test_axolotl_loads_the_plugin_by_name_and_it_registers_sgd_sai(axolotl_base)
     assert OptimizerNames("sgd_sai") is OptimizerNames.SGD_SAI
     plugin.register({"optimizer": "adamw_torch", "optim_args": "betas=0.9"})  # other optimizers' optim_args: theirs
     plugin.register({"base_model": "x"})  # no optimizer key
+    with pytest.raises(ValueError, match=r"optim_args: expected key=value,... or a mapping, got \['momentum=0.9'\]"):
+        plugin.register({"optimizer": "sgd_sai", "optim_args": ["momentum=0.9"]})
     assert type(pickle.loads(pickle.dumps(plugin))) is type(plugin)
     assert importlib.import_module("sai_hf.axolotl").SGDSaIPlugin is type(plugin)  # built once
 
