@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup quickstart test test-fast test-gpu test-versions
+.PHONY: setup quickstart test test-fast test-gpu test-versions test-frameworks
 setup: $(VENV)/.sai_hf_installed
 
 $(VENV)/.sai_hf_installed: pyproject.toml
@@ -31,3 +31,9 @@ test-gpu: setup
 LEG ?= floor newest
 test-versions:
 	$(PYTHON) scripts/test_versions.py $(LEG)
+
+# Opt-in, not run by CI: LLaMA-Factory 0.9.5 and axolotl 0.19.0, each in its own virtualenv under .venv-frameworks/
+# (created on first use; scripts/test_frameworks.py --fresh recreates them),
+# train a tiny local model with sgd_sai in 1 and 2 processes (scripts/test_frameworks.py; several minutes, several GB).
+test-frameworks: setup
+	$(PY) scripts/test_frameworks.py

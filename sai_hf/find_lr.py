@@ -569,15 +569,6 @@ def _hooks(settings: dict[str, Any], skip_trains: int) -> Iterator[dict[str, Any
             setattr(Trainer, name, method)
 
 
-def _end_processes() -> None:
-    """Wait for every rank, then tear down the process group the Trainer created (if any)."""
-    if world()[1] > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see :data:`HELP`); returns the exit status."""
     from . import run as launcher
@@ -647,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_result(result)
         return 0
     finally:
-        _end_processes()
+        launcher.end_process_group()  # the one the Trainer created, if any
 
 
 def _print_result(result: LRFindResult) -> None:

@@ -9,11 +9,14 @@
 
 and appends :class:`OptimArgsCheck`, :class:`ImportedSchedulerAlignment` and
 :class:`sai_hf.callback.AutoGSNRCallback` to ``transformers.trainer.DEFAULT_CALLBACKS``, so every Trainer gets them.
+``TrainingArguments.__post_init__`` (its subclasses call it) then checks ``--optim_args`` too
+(:func:`check_optim_args_when_built`): a script fails where it parses its arguments, before it prepares its data.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +31,8 @@ from .optim_args import (
 )
 from .optimizer import SGDSaI, find_sgd_sai, validate_hyperparameters
 
-__all__ = ["OptimizerRegistration", "REGISTRY", "OptimArgsCheck", "register", "optimizer_kwargs_from_args"]
+__all__ = ["OptimizerRegistration", "REGISTRY", "OptimArgsCheck", "register", "optimizer_kwargs_from_args", "check_optim_args",
+           "check_optim_args_when_built"]
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,20 @@ class OptimizerRegistration:
     """An optimizer that ``--optim NAME`` selects: ``name`` (the ``--optim`` value), ``enum_name`` (the member added to
     ``OptimizerNames``), ``optimizer_cls`` (returns the class: optional dependencies are imported only when used),
     ``options`` (the accepted ``--optim_args`` keys), ``build_kwargs`` (``(args, parsed_optim_args) -> constructor
-    kwargs``, raising ``ValueError`` naming the offending key)."""
+    kwargs``, raising ``ValueError`` naming the offending key), ``check_options`` (the part of ``build_kwargs``'s
+    checks that needs only the parsed ``--optim_args``: :func:`check_optim_args`)."""
 
     name: str
     enum_name: str
     optimizer_cls: Callable[[], type]
     options: Mapping[str, OptionSpec] = field(default_factory=dict)
     build_kwargs: Callable[[Any, dict[str, Any]], dict[str, Any]] = lambda args, options: dict(options)
+    check_options: Callable[[dict[str, Any]], None] = lambda options: None
+
+
+def _check_sgd_sai_options(options: dict[str, Any]) -> None:
+    """The optimizer's own range checks of parsed ``--optim_args`` (e.g. momentum=2), naming ``--optim_args``."""
+    _validated(optim_args_source(SGD_SAI.name), **{k: v for k, v in options.items() if k != "maximize"})
 
 
 def _validated(source: str, **values: Any) -> None:
@@ -55,7 +66,7 @@ def _validated(source: str, **values: Any) -> None:
 
 
 def _sgd_sai_kwargs(args: Any, options: dict[str, Any]) -> dict[str, Any]:
-    _validated(optim_args_source(SGD_SAI.name), **{k: v for k, v in options.items() if k != "maximize"})
+    _check_sgd_sai_options(options)
     _validated("--learning_rate", lr=args.learning_rate)
     _validated("--weight_decay", weight_decay=args.weight_decay)
     return {"lr": args.learning_rate, **options}
@@ -78,7 +89,9 @@ SGD_SAI = OptimizerRegistration(
         "momentum_dtype": OptionSpec(parse_dtype, "momentum buffer dtype: bf16/fp32/fp16/none (default none: the parameter's)"),
     },
     build_kwargs=_sgd_sai_kwargs,
+    check_options=_check_sgd_sai_options,
 )
+
 
 def _adam_mini_kwargs(args: Any, options: dict[str, Any]) -> dict[str, Any]:
     from .adam_mini_factory import require_adam_mini
@@ -130,6 +143,14 @@ def optimizer_kwargs_from_args(args: Any) -> tuple[type, dict[str, Any]] | None:
         return None
     options = parse_optim_args(args.optim_args, entry.options, entry.name)
     return entry.optimizer_cls(), entry.build_kwargs(args, options)
+
+
+def check_optim_args(optim: str, optim_args: str | None) -> None:
+    """``ValueError`` naming the key if ``optim_args`` are bad for sai-hf's optimizer ``optim`` (nothing for other
+    names): the check of a framework config, before any ``TrainingArguments`` exist (:mod:`sai_hf.axolotl`)."""
+    entry = REGISTRY.get(optim)
+    if entry is not None:
+        entry.check_options(parse_optim_args(optim_args, entry.options, entry.name))
 
 
 def _handler(ctx: Any) -> tuple[type, dict[str, Any]]:
@@ -195,6 +216,23 @@ class ImportedSchedulerAlignment(TrainerCallback):
             align_scheduler(optimizer, lr_scheduler)
 
 
+def check_optim_args_when_built(training_args_cls: type) -> None:
+    """Make ``training_args_cls.__post_init__`` end with :func:`optimizer_kwargs_from_args` (idempotent): arguments
+    built or parsed with a sai-hf ``--optim`` and a bad ``--optim_args`` (or hyperparameter) raise the ``ValueError``
+    naming the key right there. :class:`OptimArgsCheck` checks again when a Trainer is built, for changes since."""
+    post_init = training_args_cls.__post_init__
+    if getattr(post_init, "_sai_hf_checks_optim_args", False):
+        return
+
+    @functools.wraps(post_init)
+    def __post_init__(self: Any) -> None:
+        post_init(self)
+        optimizer_kwargs_from_args(self)
+
+    __post_init__._sai_hf_checks_optim_args = True  # type: ignore[attr-defined]
+    training_args_cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+
+
 def register() -> None:
     """Make every :data:`REGISTRY` name a valid ``--optim`` in transformers (idempotent)."""
     from .callback import AutoGSNRCallback
@@ -206,4 +244,7 @@ def register() -> None:
     for callback_cls in (OptimArgsCheck, ImportedSchedulerAlignment, AutoGSNRCallback):
         if callback_cls not in default_callbacks:
             default_callbacks.append(callback_cls)
+    from transformers import TrainingArguments
+
+    check_optim_args_when_built(TrainingArguments)
 

@@ -10,30 +10,45 @@ script runs through :mod:`runpy` as ``python SCRIPT.py ARGS...`` would: as ``__m
 file itself) as ``sys.path[0]``, its own exit status (``SystemExit`` and exceptions propagate), and its non-daemon
 threads waited for before ``sys.argv`` and ``sys.path`` are restored. Launcher errors print one line
 ``python -m sai_hf.run: error: ...`` and exit with 2 before anything is imported from the script.
+
+The processes the script starts register the names too (``torchrun`` or ``accelerate launch`` started by a framework's
+CLI, ``multiprocessing`` spawn workers, the script re-executing itself): while it runs, ``PYTHONPATH`` begins with
+:data:`CHILD_SITE`, whose ``sitecustomize`` imports ``sai_hf`` in every Python process started with
+``SAI_HF_REGISTER_IN_CHILDREN=1`` (:func:`child_environment`; ``SAI_HF_REGISTER_IN_CHILDREN=0`` before the launcher
+turns this off). When the script ends normally, a default process group it left alive is ended
+(:func:`end_process_group`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pkgutil
 import runpy
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "child_environment", "end_process_group", "CHILD_SITE", "CHILDREN_GATE"]
+
+#: The directory put first on ``PYTHONPATH`` for the script's processes: it holds only ``sitecustomize.py``.
+CHILD_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child_site")
+#: ``1``: the processes started under the launcher import sai_hf (read by ``CHILD_SITE/sitecustomize.py``); ``0`` before
+#: the launcher starts: they do not.
+CHILDREN_GATE = "SAI_HF_REGISTER_IN_CHILDREN"
 
 PROG = "python -m sai_hf.run"
 USAGE = f"usage: {PROG} [-h] (SCRIPT | -m MODULE) [ARGS...]"
 HELP = f"""{USAGE}
 
-Run a training script exactly as `python SCRIPT ARGS...` (or `python -m MODULE ARGS...`) would,
-after importing sai_hf: the script's HfArgumentParser then accepts `--optim sgd_sai` (and
-`--optim adam_mini`), and every transformers Trainer it builds gets sai-hf's GSNRCallback and
---optim_args checks. Use it for scripts that never `import sai_hf` themselves, e.g. the
-transformers examples. Works under `accelerate launch ... -m sai_hf.run` and `torchrun ... -m sai_hf.run`.
+Run a training script as `python SCRIPT ARGS...` (or `python -m MODULE ARGS...`) would, after
+importing sai_hf (and so torch and transformers): the script's HfArgumentParser then accepts
+`--optim sgd_sai` (and `--optim adam_mini`), its TrainingArguments check --optim_args, and every
+transformers Trainer it builds gets sai-hf's GSNRCallback. Use it for scripts that never
+`import sai_hf` themselves, e.g. the transformers examples. Works under
+`accelerate launch ... -m sai_hf.run` and `torchrun ... -m sai_hf.run`.
 
 arguments:
   SCRIPT       a Python file, or a directory or zip file holding a __main__.py
@@ -42,7 +57,10 @@ arguments:
   -h, --help   show this message and exit
 
 The script runs as __main__ with sys.argv = [SCRIPT, ARGS...] and its directory as sys.path[0];
-the exit status is the script's own.
+the exit status is the script's own. The Python processes it starts (torchrun, accelerate launch or
+multiprocessing workers, a framework CLI's subprocesses) import sai_hf at start-up too: PYTHONPATH
+begins with sai_hf's child_site directory while it runs (SAI_HF_REGISTER_IN_CHILDREN=0 turns that
+off). A process group the script leaves alive is ended after it ends normally.
 
 example:
   {PROG} train.py --optim sgd_sai --learning_rate 1e-3 --optim_args "momentum=0.9"
@@ -57,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``argv[0]`` (a script path, or ``-m MODULE``) as ``__main__`` with ``argv[1:]`` as its arguments.
 
     Returns 0 when the script ends normally or after ``--help``, 2 after one ``error:`` line for a launcher error;
-    the script's ``SystemExit`` and exceptions propagate. ``sys.argv`` and ``sys.path`` are restored afterwards."""
+    the script's ``SystemExit`` and exceptions propagate. ``sys.argv``, ``sys.path`` and the environment variables of
+    :func:`child_environment` are restored afterwards; after a normal end (return, exit status 0) a default process
+    group the script started and left alive is ended (:func:`end_process_group`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(HELP, end="")
@@ -73,31 +93,97 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     saved_argv, saved_path = sys.argv, list(sys.path)
     running = set(threading.enumerate())
-    try:
-        if argv[0] == "-m":
-            sys.argv = [argv[1], *argv[2:]]  # run_module replaces argv[0] by the module's file
-            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-            return 0
-        script = argv[0]
-        sys.argv = [script, *argv[1:]]
-        if target == "file":
-            script_dir = os.path.dirname(os.path.realpath(script))
-            if sys.path:
-                sys.path[0] = script_dir
-            else:  # pragma: no cover - sys.path is never empty in practice
-                sys.path.insert(0, script_dir)
-        else:
-            if sys.path:
-                del sys.path[0]  # run_path puts the directory / zip file itself first, as python does
-            script = os.path.abspath(script)  # python's sys.path[0] and __file__ are absolute there
-        runpy.run_path(script, run_name="__main__")
-        return 0
-    finally:
+    ended_normally = False
+    group_was_alive = _process_group_alive()  # not the script's: left alone
+    with _registering_children():
         try:
-            _join_started_threads(running)
-        finally:  # restored even if the wait is interrupted (Ctrl-C)
-            sys.argv = saved_argv
-            sys.path[:] = saved_path
+            _run_script(argv, target)
+            ended_normally = True
+            return 0
+        except SystemExit as exit_:
+            ended_normally = exit_.code is None or exit_.code == 0
+            raise
+        finally:
+            try:
+                _join_started_threads(running)
+            finally:  # restored even if the wait is interrupted (Ctrl-C)
+                sys.argv = saved_argv
+                sys.path[:] = saved_path
+            if ended_normally and not group_was_alive:
+                end_process_group()
+
+
+def _run_script(argv: list[str], target: str) -> None:
+    """Run ``argv`` (checked by :func:`_target`, which said ``target``) as ``python ARGV...`` would."""
+    if target == "module":
+        sys.argv = [argv[1], *argv[2:]]  # run_module replaces argv[0] by the module's file
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        return
+    script = argv[0]
+    sys.argv = [script, *argv[1:]]
+    if target == "file":
+        script_dir = os.path.dirname(os.path.realpath(script))
+        if sys.path:
+            sys.path[0] = script_dir
+        else:  # pragma: no cover - sys.path is never empty in practice
+            sys.path.insert(0, script_dir)
+    else:
+        if sys.path:
+            del sys.path[0]  # run_path puts the directory / zip file itself first, as python does
+        script = os.path.abspath(script)  # python's sys.path[0] and __file__ are absolute there
+    runpy.run_path(script, run_name="__main__")
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables to set over ``environ`` so that the Python processes started with it import sai_hf at start-up
+    (``CHILD_SITE/sitecustomize.py``): :data:`CHILD_SITE` first on ``PYTHONPATH`` (the rest kept as it was) and
+    :data:`CHILDREN_GATE` ``=1``; nothing if ``environ`` has :data:`CHILDREN_GATE` ``=0``."""
+    if environ.get(CHILDREN_GATE) == "0":
+        return {}
+    python_path = environ.get("PYTHONPATH", "")
+    if python_path != CHILD_SITE and not python_path.startswith(CHILD_SITE + os.pathsep):
+        python_path = CHILD_SITE + os.pathsep + python_path if python_path else CHILD_SITE  # no empty entry: the cwd
+    return {"PYTHONPATH": python_path, CHILDREN_GATE: "1"}
+
+
+@contextlib.contextmanager
+def _registering_children() -> Iterator[None]:
+    """:func:`child_environment` in ``os.environ`` while the script runs; the variables restored afterwards."""
+    updates = child_environment(os.environ)
+    saved = {name: os.environ.get(name) for name in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def end_process_group() -> None:
+    """Wait for every rank, then destroy the default process group, if one is alive.
+
+    A rank that exits with its gloo group still alive can die with SIGABRT during interpreter
+    finalization, after its work is done: gloo's C++ threads still hold work objects whose tensors
+    take the GIL while it is being torn down (pytorch/pytorch#179291). torchrun then reports the run
+    as failed (exit code -6, the other rank SIGTERM-ed), with no Python traceback. The barrier makes
+    every rank leave its last collective before any tears its group down. (Objects that still hold the
+    group, e.g. DTensor's device meshes, keep it alive past this call: the test workers also skip
+    finalization, tests/support/_processes.py.)
+    """
+    if _process_group_alive():
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _process_group_alive() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _join_started_threads(running: set[threading.Thread]) -> None:

@@ -4,9 +4,12 @@ the script's threads run. Under ``torchrun``: ``distributed/test_distributed.py`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -221,3 +224,254 @@ def test_launcher_keeps_the_scripts_path_until_its_threads_end(tmp_path):
         for t in set(threading.enumerate()) - before:
             t.join()
     assert out.read_text() == f"{script_dir}|--flag|7"
+
+
+# --------------------------------------------------------------------------- the processes the script starts
+# (sai_hf/child_site/sitecustomize.py): multiprocessing spawn workers, the script re-executing itself, a framework CLI
+# that starts its own torchrun; the user's own sitecustomize still runs in each; a Python without sai_hf goes on.
+USER_SITECUSTOMIZE = """
+import json, os, sys
+with open(os.environ["USER_SITE_LOG"], "a") as log:  # one line per process that ran it
+    log.write(json.dumps({"pid": os.getpid(), "sai_hf_already_imported": "sai_hf" in sys.modules}) + "\\n")
+"""
+
+
+def _user_site(tmp_path: Path) -> tuple[Path, Path]:
+    """A directory holding the user's own sitecustomize (it logs every process it runs in), and its log."""
+    site = tmp_path / "user_site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(USER_SITECUSTOMIZE)
+    return site, tmp_path / "user_site.log"
+
+
+def _launch(tmp_path: Path, argv: list, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m sai_hf.run ARGV`` with the user's sitecustomize on PYTHONPATH (after this checkout)."""
+    site, log = _user_site(tmp_path)
+    env = child_env()
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(site)]), USER_SITE_LOG=str(log), **(extra_env or {}))
+    return subprocess.run([sys.executable, "-m", "sai_hf.run", *map(str, argv)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
+
+
+def _user_site_runs(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "user_site.log").read_text().splitlines()]
+
+
+SPAWN_SCRIPT = '''
+import json, os, sys
+import torch.multiprocessing as mp
+from transformers import HfArgumentParser, TrainingArguments
+
+def worker(rank, args, report):  # args: TrainingArguments(optim="sgd_sai"), pickled by spawn
+    sys.path.insert(0, {support!r})
+    from _models import TokenDataset, tiny_gpt2
+    from transformers import Trainer
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=4))
+    trainer.train()
+    json.dump({{"optim": repr(args.optim), "optimizer": type(trainer.optimizer.optimizer).__name__,
+               "steps": trainer.state.global_step, "pid": os.getpid()}}, open(report, "w"))
+
+if __name__ == "__main__":
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(sys.argv[2:])
+    mp.spawn(worker, args=(args, sys.argv[1]), nprocs=1)
+'''
+
+TRAIN_ARGS = ["--optim", "sgd_sai", "--use_cpu", "true", "--max_steps", "1", "--per_device_train_batch_size", "4",
+              "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_spawn_workers_unpickle_sgd_sai_arguments(tmp_path):
+    """Without the children's registration the worker failed: 'Trainer cannot instantiate unsupported optimizer'."""
+    script = tmp_path / "spawning.py"
+    script.write_text(SPAWN_SCRIPT.format(support=str(REPO / "tests" / "support")))
+    argv = [script, tmp_path / "worker.json", "--output_dir", tmp_path / "out", *TRAIN_ARGS]
+    done = _launch(tmp_path, argv)
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = json.loads((tmp_path / "worker.json").read_text())
+    assert seen == {"optim": "<OptimizerNames.SGD_SAI: 'sgd_sai'>", "optimizer": "SGDSaI", "steps": 1, "pid": seen["pid"]}
+    runs = _user_site_runs(tmp_path)  # in the launcher and the spawned worker (and its resource tracker), first
+    assert seen["pid"] in {run["pid"] for run in runs} and not any(run["sai_hf_already_imported"] for run in runs)
+
+
+REEXEC_SCRIPT = '''
+import json, os, subprocess, sys
+from transformers import HfArgumentParser, TrainingArguments
+
+if os.environ.get("REEXECUTED") != "1":  # the script runs itself again, as some launch helpers do
+    sys.exit(subprocess.run([sys.executable, __file__, *sys.argv[1:]], env={**os.environ, "REEXECUTED": "1"}).returncode)
+(args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(sys.argv[2:])
+json.dump({"optim": args.optim.value, "optim_args": args.optim_args, "pid": os.getpid(),
+           "path_clean": not any(p.endswith("child_site") for p in sys.path)}, open(sys.argv[1], "w"))
+'''
+
+
+@pytest.mark.slow
+def test_script_that_reexecutes_itself_keeps_sgd_sai(tmp_path):
+    """Without the children's registration the child failed: "--optim: invalid choice: 'sgd_sai'"."""
+    script = tmp_path / "reexec.py"
+    script.write_text(REEXEC_SCRIPT)
+    argv = [script, tmp_path / "child.json", "--output_dir", tmp_path / "out", "--optim", "sgd_sai",
+            "--optim_args", "momentum=0.8", "--use_cpu", "true"]  # fmt: skip
+    done = _launch(tmp_path, argv)
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = json.loads((tmp_path / "child.json").read_text())
+    assert seen == {"optim": "sgd_sai", "optim_args": "momentum=0.8", "path_clean": True, "pid": seen["pid"]}
+    assert seen["pid"] in {run["pid"] for run in _user_site_runs(tmp_path)}
+
+
+FRAMEWORK_CLI = '''
+import subprocess, sys
+# a framework's CLI in its multi-process mode: its own torchrun, over its own worker script
+command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *sys.argv[1:]]
+sys.exit(subprocess.run(command).returncode)
+'''
+
+FRAMEWORK_WORKER = '''
+import json, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {support!r})
+from _models import TokenDataset, tiny_llama
+from transformers import Trainer, TrainingArguments
+
+args = TrainingArguments(output_dir=sys.argv[2], optim="sgd_sai", use_cpu=True, max_steps=1, per_device_train_batch_size=2,
+                         report_to="none", save_strategy="no", disable_tqdm=True, seed=0, data_seed=0)
+model = tiny_llama()
+trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=8))
+result = trainer.train()
+weights = float(sum(p.detach().double().sum() for p in model.parameters()))
+json.dump({{"world": dist.get_world_size(), "optimizer": type(trainer.optimizer.optimizer).__name__,
+           "steps": trainer.state.global_step, "loss": result.training_loss, "weights": weights, "pid": os.getpid()}},
+          open(f"{{sys.argv[1]}}.{{dist.get_rank()}}.json", "w"))
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_framework_cli_that_starts_its_own_torchrun(tmp_path):
+    """LLaMA-Factory's FORCE_TORCHRUN=1 (its CLI runs `torchrun ... launcher.py`), in miniature: without the
+    children's registration both workers failed with "sgd_sai is not a valid OptimizerNames"."""
+    (tmp_path / "framework_cli.py").write_text(FRAMEWORK_CLI)
+    (tmp_path / "worker.py").write_text(FRAMEWORK_WORKER.format(support=str(REPO / "tests" / "support")))
+    done = _launch(tmp_path, [tmp_path / "framework_cli.py", tmp_path / "worker.py", tmp_path / "rank", tmp_path / "out"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    ranks = [json.loads((tmp_path / f"rank.{rank}.json").read_text()) for rank in (0, 1)]
+    for seen in ranks:
+        assert seen["world"] == 2 and seen["optimizer"] == "SGDSaI" and seen["steps"] == 1, seen
+        assert math.isfinite(seen["loss"])
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # one DDP step: the same weights on both ranks
+    runs = _user_site_runs(tmp_path)  # the launcher, the CLI's torchrun and its 2 workers
+    assert {seen["pid"] for seen in ranks} <= {run["pid"] for run in runs} and len(runs) >= 4
+    assert not any(run["sai_hf_already_imported"] for run in runs)
+
+
+def _python(argv: list, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*map(str, argv)], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+PROBE = ("import json, sys; json.dump({'site': getattr(sys.modules.get('sitecustomize'), '__file__', None), "
+         "'sai_hf': 'sai_hf' in sys.modules, 'path': sys.path}, sys.stdout)")  # fmt: skip
+
+
+def test_child_sitecustomize_chains_to_the_users_and_leaves_the_path_as_it_was(tmp_path):
+    """No sai_hf import here (gate 0: fast): the user's sitecustomize runs in its place, nested launchers add nothing,
+    a chain through a second copy of child_site (another install) ends, and sys.path shows neither."""
+    from sai_hf.run import CHILD_SITE, child_environment
+
+    site, log = _user_site(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(site), "USER_SITE_LOG": str(log)}
+    env.update(child_environment(env))
+    assert env["PYTHONPATH"] == os.pathsep.join([CHILD_SITE, str(site)]) and env["SAI_HF_REGISTER_IN_CHILDREN"] == "1"
+    assert child_environment(env) == {"PYTHONPATH": env["PYTHONPATH"], "SAI_HF_REGISTER_IN_CHILDREN": "1"}  # nested
+    assert child_environment({"SAI_HF_REGISTER_IN_CHILDREN": "0"}) == {}
+    assert child_environment({}) == {"PYTHONPATH": CHILD_SITE, "SAI_HF_REGISTER_IN_CHILDREN": "1"}  # no empty entry
+    other_install = tmp_path / "other_install" / "child_site"
+    shutil.copytree(CHILD_SITE, other_install)
+    env.update(SAI_HF_REGISTER_IN_CHILDREN="0",
+               PYTHONPATH=os.pathsep.join([CHILD_SITE, str(other_install), CHILD_SITE, str(site)]))  # fmt: skip
+    seen = json.loads(_python([sys.executable, "-c", PROBE], env, tmp_path).stdout)
+    assert seen["site"] == str(site / "sitecustomize.py") and not seen["sai_hf"]
+    assert not any(p.endswith("child_site") for p in seen["path"]) and str(site) in seen["path"]
+    assert len(_user_site_runs(tmp_path)) == 1
+
+
+def test_child_without_sai_hf_goes_on(tmp_path):
+    """A Python without sai_hf nor transformers (another virtualenv) says nothing; one with transformers but a broken
+    or missing sai_hf says so in one line; both run their program and the user's sitecustomize."""
+    import venv
+
+    from sai_hf.run import child_environment
+
+    site, log = _user_site(tmp_path)
+    bare = tmp_path / "bare_venv"
+    venv.create(bare, with_pip=False)
+    env = {**os.environ, "PYTHONPATH": str(site), "USER_SITE_LOG": str(log)}
+    env.update(child_environment(env))
+    done = _python([bare / "bin" / "python", "-c", PROBE], env, tmp_path)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert json.loads(done.stdout)["site"] == str(site / "sitecustomize.py")
+
+    broken = tmp_path / "broken"
+    (broken / "sai_hf").mkdir(parents=True)
+    (broken / "sai_hf" / "__init__.py").write_text("raise ImportError('sai-hf needs transformers>=5.2,<6 (found 4.0)')\n")
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(broken)])  # ahead of the installed sai_hf
+    done = _python([sys.executable, "-c", PROBE], env, tmp_path)
+    assert done.returncode == 0 and json.loads(done.stdout)["site"] == str(site / "sitecustomize.py")
+    assert done.stderr.splitlines() == [
+        f"sai_hf.run: --optim sgd_sai is not registered in this process ({sys.executable}): "
+        "cannot import sai_hf (ImportError: sai-hf needs transformers>=5.2,<6 (found 4.0))"
+    ]
+    assert len(_user_site_runs(tmp_path)) == 2
+
+
+# --------------------------------------------------------------------------- --optim_args before the data, the process group after
+def test_bad_optim_args_fail_where_the_script_parses_them(tmp_path, capsys):
+    script = tmp_path / "parse_then_prepare.py"
+    script.write_text(
+        "import sys\nfrom transformers import HfArgumentParser, TrainingArguments\n"
+        "HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(sys.argv[2:])\n"
+        "open(sys.argv[1], 'w').write('the long data preparation started')\n"
+    )
+    marker = tmp_path / "prepared"
+    argv = [str(script), str(marker), "--output_dir", str(tmp_path), "--optim", "sgd_sai", "--use_cpu", "true"]
+    with pytest.raises(ValueError, match=r"--optim_args for sgd_sai: unknown key 'momentun'"):
+        run_main([*argv, "--optim_args", "momentun=0.9"])
+    with pytest.raises(ValueError, match=r"--optim_args for sgd_sai: Invalid momentum=2.0: must be in \[0, 1\)"):
+        run_main([*argv, "--optim_args", "momentum=2"])
+    assert not marker.exists()
+    assert run_main([*argv, "--optim_args", "momentum=0.8"]) == 0 and marker.exists()
+
+
+GROUP_SCRIPT = """
+import sys
+import torch, torch.distributed as dist
+if not dist.is_initialized():
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+t = torch.ones(1)
+dist.all_reduce(t)
+if sys.argv[2] == "fail":
+    raise RuntimeError("the script failed")
+if sys.argv[2] == "exit0":
+    sys.exit(0)
+"""
+
+
+def test_launcher_ends_the_process_group_the_script_left(tmp_path):
+    import torch.distributed as dist
+
+    script = tmp_path / "group.py"
+    script.write_text(GROUP_SCRIPT)
+    for ending in ("return", "exit0"):
+        with pytest.raises(SystemExit) if ending == "exit0" else contextlib.nullcontext():
+            run_main([str(script), str(tmp_path / f"store_{ending}"), ending])
+        assert not dist.is_initialized(), ending
+    try:  # a failing script's group is left (a barrier could wait for a rank that is gone) ...
+        with pytest.raises(RuntimeError, match="the script failed"):
+            run_main([str(script), str(tmp_path / "store_fail"), "fail"])
+        assert dist.is_initialized()
+        run_main([str(script), str(tmp_path / "store_fail"), "return"])
+        assert dist.is_initialized()  # ... and so is one that was alive before the script started
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -123,12 +123,18 @@ def test_trainer_builds_sgd_sai_with_hf_weight_decay_groups(tmp_path):
 )
 def test_bad_optim_args_fail_before_training(tmp_path, overrides, key, source):
     """The message names the key and the flag the value came from (``--optim_args`` for its keys: the optimizer's own
-    range checks, e.g. momentum=2, included)."""
-    args = training_args(tmp_path, **overrides)
-    with pytest.raises(ValueError, match=rf"{re.escape(source)}.*\b{key}\b"):
+    range checks, e.g. momentum=2, included), where the arguments are built (a script parses them, before its data
+    preprocessing) and again when a Trainer is built with values changed since."""
+    named = rf"{re.escape(source)}.*\b{key}\b"
+    with pytest.raises(ValueError, match=named):
+        training_args(tmp_path, **overrides)
+    args = training_args(tmp_path)
+    for name, value in overrides.items():  # changed after they were built: the Trainer refuses them
+        setattr(args, name, value)
+    with pytest.raises(ValueError, match=named):
         Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
     if "=" in (args.optim_args or "="):  # transformers' own parser fails first on an entry without '='
-        with pytest.raises(ValueError, match=rf"{re.escape(source)}.*\b{key}\b"):
+        with pytest.raises(ValueError, match=named):
             Trainer.get_optimizer_cls_and_kwargs(args)
 
 
@@ -513,7 +519,11 @@ def test_blank_track_every_variable_means_off(tmp_path, monkeypatch):
 )
 def test_optim_args_transformers_cannot_split_fail_when_the_trainer_is_built(tmp_path, optim_args, named):
     with pytest.raises(ValueError, match=re.escape(named)):
-        Trainer(model=tiny_gpt2(), args=training_args(tmp_path, optim_args=optim_args), train_dataset=TokenDataset())
+        training_args(tmp_path, optim_args=optim_args)
+    args = training_args(tmp_path)
+    args.optim_args = optim_args
+    with pytest.raises(ValueError, match=re.escape(named)):
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
 
 
 @pytest.mark.parametrize("optim_args", ["momentum=0.9", " momentum = 0.8 , eps=1e-6 ", "fused=none,momentum_dtype=bf16", ""])

@@ -7,6 +7,8 @@ import sys
 
 import torch.distributed as dist
 
+import sai_hf.run
+
 #: ``"<shape> <dtype>"`` of every ``all_reduce`` the exact reducer issued since :func:`count_sai_all_reduces`.
 SAI_ALL_REDUCES: list[str] = []
 
@@ -39,9 +41,7 @@ def end_process_group() -> None:
     barrier makes both ranks leave their last collective first; ``os._exit(0)`` after flushing skips the
     finalization that tears the remaining group down.
     """
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    sai_hf.run.end_process_group()  # barrier, then destroy
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -1,0 +1,80 @@
+"""The ``sitecustomize`` of every Python process started under ``python -m sai_hf.run``.
+
+The launcher (:mod:`sai_hf.run`) puts this file's directory first on ``PYTHONPATH`` and sets
+``SAI_HF_REGISTER_IN_CHILDREN=1`` for the processes its script starts, and theirs in turn (``torchrun``,
+``accelerate launch`` and ``multiprocessing`` spawn workers, a framework CLI's subprocesses, a script
+re-executing itself), so that each registers ``--optim sgd_sai`` as the launcher's own process does.
+Python imports ``sitecustomize`` once, at start-up (``site``); in each such process this module
+
+1. runs the ``sitecustomize`` it hides (the next one on ``sys.path``: a system or virtualenv one), as
+   ``site`` would, and leaves it in ``sys.modules`` as ``sitecustomize``;
+2. takes its own directory off ``sys.path`` (``PYTHONPATH`` keeps it, for the next generation);
+3. if ``SAI_HF_REGISTER_IN_CHILDREN`` is ``1``, imports ``sai_hf`` (which registers the names). Where
+   that fails (another Python or virtualenv without sai-hf or with other versions) it writes one line
+   to stderr, unless that Python has neither sai_hf nor transformers (it cannot be training with a
+   Trainer), and the process goes on.
+
+Standard library only; Python 3 syntax old enough for any interpreter a framework might start.
+"""
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+GATE = "SAI_HF_REGISTER_IN_CHILDREN"
+HERE = os.path.dirname(os.path.realpath(__file__))
+
+
+def _is_here(entry):
+    """Whether the ``sys.path`` entry ``entry`` is this directory."""
+    return os.path.realpath(entry or os.curdir) == HERE
+
+
+def _run_hidden_sitecustomize(start):
+    """Run the first ``sitecustomize`` on ``sys.path[start:]`` outside this directory, as ``site`` would.
+
+    ``start`` is past the entry this copy was found in, so a chain through several copies of this file
+    (nested launchers of different installs) only moves forward and ends."""
+    for index in range(start, len(sys.path)):
+        entry = sys.path[index]
+        if _is_here(entry):
+            continue
+        spec = importlib.machinery.PathFinder.find_spec("sitecustomize", [entry])
+        if spec is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        module.__dict__["_SAI_HF_SEARCH_FROM"] = index + 1  # read by a copy of this file, ignored otherwise
+        sys.modules["sitecustomize"] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:  # what site.execsitecustomize does with it
+            sys.stderr.write("Error in sitecustomize; set PYTHONVERBOSE for traceback:\n%s: %s\n" % (type(err).__name__, err))
+        return
+
+
+def _register():
+    """Import sai_hf (registers ``--optim sgd_sai``); one line on stderr where that fails."""
+    try:
+        import sai_hf  # noqa: F401
+    except Exception as err:
+        missing = isinstance(err, ImportError) and err.name == "sai_hf"
+        if missing and importlib.util.find_spec("transformers") is None:
+            return
+        sys.stderr.write(
+            "sai_hf.run: --optim sgd_sai is not registered in this process (%s): cannot import sai_hf (%s: %s)\n"
+            % (sys.executable, type(err).__name__, err)
+        )
+
+
+def _main():
+    start = globals().get("_SAI_HF_SEARCH_FROM")
+    if start is None:  # imported by site: found in the first entry that is this directory
+        start = next((i + 1 for i, entry in enumerate(sys.path) if _is_here(entry)), len(sys.path))
+    _run_hidden_sitecustomize(start)
+    sys.path[:] = [entry for entry in sys.path if not _is_here(entry)]
+    if os.environ.get(GATE) == "1":
+        _register()
+
+
+_main()
