@@ -113,7 +113,8 @@ def optimizer_handlers() -> dict:
         return _OPTIMIZER_HANDLERS
     from transformers import Trainer
 
-    dispatch = Trainer.__dict__["get_optimizer_cls_and_kwargs"].__func__
+    installed = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
+    dispatch = getattr(installed, "__func__", installed)  # a staticmethod, unless someone replaced it
     if not isinstance(dispatch, HandlerDispatch):
         dispatch = HandlerDispatch(dispatch)
         Trainer.get_optimizer_cls_and_kwargs = staticmethod(dispatch)
