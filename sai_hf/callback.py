@@ -61,8 +61,11 @@ logger = logging.getLogger(__name__)
 def _follow_trainer_log_level(args: Any) -> None:
     """Lower the ``sai_hf`` logger's level to the Trainer's log level for this process, if that is more verbose than
     what it has now and nobody gave it a level of its own."""
+    process_log_level = getattr(args, "get_process_log_level", None)
+    if process_log_level is None:  # not TrainingArguments (the callback driven by hand): nothing to follow
+        return
     package_logger = logging.getLogger(__name__.partition(".")[0])
-    level = args.get_process_log_level()
+    level = process_log_level()
     if package_logger.level == logging.NOTSET and level < package_logger.getEffectiveLevel():
         package_logger.setLevel(level)
 
