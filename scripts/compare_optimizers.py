@@ -28,11 +28,13 @@ the blocks' g-SNR moved from the one their scales were fixed with.
 
 Optimizers are ``--optim`` names, plus ``sgd_sai_sqrt_numel``: ``sgd_sai`` with
 ``scale_rule=sqrt_numel`` (sqrt(numel) in place of each block's g-SNR, the authors' later variant;
-the ablation of what the g-SNR adds).
+the ablation of what the g-SNR adds), and ``sgd_sai_max``: ``sgd_sai`` with ``normalize=max`` (the
+paper's scales, divided by the largest g-SNR; its rates are about that g-SNR times larger).
 
 Learning-rate grids (``--grid`` overrides, e.g. ``--grid sgd_sai=1e-4,1e-3``), GPT-2 recipe:
 
 * ``sgd_sai``, ``sgd_sai_sqrt_numel``  3e-4, 1e-3, 3e-3, 1e-2
+* ``sgd_sai_max``                      0.3, 1, 3, 10
 * ``adamw_torch_fused``, ``adam_mini``  3e-4, 1e-3, 3e-3
 * ``sgd`` (momentum 0.9)               1e-2, 3e-2, 1e-1, 3e-1
 
@@ -65,6 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GRIDS: dict[str, list[float]] = {
     "sgd_sai": [3e-4, 1e-3, 3e-3, 1e-2],
     "sgd_sai_sqrt_numel": [3e-4, 1e-3, 3e-3, 1e-2],
+    "sgd_sai_max": [0.3, 1.0, 3.0, 10.0],
     "adamw_torch_fused": [3e-4, 1e-3, 3e-3],
     "adam_mini": [3e-4, 1e-3, 3e-3],
     "sgd": [1e-2, 3e-2, 1e-1, 3e-1],
@@ -72,6 +75,7 @@ DEFAULT_GRIDS: dict[str, list[float]] = {
 LORA_GRIDS: dict[str, list[float]] = {
     "sgd_sai": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
     "sgd_sai_sqrt_numel": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+    "sgd_sai_max": [0.3, 1.0, 3.0, 10.0, 30.0],
     "adamw_torch_fused": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
     "adam_mini": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
     "sgd": [3e-2, 1e-1, 3e-1, 1.0],
@@ -84,7 +88,10 @@ RECIPES: dict[str, tuple[str, dict[str, list[float]]]] = {
     "lora": ("finetune_llama_lora", LORA_GRIDS),
 }
 #: Comparison names that are an ``--optim`` with extra ``--optim_args`` (added to the config's).
-VARIANTS: dict[str, tuple[str, str]] = {"sgd_sai_sqrt_numel": ("sgd_sai", "scale_rule=sqrt_numel")}
+VARIANTS: dict[str, tuple[str, str]] = {
+    "sgd_sai_sqrt_numel": ("sgd_sai", "scale_rule=sqrt_numel"),
+    "sgd_sai_max": ("sgd_sai", "normalize=max"),
+}
 #: ``--optim_args`` of each optimizer. The recipe config's own ``optim_args`` are meant for its
 #: ``optim`` (SGD-SaI in the shipped configs), so ``sgd_sai`` keeps them and every other optimizer
 #: gets these (none, unless listed).

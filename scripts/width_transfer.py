@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Does one learning rate carry across model widths? An lr grid per scaling rule at several GPT-2 widths.
+
+    python scripts/width_transfer.py                          # widths 64,128,256,512, about 1 h on 2 cores
+    python scripts/width_transfer.py --widths 64,128 --jobs 2 --out_dir outputs/width-transfer
+
+For each width the GPT-2 offline recipe (``configs/gpt2-local.yaml``: depth, heads, vocabulary, data,
+batch fixed; ``--max_steps`` steps, 10 warm-up steps then cosine, one evaluation at the end) is run by
+``scripts/compare_optimizers.py`` with a learning-rate grid for each rule:
+
+* ``sgd_sai``             SGD-SaI, ``normalize=none`` (the default: per-block rate ``lr * gsnr_i``)
+* ``sgd_sai_max``         ``normalize=max`` (``lr * gsnr_i / max_k gsnr_k``, the paper)
+* ``sgd_sai_sqrt_numel``  ``scale_rule=sqrt_numel`` (``lr * sqrt(numel_i)``)
+* ``adamw_torch_fused``   AdamW, the reference
+
+A grid starts at :data:`START_GRIDS` (the same at every width: no scaling is assumed) on the 1-2-5
+ladder, and while its best final eval loss sits on an edge the next ladder value past that edge is
+added (at most ``--max_extensions`` times), so every best has a neighbour on each side. The best of
+a grid is refined by a parabola through the best and its two neighbours in ``log(lr)``
+(:func:`vertex`). Written to ``--out_dir``: ``w<width>/compare.{json,md}`` (every run's losses),
+``width_transfer.json`` (per rule and width: the grid, final losses, grid best, refined best, best
+loss; per rule: the spread of the best lr across widths) and ``width_transfer.png`` (best lr
+against width, log-log). A rule *transfers* when its refined best lr stays within 2x (spread <= 2)
+across the widths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Rules compared, in display order, with their labels.
+RULES: dict[str, str] = {
+    "sgd_sai": "SGD-SaI, normalize=none",
+    "sgd_sai_max": "SGD-SaI, normalize=max",
+    "sgd_sai_sqrt_numel": "SGD-SaI, scale_rule=sqrt_numel",
+    "adamw_torch_fused": "AdamW",
+}
+#: First grid of each rule at every width (1-2-5 ladder values).
+START_GRIDS: dict[str, list[float]] = {
+    "sgd_sai": [1e-3, 2e-3, 5e-3, 1e-2],
+    "sgd_sai_max": [1.0, 2.0, 5.0, 10.0],
+    "sgd_sai_sqrt_numel": [1e-3, 2e-3, 5e-3, 1e-2],
+    "adamw_torch_fused": [5e-4, 1e-3, 2e-3, 5e-3],
+}
+#: Largest spread (max / min) of the best lr across widths for a rule to count as transferring.
+TRANSFER_SPREAD = 2.0
+
+
+def ladder_neighbour(lr: float, up: bool) -> float:
+    """The next value of the 1-2-5 ladder above (``up``) or below ``lr`` (itself a ladder value)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = round(lr / 10**exponent, 6)
+    steps = [1.0, 2.0, 5.0]
+    index = min(range(3), key=lambda i: abs(steps[i] - mantissa)) + (1 if up else -1)
+    exponent += index // 3
+    return float(f"{steps[index % 3]}e{exponent}")
+
+
+def final_losses(report: Mapping[str, Any], optim: str) -> dict[float, float]:
+    """``{lr: final eval loss}`` of ``optim``'s runs in a ``compare.json`` (a non-finite loss is ``inf``)."""
+    out = {}
+    for row in report["rows"]:
+        if row["optim"] == optim:
+            loss = row["final_eval_loss"]
+            out[float(row["learning_rate"])] = float(loss) if loss is not None and math.isfinite(loss) else math.inf
+    return dict(sorted(out.items()))
+
+
+def grid_best(losses: Mapping[float, float]) -> float:
+    """The learning rate of the lowest final loss."""
+    return min(losses, key=lambda lr: losses[lr])
+
+
+def vertex(losses: Mapping[float, float]) -> float:
+    """The refined best lr: the vertex of the parabola through the grid best and its two neighbours in
+    ``(log lr, loss)``, kept between those neighbours; the grid best itself at an edge or when a
+    neighbour's loss is not finite."""
+    lrs = sorted(losses)
+    i = lrs.index(grid_best(losses))
+    if i == 0 or i == len(lrs) - 1:
+        return lrs[i]
+    xs = [math.log(lr) for lr in lrs[i - 1 : i + 2]]
+    ys = [losses[lr] for lr in lrs[i - 1 : i + 2]]
+    if not all(math.isfinite(y) for y in ys):
+        return lrs[i]
+    (x0, x1, x2), (y0, y1, y2) = xs, ys
+    denominator = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denominator
+    b = (x2**2 * (y0 - y1) + x1**2 * (y2 - y0) + x0**2 * (y1 - y2)) / denominator
+    if a <= 0:
+        return lrs[i]
+    return math.exp(min(max(-b / (2 * a), x0), x2))
+
+
+def grid_needs(losses: Mapping[float, float]) -> float | None:
+    """The ladder value to add to a grid whose best sits on an edge (``None``: the best has two neighbours)."""
+    lrs = sorted(losses)
+    best = grid_best(losses)
+    if best == lrs[0]:
+        return ladder_neighbour(best, up=False)
+    if best == lrs[-1]:
+        return ladder_neighbour(best, up=True)
+    return None
+
+
+def compare_command(width: int, grids: Mapping[str, Sequence[float]], out_dir: Path, args: argparse.Namespace) -> list[str]:
+    """The ``compare_optimizers.py`` command of one width with ``grids``."""
+    command = [
+        sys.executable, str(ROOT / "scripts" / "compare_optimizers.py"), "--config", args.config,
+        "--optimizers", ",".join(grids), "--out_dir", str(out_dir), "--resume", "--max_steps", str(args.max_steps),
+        "--gsnr_track_every", "0",
+    ]  # fmt: skip
+    for optim, lrs in grids.items():
+        command += ["--grid", f"{optim}={','.join(f'{lr:g}' for lr in lrs)}"]
+    return command + [
+        "--n_embd", str(width), "--warmup_steps", "10", "--eval_steps", str(args.max_steps),
+        "--logging_steps", "10", "--eval_on_start", "false",
+    ]  # fmt: skip
+
+
+def sweep_width(width: int, args: argparse.Namespace, threads: int) -> dict[str, dict[float, float]]:
+    """Run (or resume) one width's grids, extending each past its edge; return ``{rule: {lr: loss}}``."""
+    out_dir = args.out_dir / f"w{width}"
+    grids = {rule: list(START_GRIDS[rule]) for rule in args.rules}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for _ in range(args.max_extensions + 1):
+        log = out_dir.with_suffix(".log")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as fh:
+            proc = subprocess.run(compare_command(width, grids, out_dir, args), stdout=fh, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"width {width}: compare_optimizers.py failed (exit {proc.returncode}); see {log}")
+        report = json.loads((out_dir / "compare.json").read_text())
+        losses = {rule: final_losses(report, rule) for rule in grids}
+        added = {rule: grid_needs(losses[rule]) for rule in grids}
+        if all(lr is None for lr in added.values()):
+            break
+        for rule, lr in added.items():
+            if lr is not None:
+                grids[rule] = sorted(grids[rule] + [lr])
+        print(f"[width] {width}: extending {', '.join(f'{r} to {lr:g}' for r, lr in added.items() if lr)}", flush=True)
+    return losses
+
+
+def summarize(results: Mapping[int, Mapping[str, Mapping[float, float]]]) -> dict[str, Any]:
+    """Per rule: per width the grid, its losses, the grid and refined best and the best loss; and the
+    spread (max / min) of the refined best across widths, and whether it is within :data:`TRANSFER_SPREAD`."""
+    rules: dict[str, Any] = {}
+    for rule in RULES:
+        per_width = {}
+        for width, by_rule in sorted(results.items()):
+            if rule not in by_rule:
+                continue
+            losses = by_rule[rule]
+            per_width[str(width)] = {
+                "losses": {f"{lr:g}": loss for lr, loss in losses.items()},
+                "grid_best": grid_best(losses),
+                "refined_best": vertex(losses),
+                "best_loss": losses[grid_best(losses)],
+                "bracketed": grid_needs(losses) is None,
+            }
+        if not per_width:
+            continue
+        bests = [entry["refined_best"] for entry in per_width.values()]
+        spread = max(bests) / min(bests)
+        rules[rule] = {
+            "label": RULES[rule], "widths": per_width, "spread": spread, "transfers": spread <= TRANSFER_SPREAD,
+        }  # fmt: skip
+    return {"rules": rules, "transfer_spread": TRANSFER_SPREAD}
+
+
+def plot(summary: Mapping[str, Any], path: Path, title: str) -> Path:
+    """Best lr against width, log-log, one line per rule, each normalised to its value at the smallest
+    width (so the rules' very different lr scales share one axis); the band is the 2x criterion."""
+    from sai_hf.plots import figure, save_figure
+
+    fig, ax = figure((6.4, 4.2))
+    for rule, entry in summary["rules"].items():
+        widths = [int(w) for w in entry["widths"]]
+        bests = [entry["widths"][str(w)]["refined_best"] for w in widths]
+        ax.plot(widths, [b / bests[0] for b in bests], marker="o", label=f"{entry['label']} ({bests[0]:.2g} at {widths[0]})")
+    ax.axhspan(1 / TRANSFER_SPREAD, TRANSFER_SPREAD, color="grey", alpha=0.15, label="within 2x")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    return save_figure(fig, ax, path, "width (n_embd)", "best lr / best lr at the smallest width", title)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--widths", default="64,128,256,512", help="comma-separated n_embd values")
+    parser.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {', '.join(RULES)}")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "gpt2-local.yaml"))
+    parser.add_argument("--max_steps", type=int, default=100)
+    parser.add_argument("--max_extensions", type=int, default=4, help="grid extensions past an edge, per width")
+    parser.add_argument("--jobs", type=int, default=1, help="widths run at once (threads are split between them)")
+    parser.add_argument("--out_dir", type=Path, default=ROOT / "outputs" / "width-transfer")
+    args = parser.parse_args(argv)
+    widths = sorted({int(w) for w in args.widths.split(",")}, reverse=True)
+    args.rules = [r for r in args.rules.split(",") if r]
+    unknown = [r for r in args.rules if r not in RULES]
+    if unknown or not args.rules:
+        parser.error(f"--rules: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(RULES)}")
+    if args.jobs < 1 or any(w < 1 for w in widths):
+        parser.error("--jobs and --widths must be positive")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:  # largest first: the longest sweeps start first
+        futures = {w: pool.submit(sweep_width, w, args, threads) for w in widths}
+        results = {w: f.result() for w, f in futures.items()}
+    summary = summarize(results)
+    summary.update(max_steps=args.max_steps, config=os.path.relpath(args.config, ROOT), widths=sorted(widths))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "width_transfer.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(summary, args.out_dir / "width_transfer.png", f"GPT-2, {args.max_steps} steps: best lr against width")
+    for rule, entry in summary["rules"].items():
+        bests = ", ".join(f"{w}: {e['refined_best']:.3g}" for w, e in entry["widths"].items())
+        print(f"[width] {entry['label']}: best lr {bests}; spread {entry['spread']:.2f}x", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
