@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Does one learning rate carry across model widths? An lr grid per scaling rule at several GPT-2 widths.
 
-    python scripts/width_transfer.py                          # widths 64,128,256,512, about 1 h on 2 cores
-    python scripts/width_transfer.py --widths 64,128 --jobs 2 --out_dir outputs/width-transfer
+    python scripts/width_transfer.py --jobs 2                 # widths 64,128,256,512
+    python scripts/width_transfer.py --widths 64,128 --out_dir outputs/w --block_size 128   # recipe fields pass through
 
 For each width the GPT-2 offline recipe (``configs/gpt2-local.yaml``: depth, heads, vocabulary, data,
-batch fixed; ``--max_steps`` steps, 10 warm-up steps then cosine, one evaluation at the end) is run by
+batch fixed; ``--max_steps`` steps, 10 warm-up steps then cosine, one evaluation at the end; other
+``--field value`` arguments go to the recipe, default ``--block_size 64``) is run by
 ``scripts/compare_optimizers.py`` with a learning-rate grid for each rule:
 
 * ``sgd_sai``             SGD-SaI, ``normalize=none`` (the default: per-block rate ``lr * gsnr_i``)
@@ -123,7 +124,7 @@ def compare_command(width: int, grids: Mapping[str, Sequence[float]], out_dir: P
     ]  # fmt: skip
     for optim, lrs in grids.items():
         command += ["--grid", f"{optim}={','.join(f'{lr:g}' for lr in lrs)}"]
-    return command + [
+    return command + list(args.recipe_args) + [
         "--n_embd", str(width), "--warmup_steps", "10", "--eval_steps", str(args.max_steps),
         "--logging_steps", "10", "--eval_on_start", "false",
     ]  # fmt: skip
@@ -205,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max_extensions", type=int, default=4, help="grid extensions past an edge, per width")
     parser.add_argument("--jobs", type=int, default=1, help="widths run at once (threads are split between them)")
     parser.add_argument("--out_dir", type=Path, default=ROOT / "outputs" / "width-transfer")
-    args = parser.parse_args(argv)
+    args, args.recipe_args = parser.parse_known_args(argv)
+    if "--block_size" not in args.recipe_args:
+        args.recipe_args += ["--block_size", "64"]
     widths = sorted({int(w) for w in args.widths.split(",")}, reverse=True)
     args.rules = [r for r in args.rules.split(",") if r]
     unknown = [r for r in args.rules if r not in RULES]
@@ -218,7 +221,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         futures = {w: pool.submit(sweep_width, w, args, threads) for w in widths}
         results = {w: f.result() for w, f in futures.items()}
     summary = summarize(results)
-    summary.update(max_steps=args.max_steps, config=os.path.relpath(args.config, ROOT), widths=sorted(widths))
+    summary.update(
+        max_steps=args.max_steps, config=os.path.relpath(args.config, ROOT), widths=sorted(widths),
+        recipe_args=args.recipe_args, command=" ".join(["scripts/width_transfer.py", *(argv if argv is not None else sys.argv[1:])]),
+    )  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "width_transfer.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, args.out_dir / "width_transfer.png", f"GPT-2, {args.max_steps} steps: best lr against width")
