@@ -49,10 +49,10 @@ RULES: dict[str, str] = {
 }
 #: First grid of each rule at every width (1-2-5 ladder values).
 START_GRIDS: dict[str, list[float]] = {
-    "sgd_sai": [1e-3, 2e-3, 5e-3, 1e-2],
-    "sgd_sai_max": [1.0, 2.0, 5.0, 10.0],
-    "sgd_sai_sqrt_numel": [1e-3, 2e-3, 5e-3, 1e-2],
-    "adamw_torch_fused": [5e-4, 1e-3, 2e-3, 5e-3],
+    "sgd_sai": [1e-3, 2e-3, 5e-3],
+    "sgd_sai_max": [1.0, 2.0, 5.0],
+    "sgd_sai_sqrt_numel": [1e-3, 2e-3, 5e-3],
+    "adamw_torch_fused": [1e-3, 2e-3, 5e-3],
 }
 #: Largest spread (max / min) of the best lr across widths for a rule to count as transferring.
 TRANSFER_SPREAD = 2.0
@@ -130,8 +130,8 @@ def compare_command(width: int, grids: Mapping[str, Sequence[float]], out_dir: P
     ]  # fmt: skip
 
 
-def sweep_width(width: int, args: argparse.Namespace, threads: int) -> dict[str, dict[float, float]]:
-    """Run (or resume) one width's grids, extending each past its edge; return ``{rule: {lr: loss}}``."""
+def sweep_width(width: int, args: argparse.Namespace, threads: int) -> None:
+    """Run (or resume) one width's grids into ``--out_dir/w<width>``, extending each past its edge."""
     out_dir = args.out_dir / f"w{width}"
     grids = {rule: list(START_GRIDS[rule]) for rule in args.rules}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -151,7 +151,12 @@ def sweep_width(width: int, args: argparse.Namespace, threads: int) -> dict[str,
             if lr is not None:
                 grids[rule] = sorted(grids[rule] + [lr])
         print(f"[width] {width}: extending {', '.join(f'{r} to {lr:g}' for r, lr in added.items() if lr)}", flush=True)
-    return losses
+
+
+def read_width(out_dir: Path, width: int, rules: Sequence[str]) -> tuple[dict[str, dict[float, float]], dict[str, Any]]:
+    """``({rule: {lr: loss}}, provenance)`` of one width's finished ``compare.json``."""
+    report = json.loads((out_dir / f"w{width}" / "compare.json").read_text())
+    return {rule: final_losses(report, rule) for rule in rules}, report["provenance"]
 
 
 def summarize(results: Mapping[int, Mapping[str, Mapping[float, float]]]) -> dict[str, Any]:
@@ -206,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max_extensions", type=int, default=4, help="grid extensions past an edge, per width")
     parser.add_argument("--jobs", type=int, default=1, help="widths run at once (threads are split between them)")
     parser.add_argument("--out_dir", type=Path, default=ROOT / "outputs" / "width-transfer")
+    parser.add_argument("--no-run", action="store_true", help="summarise the finished runs in --out_dir, run nothing")
     args, args.recipe_args = parser.parse_known_args(argv)
     if "--block_size" not in args.recipe_args:
         args.recipe_args += ["--block_size", "64"]
@@ -217,13 +223,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.jobs < 1 or any(w < 1 for w in widths):
         parser.error("--jobs and --widths must be positive")
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    with ThreadPoolExecutor(args.jobs) as pool:  # largest first: the longest sweeps start first
-        futures = {w: pool.submit(sweep_width, w, args, threads) for w in widths}
-        results = {w: f.result() for w, f in futures.items()}
-    summary = summarize(results)
+    if not args.no_run:
+        with ThreadPoolExecutor(args.jobs) as pool:  # largest first: the longest sweeps start first
+            for future in [pool.submit(sweep_width, w, args, threads) for w in widths]:
+                future.result()
+    read = {w: read_width(args.out_dir, w, args.rules) for w in widths}
+    summary = summarize({w: losses for w, (losses, _) in read.items()})
+    command = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--no-run",)]
     summary.update(
         max_steps=args.max_steps, config=os.path.relpath(args.config, ROOT), widths=sorted(widths),
-        recipe_args=args.recipe_args, command=" ".join(["scripts/width_transfer.py", *(argv if argv is not None else sys.argv[1:])]),
+        recipe_args=args.recipe_args, command=" ".join(["width_transfer.py", *command]),
+        provenance={str(w): prov for w, (_, prov) in sorted(read.items())},
     )  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "width_transfer.json").write_text(json.dumps(summary, indent=1) + "\n")
