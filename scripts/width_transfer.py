@@ -159,9 +159,19 @@ def read_width(out_dir: Path, width: int, rules: Sequence[str]) -> tuple[dict[st
     return {rule: final_losses(report, rule) for rule in rules}, report["provenance"]
 
 
+def power_law_exponent(widths: Sequence[int], bests: Sequence[float]) -> float | None:
+    """``a`` of the least-squares fit ``log(best) = a log(width) + c`` (best lr ~ width^a); ``None`` below 2 widths."""
+    if len(widths) < 2:
+        return None
+    xs, ys = [math.log(w) for w in widths], [math.log(b) for b in bests]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
 def summarize(results: Mapping[int, Mapping[str, Mapping[float, float]]]) -> dict[str, Any]:
     """Per rule: per width the grid, its losses, the grid and refined best and the best loss; and the
-    spread (max / min) of the refined best across widths, and whether it is within :data:`TRANSFER_SPREAD`."""
+    spread (max / min) of the refined best across widths, whether it is within :data:`TRANSFER_SPREAD`,
+    and the exponent ``a`` of a power-law fit, best lr ~ width^a (:func:`power_law_exponent`)."""
     rules: dict[str, Any] = {}
     for rule in RULES:
         per_width = {}
@@ -182,6 +192,7 @@ def summarize(results: Mapping[int, Mapping[str, Mapping[float, float]]]) -> dic
         spread = max(bests) / min(bests)
         rules[rule] = {
             "label": RULES[rule], "widths": per_width, "spread": spread, "transfers": spread <= TRANSFER_SPREAD,
+            "exponent": power_law_exponent([int(w) for w in per_width], bests),
         }  # fmt: skip
     return {"rules": rules, "transfer_spread": TRANSFER_SPREAD}
 
@@ -240,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plot(summary, args.out_dir / "width_transfer.png", f"GPT-2, {args.max_steps} steps: best lr against width")
     for rule, entry in summary["rules"].items():
         bests = ", ".join(f"{w}: {e['refined_best']:.3g}" for w, e in entry["widths"].items())
-        print(f"[width] {entry['label']}: best lr {bests}; spread {entry['spread']:.2f}x", flush=True)
+        print(f"[width] {entry['label']}: best lr {bests}; spread {entry['spread']:.2f}x, ~ width^{entry['exponent']:.2f}", flush=True)
     return summary
 
 

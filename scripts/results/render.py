@@ -58,6 +58,8 @@ RECORDED: dict[str, dict[str, str]] = {
     "lr_find/lora-150steps": {"date": "2026-12-02", "commit": "ddc816e"},
     "lr_find/lora-r16": {"date": "2026-12-02", "commit": "25fb3a0"},
     "lr_find/lora-r16-150steps": {"date": "2026-12-02", "commit": "25fb3a0"},
+    "lr_find/gpt2-124m": {"date": "2026-12-02", "commit": "0227025"},
+    "lr_find/gpt2-124m-short": {"date": "2026-12-02", "commit": "9b49f75"},
 }
 
 #: Figures with no JSON, kept as measured and printed with *typed* after them: the first GPT-2
@@ -70,7 +72,8 @@ TYPED: dict[str, Any] = {
         "sgd_sai": {3e-4: 6.102, 1e-3: 5.728, 3e-3: 5.481, 1e-2: 6.492},
         "adamw_torch_fused": {3e-4: 5.719, 1e-3: 5.199, 3e-3: 5.727},
     },
-    "lr_find machine": "2 CPU cores shared with three other jobs (load 5-6)",
+    "lr_find machine": "2 CPU cores shared with three other jobs (load 5-6); the GPT-2 124M cases: a 2-core AMD EPYC"
+    " shared with the width study (load 4)",
     "lr_find/lora seconds": "3.6 min with data loading",
     "lr_find/lora-r16 seconds": "8.6 min with data loading, load 4",
 }
@@ -395,7 +398,15 @@ LR_FIND_CASES = [
     ("lora-150steps", "same, `--start-lr 1e-3 --end-lr 1 --steps 150 --smooth 0.95`", ("lora-grid", "sgd_sai"), False),
     ("lora-r16", "LoRA r=16 (`--lora_r 16 --lora_alpha 32`), `sgd_sai`, default test", ("lora-r16", "sgd_sai"), True),
     ("lora-r16-150steps", "same, `--start-lr 1e-3 --end-lr 1 --steps 150 --smooth 0.95`", ("lora-r16", "sgd_sai"), False),
+    ("gpt2-124m", "GPT-2 124M shape (4 x 128 tokens a step), `sgd_sai`", ("gpt2-124m-lr", "sgd_sai"), True),
+    ("gpt2-124m-short", "same, `--start-lr 1e-5 --end-lr 0.1 --steps 60`", ("gpt2-124m-lr", "sgd_sai"), False),
 ]
+#: The cases' labels in the top-level README's short table.
+LR_FIND_SHORT_LABELS = {
+    "gpt2-sai": "GPT-2 4.2M, SGD-SaI", "gpt2-sai-seed43": "same, seed 43", "gpt2-adamw": "GPT-2 4.2M, AdamW",
+    "lora": "LoRA r=8", "lora-150steps": "LoRA r=8, 150-step test", "lora-r16": "LoRA r=16",
+    "lora-r16-150steps": "LoRA r=16, 150-step test", "gpt2-124m": "GPT-2 124M", "gpt2-124m-short": "GPT-2 124M, 60-step test",
+}
 
 
 def fmt_lr(lr: float) -> str:
@@ -453,8 +464,6 @@ def lr_find_table(_: str) -> str:
                 f"{len(losses)} runs x {steps} steps" if show_grid else "-",
             ]
         )
-    best_124m = compare_optimizers.best_per_optimizer(load("gpt2-124m-lr")["rows"])["sgd_sai"]["learning_rate"]
-    rows.append(["GPT-2 124M shape, `sgd_sai`", "not run (CPU time)", f"{fmt_lr(best_124m)} (`gpt2-124m-lr/`)", "-", "-", "-", "-"])
     header = ["case", "grid: final eval loss by lr (best in bold)", "grid best", "suggestion", "ratio", "range test", "grid"]
     recorded = {case: RECORDED[f"lr_find/{case}"] for case, *_ in LR_FIND_CASES}
     commits = ", ".join(f"`{r['commit'][:7]}` ({case})" for case, r in recorded.items())
@@ -465,6 +474,56 @@ def lr_find_table(_: str) -> str:
         f" Date: {', '.join(dates)}. Commit: {commits}. Grid: `lora-grid/compare.json`, the LoRA r=16 grid's"
         " `lora-r16/compare.json`; the GPT-2 grid is typed (its runs were not kept).\n\n" + table(header, rows)
     )
+
+
+#: Range tests at the GPU configs' GPT-2 shapes (issue 22, part 4): case directory and the config it sets.
+LR_FIND_SHAPES = [
+    ("gpt2-124m-short", "gpt2-124m.yaml"),
+    ("gpt2-350m", "gpt2-350m.yaml"),
+    ("gpt2-774m", "gpt2-774m.yaml"),
+    ("gpt2-1.5b", "gpt2-1.5b.yaml"),
+]
+
+
+def lr_find_shapes(_: str) -> str:
+    """The range test at each GPU config's GPT-2 shape and the learning rate the config ships."""
+    from sai_hf.recipes.config import load_yaml_config
+
+    rows = []
+    for case, config_name in LR_FIND_SHAPES:
+        report = lr_find_report(case)
+        config = load_yaml_config(str(HERE.parents[1] / "configs" / config_name))
+        settings = report["settings"]
+        suggestion = report.get("suggestion")
+        diverged = re.search(r"diverged at lr ([\d.e+-]+)", report.get("stop_reason", ""))
+        rows.append(
+            [
+                f"`{config_name}`",
+                f"{config['n_layer']} x {config['n_embd']}",
+                f"{fmt_lr(settings['start_lr'])} to {fmt_lr(settings['end_lr'])}, {len(report['lrs'])} of {settings['steps']} steps"
+                + (f" (diverged at {float(diverged[1]):.2g})" if diverged else "") + f", {report['seconds'] / 60:.0f} min",
+                fmt_lr(report["candidates"]["loss_min"]) if report.get("candidates") else "-",
+                f"**{fmt_lr(suggestion)}**" if suggestion is not None else "none",
+                fmt_lr(float(config["learning_rate"])),
+            ]
+        )
+    header = ["config", "layers x width", "range test", "lowest smoothed loss at", "suggested", "config's learning_rate"]
+    return table(header, rows)
+
+
+def lr_find_summary(_: str) -> str:
+    """The top-level README's short version of :func:`lr_find_table`: one line per case."""
+    rows = []
+    for case, label, (source, optim), _ in LR_FIND_CASES:
+        report = lr_find_report(case)
+        losses, steps, _ = lr_grid(source, optim)
+        best = min(losses, key=losses.__getitem__)
+        suggestion = report.get("suggestion")
+        ratio = "-" if suggestion is None else f"{suggestion / best:.2f}"
+        seconds = f"{report['seconds'] / 60:.0f} min" if "seconds" in report else "-"
+        rows.append([LR_FIND_SHORT_LABELS[case], fmt_lr(best), "refused (noise)" if suggestion is None else fmt_lr(suggestion), ratio,
+                     f"{len(report['lrs'])} steps, {seconds} / {len(losses)} x {steps} steps"])  # fmt: skip
+    return table(["case", "grid best", "suggested", "ratio", "test / grid"], rows)
 
 
 def lr_find_rules(_: str) -> str:
@@ -485,6 +544,47 @@ def lr_find_rules(_: str) -> str:
     return table(header, rows)
 
 
+def width_transfer_table(name: str) -> str:
+    """Per rule: the best lr at each width (refined by the parabola; the grid's best in parentheses
+    where they differ), its spread across widths, and the best final eval loss at each width."""
+    report = json.loads((HERE / name / "width_transfer.json").read_text())
+    widths = [str(w) for w in report["widths"]]
+    rows = []
+    for rule, entry in report["rules"].items():
+        cells = []
+        for w in widths:
+            e = entry["widths"][w]
+            grid = "" if fmt_lr(e["grid_best"]) == fmt_lr(e["refined_best"]) else f" ({fmt_lr(e['grid_best'])})"
+            cells.append(fmt_lr(e["refined_best"]) + grid + ("" if e["bracketed"] else " (edge)"))
+        verdict = "**yes**" if entry["transfers"] else "no"
+        losses = " · ".join(f"{entry['widths'][w]['best_loss']:.3f}" for w in widths)
+        rows.append([f"`{rule}` ({entry['label']})", *cells, f"{entry['spread']:.1f}x", f"{entry['exponent']:.2f}", verdict, losses])
+    prov = report["provenance"][widths[0]]
+    machine = f"{prov['machine']}, torch {prov['torch']}"
+    commits = sorted({p["commit"][:7] for p in report["provenance"].values()})
+    dates = sorted({p["date"] for p in report["provenance"].values()})
+    runs = sum(len(e["losses"]) for entry in report["rules"].values() for e in entry["widths"].values())
+    header = ["rule", *(f"best lr, width {w}" for w in widths), "spread", "best lr ~ width^a: a", "within 2x",
+              "best eval loss, " + " · ".join(widths)]  # fmt: skip
+    return (
+        f"Command: `python scripts/{report['command']}` ({runs} runs of {report['max_steps']} steps; recipe"
+        f" `{report['config']}` with `{' '.join(report['recipe_args'])}`). Machine: {machine}. Date: {', '.join(dates)}."
+        f" Commit: {', '.join(f'`{c}`' for c in commits)}.\n\n" + table(header, rows)
+    )
+
+
+def width_transfer_summary(name: str) -> str:
+    """The top-level README's short version of :func:`width_transfer_table`: best lr per width, spread."""
+    report = json.loads((HERE / name.split("/")[0] / "width_transfer.json").read_text())
+    widths = [str(w) for w in report["widths"]]
+    rows = [
+        [entry["label"], " · ".join(fmt_lr(entry["widths"][w]["refined_best"]) for w in widths), f"{entry['spread']:.1f}x",
+         f"width^{entry['exponent']:.1f}"]
+        for entry in report["rules"].values()
+    ]  # fmt: skip
+    return table(["rule", "best lr at width " + " · ".join(widths), "spread", "fit"], rows)
+
+
 #: name -> (JSON it reads, renderer).
 BLOCKS: dict[str, Callable[[str], str]] = {
     "bench-cpu.json": bench_summary,
@@ -502,6 +602,10 @@ BLOCKS: dict[str, Callable[[str], str]] = {
     "zero_cpu_step.json": zero_cpu_step_table,
     "lr_find": lr_find_table,
     "lr_find/rules": lr_find_rules,
+    "lr_find/summary": lr_find_summary,
+    "lr_find/shapes": lr_find_shapes,
+    "width-transfer": width_transfer_table,
+    "width-transfer/summary": width_transfer_summary,
 }
 
 BLOCK = re.compile(r"<!-- generated: (?P<name>\S+) -->\n.*?<!-- end generated: (?P=name) -->", re.S)

@@ -89,6 +89,7 @@ def test_sweeps_extend_grids_until_the_best_is_bracketed_and_the_summary_judges_
             assert entry["bracketed"], (rule, width, entry)
             assert entry["refined_best"] == pytest.approx(0.3 / width, rel=1e-6)
     assert rules["sgd_sai"]["spread"] == pytest.approx(4.0, rel=1e-6) and not rules["sgd_sai"]["transfers"]
+    assert rules["sgd_sai"]["exponent"] == pytest.approx(-1.0, abs=1e-6)  # best = 0.3 / width
     assert rules["sgd_sai_max"]["transfers"] and rules["sgd_sai_max"]["spread"] == pytest.approx(1.0, rel=1e-6)
     # width 16, sgd_sai: best 0.019 is above the start grid (1e-3 .. 5e-3): 1e-2, 2e-2, then 5e-2 were added
     calls = (out / "w16" / "calls.txt").read_text().splitlines()
