@@ -199,6 +199,7 @@ def test_a_table_that_no_longer_matches_its_json_fails_the_check(
     monkeypatch.setattr(render, "HERE", results)
     monkeypatch.setattr(render, "README", results / "README.md")
     shutil.copy(REPO / "README.md", tmp_path / "README.md")  # scripts/results/../.. is the checkout's root
+    shutil.copytree(REPO / "configs", tmp_path / "configs")  # lr_find/shapes quotes the configs' learning rates
     assert render.main(["--check"]) == 0
 
     for name in ("zero_cpu_step.json", "lr_find/gpt2-adamw/lr_find.json"):  # the pages beside the README
