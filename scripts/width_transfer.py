@@ -135,7 +135,7 @@ def sweep_width(width: int, args: argparse.Namespace, threads: int) -> None:
     out_dir = args.out_dir / f"w{width}"
     grids = {rule: list(START_GRIDS[rule]) for rule in args.rules}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    for _ in range(args.max_extensions + 1):
+    for attempt in range(args.max_extensions + 1):
         log = out_dir.with_suffix(".log")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as fh:
@@ -145,7 +145,7 @@ def sweep_width(width: int, args: argparse.Namespace, threads: int) -> None:
         report = json.loads((out_dir / "compare.json").read_text())
         losses = {rule: final_losses(report, rule) for rule in grids}
         added = {rule: grid_needs(losses[rule]) for rule in grids}
-        if all(lr is None for lr in added.values()):
+        if all(lr is None for lr in added.values()) or attempt == args.max_extensions:
             break
         for rule, lr in added.items():
             if lr is not None:
@@ -251,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plot(summary, args.out_dir / "width_transfer.png", f"GPT-2, {args.max_steps} steps: best lr against width")
     for rule, entry in summary["rules"].items():
         bests = ", ".join(f"{w}: {e['refined_best']:.3g}" for w, e in entry["widths"].items())
-        print(f"[width] {entry['label']}: best lr {bests}; spread {entry['spread']:.2f}x, ~ width^{entry['exponent']:.2f}", flush=True)
+        fit = "" if entry["exponent"] is None else f", ~ width^{entry['exponent']:.2f}"
+        print(f"[width] {entry['label']}: best lr {bests}; spread {entry['spread']:.2f}x{fit}", flush=True)
     return summary
 
 

@@ -105,6 +105,22 @@ def test_sweeps_extend_grids_until_the_best_is_bracketed_and_the_summary_judges_
     assert len((out / "w16" / "calls.txt").read_text().splitlines()) == len(calls)
 
 
+def test_one_width_and_an_exhausted_extension_budget(tmp_path, monkeypatch):
+    """One width has no fit (exponent None) and still summarises; with no extensions left the grid is
+    reported as it ran, its best on the edge, and nothing unrun is added."""
+    wt = _module()
+    fake = tmp_path / "fake_compare.py"
+    fake.write_text(FAKE_COMPARE)
+    real = wt.compare_command
+    monkeypatch.setattr(wt, "compare_command", lambda *a: [sys.executable, str(fake), *real(*a)[2:]])
+    out = tmp_path / "out"
+    summary = wt.main(["--widths", "16", "--rules", "sgd_sai", "--out_dir", str(out), "--max_extensions", "0"])
+    entry = summary["rules"]["sgd_sai"]
+    assert entry["exponent"] is None and entry["spread"] == 1.0
+    assert not entry["widths"]["16"]["bracketed"] and entry["widths"]["16"]["grid_best"] == 5e-3
+    assert (out / "w16" / "calls.txt").read_text().splitlines() == ["sgd_sai=0.001,0.002,0.005"]
+
+
 def test_bad_arguments_are_refused_naming_them(capsys):
     wt = _module()
     with pytest.raises(SystemExit):
