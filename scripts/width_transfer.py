@@ -154,9 +154,19 @@ def sweep_width(width: int, args: argparse.Namespace, threads: int) -> None:
 
 
 def read_width(out_dir: Path, width: int, rules: Sequence[str]) -> tuple[dict[str, dict[float, float]], dict[str, Any]]:
-    """``({rule: {lr: loss}}, provenance)`` of one width's finished ``compare.json``."""
-    report = json.loads((out_dir / f"w{width}" / "compare.json").read_text())
-    return {rule: final_losses(report, rule) for rule in rules}, report["provenance"]
+    """``({rule: {lr: loss}}, provenance)`` of one width's finished ``compare.json``; ``ValueError`` naming the
+    file when it is missing, unreadable or lacks one of ``rules``."""
+    path = out_dir / f"w{width}" / "compare.json"
+    try:
+        report = json.loads(path.read_text())
+        losses = {rule: final_losses(report, rule) for rule in rules}
+        provenance = report["provenance"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a finished sweep of width {width} ({err!r}); run without --no-run") from None
+    missing = [rule for rule, by_lr in losses.items() if not by_lr]
+    if missing:
+        raise ValueError(f"{path}: no runs of {', '.join(missing)}; run without --no-run, or pass --rules")
+    return losses, provenance
 
 
 def power_law_exponent(widths: Sequence[int], bests: Sequence[float]) -> float | None:
@@ -224,9 +234,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out_dir", type=Path, default=ROOT / "outputs" / "width-transfer")
     parser.add_argument("--no-run", action="store_true", help="summarise the finished runs in --out_dir, run nothing")
     args, args.recipe_args = parser.parse_known_args(argv)
+    try:
+        widths = sorted({int(w) for w in args.widths.split(",")}, reverse=True)
+    except ValueError:
+        parser.error(f"--widths: expected comma-separated integers, got {args.widths!r}")
     if "--block_size" not in args.recipe_args:
         args.recipe_args += ["--block_size", "64"]
-    widths = sorted({int(w) for w in args.widths.split(",")}, reverse=True)
     args.rules = [r for r in args.rules.split(",") if r]
     unknown = [r for r in args.rules if r not in RULES]
     if unknown or not args.rules:
@@ -238,7 +251,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with ThreadPoolExecutor(args.jobs) as pool:  # largest first: the longest sweeps start first
             for future in [pool.submit(sweep_width, w, args, threads) for w in widths]:
                 future.result()
-    read = {w: read_width(args.out_dir, w, args.rules) for w in widths}
+    try:
+        read = {w: read_width(args.out_dir, w, args.rules) for w in widths}
+    except ValueError as err:
+        parser.error(str(err))
     summary = summarize({w: losses for w, (losses, _) in read.items()})
     command = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--no-run",)]
     summary.update(

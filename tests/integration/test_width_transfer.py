@@ -121,8 +121,19 @@ def test_one_width_and_an_exhausted_extension_budget(tmp_path, monkeypatch):
     assert (out / "w16" / "calls.txt").read_text().splitlines() == ["sgd_sai=0.001,0.002,0.005"]
 
 
-def test_bad_arguments_are_refused_naming_them(capsys):
+def test_bad_arguments_are_refused_naming_them(tmp_path, capsys):
     wt = _module()
+    for argv, named in (
+        (["--rules", "sgd_sai,lion"], "lion"),
+        (["--widths", "64,wide"], "'64,wide'"),
+        (["--widths", "0"], "--widths"),
+        (["--no-run", "--widths", "64", "--out_dir", str(tmp_path)], str(tmp_path / "w64" / "compare.json")),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            wt.main(argv)
+        assert exit_info.value.code == 2 and named in capsys.readouterr().err, argv
+    (tmp_path / "w64").mkdir()
+    (tmp_path / "w64" / "compare.json").write_text(json.dumps({"rows": [], "provenance": {}}))
     with pytest.raises(SystemExit):
-        wt.main(["--rules", "sgd_sai,lion"])
-    assert "lion" in capsys.readouterr().err
+        wt.main(["--no-run", "--widths", "64", "--out_dir", str(tmp_path)])
+    assert "no runs of sgd_sai" in capsys.readouterr().err
