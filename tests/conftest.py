@@ -4,7 +4,7 @@ Layout: ``unit/`` (in-process contracts of the package: update paths, statistics
 checkpoints, kernels), ``integration/`` (Trainer, resume, recipes and the scripts), ``distributed/``
 (2-process gloo runs: DDP, FSDP1/2, DeepSpeed), ``gpu/`` (CUDA, ``make test-gpu``), ``workers/``
 (scripts the tests launch as subprocesses), ``support/`` (helpers the tests and workers import:
-``_models``, ``reference``, ``_triton_reference``). ``support/`` is put on ``sys.path`` here, so a test
+``_models``, ``reference``, ``_triton_reference``, ``_scripts``, ...). ``support/`` is put on ``sys.path`` here, so a test
 in any folder imports them by their plain names; the workers add it themselves.
 
 Hypothesis profiles for the property tests (tests/unit/test_properties.py):

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_module
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS / "support"))  # tests/support/_models.py, _triton_reference.py (as tests/conftest.py does)
@@ -363,10 +363,7 @@ def test_trainer_bf16_sgd_sai_on_one_gpu(tmp_path):
 
 def test_bench_cuda_mode_smoke(tmp_path):
     script = TESTS.parent / "scripts" / "bench_optimizers.py"
-    spec = importlib.util.spec_from_file_location("bench_optimizers", script)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_module(script)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         report = bench.main(["--device", "cuda", "--sizes", "tiny", "--repeats", "2", "--out-dir", str(tmp_path)])

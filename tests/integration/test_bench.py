@@ -7,24 +7,19 @@ import importlib.util
 import io
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from _scripts import load_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_optimizers.py"
 
 
 def load_bench() -> ModuleType:
     """Import the benchmark script as a module (``scripts/`` is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_optimizers", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_optimizers.py"
 
 
 def _compare_module():
-    spec = importlib.util.spec_from_file_location("compare_optimizers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SCRIPT)
 
 
 def test_grid_overrides_are_validated():

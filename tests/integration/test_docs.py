@@ -4,7 +4,6 @@ scripts/results/ are the ones their JSON gives (scripts/results/render.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from _scripts import load_module
 
 REPO = Path(__file__).resolve().parents[2]
 README_LIMIT = 12 * 1024
@@ -171,10 +171,7 @@ def _render():
     """``scripts/results/render.py`` as a module (loaded once)."""
     name = "sai_hf_results_render"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "results" / "render.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        load_module(REPO / "scripts" / "results" / "render.py", name)
     return sys.modules[name]
 
 

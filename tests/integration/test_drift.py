@@ -7,6 +7,7 @@ import math
 import pytest
 
 from sai_hf.drift import drift_summary, rank, spearman
+from _scripts import load_module
 
 
 def test_rank_averages_ties():
@@ -29,7 +30,6 @@ def test_drift_summary_ratios():
 
 
 def test_drift_tracking_in_trainer_and_plots(tmp_path, monkeypatch):
-    import importlib.util
     import json
     from pathlib import Path
 
@@ -52,9 +52,7 @@ def test_drift_tracking_in_trainer_and_plots(tmp_path, monkeypatch):
         assert len(series) == 4 and series[0] == report[name]["gsnr"]  # scales stayed the g-SNR of step 1
 
     script = Path(__file__).resolve().parents[2] / "scripts" / "plot_gsnr.py"
-    spec = importlib.util.spec_from_file_location("plot_gsnr", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(script)
     written = module.main([str(tmp_path)])
     assert [p.name for p in written] == ["gsnr.png", "gsnr_history.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
@@ -84,13 +82,10 @@ def test_layer_types_group_gpt2_and_lora_names():
 
 # --------------------------------------------------------------------------- plot_gsnr.py on broken files; ties
 def _plot_gsnr():
-    import importlib.util
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "scripts" / "plot_gsnr.py"
-    spec = importlib.util.spec_from_file_location("plot_gsnr", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(script)
     return module
 
 

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from _scripts import load_module
 
 REPO = Path(__file__).resolve().parents[2]
 #: What the unpacked sdist's own tests run (one pytest call that collects every test file, tests/gpu
@@ -188,12 +189,7 @@ def test_setup_script_is_quiet_when_pip_succeeds_and_loud_when_it_fails(tmp_path
 
 
 def _version_legs():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("test_versions", REPO / "scripts" / "test_versions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "scripts" / "test_versions.py")
 
 
 def test_version_legs_pin_the_floors_pyproject_declares():

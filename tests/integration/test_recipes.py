@@ -8,7 +8,6 @@ cache for the whole session, so the BPE tokenizer is trained once.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from _scripts import load_module
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -44,10 +44,7 @@ FINETUNE_ARGS = (LlamaModelArguments, FinetuneDataArguments, LoraArguments, Diag
 
 def load_script(name: str) -> ModuleType:
     """Import ``scripts/<name>.py`` as a module (for its ``main``)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "scripts" / f"{name}.py", f"recipe_{name}")
 
 
 pretrain_gpt2 = load_script("pretrain_gpt2")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -17,6 +16,7 @@ from _models import TokenDataset, tiny_gpt2, training_args
 from transformers import Trainer
 
 from sai_hf import find_sgd_sai
+from _scripts import load_module
 
 WORKER = Path(__file__).resolve().parents[1] / "workers" / "resume_worker.py"
 
@@ -28,10 +28,7 @@ def _run(mode: str, out: Path) -> None:
 
 
 def test_resume_in_fresh_process_is_bit_exact(tmp_path):
-    spec = importlib.util.spec_from_file_location("resume_worker", WORKER)
-    worker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(worker)
-    main = worker.main
+    main = load_module(WORKER, "resume_worker").main
     main("full", tmp_path)
     main("first", tmp_path)
     _run("resume", tmp_path)  # a fresh interpreter: nothing survives but the checkpoint

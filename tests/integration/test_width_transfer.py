@@ -7,13 +7,13 @@ tested end to end in seconds; the real comparison is tested in ``test_compare.py
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "width_transfer.py"
 
@@ -45,11 +45,7 @@ with open(out / "calls.txt", "a") as fh:
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("width_transfer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SCRIPT)
 
 
 def test_ladder_steps_are_the_1_2_5_series():
