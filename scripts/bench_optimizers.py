@@ -323,15 +323,21 @@ def build_adam_mini(hp: Hyperparameters) -> Callable[[Workload], Optimizer]:
     return build
 
 
-def select_specs(specs: Sequence[OptimizerSpec], wanted: str | None) -> list[OptimizerSpec]:
-    """The specs named in the comma-separated ``wanted`` (all when ``None``); unknown keys are errors."""
-    if not wanted:
+def select_specs(
+    specs: Sequence[OptimizerSpec], wanted: str | None, skipped: dict[str, str] | None = None
+) -> list[OptimizerSpec]:
+    """The specs named in the comma-separated ``wanted`` (all when ``None``); ``ValueError`` for unknown
+    keys (a ``skipped`` baseline with its reason) or none at all (``--optimizers ""`` is not "all")."""
+    if wanted is None:
         return list(specs)
     keys = [key.strip() for key in wanted.split(",") if key.strip()]
+    if not keys:
+        raise ValueError(f"no optimizer named in {wanted!r}; see --list")
     known = {spec.key for spec in specs}
     unknown = [key for key in keys if key not in known]
     if unknown:
-        raise ValueError(f"unknown or unavailable optimizer(s) {unknown}; available: {sorted(known)}")
+        reasons = "".join(f"; {key}: {skipped[key]}" for key in unknown if key in (skipped or {}))
+        raise ValueError(f"unknown or unavailable optimizer(s) {unknown}{reasons}; available: {sorted(known)}")
     return [spec for spec in specs if spec.key in keys]
 
 
@@ -744,14 +750,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, help="interleaved trials per optimizer, median reported (default 7)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="parameter and gradient dtype")
     parser.add_argument("--optimizers", help="comma-separated keys to run (default: all available); see --list")
     parser.add_argument("--list", action="store_true", help="list the optimizer keys and exit")
     parser.add_argument(
         "--quick", action="store_true", help=f"tiny shapes ({','.join(QUICK_SIZES)}) and {QUICK_REPEATS} repeats"
     )
-    parser.add_argument("--lr", type=float, default=Hyperparameters.lr, help="learning rate given to every optimizer")
+    parser.add_argument("--lr", type=learning_rate, default=Hyperparameters.lr, help="learning rate given to every optimizer")
     parser.add_argument(
         "--weight-decay",
         type=weight_decays,
@@ -775,7 +781,55 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.sizes.split(",") if s not in SIZES]
     if unknown:
         parser.error(f"unknown size(s) {unknown}; choose from {list(SIZES)}")
+    check_outputs(parser, args)
     return args
+
+
+def check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A parser error (one line, exit 2) for ``--optimizers`` naming no runnable optimizer or an
+    ``--out-dir`` that cannot be a directory: before the benchmark runs, not after it."""
+    specs, skipped = optimizer_specs(Hyperparameters())
+    try:
+        select_specs(specs, args.optimizers, skipped)
+    except ValueError as err:
+        parser.error(f"--optimizers: {err}")
+    problem = out_dir_problem(args.out_dir)
+    if problem:
+        parser.error(f"--out-dir {str(args.out_dir)!r}: {problem}")
+
+
+def positive_int(text: str) -> int:
+    """``--threads``: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def learning_rate(text: str) -> float:
+    """``--lr``: a finite number >= 0 (a NaN or negative rate would fail every optimizer's constructor)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def out_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot become the output directory (it, or the nearest of its parents that exists, is
+    not a directory), or ``None``: checked before the benchmark runs, not when its results are written."""
+    for existing in (path, *path.parents):
+        if not existing.exists():
+            continue
+        if existing.is_dir():
+            return None
+        return "exists and is not a directory" if existing == path else f"{str(existing)!r} is not a directory"
+    return None
 
 
 def weight_decays(text: str) -> tuple[float, ...]:
@@ -803,7 +857,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.list:
         print(list_optimizers(specs, skipped))
         return {}
-    select_specs(specs, args.optimizers)  # unknown keys fail before anything runs
     return step_benchmark(args, skipped)
 
 

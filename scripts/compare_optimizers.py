@@ -18,7 +18,9 @@ unchanged (it prints what changed otherwise). Other arguments pass through to th
 value``, after the config's), except those the sweep sets for every run: ``--optim``, ``--optim_args``,
 ``--learning_rate``, ``--seed`` and ``--output_dir`` are refused, naming what to use instead
 (``--optimizers``, the config, ``--grid``, ``--seeds``, ``--out_dir``). An optimizer, learning rate
-or seed given twice is refused too. Output in ``--out_dir`` (default ``outputs/compare``): ``compare.md`` (mean ± std
+or seed given twice is refused too. Every argument is checked before any run starts or any directory
+is created (the pass-through flags by parsing each optimizer's run arguments as its recipe will); a
+bad one is one ``compare_optimizers.py: error: ...`` line naming it, exit status 2. Output in ``--out_dir`` (default ``outputs/compare``): ``compare.md`` (mean ± std
 over seeds per optimizer and lr), ``compare.json`` (the aggregate rows, one row per run with its
 seed, and every run's loss history), ``loss_curves.png`` (train and eval loss of each optimizer's
 best learning rate: the seeds' mean with a ± std band) and ``lr_sensitivity.png`` (final eval loss
@@ -45,6 +47,7 @@ LoRA recipe: ``sgd_sai`` and ``sgd_sai_sqrt_numel`` 3e-3 .. 3e-1, ``adamw_torch_
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import importlib
 import json
@@ -239,7 +242,25 @@ def parse_optimizers(text: str) -> list[str]:
     odd = [name for name in names if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name)]
     if odd:  # the name becomes a directory name under --out_dir/runs
         raise ValueError(f"--optimizers {text!r}: {odd[0]!r} is not an optimizer name (letters, digits, '_', '.', '-')")
+    known = known_optimizers()
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"--optimizers {text!r}: unknown optimizer {unknown[0]!r}{hint}; use a transformers --optim name "
+            f"(e.g. sgd_sai, adamw_torch_fused, sgd) or {', '.join(VARIANTS)}"
+        )
     return names
+
+
+def known_optimizers() -> set[str]:
+    """The names ``--optimizers`` accepts: transformers' ``--optim`` names (with ``sgd_sai`` and ``adam_mini``,
+    registered by ``import sai_hf``) and the :data:`VARIANTS`."""
+    import sai_hf  # noqa: F401  (registers sgd_sai and adam_mini as --optim names)
+    from transformers.training_args import OptimizerNames
+
+    return {name.value for name in OptimizerNames} | set(VARIANTS)
 
 
 #: Recipe flags the sweep sets itself for every run, and what to use instead of passing them through.
@@ -356,21 +377,33 @@ def _reusable(result_file: Path, fingerprint: dict[str, Any]) -> dict[str, Any] 
     return previous
 
 
+def run_directory(sweep: Sweep, optim: str, lr: float, seed: int) -> Path:
+    """Where the run of one (optimizer, lr, seed) point writes: ``OUT_DIR/runs/NAME-lrLR-seedSEED``."""
+    return sweep.out_dir / "runs" / f"{optim}-lr{lr:g}-seed{seed}"
+
+
+def run_arguments(sweep: Sweep, optim: str, lr: float, seed: int) -> list[str]:
+    """The recipe's ``argv`` for one point: the config, the sweep's flags, then the pass-through ones;
+    ``sgd_sai`` runs (and its variants) also track g-SNR drift every ``sweep.gsnr_track_every`` steps."""
+    extra = list(sweep.extra)
+    overrides = optim_overrides(optim, sweep.config_optim_args)
+    if overrides[1] == "sgd_sai" and sweep.gsnr_track_every:
+        extra += ["--gsnr_track_every", str(sweep.gsnr_track_every)]
+    return [
+        sweep.config, *overrides, "--learning_rate", repr(lr), "--seed", str(seed),
+        "--output_dir", str(run_directory(sweep, optim, lr, seed)),
+        "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", *extra,
+    ]  # fmt: skip
+
+
 def run_one(sweep: Sweep, optim: str, lr: float, seed: int) -> dict[str, Any]:
     """Run one (optimizer, lr, seed) point in a fresh interpreter and return its measurements.
 
     ``sgd_sai`` runs (and its variants) also track g-SNR drift every ``sweep.gsnr_track_every``
     steps (0: off). With ``sweep.resume``, a finished run of the same arguments is reused instead."""
-    extra = list(sweep.extra)
-    overrides = optim_overrides(optim, sweep.config_optim_args)
-    if overrides[1] == "sgd_sai" and sweep.gsnr_track_every:
-        extra += ["--gsnr_track_every", str(sweep.gsnr_track_every)]
-    run_dir = sweep.out_dir / "runs" / f"{optim}-lr{lr:g}-seed{seed}"
+    run_dir = run_directory(sweep, optim, lr, seed)
     result_file = run_dir / "result.json"
-    argv = [
-        sweep.config, *overrides, "--learning_rate", repr(lr), "--seed", str(seed), "--output_dir", str(run_dir),
-        "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", *extra,
-    ]  # fmt: skip
+    argv = run_arguments(sweep, optim, lr, seed)
     spec = {
         "argv": argv, "optim": optim, "learning_rate": lr, "seed": seed, "result": str(result_file),
         "block_size": sweep.block_size, "recipe_module": RECIPES[sweep.recipe][0],
@@ -629,10 +662,25 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out_dir: Path, 
     return [curves, sensitivity]
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+PROG = "compare_optimizers.py"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked comparison: what every run shares, the points to run, and the arguments as given."""
+
+    sweep: Sweep
+    optimizers: list[str]
+    grids: dict[str, list[float]]
+    seeds: list[int]
+    argv: list[str]
+
+
+def command_line_parser() -> argparse.ArgumentParser:
+    """The sweep's own flags; the rest pass through to the recipe."""
     # no abbreviations: --seed (a recipe flag) must not be read as --seeds, nor --optim as --optimizers
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--config", default=str(ROOT / "configs" / "gpt2-local.yaml"), help="recipe config")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="default: from the config")
@@ -651,38 +699,134 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--resume", action="store_true", help="reuse the runs already finished in --out_dir with the same arguments"
     )
-    parser.add_argument("--_run", help=argparse.SUPPRESS)
-    args, recipe_overrides = parser.parse_known_args(argv)
-    if args._run:
-        _single_run(json.loads(args._run))
-        return {}
+    return parser
 
-    check_pass_through(recipe_overrides)
-    config = load_config(args.config)
-    recipe = recipe_of(config, args.recipe)
+
+def plan(argv: Sequence[str] | None = None) -> Plan:
+    """Parse and check ``argv`` (default ``sys.argv[1:]``), running and creating nothing.
+
+    ``ValueError`` (``FileNotFoundError``) naming the flag, value or file for anything a run would fail
+    on or misreport: a refused or misspelt pass-through flag (checked by parsing each optimizer's run
+    arguments as its recipe will), an unknown or repeated optimizer, a bad grid, seed list or config."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = command_line_parser().parse_known_args(argv)
+    check_pass_through(overrides)
+    check_sweep_flags(args)
     optimizers = parse_optimizers(args.optimizers)
+    config = checked_config(args.config)
+    recipe = recipe_of(config, args.recipe)
     grids = parse_grid(args.grid, optimizers, RECIPES[recipe][1])
-    seeds = parse_seeds(args.seeds, config.get("seed", 42))
-    extra = list(recipe_overrides)
     if args.quick:
         grids = {name: [lrs[0], lrs[-1]] if len(lrs) > 1 else lrs for name, lrs in grids.items()}
-        extra = QUICK_OVERRIDES[recipe] + extra
+    seeds = parse_seeds(args.seeds, config.get("seed", 42))
+    sweep = sweep_of(args, config, recipe, overrides)
+    check_run_arguments(sweep, optimizers, grids, seeds)
+    return Plan(sweep, optimizers, grids, seeds, argv)
+
+
+def check_sweep_flags(args: argparse.Namespace) -> None:
+    """``ValueError`` naming ``--max_steps`` below 1 (the Trainer would train by epochs), a negative
+    ``--gsnr_track_every``, or an ``--out_dir`` that cannot be a directory."""
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max_steps {args.max_steps}: expected a number of steps >= 1")
+    if args.gsnr_track_every is not None and args.gsnr_track_every < 0:
+        raise ValueError(f"--gsnr_track_every {args.gsnr_track_every}: expected a number of steps >= 0 (0: off)")
+    for existing in (args.out_dir, *args.out_dir.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "" if existing == args.out_dir else f": {str(existing)!r}"
+                raise ValueError(f"--out_dir {str(args.out_dir)!r}{where} is not a directory")
+            return
+
+
+def checked_config(path: str) -> dict[str, Any]:
+    """The ``--config`` mapping; ``ValueError`` naming ``--config`` when it is not a file (the loader's own,
+    naming the file, when it is not a recipe config)."""
+    if not Path(path).is_file():
+        what = "a directory" if Path(path).is_dir() else "no such file"
+        raise ValueError(f"--config {path!r}: {what}; expected a recipe YAML config")
+    return load_config(path)
+
+
+def sweep_of(args: argparse.Namespace, config: dict[str, Any], recipe: str, overrides: Sequence[str]) -> Sweep:
+    """What every run shares: the pass-through flags (after ``--quick``'s, then ``--max_steps``), and the
+    block size and drift-tracking period as the recipe reads them from the config and those flags."""
+    extra = (QUICK_OVERRIDES[recipe] if args.quick else []) + list(overrides)
     if args.max_steps is not None:
         extra += ["--max_steps", str(args.max_steps)]
-    block_size = int(_last_override(extra, "--block_size", config.get("block_size", 128)))
-    max_steps = int(_last_override(extra, "--max_steps", config.get("max_steps", 0)))
+    fields = recipe_fields(recipe, [args.config, "--output_dir", str(args.out_dir), *extra])
+    max_steps = fields["max_steps"]
     default_every = max(1, max_steps // 4) if max_steps > 0 else 0
     track_every = args.gsnr_track_every if args.gsnr_track_every is not None else default_every
-    if args.out_dir.exists() and not args.out_dir.is_dir():
-        raise ValueError(f"--out_dir {str(args.out_dir)!r} is not a directory")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    sweep = Sweep(
-        args.config, recipe, args.out_dir, extra, block_size, config.get("optim_args"), track_every, args.resume
+    return Sweep(
+        args.config, recipe, args.out_dir, extra, fields["block_size"], config.get("optim_args"), track_every, args.resume
     )
 
+
+def recipe_argument_types(recipe: str) -> tuple[type, ...]:
+    """The argument dataclasses ``recipe``'s script parses (its ``prepare``'s ``parse_recipe_args`` call)."""
+    from transformers import TrainingArguments
+
+    from sai_hf.recipes.arguments import (
+        DataArguments,
+        DiagnosticsArguments,
+        FinetuneDataArguments,
+        GPT2ModelArguments,
+        LlamaModelArguments,
+        LoraArguments,
+    )
+
+    return {
+        "gpt2": (GPT2ModelArguments, DataArguments, DiagnosticsArguments, TrainingArguments),
+        "lora": (LlamaModelArguments, FinetuneDataArguments, LoraArguments, DiagnosticsArguments, TrainingArguments),
+    }[recipe]
+
+
+def recipe_fields(recipe: str, argv: Sequence[str]) -> dict[str, Any]:
+    """``argv`` (a config, then ``--field value`` flags) parsed as ``recipe`` parses it, loading no data:
+    every field's value. ``ValueError`` naming a misspelt, ill-typed or out-of-range field."""
+    from sai_hf.recipes.config import parse_recipe_args
+
+    fields: dict[str, Any] = {}
+    for arguments in parse_recipe_args(argv, recipe_argument_types(recipe), prog=f"{RECIPES[recipe][0]}.py"):
+        fields.update(vars(arguments))
+    return fields
+
+
+def check_run_arguments(
+    sweep: Sweep, optimizers: Sequence[str], grids: dict[str, list[float]], seeds: Sequence[int]
+) -> None:
+    """Parse each optimizer's first run's arguments as its recipe will (its ``--optim``, ``--optim_args``
+    with the config's, drift tracking): ``ValueError`` naming the optimizer for one its recipe refuses."""
+    for optim in optimizers:
+        try:
+            recipe_fields(sweep.recipe, run_arguments(sweep, optim, grids[optim][0], seeds[0]))
+        except ValueError as err:
+            raise ValueError(f"the {optim} runs' recipe arguments: {err}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the comparison ``argv`` asks for (default ``sys.argv[1:]``) and return its report. Bad input
+    raises before any run or directory (:func:`plan`); :func:`cli` is the command line's version."""
+    return run_sweep(plan(argv))
+
+
+def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """:func:`main` for the command line: bad input is one ``compare_optimizers.py: error: ...`` line and
+    exit status 2 (as in the recipes), before any run starts or any directory is created."""
+    from sai_hf.recipes.training import prepare_or_exit
+
+    return run_sweep(prepare_or_exit(plan, argv, PROG))
+
+
+def run_sweep(checked: Plan) -> dict[str, Any]:
+    """Run every (optimizer, lr, seed) point of ``checked``, write ``compare.{json,md}`` and the plots, and
+    return the report."""
+    sweep, grids, seeds = checked.sweep, checked.grids, checked.seeds
+    sweep.out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     started = time.perf_counter()
-    for optim in optimizers:
+    for optim in checked.optimizers:
         for lr in grids[optim]:
             for seed in seeds:
                 print(f"[compare] {optim} lr={lr:g} seed={seed} ...", flush=True)
@@ -692,35 +836,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     table = markdown_table(rows)
     spreads = separations(rows)
     report = {
-        "config": args.config,
-        "recipe": recipe,
-        "overrides": extra,
+        "config": sweep.config,
+        "recipe": sweep.recipe,
+        "overrides": list(sweep.extra),
         "grids": grids,
         "seeds": seeds,
-        "gsnr_track_every": track_every,
+        "gsnr_track_every": sweep.gsnr_track_every,
         "rows": rows,
         "per_run": per_run,
         "separations": spreads,
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join([PROG, *checked.argv]),
         "provenance": provenance(),
     }
-    (args.out_dir / "compare.json").write_text(json.dumps(report, indent=1, default=float))
-    (args.out_dir / "compare.md").write_text(compare_markdown(report))
-    title = "LoRA recipe" if recipe == "lora" else "GPT-2 recipe"
-    pictures = plot(runs, rows, args.out_dir, title)
+    (sweep.out_dir / "compare.json").write_text(json.dumps(report, indent=1, default=float))
+    (sweep.out_dir / "compare.md").write_text(compare_markdown(report))
+    title = "LoRA recipe" if sweep.recipe == "lora" else "GPT-2 recipe"
+    pictures = plot(runs, rows, sweep.out_dir, title)
     print(table)
     for line in spreads:
         print(f"- {line}")
-    print(f"[compare] {len(runs)} runs in {report['wall_seconds'] / 60:.1f} min; results in {args.out_dir}")
+    print(f"[compare] {len(runs)} runs in {report['wall_seconds'] / 60:.1f} min; results in {sweep.out_dir}")
     for path in pictures:
         print(f"[compare] wrote {path}")
     return report
 
 
+#: Seeds ``transformers.set_seed`` accepts (NumPy's range).
+SEED_RANGE = range(0, 2**32)
+
+
 def parse_seeds(text: str | None, default: int) -> list[int]:
-    """``--seeds 1,2,3`` as ints (the config's seed when not given)."""
+    """``--seeds 1,2,3`` as ints (the config's seed when not given); ``ValueError`` naming ``--seeds`` for
+    a value that is not an integer, a repeat, or a seed outside :data:`SEED_RANGE`."""
     if text is None:
         return [int(default)]
     try:
@@ -729,6 +878,9 @@ def parse_seeds(text: str | None, default: int) -> list[int]:
         raise ValueError(f"--seeds {text!r}: expected comma-separated integers") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {text!r}: expected distinct integers")
+    outside = [seed for seed in seeds if seed not in SEED_RANGE]
+    if outside:
+        raise ValueError(f"--seeds {text!r}: seed {outside[0]} is outside 0 .. 2**32 - 1")
     return seeds
 
 
@@ -744,4 +896,7 @@ def _last_override(tokens: Sequence[str], flag: str, default: Any) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--_run"]:  # a child started by run_one: one recipe run
+        _single_run(json.loads(sys.argv[2]))
+    else:
+        cli()

@@ -22,7 +22,9 @@ a grid is refined by a parabola through the best and its two neighbours in ``log
 ``width_transfer.json`` (per rule and width: the grid, final losses, grid best, refined best, best
 loss; per rule: the spread of the best lr across widths) and ``width_transfer.png`` (best lr
 against width, log-log). A rule *transfers* when its refined best lr stays within 2x (spread <= 2)
-across the widths.
+across the widths. Arguments are checked before any sweep starts (a width ``n_head`` does not divide,
+``--max_steps`` < 1, ``--max_extensions`` < 0, and each width's ``compare_optimizers.py`` command as
+that script checks it): a bad one is one error line, exit status 2.
 """
 
 from __future__ import annotations
@@ -223,6 +225,70 @@ def plot(summary: Mapping[str, Any], path: Path, title: str) -> Path:
     return save_figure(fig, ax, path, "width (n_embd)", "best lr / best lr at the smallest width", title)
 
 
+def check_numbers(args: argparse.Namespace, widths: Sequence[int]) -> None:
+    """``ValueError`` naming the first of ``--jobs``, ``--widths``, ``--max_steps`` (0 or less would let the
+    Trainer train by epochs) and ``--max_extensions`` that is out of range."""
+    if args.jobs < 1 or any(w < 1 for w in widths):
+        raise ValueError("--jobs and --widths must be positive")
+    if args.max_steps < 1:
+        raise ValueError(f"--max_steps {args.max_steps}: expected a number of steps >= 1")
+    if args.max_extensions < 0:
+        raise ValueError(f"--max_extensions {args.max_extensions}: expected a number of extensions >= 0")
+
+
+def recipe_n_head(config: str, recipe_args: Sequence[str]) -> int:
+    """The runs' ``n_head``: the last ``--n_head`` among ``recipe_args``, else the config's, else the recipe's
+    default; ``ValueError`` naming the config file or the value when it cannot be read."""
+    import dataclasses
+
+    from sai_hf.recipes.arguments import GPT2ModelArguments
+    from sai_hf.recipes.config import load_yaml_config
+
+    if not Path(config).is_file():
+        raise ValueError(f"--config {config}: no such file")
+    value = load_yaml_config(config).get("n_head")
+    for i, token in enumerate(recipe_args):
+        if token == "--n_head" and i + 1 < len(recipe_args):
+            value = recipe_args[i + 1]
+        elif token.startswith("--n_head="):
+            value = token.split("=", 1)[1]
+    if value is None:
+        return next(f.default for f in dataclasses.fields(GPT2ModelArguments) if f.name == "n_head")
+    try:
+        n_head = int(str(value))
+    except ValueError:
+        n_head = 0
+    if n_head < 1:
+        raise ValueError(f"n_head {value!r} (from {config} or --n_head): expected a whole number >= 1")
+    return n_head
+
+
+def check_widths_fit_heads(widths: Sequence[int], n_head: int) -> None:
+    """``ValueError`` naming the first width that ``n_head`` attention heads do not divide (GPT-2 needs
+    ``n_embd % n_head == 0``; the run would fail after the sweep started)."""
+    odd = [w for w in sorted(widths) if w % n_head]
+    if odd:
+        raise ValueError(f"--widths: {odd[0]} is not divisible by n_head={n_head}; use multiples of {n_head} or set --n_head")
+
+
+def check_compare_commands(widths: Sequence[int], args: argparse.Namespace) -> None:
+    """Check each width's first ``compare_optimizers.py`` command as that script will (its ``plan``: the
+    pass-through recipe flags, the config, the grids), running nothing: ``ValueError`` naming the width and
+    the argument, before any sweep starts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_optimizers", ROOT / "scripts" / "compare_optimizers.py")
+    compare = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, compare)  # its dataclasses look their module up there
+    spec.loader.exec_module(compare)
+    for width in widths:
+        command = compare_command(width, {rule: START_GRIDS[rule] for rule in args.rules}, args.out_dir / f"w{width}", args)
+        try:
+            compare.plan(command[2:])
+        except (ValueError, OSError) as err:
+            raise ValueError(f"width {width}: {err}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--widths", default="64,128,256,512", help="comma-separated n_embd values")
@@ -244,8 +310,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unknown = [r for r in args.rules if r not in RULES]
     if unknown or not args.rules:
         parser.error(f"--rules: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(RULES)}")
-    if args.jobs < 1 or any(w < 1 for w in widths):
-        parser.error("--jobs and --widths must be positive")
+    try:
+        check_numbers(args, widths)
+        check_widths_fit_heads(widths, recipe_n_head(args.config, args.recipe_args))
+        if not args.no_run:
+            check_compare_commands(widths, args)
+    except ValueError as err:
+        parser.error(str(err))
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     if not args.no_run:
         with ThreadPoolExecutor(args.jobs) as pool:  # largest first: the longest sweeps start first

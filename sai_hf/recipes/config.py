@@ -9,8 +9,8 @@ written (YAML 1.1 would turn ``save_strategy: no`` into false and ``run_name: 12
 keys brought in by a YAML merge key ``<<:`` too),
 YAML booleans and numbers still feed bool and numeric fields, and a value may start with ``-``.
 Problems are reported before anything runs: a missing config file raises ``FileNotFoundError``;
-an unknown key (in the file or on the command line), a key given twice, a malformed or
-undecodable file or a value of the wrong type raises ``ValueError`` naming it.
+an unknown key (in the file or on the command line), a key given twice, a malformed, undecodable
+or empty file or a value of the wrong type raises ``ValueError`` naming it.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def _load_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
     top-level scalar (and unquoted list item) replaced by a :class:`_Plain` of its source text.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for a
-    directory, undecodable bytes, invalid YAML, a top level that is not a mapping, or a key given twice.
+    directory, undecodable bytes, invalid YAML, a top level that is not a mapping, a file that sets
+    no field (empty, only comments, ``{}``), or a key given twice.
     """
     path = Path(path)
     if path.is_dir():
@@ -78,10 +79,10 @@ def _load_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
         config = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path} is not valid YAML: {err}") from err
-    if config is None:
-        return {}, {}
-    if not isinstance(config, dict):
+    if not isinstance(config, (dict, type(None))):
         raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(config).__name__}")
+    if not config:  # nothing set: the run would be transformers' defaults (AdamW at 5e-5), not a recipe
+        raise ValueError(f"config file {path} sets no field (it is empty or only comments); expected a mapping of field: value")
     written: dict[str, Any] = dict(config)
     seen: dict[Any, int] = {}
     for key_node, value_node in node.value if isinstance(node, yaml.MappingNode) else []:

@@ -107,13 +107,44 @@ def test_markdown_table_and_plot(bench: ModuleType, quick_run: tuple) -> None:
         assert (out_dir / "bench.png").stat().st_size > 0
 
 
-def test_optimizer_filter_and_unknown_key(bench: ModuleType, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown"):
+def test_optimizer_filter_and_unknown_key(bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
         bench.main(["--quick", "--device", "cpu", "--optimizers", "nope", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "unknown or unavailable optimizer(s) ['nope']" in capsys.readouterr().err
     argv = ["--quick", "--device", "cpu", "--sizes", "tiny", "--repeats", "1", "--optimizers", "sgdsai", "--weight-decay", "0.1"]
     report = bench.main([*argv, "--out-dir", str(tmp_path)])
     assert [row["optimizer"] for row in report["results"]] == ["sgdsai"]
     assert report["results"][0]["ratio_to_sgd_fused"] is None  # the floor was not run
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--optimizers", "bogus"], "--optimizers: unknown or unavailable optimizer(s) ['bogus']"),
+        (["--optimizers", ""], "--optimizers: no optimizer named in ''"),  # not "all of them"
+        (["--optimizers", " , "], "--optimizers: no optimizer named"),
+        (["--threads", "-1"], "argument --threads: expected a whole number >= 1, got '-1'"),
+        (["--threads", "0"], "argument --threads: expected a whole number >= 1, got '0'"),
+        (["--lr", "nan"], "argument --lr: expected a finite number >= 0, got 'nan'"),
+        (["--lr", "-1"], "argument --lr: expected a finite number >= 0, got '-1'"),
+        (["--out-dir", "{file}"], "exists and is not a directory"),
+        (["--out-dir", "{file}/sub"], "is not a directory"),
+    ],
+)
+def test_bad_arguments_are_one_error_line_before_anything_runs(
+    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list, named: str
+) -> None:
+    """Each is a parser error naming the flag and value (exit 2) before any optimizer is timed: they used to be a
+    traceback (an unknown key, --threads -1, --out-dir a file, after the whole benchmark), exit 0 with every
+    optimizer failed (--lr nan or -1) or, for --optimizers "", a run of every optimizer."""
+    file = tmp_path / "file"
+    file.write_text("x")
+    monkeypatch.setattr(bench, "step_benchmark", lambda *a: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--device", "cpu", *[a.format(file=file) for a in argv]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and named in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
 
 
 def test_decay_goes_on_transformers_decay_groups(bench: ModuleType) -> None:

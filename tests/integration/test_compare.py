@@ -165,6 +165,85 @@ def test_compare_refuses_pass_through_flags_the_sweep_sets(tmp_path, flag, inste
         compare.main(["--optimizers", "sgd_sai", *flag, "--out_dir", str(tmp_path)])
 
 
+#: Bad arguments, each with what its one error line must name.
+BAD_ARGUMENTS = [
+    (["--optimizers", "sgd_sai", "--grid", "sgd_sai=abc"], "--grid 'sgd_sai=abc'"),
+    (["--seeds", "a,b"], "--seeds 'a,b': expected comma-separated integers"),
+    (["--seeds", "-1"], "seed -1 is outside"),  # transformers' set_seed would fail in the run
+    (["--config", "{tmp}/missing.yaml"], "missing.yaml': no such file"),
+    (["--config", "{tmp}/blank.yaml"], "blank.yaml sets no field"),
+    (["--learning_rate", "1"], "--learning_rate is set by the sweep"),
+    (["--optimizers", "sgd_sai,sgd_sai"], "sgd_sai is given twice"),
+    (["--learnig_rate", "1"], "'learnig_rate' (did you mean 'learning_rate'?)"),  # misspelt recipe field
+    (["--block_size", "big"], "--block_size/--block-size: invalid int value: 'big'"),
+    (["--optimizers", "bogus"], "unknown optimizer 'bogus'"),
+    (["--optimizers", "adamw_torch_fusd"], "(did you mean 'adamw_torch_fused'?)"),
+    (["--max_steps", "0"], "--max_steps 0"),  # the Trainer would train by epochs
+    (["--gsnr_track_every", "-1"], "--gsnr_track_every -1"),
+    (["--out_dir", "{tmp}/file/out"], "is not a directory"),
+    # an optimizer whose own arguments its recipe refuses: the config's normalize and the variant's
+    (["--config", "{tmp}/normalize.yaml", "--optimizers", "sgd_sai,sgd_sai_max"], "the sgd_sai_max runs' recipe arguments"),
+]
+
+
+@pytest.mark.parametrize("argv, named", BAD_ARGUMENTS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_compare_command_line_refuses_bad_arguments_in_one_line_before_any_run(tmp_path, monkeypatch, capsys, argv, named):
+    """Every bad argument is one ``compare_optimizers.py: error: ...`` line naming it, exit 2, before any run or
+    directory: they used to be tracebacks, and ``--optimizers bogus`` or a misspelt recipe flag started a run
+    (leaving ``runs/bogus-.../`` behind) before failing."""
+    compare = _compare_module()
+    monkeypatch.setattr(compare, "run_one", lambda *a: pytest.fail("a run started"))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "blank.yaml").write_text("# nothing set\n")
+    (tmp_path / "normalize.yaml").write_text("optim: sgd_sai\noptim_args: normalize=none\nmax_steps: 4\n")
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        compare.cli([*(a.format(tmp=tmp_path) for a in argv), *([] if "--out_dir" in argv else ["--out_dir", str(out_dir)])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.splitlines() == [line for line in err.splitlines() if line.startswith("compare_optimizers.py: error: ")]
+    assert len(err.splitlines()) == 1 and named in err, err
+    assert not out_dir.exists()
+
+
+def test_compare_script_refuses_an_unknown_optimizer_before_any_run(tmp_path):
+    """The script itself (``__main__``): ``--optimizers bogus`` is one error line and exit 2, and no
+    ``runs/bogus-.../`` directory is left (it used to start a recipe run first)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--optimizers", "bogus", "--out_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert completed.stderr.startswith("compare_optimizers.py: error: --optimizers 'bogus': unknown optimizer 'bogus'")
+    assert len(completed.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "lora"])
+def test_compare_checks_arguments_with_the_recipes_own_dataclasses(recipe, monkeypatch):
+    """The dataclasses compare parses a run's arguments with (to refuse a misspelt flag before any run) are the
+    ones the recipe script itself parses."""
+    compare = _compare_module()
+    script = load_module(SCRIPT.parent / f"{compare.RECIPES[recipe][0]}.py", f"compare_recipe_{recipe}")
+    seen = []
+
+    class Parsed(Exception):
+        """Raised in place of parsing: the recipe stops before loading any data."""
+
+    def capture(argv, dataclass_types, prog="recipe"):
+        seen.append(tuple(dataclass_types))
+        raise Parsed
+
+    monkeypatch.setattr(script, "parse_recipe_args", capture)
+    with pytest.raises(Parsed):
+        script.prepare(["config.yaml"])
+    assert seen == [compare.recipe_argument_types(recipe)]
+
+
 def test_compare_resume_is_keyed_on_the_config_contents(tmp_path, monkeypatch, capsys):
     """A finished run is reused only while the config file (and code, environment) are unchanged."""
     import json

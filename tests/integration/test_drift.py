@@ -96,6 +96,13 @@ def _plot_gsnr():
         ("gsnr.json", "[1, 2]", "gsnr.json is not a g-SNR report"),
         ("gsnr.json", '{"h.0.attn.weight": {"scale": 1.0}}', "block 'h.0.attn.weight' has no 'gsnr'"),
         ("gsnr_history.json", '{"steps": [1, 2], "blo', "cannot read .*gsnr_history.json"),
+        # a value that is not a number is named with its block and key, not a traceback from the plot
+        ("gsnr.json", '{"h.0.attn.weight": {"gsnr": "abc"}}', r"gsnr.json is not a g-SNR report: block 'h.0.attn.weight' has 'gsnr' = 'abc', not a number"),
+        ("gsnr.json", '{"h.0.attn.weight": {"gsnr": null}}', r"block 'h.0.attn.weight' has 'gsnr' = None, not a number"),
+        ("gsnr.json", '{"h.0.attn.weight": {"gsnr": [3.0]}}', r"block 'h.0.attn.weight' has 'gsnr' = \[3.0\], not a number"),
+        ("gsnr_history.json", '{"steps": [1, 2], "blocks": {"h.0.attn.weight": [3.0, "x"]}}', r"gsnr_history.json is not a g-SNR history: block 'h.0.attn.weight'"),
+        ("gsnr_history.json", '{"steps": [1, 2], "blocks": {"h.0.attn.weight": []}}', r"block 'h.0.attn.weight' has \[\], not 2 numbers"),
+        ("gsnr_history.json", '{"steps": ["a"], "blocks": {}}', r"'steps' = \['a'\] is not a non-empty list of numbers"),
     ],
 )
 def test_plot_gsnr_names_a_broken_file(tmp_path, capsys, name, text, match):

@@ -662,6 +662,15 @@ def test_config_that_is_a_directory_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"is a directory"):
         load_yaml_config(tmp_path)
 
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n\n", "{}\n", "~\n"], ids=["empty", "comments", "empty-mapping", "null"])
+def test_config_that_sets_no_field_is_named(tmp_path, text):
+    """A config that sets nothing is refused naming the file: it used to train transformers' defaults (AdamW at
+    5e-5) and save a checkpoint as if it were a recipe run."""
+    with pytest.raises(ValueError, match=r"config file .*config.yaml sets no field"):
+        _parse(tmp_path, text)
+
+
 @pytest.mark.parametrize(
     "text",
     [

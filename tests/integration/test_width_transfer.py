@@ -133,3 +133,30 @@ def test_bad_arguments_are_refused_naming_them(tmp_path, capsys):
     with pytest.raises(SystemExit):
         wt.main(["--no-run", "--widths", "64", "--out_dir", str(tmp_path)])
     assert "no runs of sgd_sai" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--widths", "64,66"], "--widths: 66 is not divisible by n_head=4"),  # the config's n_head
+        (["--widths", "64", "--n_head", "3"], "--widths: 64 is not divisible by n_head=3"),  # a pass-through --n_head
+        (["--widths", "64", "--n_head=four"], "n_head 'four'"),
+        (["--max_steps", "0"], "--max_steps 0"),  # HF would train by epochs
+        (["--max_steps", "-5"], "--max_steps -5"),
+        (["--max_extensions", "-1"], "--max_extensions -1"),
+        (["--config", "no-such.yaml"], "--config no-such.yaml: no such file"),
+        # a pass-through flag compare_optimizers.py (or the recipe) refuses: checked as it will, before any sweep
+        (["--widths", "64", "--learnig_rate", "1"], "width 64: unknown config key in the command line: 'learnig_rate'"),
+        (["--widths", "64", "--seed", "3"], "width 64: --seed is set by the sweep for every run"),
+    ],
+)
+def test_arguments_a_run_would_fail_on_are_refused_before_any_sweep(tmp_path, capsys, monkeypatch, argv, named):
+    """A width the heads do not divide, a step count that is not positive (HF then trains by epochs), a
+    negative extension budget and a refused pass-through flag are one error line naming them (exit 2)
+    before any sweep or directory; they used to start the sweep (and fail in it, or run something else)."""
+    wt = _module()
+    monkeypatch.setattr(wt, "sweep_width", lambda *a: pytest.fail("a sweep started"))
+    with pytest.raises(SystemExit) as exit_info:
+        wt.main([*argv, "--out_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
