@@ -11,12 +11,17 @@ and appends :class:`OptimArgsCheck`, :class:`ImportedSchedulerAlignment` and
 :class:`sai_hf.callback.AutoGSNRCallback` to ``transformers.trainer.DEFAULT_CALLBACKS``, so every Trainer gets them.
 ``TrainingArguments.__post_init__`` (its subclasses call it) then checks ``--optim_args`` too
 (:func:`check_optim_args_when_built`): a script fails where it parses its arguments, before it prepares its data.
+The same hook makes a multi-process launch on a machine without an accelerator one job (:func:`train_together_on_cpu`:
+``use_cpu``) and connects DeepSpeed to its process group before ``from_pretrained`` runs
+(:func:`connect_deepspeed_to_process_group`).
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,13 +31,16 @@ from transformers import TrainerCallback
 from .checkpoint import align_scheduler, remember_parameter_order
 from .compat import optimizer_handlers
 from .sharding import refuse_unsupported_setup
+from .sharding.deepspeed_config import deepspeed_in_use
 from .optim_args import (
     OptionSpec, optim_args_source, parse_bool, parse_dtype, parse_float, parse_optim_args, parse_optional_bool, parse_str,
 )
 from .optimizer import SGDSaI, find_sgd_sai, validate_hyperparameters
 
 __all__ = ["OptimizerRegistration", "REGISTRY", "OptimArgsCheck", "register", "optimizer_kwargs_from_args", "check_optim_args",
-           "check_optim_args_when_built"]
+           "check_optim_args_when_built", "train_together_on_cpu", "connect_deepspeed_to_process_group"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -219,18 +227,100 @@ class ImportedSchedulerAlignment(TrainerCallback):
 def check_optim_args_when_built(training_args_cls: type) -> None:
     """Make ``training_args_cls.__post_init__`` end with :func:`optimizer_kwargs_from_args` (idempotent): arguments
     built or parsed with a sai-hf ``--optim`` and a bad ``--optim_args`` (or hyperparameter) raise the ``ValueError``
-    naming the key right there. :class:`OptimArgsCheck` checks again when a Trainer is built, for changes since."""
+    naming the key right there. :class:`OptimArgsCheck` checks again when a Trainer is built, for changes since.
+
+    For every ``--optim``, it also starts with :func:`train_together_on_cpu` (before transformers sets up the devices
+    and the process group) and ends with :func:`connect_deepspeed_to_process_group`."""
     post_init = training_args_cls.__post_init__
     if getattr(post_init, "_sai_hf_checks_optim_args", False):
         return
 
     @functools.wraps(post_init)
     def __post_init__(self: Any) -> None:
+        train_together_on_cpu(self)
         post_init(self)
+        connect_deepspeed_to_process_group(self)
         optimizer_kwargs_from_args(self)
 
     __post_init__._sai_hf_checks_optim_args = True  # type: ignore[attr-defined]
     training_args_cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+
+
+def _world_size_from_environment() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "y", "on")
+
+
+def _no_distributed_accelerator() -> bool:
+    """Whether accelerate finds no device it can train several processes on (no CUDA, XPU, NPU, HPU, ...; MPS has no
+    distributed backend): accelerate then runs each process alone unless told ``cpu``. A TPU (torch_xla) counts as one."""
+    from transformers.utils import is_torch_xla_available
+
+    if is_torch_xla_available():
+        return False
+    try:
+        from accelerate.utils.imports import get_distributed_backend, get_torch_accelerator_backend
+    except ImportError:  # an older accelerate: the accelerator torch reports
+        import torch
+
+        try:
+            device = torch.accelerator.current_accelerator()
+        except RuntimeError:  # torch 2.6 on a CPU-only build
+            device = None
+        return device is None or device.type == "mps"
+    return get_distributed_backend(get_torch_accelerator_backend()[0]) is None
+
+
+def train_together_on_cpu(args: Any) -> None:
+    """Set ``args.use_cpu`` where the launch started several processes (``WORLD_SIZE`` > 1: torchrun, accelerate
+    launch, the deepspeed launcher) on a machine without an accelerator, and nothing asked for the CPU.
+
+    Without it transformers (with accelerate) counts a world size of 1 in each process: the processes train apart,
+    each on the whole data set, and all write the same ``output_dir``. ``accelerate launch --config_file
+    configs/accelerate/cpu-ddp.yaml`` is such a launch: accelerate (1.16) does not pass the YAML's ``use_cpu: true``
+    on to the processes it starts. With ``use_cpu`` they are one job over gloo (DDP, or DeepSpeed); the main process
+    says so in one line. Called before transformers' own ``__post_init__``, which sets the devices up."""
+    if getattr(args, "use_cpu", True) or _env_flag("ACCELERATE_USE_CPU"):
+        return
+    world_size = _world_size_from_environment()
+    if world_size <= 1 or not _no_distributed_accelerator():
+        return
+    args.use_cpu = True
+    if os.environ.get("RANK", "0") == "0":
+        logger.warning(
+            "sai_hf: %d processes (WORLD_SIZE=%d) and no GPU: use_cpu set to True, so they train as one job over gloo "
+            "on the CPU (transformers would train each alone); pass --use_cpu true to say so yourself",
+            world_size, world_size,
+        )  # fmt: skip
+
+
+def connect_deepspeed_to_process_group(args: Any) -> None:
+    """Hand DeepSpeed the process group transformers started, where it has none yet (``deepspeed.init_distributed``).
+
+    With ``use_cpu`` (a CPU-only machine) transformers starts the process group with torch.distributed itself, not
+    through DeepSpeed; ``from_pretrained`` under a ZeRO-3 config then builds ``deepspeed.zero.Init``, whose
+    DeepSpeedConfig reads the world size from DeepSpeed's own communication backend before creating it, counts 1,
+    and fails ("train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 2 != 1 * 1 *
+    1"), with any optimizer. ``deepspeed.initialize`` would connect the two later, inside the Trainer. Does nothing
+    without DeepSpeed in use, without a process group, or when DeepSpeed already has one (the GPU path)."""
+    if not deepspeed_in_use(args):
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        from deepspeed import comm as deepspeed_comm
+    except ImportError:  # not installed: the Trainer says so itself
+        return
+    if not deepspeed_comm.is_initialized():
+        deepspeed_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
 
 
 def register() -> None:

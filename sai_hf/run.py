@@ -5,29 +5,35 @@
     accelerate launch [LAUNCH ARGS...] -m sai_hf.run SCRIPT.py [ARGS...]      (torchrun likewise)
 
 ``--optim`` is validated when the script's ``HfArgumentParser`` is built, so ``sai_hf`` is imported first; then the
-script runs through :mod:`runpy` as ``python SCRIPT.py ARGS...`` would: as ``__main__`` with its ``__file__``,
-``sys.argv == [SCRIPT.py, *ARGS]`` (absolute path for a directory or zip file), its directory (or the directory / zip
-file itself) as ``sys.path[0]``, its own exit status (``SystemExit`` and exceptions propagate), and its non-daemon
-threads waited for before ``sys.argv`` and ``sys.path`` are restored. Launcher errors print one line
+script runs as ``python SCRIPT.py ARGS...`` would: as ``__main__`` with its absolute ``__file__``,
+``sys.argv == [SCRIPT.py, *ARGS]`` as given, its directory (or the directory / zip file itself) as ``sys.path[0]``
+(not for a file under ``python -I``/``-P``), its own exit status (``SystemExit`` and exceptions propagate), and its
+non-daemon threads waited for before ``sys.argv`` and ``sys.path`` are restored. Launcher errors print one line
 ``python -m sai_hf.run: error: ...`` and exit with 2 before anything is imported from the script.
 
 The processes the script starts register the names too (``torchrun`` or ``accelerate launch`` started by a framework's
 CLI, ``multiprocessing`` spawn workers, the script re-executing itself): while it runs, ``PYTHONPATH`` begins with
 :data:`CHILD_SITE`, whose ``sitecustomize`` imports ``sai_hf`` in every Python process started with
 ``SAI_HF_REGISTER_IN_CHILDREN=1`` (:func:`child_environment`; ``SAI_HF_REGISTER_IN_CHILDREN=0`` before the launcher
-turns this off). When the script ends normally, a default process group it left alive is ended
-(:func:`end_process_group`).
+turns this off). Importing ``sai_hf`` also makes several processes on a machine without a GPU one job
+(:func:`sai_hf.integration.train_together_on_cpu`) and connects DeepSpeed to their process group before the script's
+``from_pretrained`` (:func:`sai_hf.integration.connect_deepspeed_to_process_group`). When the script ends normally, a
+default process group it left alive is ended (:func:`end_process_group`).
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import importlib.machinery
 import importlib.util
+import io
 import os
 import pkgutil
 import runpy
 import sys
 import threading
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -56,11 +62,14 @@ arguments:
   ARGS         passed to the script unchanged (its own --help included)
   -h, --help   show this message and exit
 
-The script runs as __main__ with sys.argv = [SCRIPT, ARGS...] and its directory as sys.path[0];
-the exit status is the script's own. The Python processes it starts (torchrun, accelerate launch or
+The script runs as __main__ with sys.argv = [SCRIPT, ARGS...], its absolute __file__, and its
+directory as sys.path[0] (not under python -I or -P, as with python); the exit status is the
+script's own. The Python processes it starts (torchrun, accelerate launch or
 multiprocessing workers, a framework CLI's subprocesses) import sai_hf at start-up too: PYTHONPATH
 begins with sai_hf's child_site directory while it runs (SAI_HF_REGISTER_IN_CHILDREN=0 turns that
-off). A process group the script leaves alive is ended after it ends normally.
+off). Several processes (WORLD_SIZE > 1) on a machine without a GPU train as one job: sai_hf sets
+the TrainingArguments' use_cpu there, which accelerate launch does not pass on. A process group the
+script leaves alive is ended after it ends normally.
 
 example:
   {PROG} train.py --optim sgd_sai --learning_rate 1e-3 --optim_args "momentum=0.9"
@@ -114,24 +123,72 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_script(argv: list[str], target: str) -> None:
-    """Run ``argv`` (checked by :func:`_target`, which said ``target``) as ``python ARGV...`` would."""
+    """Run ``argv`` (checked by :func:`_target`, which said ``target``) as ``python ARGV...`` would.
+
+    ``sys.path[0]``: ``python -m sai_hf.run`` put the current directory there, which ``python SCRIPT`` would not: it is
+    replaced by the script's directory (its real path, as python's), or by the directory / zip file itself. Under
+    ``-I``/``-P`` (``PYTHONSAFEPATH``) python prepends no current directory and ``python -I SCRIPT.py`` no script
+    directory: ``sys.path`` stays as it is for a file; a directory / zip file is still put first, as python does."""
+    safe_path = bool(getattr(sys.flags, "safe_path", False) or sys.flags.isolated)  # -P (3.11+), -I (implies -P)
     if target == "module":
         sys.argv = [argv[1], *argv[2:]]  # run_module replaces argv[0] by the module's file
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         return
     script = argv[0]
-    sys.argv = [script, *argv[1:]]
+    sys.argv = [script, *argv[1:]]  # as given: python keeps it relative
     if target == "file":
-        script_dir = os.path.dirname(os.path.realpath(script))
-        if sys.path:
-            sys.path[0] = script_dir
-        else:  # pragma: no cover - sys.path is never empty in practice
-            sys.path.insert(0, script_dir)
+        if not safe_path:
+            _replace_first_path_entry(os.path.dirname(os.path.realpath(script)))
+        code, module_globals = _file_code(script)
+        _exec_as_main(code, **module_globals)
+        return
+    entry = os.path.abspath(script)  # python's sys.path[0] and __file__ are absolute there
+    if safe_path:
+        sys.path.insert(0, entry)
     else:
-        if sys.path:
-            del sys.path[0]  # run_path puts the directory / zip file itself first, as python does
-        script = os.path.abspath(script)  # python's sys.path[0] and __file__ are absolute there
-    runpy.run_path(script, run_name="__main__")
+        _replace_first_path_entry(entry)
+    spec = pkgutil.get_importer(entry).find_spec("__main__")  # checked by _target
+    _exec_as_main(spec.loader.get_code("__main__"), __file__=spec.origin, __cached__=spec.cached, __loader__=spec.loader,
+                  __package__=spec.parent, __spec__=spec)  # fmt: skip
+
+
+def _replace_first_path_entry(entry: str) -> None:
+    if sys.path:
+        sys.path[0] = entry
+    else:  # pragma: no cover - sys.path is never empty in practice
+        sys.path.insert(0, entry)
+
+
+def _file_code(script: str) -> tuple[Any, dict[str, Any]]:
+    """The code of the file ``script`` and the globals python gives it: ``__file__`` (and the code's file name, which
+    tracebacks show) absolute (``os.path.abspath``: a symlink's own path), as ``python SCRIPT.py`` has made them since
+    3.9 (``runpy.run_path`` would make ``sys.argv[0]`` absolute too); a compiled ``.pyc`` file runs as python runs it."""
+    path = os.path.abspath(script)
+    with io.open_code(path) as stream:
+        code = pkgutil.read_code(stream)  # None unless the file starts with this python's .pyc magic number
+    if code is not None:
+        loader: Any = importlib.machinery.SourcelessFileLoader("__main__", path)
+    else:
+        loader = importlib.machinery.SourceFileLoader("__main__", path)
+        with io.open_code(path) as stream:
+            code = compile(stream.read(), path, "exec", dont_inherit=True)  # not this module's __future__ imports
+    return code, {"__file__": path, "__cached__": None, "__loader__": loader, "__package__": None, "__spec__": None}
+
+
+def _exec_as_main(code: Any, **module_globals: Any) -> None:
+    """Execute ``code`` as a fresh ``__main__`` module (``sys.modules["__main__"]`` while it runs, then restored, as
+    :mod:`runpy` does), leaving ``sys.argv`` as it is."""
+    module = types.ModuleType("__main__")
+    module.__dict__.update(__builtins__=builtins, **module_globals)
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = module
+    try:
+        exec(code, module.__dict__)
+    finally:
+        if saved is None:
+            sys.modules.pop("__main__", None)
+        else:
+            sys.modules["__main__"] = saved
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:

@@ -306,6 +306,40 @@ def test_shipped_configs_under_accelerate_launch_and_the_deepspeed_launcher(laun
     assert max(rel(a, b) for a, b in zip(run["losses"][:3], reference.losses[:3])) <= LOSS_TOLERANCE
 
 
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("use_cpu", [True, False], ids=["use_cpu", "use_cpu_not_given"])
+def test_zero3_from_pretrained_after_the_arguments_on_cpu(use_cpu, tmp_path, reference):
+    """What every real script does (run_clm.py): parse the arguments, then ``from_pretrained`` under the
+    ZeRO-3 config. On CPU (``--use_cpu``) transformers started the process group without DeepSpeed, and
+    ``deepspeed.zero.Init`` counted a world size of 1: both ranks failed in ``from_pretrained`` with
+    "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 4 != 2 * 1 * 1"
+    (any optimizer). Guards ``sai_hf.integration.connect_deepspeed_to_process_group``: an unmodified script
+    under ``python -m sai_hf.run`` loads partitioned weights and trains as one process does; without
+    ``--use_cpu`` too (``train_together_on_cpu`` sets it, and says so once)."""
+    tiny_gpt2().save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    at = LAUNCH_ARGS.index("--use_cpu")
+    args = LAUNCH_ARGS if use_cpu else [*LAUNCH_ARGS[:at], *LAUNCH_ARGS[at + 2:]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           "-m", "sai_hf.run", WORKERS / "deepspeed_from_pretrained_script.py", "--model_name_or_path", tmp_path / "model",
+           "--deepspeed", CONFIGS / "zero3.json", "--output_dir", out, *args]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DS_ACCELERATOR", "cpu")
+        rc, seconds, output = launch_command(cmd)
+    print(f"\n[zero3 from_pretrained] {seconds:.1f} s")
+    (tmp_path / "launch.log").write_text(output)
+    assert rc == 0, f"{tail(output)}\n--- whole output: {tmp_path / 'launch.log'}"
+    assert output.count("use_cpu set to True") == (0 if use_cpu else 1)
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["partitioned_at_load"] and run["zero_optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+    scales = {k: v["scale"] for k, v in json.loads((out / "gsnr.json").read_text()).items()}
+    diff = max_rel_diff(scales, reference.scales)
+    losses = max(rel(a, b) for a, b in zip(run["losses"][:3], reference.losses[:3]))
+    print(f"[zero3 from_pretrained] scales vs 1 process: {diff:.3e}; first three losses: {losses:.3e}")
+    assert diff <= SCALE_TOLERANCE and losses <= LOSS_TOLERANCE
+
+
 # --------------------------------------------------------------------------- in one process
 def test_grad_factor_scales_statistics_as_the_scaled_gradient():
     """``Block.grad_factor``: ZeRO-3's later sub-groups are measured at the first step before DeepSpeed

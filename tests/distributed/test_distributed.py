@@ -2,19 +2,23 @@
 
 The multi-process tests run 2 CPU processes with gloo (``torchrun`` / ``accelerate launch``), one
 launch per test module fixture; each compares against a single process on the same global batch
-(4 sequences: 2 per rank vs 4 in one process).
+(4 sequences: 2 per rank vs 4 in one process). Also here: several processes without an accelerator get
+``use_cpu`` (``configs/accelerate/cpu-ddp.yaml`` as documented), and the launches' deadlines and timeout reports
+(tests/support/_launch.py).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from _launch import free_port, launch_two_ranks
+import _launch
+from _launch import Deadline, child_env, free_port, launch, launch_two_ranks, tail
 from _models import TokenDataset, tiny_gpt2, training_args
 from transformers import Trainer
 
@@ -111,6 +115,61 @@ def test_ddp_weights_identical_across_ranks_and_close_to_single_process(ddp_run,
     diff = max_weight_diff(w0, single_process["_weights"])
     print(f"\n[ddp] max abs weight difference vs 1 process after 4 steps: {diff:.3e}")
     assert diff < 1e-5
+
+
+@pytest.mark.slow
+def test_cpu_ddp_yaml_as_documented_is_one_ddp_run(tmp_path, ddp_run):
+    """``accelerate launch --config_file configs/accelerate/cpu-ddp.yaml -m sai_hf.run SCRIPT ...`` as its header
+    gives it, without ``--use_cpu``: accelerate 1.16 does not pass the YAML's ``use_cpu: true`` on to the processes,
+    and transformers counted a world size of 1 in each: two one-process trainings writing one ``output_dir``, exit 0.
+    Guards ``sai_hf.integration.train_together_on_cpu``: one DDP run (the torchrun run's scales), said once."""
+    at = DDP_SCRIPT_ARGS.index("--use_cpu")
+    args = ["--output_dir", str(tmp_path), *DDP_SCRIPT_ARGS[:at], *DDP_SCRIPT_ARGS[at + 2:]]  # without "--use_cpu true"
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+           "--config_file", TESTS.parent / "configs" / "accelerate" / "cpu-ddp.yaml", "--main_process_port", free_port(),
+           "-m", "sai_hf.run", WORKERS / "ddp_script.py", *args]  # fmt: skip
+    run = launch_two_ranks(cmd, tmp_path, "[cpu-ddp.yaml] accelerate launch, 2 processes")
+    for rank in run.ranks:
+        assert rank["world_size"] == 2 and rank["parallel_mode"] == "ParallelMode.DISTRIBUTED" and rank["use_cpu"]
+    assert run.ranks[0]["scales"] == run.ranks[1]["scales"] == ddp_run.ranks[0]["scales"]
+    assert run.output.count("use_cpu set to True") == 1  # the main process says so, once
+
+
+@pytest.mark.parametrize(
+    "env, use_cpu, accelerator, set_it",
+    [
+        ({"WORLD_SIZE": "2", "RANK": "0"}, False, False, True),  # cpu-ddp.yaml, torchrun, the deepspeed launcher
+        ({"WORLD_SIZE": "2", "RANK": "1"}, False, False, True),  # (said by rank 0 only)
+        ({"WORLD_SIZE": "1"}, False, False, False),  # one process: nothing to train apart
+        ({}, False, False, False),
+        ({"WORLD_SIZE": "2"}, False, True, False),  # a GPU: accelerate runs DDP on it
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "True"}, False, False, False),  # accelerate launch --cpu passed it on
+        ({"WORLD_SIZE": "2"}, True, False, False),  # --use_cpu true: nothing to say
+    ],
+)
+def test_several_processes_without_an_accelerator_get_use_cpu(monkeypatch, caplog, env, use_cpu, accelerator, set_it):
+    """The rule of ``sai_hf.integration.train_together_on_cpu`` (run before transformers sets up the devices)."""
+    from sai_hf import integration
+
+    for name in ("WORLD_SIZE", "RANK", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(integration, "_no_distributed_accelerator", lambda: not accelerator)
+    args = SimpleNamespace(use_cpu=use_cpu)
+    with caplog.at_level("WARNING", logger="sai_hf.integration"):
+        integration.train_together_on_cpu(args)
+    assert args.use_cpu is (use_cpu or set_it)
+    said = [r.getMessage() for r in caplog.records if "use_cpu set to True" in r.getMessage()]
+    assert len(said) == (set_it and env.get("RANK") == "0")
+
+
+def test_this_machine_has_no_distributed_accelerator():
+    import torch
+
+    from sai_hf.integration import _no_distributed_accelerator
+
+    assert _no_distributed_accelerator() is (not torch.cuda.is_available())
 
 
 # --------------------------------------------------------------------------- FSDP2 through accelerate launch
@@ -297,3 +356,69 @@ def test_deepspeed_zero3_parameters_refused():
     with pytest.raises(UnsupportedShardingError, match="ZeRO stage 3") as err:
         statistics_reducer([p])
     assert "FSDP2" in str(err.value)
+
+
+# --------------------------------------------------------------------------- the 2-rank launches' deadlines (tests/support/_launch.py)
+#: Like torchrun under a launch: a rank in a session of its own, writing to the launch's output, while a C++ extension
+#: builds (DeepSpeed's first use on a fresh machine).
+ESCAPING_RANK = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import time; print('rank up', flush=True); time.sleep(60)"], start_new_session=True)
+print("Building extension module deepspeed_shm_comm...", flush=True)
+time.sleep(60)
+"""
+
+
+def test_launch_past_its_deadline_kills_every_rank_and_says_what_it_was_doing():
+    """A launch's deadline killed only the launch's own session; torchrun starts each rank in a session of its own,
+    so the ranks lived on holding the output pipe: the zero1 launch "killed after 240 s" returned after 399.8 s,
+    with the ranks' Broken pipe and C++ frames and a guess ("a rank waiting in a collective?"), while DeepSpeed's op
+    was still building on a loaded machine. The kill must reach every process the launch started, and the one
+    report line say how long, at what load, what was running and what it was doing."""
+    rc, seconds, output = launch([sys.executable, "-c", ESCAPING_RANK], timeout=3)
+    assert rc == -signal.SIGKILL and seconds < 30, (seconds, output)  # not the escaped rank's 60 s
+    report = [line for line in output.splitlines() if line.startswith("[test] timed out after ")]
+    assert len(report) == 1 and output.rstrip().endswith(report[0]), output
+    assert "of its 3 s deadline counted at a 1-minute load average" in report[0]
+    assert "while a C++ extension was being built (DeepSpeed's CPU communication op" in report[0]
+    assert report[0].endswith("killed: python (-c) x2") and "collective" not in output
+    assert tail(output).splitlines()[0] == report[0]  # what a failing launch_two_ranks shows first
+
+
+def test_launch_deadline_counts_a_loaded_machines_seconds_at_its_share():
+    """A fixed wall-clock deadline failed launches on a machine loaded by other jobs; a second at a 1-minute load
+    average of L on C CPUs now counts min(1, C / L), and a hard limit (4x) still ends a launch there."""
+    cpus = Deadline(1).cpus
+    now, load = [100.0], [2.0 * cpus]
+    deadline = Deadline(10, clock=lambda: now[0], load_average=lambda: load[0])
+    now[0] += 18
+    assert not deadline.passed()  # 9 s counted at twice the CPUs' load
+    now[0] += 2
+    assert deadline.passed()
+    unloaded = Deadline(10, clock=lambda: now[0], load_average=lambda: cpus / 2)
+    now[0] += 10
+    assert unloaded.passed()  # an idle machine's second counts in full, not more
+    overloaded = Deadline(10, clock=lambda: now[0], load_average=lambda: 1000.0 * cpus)
+    now[0] += 39
+    assert not overloaded.passed()
+    now[0] += 1
+    assert overloaded.passed() and overloaded.describe().startswith("40 s (0 s of its 10 s deadline")
+
+
+def test_deepspeed_op_is_made_ready_once_before_the_launches_outside_their_deadline(monkeypatch):
+    """DeepSpeed builds its CPU communication op into ~/.cache/torch_extensions on first use, inside the first
+    DeepSpeed launch's deadline; on a loaded machine that alone took most of it. Now it is built (or loaded) once per
+    session before the first launch with DS_ACCELERATOR=cpu, and a build that fails says what it needs."""
+    monkeypatch.setattr(_launch, "_DEEPSPEED_OPS", {})
+    monkeypatch.setattr(_launch, "BUILD_DEEPSPEED_CPU_OPS", "import time; time.sleep(4); print('[op] ready 4.0 s', flush=True)")
+    env = {**child_env(), "DS_ACCELERATOR": "cpu"}
+    for _ in range(2):
+        rc, seconds, output = launch([sys.executable, "-c", "print('ok')"], timeout=3, env=env)
+        assert rc == 0 and output == "ok\n" and seconds < 3  # the build's 4 s are not the launch's
+    assert list(_launch._DEEPSPEED_OPS.values()) == [_launch.prepare_deepspeed_cpu_ops(env)]  # built once
+    assert _launch.prepare_deepspeed_cpu_ops(env).startswith("DeepSpeed CPU op: ready 4.0 s (before the launch")
+    assert launch([sys.executable, "-c", "print('no DeepSpeed')"], timeout=3, env=child_env())[0] == 0
+    monkeypatch.setattr(_launch, "_DEEPSPEED_OPS", {})
+    monkeypatch.setattr(_launch, "BUILD_DEEPSPEED_CPU_OPS", "import sys; print('error: command g++ not found'); sys.exit(1)")
+    with pytest.raises(RuntimeError, match=r"deepspeed_shm_comm\) did not build or load before the launch \(it needs g\+\+ and ninja"):
+        launch([sys.executable, "-c", "print('ok')"], timeout=3, env=env)

@@ -158,6 +158,76 @@ def test_run_a_directory_with_main_as_python_does(tmp_path, capsys):
     assert seen == {"name": "__main__", "argv": ["--flag", "x"], "path0": str(app), "value": 7, "optim": True}
 
 
+# What `python SCRIPT` gives the script, written to sys.argv[1]: the launcher must give the same.
+PROBE_SCRIPT = """
+import json, os, sys, traceback
+here = os.path.dirname(os.path.abspath(__file__))  # what scripts resolve their data files from
+os.chdir(os.path.dirname(here))  # ... also after changing directory
+try:
+    raise ValueError
+except ValueError:
+    code_file = traceback.extract_tb(sys.exc_info()[2])[0].filename
+out = {"file": __file__, "argv0": sys.argv[0], "data": open(os.path.join(here, "data.txt")).read(), "code_file": code_file,
+       "package": __package__, "spec": __spec__, "loader": type(__loader__).__name__, "main": sys.modules["__main__"].__dict__ is globals(),
+       "path": sys.path}
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def _probe_dir(tmp_path: Path) -> Path:
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "probe.py").write_text(PROBE_SCRIPT)
+    (scripts / "data.txt").write_text("found")
+    return scripts
+
+
+def test_launcher_gives_a_relative_script_its_absolute_file_as_python_does(tmp_path, monkeypatch):
+    """``python scripts/probe.py`` makes ``__file__`` (and the code's file name in tracebacks) absolute since Python
+    3.9 and keeps ``sys.argv[0]`` as given; the launcher (``runpy.run_path``) left ``__file__`` relative, so a script
+    that changes directory and then resolves ``dirname(abspath(__file__))`` failed under ``python -m sai_hf.run``
+    and ``find_lr`` only. Everything the probe sees equals what ``python`` gives it, ``sys.path`` included."""
+    _probe_dir(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, "scripts/probe.py", str(tmp_path / "python.json")], check=True, timeout=60)
+    monkeypatch.chdir(tmp_path)  # the probe changes directory: back for the launcher's run
+    saved_path = list(sys.path)
+    with monkeypatch.context() as mp:
+        mp.setattr(sys, "path", [str(tmp_path), *saved_path[1:]])  # python -m puts the current directory first
+        assert run_main(["scripts/probe.py", str(tmp_path / "launcher.json")]) == 0
+    want, got = (json.loads((tmp_path / name).read_text()) for name in ("python.json", "launcher.json"))
+    assert want["file"] == str(tmp_path / "scripts" / "probe.py") and want["argv0"] == "scripts/probe.py"
+    want["path"], got["path"] = want["path"][0], got["path"][0]  # the rest: this interpreter's and pytest's entries
+    assert got == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["-I", "-P", None])
+def test_launcher_under_isolated_and_safe_path_keeps_sys_path_as_python_does(tmp_path, flag):
+    """``python -I SCRIPT.py`` and ``python -P SCRIPT.py`` (``PYTHONSAFEPATH``) put no script directory on
+    ``sys.path``, and ``python -I/-P -m sai_hf.run`` no current directory: the launcher overwrote ``sys.path[0]``
+    (the first real entry there, the standard library's zip or a ``PYTHONPATH`` entry) with the script's directory.
+    ``sys.path`` must be python's own in each mode."""
+    if flag == "-P" and sys.version_info < (3, 11):
+        pytest.skip("-P is new in Python 3.11")
+    flags = [flag] if flag else []
+    if flag == "-I":
+        found = subprocess.run([sys.executable, "-I", "-c", "import importlib.util as u; print(u.find_spec('sai_hf') is not None)"],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        if found.stdout.strip() != "True":
+            pytest.skip("sai_hf is not installed in this interpreter (-I ignores PYTHONPATH)")
+    scripts = _probe_dir(tmp_path)
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env["PYTHONPATH"]]) if env.get("PYTHONPATH") else str(REPO)
+    for name, cmd in (("python", [scripts / "probe.py"]), ("launcher", ["-m", "sai_hf.run", scripts / "probe.py"])):
+        done = subprocess.run([sys.executable, *flags, *map(str, cmd), str(tmp_path / f"{name}.json")], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    want, got = (json.loads((tmp_path / name).read_text()) for name in ("python.json", "launcher.json"))
+    assert got == want
+    assert (str(scripts) in want["path"]) is (flag is None)
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [

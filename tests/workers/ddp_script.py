@@ -38,6 +38,8 @@ def main() -> None:
         "path0": sys.path[0],
         "world": int(os.environ.get("WORLD_SIZE", "1")),
         "parallel_mode": str(args.parallel_mode),
+        "world_size": args.world_size,  # transformers' count (1 in each process when they train apart)
+        "use_cpu": args.use_cpu,
         "optimizer": type(optimizer).__name__,
         "scales": {names[id(p)]: optimizer.state[p]["scale"] for p in scaled_params(optimizer)},
     }
