@@ -12,6 +12,9 @@ back bfloat16, a float32 buffer of a bfloat16 parameter float32).
 from __future__ import annotations
 
 import math
+import numbers
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -25,7 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .sharding import STATE_KEYS as BACKEND_STATE_KEYS
 
 __all__ = ["SGDSAI_STATE_KEYS", "align_scheduler", "buffers_in_saved_dtype", "prepare_state_dict", "remember_parameter_order",
-           "state_dict_kind"]  # fmt: skip
+           "state_dict_kind", "user_stacklevel"]  # fmt: skip
 
 #: Keys a block's state may have in an SGDSaI state dict (any version of this package), and those the
 #: sharding layouts add (a DeepSpeed ZeRO flat partition's state: :mod:`sai_hf.sharding.deepspeed_zero`).
@@ -38,6 +41,25 @@ _OFFICIAL_STATE_KEYS = frozenset({"gsnr", "momentum_buffer"})
 #: Keys torch's LR schedulers add to parameter groups (``initial_lr``: every scheduler; the others: ``OneCycleLR``,
 #: ``CyclicLR``), which an official state dict may carry (``param_names`` too, torch >= 2.6).
 _SCHEDULER_GROUP_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
+
+#: Files whose frames a warning skips to reach its caller's line: sai-hf's and torch's (``torch.no_grad``'s wrapper, the
+#: optimizer's step hooks).
+_INTERNAL_PREFIXES = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by the function calling this one, such that the warning
+    names the first line outside sai-hf and torch: the user's ``opt.step()`` or ``load_state_dict(...)`` line (or
+    the library that made that call: transformers' Trainer, accelerate, DeepSpeed), not ``torch.no_grad``'s wrapper
+    in ``torch/utils/_contextlib.py`` or sai-hf's own frames, however many lie between (they differ by path and
+    torch version). Python 3.12's ``skip_file_prefixes`` does the same; walking the frames works on every version."""
+    frame = sys._getframe(2)  # the caller's caller: stacklevel 2
+    level = 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_PREFIXES):
+        frame = frame.f_back
+        level += 1
+    return level
+
 
 #: Tell-tale keys of other optimizers, for the error message.
 _KNOWN_FOREIGN = (
@@ -166,14 +188,17 @@ def _import_official(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, 
             "which this optimizer does not train"
         )
     state: dict[Any, dict[str, Any]] = {}
+    frozen: list[int] = []  # this optimizer's parameter indices whose official g-SNR is 0
     for new_id, source in enumerate(sources):
         entry = saved_state.get(saved_ids[source])
         if not entry:
             continue
         converted: dict[str, Any] = {}
         if "gsnr" in entry:
-            gsnr = float(torch.as_tensor(entry["gsnr"]).item())
+            gsnr = _official_gsnr(entry["gsnr"], saved_ids[source], new_id)
             converted.update(gsnr=gsnr, scale=gsnr, gsnr_eps_free=False)
+            if gsnr == 0.0:
+                frozen.append(new_id)
         if "momentum_buffer" in entry:
             converted.update(momentum_buffer=entry["momentum_buffer"], step=1)
         state[new_id if regroup else saved_ids[source]] = converted
@@ -211,10 +236,46 @@ def _import_official(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, 
             if regroup
             else ""
         )
-        + ".",
-        stacklevel=3,
+        + "."
+        + _frozen_note(optimizer, frozen),
+        stacklevel=user_stacklevel(),
     )
     return {"state": state, "param_groups": groups}
+
+
+def _official_gsnr(value: Any, saved_id: Any, index: int) -> float:
+    """One official block's ``gsnr`` as a float; ``ValueError`` naming the block when it is not one number."""
+    where = f"parameter #{index} (saved id {saved_id!r})"
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise ValueError(
+            f"Official sgd-sai optimizer state dict: 'gsnr' of {where} is {_describe(value)}, expected one number"
+        )
+    if isinstance(value, Tensor) and (value.numel() != 1 or value.is_complex() or value.dtype == torch.bool):
+        raise ValueError(
+            f"Official sgd-sai optimizer state dict: 'gsnr' of {where} is a {value.dtype} tensor of {_describe(value)}, "
+            "expected one real number (a corrupt checkpoint?)"
+        )
+    return float(value.item() if isinstance(value, Tensor) else value)
+
+
+def _frozen_note(optimizer: torch.optim.Optimizer, frozen: Sequence[int]) -> str:
+    """The import warning's note on blocks whose official g-SNR is 0 (their first gradient was zero: LoRA's
+    ``lora_A``, whose ``lora_B`` starts at zero): their scale stays 0, so they stay frozen as in the official run."""
+    if not frozen:
+        return ""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    names = []
+    for index in frozen[:5]:
+        place = _MODEL_ORDER.get(params[index])
+        names.append(place[0].names[place[1]] if place is not None else f"#{index}")
+    more = f" and {len(frozen) - 5} more" if len(frozen) > 5 else ""
+    return (
+        f" {len(frozen)} block(s) have an official g-SNR of 0 ({', '.join(names)}{more}; a first gradient of zero, as "
+        "LoRA's lora_A has): their scale stays 0, so their gradient never moves them (weight decay still does), as in "
+        "the official run. To let them "
+        "train, delete their 'gsnr' entries from the state dict before loading it: sai-hf then scales them from "
+        "their next non-zero gradient, as it does blocks deferred in its own runs."
+    )
 
 
 def align_scheduler(optimizer: torch.optim.Optimizer, scheduler: Any) -> bool:

@@ -14,13 +14,22 @@ the script's schedule and warm-up; everything else is the script's own: model, d
 gradient accumulation, clipping, ``--optim`` and ``--optim_args``, LoRA, DDP/FSDP). The training
 loss of every step (averaged over ranks and accumulated micro-batches, as the Trainer logs it) is
 smoothed (:class:`sai_hf.lr_rule.Smoother`); the test stops once the loss is not finite or the
-smoothed loss exceeds ``--diverge`` times its best. Then the script is abandoned: nothing after its
-``train()`` runs, so it saves no model, metrics or plots; during the test no checkpoint is saved, no
-evaluation runs, the ``report_to`` integrations are detached and the Trainer's ``output_dir`` is a
-temporary folder (removed), so ``gsnr.json`` and anything else the Trainer would write stay out of
-the script's ``output_dir``. Into ``--output DIR`` (default: the script's ``output_dir``) it writes
-``lr_find.json`` and, with matplotlib, ``lr_find.png``; its last line is
-``suggested learning_rate: <value>``.
+smoothed loss exceeds ``--diverge`` times its best. Then the script is abandoned: the range test's
+end is raised out of its ``train()`` call, so none of its code after that call runs and it saves no
+model, metrics or plots. Python still runs the ``finally:`` blocks and ``with`` exits the end passes
+through: there the tested Trainer's saving methods (``save_model``, ``save_state``,
+``save_metrics``, ``push_to_hub``, ``create_model_card``, checkpoints) do nothing, but anything else
+such a block writes is written. During the test no checkpoint is saved, no evaluation runs, the
+``report_to`` integrations are detached and the Trainer's ``output_dir`` is a temporary folder
+(removed), so ``gsnr.json`` and anything else the Trainer would write stay out of the script's
+``output_dir`` (and the path of that folder is not logged). Into ``--output DIR`` (default: the
+script's ``output_dir``) it writes ``lr_find.json`` and, with matplotlib, ``lr_find.png``; its last
+line is ``suggested learning_rate: <value>``.
+
+Before every step the rate the optimizer is about to apply (its first group's) is checked against
+the ramp's: a scheduler that replaces the ramp (a DeepSpeed config's own ``scheduler`` section) or
+anything else that sets the rate ends the test with an error at once, instead of a curve drawn
+against rates that were never applied.
 
 SGD-SaI: the scales are computed from the first step's gradient, as in training (they do not depend
 on the learning rate; the ramp only changes the rate that multiplies them).
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -79,9 +89,11 @@ HELP = f"""{USAGE}
 
 Learning-rate range test: run a transformers Trainer script (unmodified, as `python -m sai_hf.run`
 does) for --steps optimizer steps with the learning rate rising exponentially from --start-lr to
---end-lr, stop early once the loss diverges, and suggest a learning rate. Nothing the script would
-write is written (no checkpoints, model, metrics); lr_find.json and lr_find.png go to --output
-(default: the script's output_dir). The last line printed is `suggested learning_rate: <value>`.
+--end-lr, stop early once the loss diverges, and suggest a learning rate. The script's code after
+its train() call does not run, and the tested Trainer saves nothing (no checkpoints, model,
+metrics); a `finally:` block around train() still runs (Python unwinds through it). lr_find.json
+and lr_find.png go to --output (default: the script's output_dir). The last line printed is
+`suggested learning_rate: <value>`.
 
 options (before SCRIPT):
   --start-lr LR   first learning rate of the ramp (default {DEFAULTS.start_lr:g})
@@ -100,7 +112,8 @@ options (before SCRIPT):
 
 The script keeps its own arguments (--optim, --optim_args, batch size, gradient accumulation,
 LoRA...). Its lr schedule, warm-up, evaluation, checkpointing and resume flags are ignored for the
-test. Under torchrun / accelerate launch rank 0 decides and every rank follows.
+test; a DeepSpeed config with its own 'scheduler' section is refused (remove it for the test).
+Under torchrun / accelerate launch rank 0 decides and every rank follows.
 
 example:
   {PROG} scripts/pretrain_gpt2.py configs/gpt2-local.yaml
@@ -110,6 +123,16 @@ example:
 
 class LRFindError(Exception):
     """The range test could not suggest a learning rate (the message says why and what to change)."""
+
+
+_NOT_APPLIED_MESSAGE = (
+    "the ramp was not applied: {why}, so the range test would record rates the optimizer never used. "
+    "A DeepSpeed config with its own 'scheduler' section? Remove it for the range test"
+)
+
+
+class _RampNotApplied(Exception):
+    """Raised out of the Trainer's step once the optimizer is found not to run at the ramp's rate."""
 
 
 class _Finished(BaseException):
@@ -190,13 +213,15 @@ class _RampScheduler:
 
         self.ratio = 1.0  # group 0's rate over the ramp's (set by build)
         self.built = False  # whether the Trainer asked for the ramp (not e.g. DeepSpeed's own scheduler)
+        self.scheduler: Any = None  # the LambdaLR build made
+        self.foreign: Any = None  # a scheduler the Trainer already had when it asked for one (DeepSpeed's own)
 
     def lr(self, step: int) -> float:
         return ramp_lr(step, self.start, self.end, self.steps)
 
     def lr_used(self, logged: Any, step: int) -> float:
-        """The ramp's rate of a logged step: the Trainer's logged rate (group 0's, before the
-        scheduler moved on) over group 0's ratio; ``lr(step)`` if none was logged."""
+        """The ramp's rate of a logged step: group 0's rate in that step's update (else the Trainer's
+        logged rate) over group 0's ratio; ``lr(step)`` if there is none."""
         if isinstance(logged, (int, float)) and logged > 0 and self.ratio > 0:
             return float(logged) / self.ratio
         return self.lr(step)
@@ -213,7 +238,45 @@ class _RampScheduler:
         base = self.base_lr if self.base_lr > 0 else 1.0
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr(step) / base)
         self.ratio = optimizer.param_groups[0]["initial_lr"] / base
+        self.scheduler = scheduler
         return scheduler
+
+    def owns(self, scheduler: Any) -> bool:
+        """Whether ``scheduler`` is the ramp (possibly inside accelerate's wrapper)."""
+        if self.scheduler is None:
+            return False
+        return scheduler is self.scheduler or getattr(scheduler, "scheduler", None) is self.scheduler
+
+    def not_applied(self, optimizer: Any, engine: Any) -> str | None:
+        """Why the next optimizer step will not run at the ramp's rate, or ``None``: the Trainer kept a
+        scheduler of its own (DeepSpeed's, from its config's ``scheduler`` section), DeepSpeed's engine steps
+        another scheduler, or the learning rate of the optimizer's first group (what its step applies)
+        is not the one the ramp set last."""
+        if self.foreign is not None:
+            return f"the Trainer uses {_scheduler_name(self.foreign)} instead of the ramp"
+        if not self.built:
+            return "the Trainer never built its learning-rate scheduler"
+        engine_scheduler = getattr(engine, "lr_scheduler", None)
+        if engine_scheduler is not None and not self.owns(engine_scheduler):
+            return f"DeepSpeed's engine steps {_scheduler_name(engine_scheduler)}"
+        groups = getattr(optimizer, "param_groups", None)
+        if not groups:
+            return None
+        applied, expected = float(groups[0]["lr"]), float(self.scheduler.get_last_lr()[0])
+        if not math.isclose(applied, expected, rel_tol=1e-6, abs_tol=0.0):
+            return f"the optimizer's first parameter group runs at lr {applied:.4g} where the ramp set {expected:.4g}"
+        return None
+
+
+def _asks_for_a_scheduler(scheduler: Any) -> bool:
+    """accelerate's placeholder that has DeepSpeed call the Trainer's ``create_scheduler`` (a DeepSpeed config
+    with an ``optimizer`` section and no ``scheduler`` one), not a scheduler of its own."""
+    return type(scheduler).__name__ == "DummyScheduler" and getattr(scheduler, "lr_scheduler_callable", None) is not None
+
+
+def _scheduler_name(scheduler: Any) -> str:
+    inner = getattr(scheduler, "scheduler", None)
+    return f"its own scheduler ({type(inner if inner is not None else scheduler).__name__})"
 
 
 def _range_test_callback(ramp: _RampScheduler, smooth: float, diverge: float, verbose: bool) -> Any:
@@ -229,10 +292,23 @@ def _range_test_callback(ramp: _RampScheduler, smooth: float, diverge: float, ve
             self.smoother = Smoother(smooth)
             self.best = math.inf
             self.stop_reason = f"reached --steps ({ramp.steps})"
+            self.applied: float | None = None  # group 0's rate in this step's update
 
         def _quiet(self, control: Any) -> Any:
             control.should_evaluate = False
             control.should_save = False
+            return control
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            # The rate this step's update will use: the ramp's, or the test is void (DeepSpeed steps its
+            # own scheduler, configured in its config: the curve's x axis would be rates never applied).
+            why = ramp.not_applied(optimizer, kwargs.get("model"))
+            if why is not None:
+                raise _RampNotApplied(_NOT_APPLIED_MESSAGE.format(why=why))
+            groups = getattr(optimizer, "param_groups", None)
+            # recorded for this step (the Trainer logs the scheduler's rate, which DeepSpeed's engine has
+            # already moved on to the next step's when it steps the ramp itself)
+            self.applied = float(groups[0]["lr"]) if groups else None
             return control
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -247,7 +323,7 @@ def _range_test_callback(ramp: _RampScheduler, smooth: float, diverge: float, ve
                 return control
             step = len(self.lrs)
             loss = float(logs["loss"])
-            lr = ramp.lr_used(logs.get("learning_rate"), step)
+            lr = ramp.lr_used(self.applied if self.applied is not None else logs.get("learning_rate"), step)
             smoothed = self.smoother.add(loss) if math.isfinite(loss) else math.nan
             self.lrs.append(lr)
             self.losses.append(loss if math.isfinite(loss) else None)
@@ -284,6 +360,22 @@ def _detached_callbacks(trainer: Any) -> list[Any]:
     return out
 
 
+class _HideFolder(logging.Filter):
+    """Drops log records that name ``folder`` (sai-hf's "g-SNR report ... written to <folder>/gsnr.json"
+    during the test: the folder is removed afterwards, so the path would point nowhere)."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = os.path.abspath(folder)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.folder not in record.getMessage()
+
+
+#: The loggers whose messages may name the Trainer's output_dir during the test.
+_QUIETED_LOGGERS = ("sai_hf.callback",)
+
+
 @contextlib.contextmanager
 def _test_setup(trainer: Any, ramp: _RampScheduler, callback: Any, steps: int) -> Iterator[str]:
     """The Trainer as the test needs it (restored on exit): ``steps`` steps, the ramp as scheduler,
@@ -300,6 +392,7 @@ def _test_setup(trainer: Any, ramp: _RampScheduler, callback: Any, steps: int) -
     saved_args = {name: getattr(args, name) for name in changed}
     output_dir = args.output_dir
     tmp = tempfile.mkdtemp(prefix="sai_hf_lr_find_")
+    hide = _HideFolder(tmp)
     saved_callbacks = list(trainer.callback_handler.callbacks)
     saved_scheduler = trainer.lr_scheduler
     saved_created = getattr(trainer, "_created_lr_scheduler", False)
@@ -307,6 +400,14 @@ def _test_setup(trainer: Any, ramp: _RampScheduler, callback: Any, steps: int) -
     saved_create_scheduler = vars(trainer).get("create_scheduler")
 
     def create_scheduler(num_training_steps: int, optimizer: Any = None) -> Any:
+        current = trainer.lr_scheduler
+        if current is not None and ramp.owns(current):  # built already (DeepSpeed asked first, through accelerate)
+            return current
+        if current is not None and not _asks_for_a_scheduler(current):
+            # The Trainer got a scheduler elsewhere (DeepSpeed's own, from its config's 'scheduler' section),
+            # which it keeps, as its own create_scheduler does: the ramp is not applied (refused at the first step).
+            ramp.foreign = current
+            return current
         trainer.lr_scheduler = ramp.build(optimizer if optimizer is not None else trainer.optimizer)
         trainer._created_lr_scheduler = True
         return trainer.lr_scheduler
@@ -321,8 +422,12 @@ def _test_setup(trainer: Any, ramp: _RampScheduler, callback: Any, steps: int) -
         trainer.lr_scheduler = None
         trainer._created_lr_scheduler = False
         trainer.create_scheduler = create_scheduler
+        for name in _QUIETED_LOGGERS:
+            logging.getLogger(name).addFilter(hide)
         yield output_dir
     finally:
+        for name in _QUIETED_LOGGERS:
+            logging.getLogger(name).removeFilter(hide)
         for name, value in saved_args.items():
             setattr(args, name, value)
         args.output_dir = output_dir
@@ -408,12 +513,13 @@ def lr_find(
     train = _train if _train is not None else type(trainer).train
     restore = restore and not (getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
     with _restored(trainer, restore), _test_setup(trainer, ramp, callback, int(steps)) as real_output_dir:
-        train(trainer)
-    if not ramp.built:
-        raise LRFindError(
-            "the Trainer never built its learning-rate scheduler, so the ramp was not applied (a DeepSpeed config "
-            "with its own 'scheduler' section? remove it for the range test)"
-        )
+        try:
+            train(trainer)
+        except _RampNotApplied as err:
+            raise LRFindError(str(err)) from None
+    why = ramp.not_applied(None, None)
+    if why is not None:
+        raise LRFindError(_NOT_APPLIED_MESSAGE.format(why=why))
     settings = {
         "start_lr": float(start_lr), "end_lr": float(end_lr), "steps": int(steps), "smooth": float(smooth),
         "diverge": float(diverge), "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
@@ -426,7 +532,7 @@ def lr_find(
         try:
             found = suggest(callback.lrs, callback.smoothed, method, losses=callback.losses, beta=float(smooth))
         except NoDecreaseError as err:
-            error = str(err)
+            error = _rose_from_the_start(callback) or str(err)
     found, error = _broadcast((found, error))
     if error is not None:
         if write and trainer.is_world_process_zero():  # the curve still helps to choose another range
@@ -456,6 +562,31 @@ def lr_find(
         Path(result.json_path).write_text(json.dumps(result.to_json(), indent=1) + "\n", encoding="utf-8")
         result.png_path = plot_lr_find(result, directory / PNG_NAME)
     return result
+
+
+def _rose_from_the_start(callback: Any) -> str | None:
+    """The error for a test whose loss rose from the first rate on, or ``None``: the ramp started where
+    the model already diverges, so the advice is a lower ``--start-lr`` (the rule's own message asks for
+    a higher one, to spend more steps below a divergence that came after a flat stretch). "Rose": the
+    smoothed loss went up at every step of the first half of the test and then diverged (or ended 10%
+    above its first value). A flat, noisy loss (a frozen model), or one that stayed flat before it
+    diverged, goes up and down: it is not this."""
+    ys = []
+    for value in callback.smoothed:
+        if value is None or not math.isfinite(value):
+            break
+        ys.append(value)
+    if len(ys) < 3 or any(b <= a for a, b in zip(ys[: len(ys) // 2 + 1], ys[1 : len(ys) // 2 + 1])):
+        return None
+    diverged_now = callback.stop_reason.startswith("diverged")
+    if not diverged_now and ys[-1] <= 1.1 * ys[0]:
+        return None
+    start = callback.lrs[0]
+    end = callback.stop_reason if diverged_now else f"rose to {ys[-1]:.4g} by lr {callback.lrs[len(ys) - 1]:.3g}"
+    return (
+        f"the loss rose from the first rate on (smoothed {ys[0]:.4g} at lr {start:.3g}, its lowest) and {end}: the ramp "
+        f"starts where this model already diverges: a lower --start-lr (now {start:.3g}; e.g. {start / 100:.3g})"
+    )
 
 
 def plot_lr_find(result: LRFindResult, path: str | os.PathLike) -> str | None:

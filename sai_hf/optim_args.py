@@ -62,8 +62,9 @@ def parse_dtype(text: str) -> Any:
 
 
 def parse_str(text: str) -> str:
-    """The stripped string itself."""
-    return text.strip()
+    """A choice (``normalize``, ``scale_rule``): the stripped string, lowercased. Every choice is lowercase, and like
+    bools and dtypes it is accepted in any case (``normalize=MAX`` is ``max``); the optimizer checks the value."""
+    return text.strip().lower()
 
 
 def optim_args_source(optimizer: str) -> str:

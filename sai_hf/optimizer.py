@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import native, scaling
-from .checkpoint import buffers_in_saved_dtype, prepare_state_dict
+from .checkpoint import buffers_in_saved_dtype, prepare_state_dict, user_stacklevel
 from .functional import sgd_sai
 from .gsnr import BlockStatus
 from .scaling import NORMALIZATIONS, SCALE_RULES
@@ -256,7 +256,7 @@ class SGDSaI(Optimizer):
                 f"SGDSaI: {statuses.count(BlockStatus.DEGENERATE)} block(s) have a gradient with no usable variance "
                 "(one element, or all entries equal): g-SNR is undefined there. They get the largest well-defined "
                 "g-SNR of the first step instead of |g|/eps.",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),  # the user's opt.step() line, past torch.no_grad's wrapper
             )
         records = []
         for block, scaled in zip(pending, assigned):

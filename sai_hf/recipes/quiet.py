@@ -1,16 +1,19 @@
 """What the recipes keep off the terminal: the progress bars of their own data preparation and of
-saving the model, and DeepSpeed's accelerator warning on a machine without an accelerator.
+saving the model, the evaluation bar nested in the training bar when stderr is not a terminal, and
+DeepSpeed's accelerator warning on a machine without an accelerator.
 
 The Trainer's own progress bar, its loss and evaluation logs, and real warnings are untouched.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 def default_deepspeed_accelerator_to_cpu() -> None:
@@ -50,3 +53,44 @@ def quiet_progress() -> Iterator[None]:
     finally:
         for lib in restore:
             lib.enable_progress_bar()
+
+
+def _stderr_is_a_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty()) if isatty is not None else False
+    except ValueError:  # a closed stream
+        return False
+
+
+def plain_progress(trainer: Any) -> bool:
+    """When stderr is not a terminal (a log file, a pipe, CI), replace ``trainer``'s progress bar by one that
+    draws no evaluation bar inside the training bar: tqdm moves the cursor up to draw a second bar (``ESC[A``),
+    which a log file keeps as ``[A`` garbage on every evaluation. The training bar, the log lines and the
+    evaluation metrics are unchanged; evaluations outside training (``trainer.evaluate()`` after ``train()``)
+    keep their bar. Returns whether the bar was replaced (nothing to do on a terminal, or without a bar:
+    ``disable_tqdm``)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    if _stderr_is_a_terminal():
+        return False
+    callbacks = trainer.callback_handler.callbacks
+    found = [i for i, cb in enumerate(callbacks) if type(cb) is ProgressCallback]
+    for i in found:  # in place: the callbacks keep their order
+        callbacks[i] = _no_nested_bars()(max_str_len=callbacks[i].max_str_len)
+    return bool(found)
+
+
+@functools.cache
+def _no_nested_bars() -> type:
+    """The progress callback class (built on first use: this module does not import transformers at import time)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class NoNestedBars(ProgressCallback):
+        """The Trainer's progress bar without the evaluation bar nested in the training bar."""
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if self.training_bar is None:  # evaluation on its own: a bar of its own, on its own line
+                super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+    return NoNestedBars

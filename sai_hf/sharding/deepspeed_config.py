@@ -2,8 +2,10 @@
 run exactly. Stages 0 to 3 pass, with ``offload_optimizer`` (``device: cpu``, stages 2 and 3, with
 ``"zero_force_ds_cpu_optimizer": false``: otherwise DeepSpeed insists on its own CPU Adam) and
 ``offload_param`` (``device: cpu``, stage 3). Refused: NVMe offload, ``offload_param`` below stage
-3, optimizer offload at stage 1, ZenFlow, SuperOffload, loading a universal checkpoint (it holds no
-scales), and an ``optimizer`` section (DeepSpeed would replace SGD-SaI)."""
+3, optimizer offload at stage 1, partial optimizer offload at stage 3 (``offload_optimizer.ratio``
+below 1: DeepSpeed's hybrid optimizer supports its own CPU Adam only), ZenFlow, SuperOffload, loading
+a universal checkpoint (it holds no scales), and an ``optimizer`` section (DeepSpeed would replace
+SGD-SaI)."""
 
 from __future__ import annotations
 
@@ -44,6 +46,12 @@ _FORCE_CPU_OPTIMIZER_MESSAGE = (
     "\"zero_force_ds_cpu_optimizer\": false in the DeepSpeed config (it is {value!r}): otherwise DeepSpeed "
     "insists on its own CPU optimizer (DeepSpeedCPUAdam) instead of SGD-SaI. Add "
     "\"zero_force_ds_cpu_optimizer\": false (as configs/deepspeed/zero2_offload.json and zero3_offload.json do)."
+)
+_PARTIAL_OFFLOAD_MESSAGE = (
+    "SGD-SaI (--optim sgd_sai) with DeepSpeed zero_optimization.offload_optimizer.ratio = {ratio!r}: below 1, "
+    "ZeRO stage 3 offloads only part of the optimizer and steps the rest with a hybrid optimizer that supports "
+    "DeepSpeed's own CPU Adam only (train() would fail with \"Hybrid Optimizer Only Supports DeepSpeedCPUAdam\"). "
+    "Remove offload_optimizer.ratio (or set it to 1.0), as configs/deepspeed/zero3_offload.json does."
 )
 _UNSUPPORTED_FEATURE_MESSAGE = (
     "SGD-SaI (--optim sgd_sai) does not support DeepSpeed {key}: {why} Remove it (see configs/deepspeed/)."
@@ -117,6 +125,9 @@ def refuse_unsupported_zero(config: Mapping[str, Any] | None) -> None:
                 "(configs/deepspeed/zero2.json)",
             )
         )
+    ratio = zero["offload_optimizer"].get("ratio", 1.0) if optimizer_offload is not None else 1.0
+    if stage == "3" and isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio < 1.0:
+        raise UnsupportedShardingError(_PARTIAL_OFFLOAD_MESSAGE.format(ratio=ratio))
     if optimizer_offload is not None and config.get("zero_force_ds_cpu_optimizer", True) is not False:
         raise UnsupportedShardingError(_FORCE_CPU_OPTIMIZER_MESSAGE.format(value=config.get("zero_force_ds_cpu_optimizer", True)))
     if zero.get("zenflow"):

@@ -39,6 +39,12 @@ State of partition ``P_k`` (``optimizer.state[P_k]``, saved per rank in DeepSpee
 
 Resuming at the same world size continues bit-exactly; at another world size the momentum buffer
 does not fit the partition, which is refused at the first step.
+
+Group indices: DeepSpeed's engine drops the optimizer's empty parameter groups before wrapping it
+(``param_groups[:] = [pg for pg in param_groups if len(pg["params"]) != 0]``; the Trainer's
+no-weight-decay group is empty under PEFT LoRA or with biases and norms frozen), so its group ``k``
+(partition ``P_k``) is the ``k``-th *non-empty* group as the optimizer was constructed. A group
+whose parameters are all frozen is kept (it has a partition of padding only, and no blocks).
 """
 
 from __future__ import annotations
@@ -68,6 +74,20 @@ _NORMALIZE_MAX_MESSAGE = (
     "engine.optimizer) before the first step), or use normalize='none' (the default; multiply the learning "
     "rate by the largest first-step g-SNR, gsnr_max in gsnr.json, for the same run)."
 )
+_NORMALIZE_MAX_UNEXPOSED_MESSAGE = (
+    "SGD-SaI: normalize='max' under DeepSpeed ZeRO-1/2 with {groups} parameter groups is not exact here: "
+    "DeepSpeed steps the groups one at a time, and this DeepSpeed's optimizer (registered) does not expose "
+    "the later groups' gradients when the first is stepped ({reason}), so the largest g-SNR over all blocks "
+    "is not known when the first group is updated. Use normalize='none' (the default; multiply the learning "
+    "rate by the largest first-step g-SNR, gsnr_max in gsnr.json, for the same run), or put every trainable "
+    "parameter in one group."
+)
+_GROUP_COUNT_MESSAGE = (
+    "SGD-SaI under DeepSpeed ZeRO-1/2: the optimizer was constructed with {constructed} non-empty parameter "
+    "groups, DeepSpeed steps {stepped}: sai-hf cannot tell which of DeepSpeed's flat partitions holds which "
+    "group (were parameter groups added or removed after deepspeed.initialize?). Build the optimizer with "
+    "its final groups before handing it to DeepSpeed."
+)
 
 
 class ZeroFragments(ShardingBackend):
@@ -84,6 +104,7 @@ class ZeroFragments(ShardingBackend):
         self._blocks: list[list[Tensor]] | None = None
         self._group_of_partition: dict[int, int] = {}
         self._wrapper: Any = None  # DeepSpeed's ZeRO-1/2 optimizer, once registered
+        self._unexposed: str | None = None  # why the later groups' gradients could not be read, once tried
 
     def register_model(self, model: torch.nn.Module, wrappers: Sequence[Any] = ()) -> int:
         """Record DeepSpeed's ZeRO-1/2 optimizer among ``wrappers`` (it holds the fp32 partitions and
@@ -94,9 +115,11 @@ class ZeroFragments(ShardingBackend):
         return 0
 
     def _linked_blocks(self) -> list[list[Tensor]] | None:
-        """Each group's linked model parameters, once DeepSpeed has linked them."""
+        """The linked model parameters of each of DeepSpeed's groups, once DeepSpeed has linked them:
+        group ``k`` is the ``k``-th non-empty group as constructed (DeepSpeed's engine drops the empty
+        ones before wrapping the optimizer)."""
         if self._blocks is None and any(hasattr(p, "_hp_mapping") for g in self.model_groups for p in g):
-            self._blocks = [[p for p in group if hasattr(p, "_hp_mapping")] for group in self.model_groups]
+            self._blocks = [[p for p in group if hasattr(p, "_hp_mapping")] for group in self.model_groups if len(group)]
         return self._blocks
 
     def claims(self, param: Tensor) -> bool:
@@ -130,6 +153,9 @@ class ZeroFragments(ShardingBackend):
     # ------------------------------------------------------------------ ShardingBackend
     def blocks(self, optimizer: Any, group: Mapping[str, Any], params: Sequence[Tensor], stepping: bool) -> list[Block]:
         model_blocks = self._linked_blocks() or []
+        stepped = len(optimizer.all_param_groups())
+        if model_blocks and len(model_blocks) != stepped:
+            raise UnsupportedShardingError(_GROUP_COUNT_MESSAGE.format(constructed=len(model_blocks), stepped=stepped))
         out: list[Block] = []
         for partition in params:
             k = self.group_index(partition)
@@ -140,7 +166,11 @@ class ZeroFragments(ShardingBackend):
                 first_scaling = len(model_blocks) > 1 and not _any_scale(optimizer)
                 later = self._later_gradients(k) if first_scaling else None
                 if group["normalize"] == "max" and first_scaling and later is None:
-                    raise UnsupportedShardingError(_NORMALIZE_MAX_MESSAGE.format(groups=len(model_blocks)))
+                    if self._wrapper is None:
+                        raise UnsupportedShardingError(_NORMALIZE_MAX_MESSAGE.format(groups=len(model_blocks)))
+                    raise UnsupportedShardingError(
+                        _NORMALIZE_MAX_UNEXPOSED_MESSAGE.format(groups=len(model_blocks), reason=self._unexposed)
+                    )
                 state["step"] += 1
                 flat = state.get("momentum_buffer")
                 if group["momentum"] != 0 and flat is None:
@@ -221,7 +251,9 @@ class ZeroFragments(ShardingBackend):
         """``(factor, [(j, partition of group j, its blocks' gradient fragments)])`` for the groups DeepSpeed
         steps after ``k`` in this step, before its ``unscale_and_clip_grads`` multiplies them by ``factor``
         (:func:`unscale_factor`); ``None`` where DeepSpeed's optimizer is not registered or this DeepSpeed
-        does not expose them (Muon, another DeepSpeed version).
+        does not expose them (Muon, another DeepSpeed version: the missing attribute is kept in
+        ``_unexposed`` for the refusal). Nothing else is caught: an error while reading what DeepSpeed
+        exposes propagates instead of turning into a refusal or a per-group measurement.
 
         A fragment is ``p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)``, flattened: the block's
         reduced gradient entries of this rank's partition in DeepSpeed's accumulation dtype (DeepSpeed casts
@@ -229,27 +261,29 @@ class ZeroFragments(ShardingBackend):
         fragment's range of it."""
         zero = self._wrapper
         blocks = self._linked_blocks()
-        if zero is None or blocks is None or getattr(zero, "use_muon", False):
+        if zero is None or blocks is None:
             return None
-        try:
-            factor = unscale_factor(zero)
-            partitions = zero.single_partition_of_fp32_groups
-            out = []
-            for j in range(k + 1, len(blocks)):
-                fragments: list[Tensor | None] = []
-                for p in blocks[j]:
-                    mapping = p._hp_mapping
-                    if mapping is None:
-                        fragments.append(None)
-                        continue
-                    g = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
-                    numel = int(mapping.hp_fragment_address.numel)
-                    if g.numel() != numel:
-                        g = g.narrow(0, int(mapping.lp_fragment_address.start), numel)
-                    fragments.append(g)
-                out.append((j, partitions[j], fragments))
-        except (AttributeError, TypeError, ValueError, IndexError, KeyError):
+        self._unexposed = _unexposed(zero, [p for group in blocks[k + 1 :] for p in group])
+        if self._unexposed is not None:
             return None
+        factor = unscale_factor(zero)
+        partitions = zero.single_partition_of_fp32_groups
+        if len(partitions) != len(blocks):
+            raise UnsupportedShardingError(_GROUP_COUNT_MESSAGE.format(constructed=len(blocks), stepped=len(partitions)))
+        out = []
+        for j in range(k + 1, len(blocks)):
+            fragments: list[Tensor | None] = []
+            for p in blocks[j]:
+                mapping = p._hp_mapping
+                if mapping is None:
+                    fragments.append(None)
+                    continue
+                g = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+                numel = int(mapping.hp_fragment_address.numel)
+                if g.numel() != numel:
+                    g = g.narrow(0, int(mapping.lp_fragment_address.start), numel)
+                fragments.append(g)
+            out.append((j, partitions[j], fragments))
         return factor, out
 
     def keep_buffer(self, block: Block, local: Tensor) -> None:
@@ -287,6 +321,29 @@ class Zero3Parameters(ShardingBackend):
 def _any_scale(optimizer: Any) -> bool:
     """Whether some block of some partition has its scale (the same answer on every rank)."""
     return any("scale" in entry for state in optimizer.state.values() for entry in state.get("blocks", {}).values())
+
+
+def _unexposed(zero: Any, later: Sequence[Tensor]) -> str | None:
+    """What DeepSpeed's ZeRO-1/2 optimizer ``zero`` lacks for reading the ``later`` groups' blocks'
+    gradients before it steps them (``None``: nothing): Muon, whose update is not a gradient, or an
+    attribute another DeepSpeed version does not have."""
+    if getattr(zero, "use_muon", False):
+        return "Muon"
+    for name in ("single_partition_of_fp32_groups", "loss_scale", "clip_grad", "_global_grad_norm"):
+        if not hasattr(zero, name):
+            return f"no {type(zero).__name__}.{name}"
+    if zero.clip_grad > 0.0 and zero._global_grad_norm is None:
+        return "gradient clipping without a global gradient norm"
+    for p in later:
+        mapping = p._hp_mapping
+        if mapping is None:
+            continue
+        if not hasattr(p, "_index_in_param_group"):
+            return "no _index_in_param_group on the parameters"
+        for name in ("get_lp_grad_fragment", "hp_fragment_address", "lp_fragment_address"):
+            if not hasattr(mapping, name):
+                return f"no {type(mapping).__name__}.{name}"
+    return None
 
 
 def unscale_factor(zero: Any) -> float | None:

@@ -228,16 +228,22 @@ def _later_gradients(zero: Any, i: int) -> tuple[Any, list[tuple[int, Tensor | l
 
     Without offload they are the reduced per-parameter pieces in ``averaged_gradients[j]`` (flattened
     into the fp32 partition's gradient only when ``j`` is stepped); with ``offload_optimizer`` they are
-    already in the CPU partitions' ``grad``."""
-    try:
-        flats = zero.fp32_partitioned_groups_flat
-        offload = bool(zero.offload_optimizer)
-        factor = unscale_factor(zero)
-        averaged = None if offload else zero.averaged_gradients
-    except (AttributeError, TypeError):
+    already in the CPU partitions' ``grad``. Only a missing attribute (another DeepSpeed version) or
+    a missing norm where clipping applies makes it ``None``; nothing is caught, so an error while
+    reading them propagates instead of turning into a refusal or a per-sub-group measurement."""
+    needed = (
+        "fp32_partitioned_groups_flat", "offload_optimizer", "fp16_groups", "loss_scale", "clip_grad", "_global_grad_norm",
+    )  # fmt: skip
+    if not all(hasattr(zero, name) for name in needed):
         return None
     if getattr(zero, "swap_optimizer", False) or getattr(zero, "use_muon", False):
         return None
+    if zero.clip_grad > 0.0 and zero._global_grad_norm is None:
+        return None
+    flats = zero.fp32_partitioned_groups_flat
+    offload = bool(zero.offload_optimizer)
+    averaged = None if offload else getattr(zero, "averaged_gradients", None)
+    factor = unscale_factor(zero)
     out: list[tuple[int, Tensor | list[Tensor]]] = []
     for j in range(i + 1, len(flats)):
         if offload:

@@ -307,3 +307,90 @@ def test_torchrun_two_processes_one_decision(tmp_path):
     assert payload["settings"]["world_size"] == 2
     check_curve(payload, 1e-4, 30.0, 40)
 
+
+
+# --------------------------------------------------------------------------- a ramp that is not applied
+def has_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:  # ImportError, or a broken build
+        return False
+    return True
+
+
+@pytest.mark.skipif(not has_deepspeed(), reason="deepspeed not installed")
+@pytest.mark.parametrize("section", ["scheduler", "none", "optimizer"])
+def test_deepspeed_config_with_its_own_scheduler_is_refused(tmp_path, section):
+    """A DeepSpeed config with a ``scheduler`` section: DeepSpeed's scheduler, not the ramp, set the rate (0 here),
+    while the curve recorded the ramp up to --end-lr over a flat loss. Refused at the first step, nothing written.
+    Without it (the guard against refusing what works) the ramp is applied and recorded: also with an ``optimizer``
+    section (AdamW), where DeepSpeed's engine steps the ramp itself. One process: DeepSpeed's engine on CPU, gloo."""
+    config = json.loads((ROOT / "configs" / "deepspeed" / "zero2.json").read_text())
+    optim = "sgd_sai"
+    if section == "scheduler":
+        config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}}
+    if section == "optimizer":
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+        optim = "adamw_torch"  # sai-hf refuses an optimizer section under sgd_sai
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    env = script_env()
+    env.update(DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = [sys.executable, "-m", "sai_hf.find_lr", "--steps", "8", "--start-lr", "1e-4", "--end-lr", "30",
+           *script_args(out, "--optim", optim, "--deepspeed", str(tmp_path / "ds.json"))]  # fmt: skip
+    rc, seconds, output = launch(cmd, cwd=ROOT, timeout=240, env=env, stderr_apart=True)
+    print(f"\n[deepspeed, {section} section] {seconds:.1f} s")
+    stdout, _, stderr = output.partition("\n--- stderr:\n")
+    if section != "scheduler":
+        assert rc in (0, 1) and "the ramp was not applied" not in stderr, output[-4000:]  # 1: no suggestion, curve kept
+        lrs = json.loads((out / "lr_find.json").read_text())["lrs"]
+        assert lrs == pytest.approx([ramp_lr(i, 1e-4, 30.0, 8) for i in range(len(lrs))], rel=1e-6)
+        return
+    assert rc == 1, output[-4000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m sai_hf.find_lr: error: the ramp was not applied"), last
+    assert "WarmupLR" in last and "'scheduler' section" in last
+    assert "lr_find step" not in stdout  # stopped before the first step
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_rate_changed_behind_the_ramp_is_refused(tmp_path):
+    """Whatever else sets the optimizer's rate (here a callback, as a scheduler of its own would) is found by
+    comparing the rate the next step applies with the one the ramp set."""
+    from transformers import TrainerCallback
+
+    class Pin(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3
+
+    trainer = api_trainer(tmp_path / "out", max_steps=2)
+    trainer.add_callback(Pin())
+    with pytest.raises(find_lr.LRFindError, match=r"the ramp was not applied: the optimizer's first parameter group runs at lr 0\.001"):
+        find_lr.lr_find(trainer, start_lr=1e-4, end_lr=30, steps=10, verbose=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_loss_rising_from_the_first_rate_asks_for_a_lower_start(tmp_path, capsys):
+    """The ramp starts where this model already diverges (sgd_sai from 0.3): the hint said "a higher --start-lr"."""
+    out = tmp_path / "out"
+    code, stdout, stderr = run_main(["--steps", "20", "--start-lr", "0.3", "--end-lr", "30", *script_args(out, "--optim", "sgd_sai")], capsys)
+    assert code == 1, stdout + stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "the loss rose from the first rate on" in last and "a lower --start-lr (now 0.3" in last, last
+    assert "higher --start-lr" not in last
+    assert json.loads((out / "lr_find.json").read_text())["suggestion"] is None  # the curve is kept
+
+
+def test_temporary_output_dir_is_not_logged(tmp_path, caplog):
+    """The Trainer's output_dir during the test is a temporary folder, removed afterwards: sai-hf's INFO line
+    "g-SNR report ... written to <that folder>/gsnr.json" pointed nowhere."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="sai_hf")
+    trainer = api_trainer(tmp_path / "out", max_steps=2, log_level="info")
+    find_lr.lr_find(trainer, start_lr=1e-4, end_lr=30, steps=10, verbose=False)
+    assert not [r.getMessage() for r in caplog.records if "sai_hf_lr_find_" in r.getMessage()]
+    trainer.args.save_strategy = "no"
+    trainer.train()  # a normal run afterwards: its report is announced as before
+    assert any("gsnr.json" in r.getMessage() and str(tmp_path / "out") in r.getMessage() for r in caplog.records)

@@ -247,3 +247,73 @@ def test_state_dict_before_a_deferred_block_is_scaled_leaves_training_unchanged(
         assert math.isfinite(opt.state[params[1]]["scale"])
         runs.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# --------------------------------------------------------------------------- official blocks with a g-SNR of 0; corrupt g-SNR values
+def _lora_gpt2():
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(tiny_gpt2(), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"]))
+
+
+def test_official_zero_gsnr_blocks_are_named_frozen_and_can_be_deferred():
+    """The official package scales LoRA's ``lora_A`` (zero first gradient) by a g-SNR of 0 for good. The import
+    keeps that (a resumed official run continues exactly), and its warning now says so, naming the blocks; deleting
+    their ``gsnr`` entries before loading makes them deferred: scaled at their next gradient, then trained."""
+    sgd_sai = pytest.importorskip("sgd_sai")
+    from sai_hf.checkpoint import remember_parameter_order
+
+    model = _lora_gpt2()
+    official = sgd_sai.SGD_sai([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with contextlib.redirect_stdout(io.StringIO()):
+        model(input_ids=ids, labels=ids).loss.backward()
+        official.step()
+    saved = _save_load(official.state_dict())
+    assert sorted(float(e["gsnr"]) == 0.0 for e in saved["state"].values()) == [False, False, True, True]
+
+    def resume(state):
+        fresh = _lora_gpt2()
+        fresh.load_state_dict(model.state_dict())
+        remember_parameter_order(fresh)
+        trainable = {n: p for n, p in fresh.named_parameters() if p.requires_grad}
+        mine = SGDSaI(list(trainable.values()), lr=1.0)
+        with pytest.warns(UserWarning, match="official sgd-sai") as caught:
+            mine.load_state_dict(state)
+        assert caught[0].filename == __file__  # the load_state_dict line, not sai-hf's own frames
+        before = {n: p.detach().clone() for n, p in trainable.items()}
+        fresh(input_ids=ids, labels=ids).loss.backward()
+        mine.step()
+        moved = {n: not torch.equal(p, before[n]) for n, p in trainable.items()}
+        return str(caught[0].message), moved
+
+    message, moved = resume(saved)
+    assert "2 block(s) have an official g-SNR of 0" in message and "their gradient never moves them" in message
+    named = [n for n in moved if n in message]
+    assert len(named) == 2 and all("lora_A" in n for n in named)
+    assert {n for n, m in moved.items() if not m} == {n for n in moved if "lora_A" in n}
+    for entry in saved["state"].values():
+        if float(entry["gsnr"]) == 0.0:
+            del entry["gsnr"]
+    message, moved = resume(saved)
+    assert "official g-SNR of 0" not in message
+    assert all(moved.values())
+
+
+@pytest.mark.parametrize(
+    "value, shown", [(torch.ones(2), "shape (2,)"), (torch.ones(1, 3), "shape (1, 3)"), ("big", "a str"), (None, "a NoneType")]
+)
+def test_official_state_with_a_corrupt_gsnr_names_the_parameter(value, shown):
+    sgd_sai = pytest.importorskip("sgd_sai")
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    official = sgd_sai.SGD_sai(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with contextlib.redirect_stdout(io.StringIO()):
+        official.step()
+    state = official.state_dict()
+    state["state"][1]["gsnr"] = value
+    mine = SGDSaI([torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)], lr=1e-3)
+    with pytest.raises(ValueError, match=r"'gsnr' of parameter #1 \(saved id 1\)") as err:
+        mine.load_state_dict(state)
+    assert shown in str(err.value)

@@ -193,3 +193,17 @@ def test_sparse_gradient_error_names_the_parameter():
 def test_normalize_mismatch_names_the_group_and_the_default():
     with pytest.raises(ValueError, match=r"'none' \(the optimizer's default\) for parameter group #1.*group #0 has 'max'"):
         SGDSaI([{"params": [torch.zeros(2, requires_grad=True)], "normalize": "max"}, {"params": [torch.zeros(3, requires_grad=True)]}])
+
+
+def test_optim_args_choices_are_case_insensitive_like_bools_and_dtypes():
+    """``--optim_args normalize=MAX`` was refused ("Invalid normalize='MAX'") while ``maximize=TRUE`` and
+    ``momentum_dtype=BF16`` were accepted."""
+    from sai_hf.integration import SGD_SAI, check_optim_args
+    from sai_hf.optim_args import parse_optim_args
+
+    text = "normalize=MAX,scale_rule=Sqrt_Numel,maximize=TRUE,momentum_dtype=BF16"
+    check_optim_args("sgd_sai", text)
+    parsed = parse_optim_args(text, SGD_SAI.options, "sgd_sai")
+    assert parsed == {"normalize": "max", "scale_rule": "sqrt_numel", "maximize": True, "momentum_dtype": torch.bfloat16}
+    with pytest.raises(ValueError, match="--optim_args for sgd_sai: Invalid normalize='maxx'"):
+        check_optim_args("sgd_sai", "normalize=MAXX")

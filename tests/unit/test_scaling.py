@@ -5,6 +5,7 @@ first gradient: deferred), late blocks and their divisor, degenerate blocks at s
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import pytest
@@ -158,3 +159,30 @@ def test_scale_rule_is_checked_and_shared_by_every_group():
     fresh = SGDSaI([torch.zeros(2, requires_grad=True)])
     fresh.load_state_dict(state)
     assert fresh.param_groups[0]["scale_rule"] == "gsnr"
+
+
+def _line_of(source: str) -> int:
+    """The line of this file holding ``source`` (once)."""
+    import inspect
+
+    lines = inspect.getsource(sys.modules[__name__]).splitlines()
+    found = [i + 1 for i, line in enumerate(lines) if line.strip() == source]
+    assert len(found) == 1, (source, found)
+    return found[0]
+
+
+def test_degenerate_warning_points_at_the_callers_line():
+    """The warning named ``torch/utils/_contextlib.py`` (``torch.no_grad``'s wrapper around ``step``), not the user's
+    ``opt.step()``; the same through ``initialize_scales``."""
+    for call in ("step", "initialize_scales"):
+        params = [torch.nn.Parameter(torch.randn(1)), torch.nn.Parameter(torch.randn(4))]
+        opt = SGDSaI(params)
+        params[0].grad, params[1].grad = torch.ones(1), torch.randn(4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if call == "step":
+                opt.step()  # the warning's line (step)
+            else:
+                opt.initialize_scales()  # the warning's line (initialize_scales)
+        [warning] = [w for w in caught if "no usable variance" in str(w.message)]
+        assert (warning.filename, warning.lineno) == (__file__, _line_of(f"opt.{call}()  # the warning's line ({call})"))
