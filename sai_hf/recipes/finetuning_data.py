@@ -1,7 +1,8 @@
 """The fine-tuning recipe's examples, in any of its three data formats.
 
 * ``prompt_completion``: columns ``prompt_column``/``completion_column``, loss on the completion only;
-  offline, the docstring -> body pairs of :mod:`.docstring_pairs`.
+  offline, the docstring -> body pairs of :mod:`.docstring_pairs`. Prompts (also Alpaca's) may get a
+  ``prompt_prefix`` and go through the tokenizer's chat template (``chat_template``, instruct models).
 * ``alpaca``: ``instruction``, optional ``input``, ``output`` records (e.g. ``yahma/alpaca-cleaned``),
   formatted with the Alpaca template, loss on the response only.
 * ``text``: ``text_column`` packed into blocks, loss on every token (LoRA continued pretraining).
@@ -15,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from .arguments import FinetuneDataArguments
 from .docstring_pairs import docstring_pairs
 from .packing import packed_lm_datasets
-from .prompt_completion import ALPACA_COLUMNS, alpaca_to_prompt_completion, tokenize_prompt_completion
+from .prompt_completion import ALPACA_COLUMNS, alpaca_to_prompt_completion, format_prompts, tokenize_prompt_completion
 from .text_datasets import dataset_source, load_raw_datasets, require_text_columns
 
 
@@ -56,6 +57,14 @@ def finetuning_examples(
             },
             source,
         )
+    raw = format_prompts(raw, tokenizer, prompt_column, data_args.prompt_prefix, data_args.chat_template, num_proc)
     return tokenize_prompt_completion(
-        raw, tokenizer, data_args.block_size, prompt_column, completion_column, num_proc, source
+        raw,
+        tokenizer,
+        data_args.block_size,
+        prompt_column,
+        completion_column,
+        num_proc,
+        source,
+        add_special_tokens=not data_args.chat_template,
     )

@@ -24,8 +24,12 @@ def lora_config(lora_args: LoraArguments) -> LoraConfig:
     )
 
 
-def apply_lora(model: PreTrainedModel, lora_args: LoraArguments) -> PeftModel:
-    """Freeze ``model`` and add trainable LoRA adapters to its target modules."""
+def apply_lora(model: PreTrainedModel, lora_args: LoraArguments) -> PeftModel | PreTrainedModel:
+    """Freeze ``model`` and add trainable LoRA adapters to its target modules; ``lora_r=0``: ``model``
+    itself, every weight trained (full fine-tuning)."""
+    if lora_args.lora_r == 0:
+        logger.info("lora_r=0: full fine-tuning, no adapter")
+        return model
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [target for target in lora_args.lora_target_modules if target not in names]
     if missing:

@@ -47,6 +47,38 @@ def alpaca_to_prompt_completion(raw: DatasetDict, num_proc: int | None = None) -
         )
 
 
+def format_prompts(
+    raw: DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_column: str = "prompt",
+    prefix: str = "",
+    chat_template: bool = False,
+    num_proc: int | None = None,
+) -> DatasetDict:
+    """``raw`` with each prompt preceded by ``prefix`` and, with ``chat_template``, sent as a user message
+    through the tokenizer's chat template with the assistant's turn opened (the completion is its reply).
+    ``ValueError`` if the tokenizer has no chat template."""
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"chat_template is true but the tokenizer ({tokenizer.name_or_path or type(tokenizer).__name__}) has no "
+            "chat template; set chat_template: false for a base model"
+        )
+    if not prefix and not chat_template:
+        return raw
+
+    def render(record: dict[str, str]) -> dict[str, str]:
+        prompt = prefix + record[prompt_column]
+        if chat_template:
+            messages = [{"role": "user", "content": prompt}]
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return {prompt_column: prompt}
+
+    with quiet_progress():
+        return DatasetDict(
+            {split: dataset.map(render, num_proc=num_proc, desc=f"Formatting {split} prompts") for split, dataset in raw.items()}
+        )
+
+
 def tokenize_prompt_completion(
     raw: DatasetDict,
     tokenizer: PreTrainedTokenizerBase,
@@ -55,15 +87,17 @@ def tokenize_prompt_completion(
     completion_column: str = "completion",
     num_proc: int | None = None,
     source: str | None = None,
+    add_special_tokens: bool = True,
 ) -> DatasetDict:
     """Tokenise pairs into ``input_ids``/``attention_mask``/``labels`` with ``-100`` on the prompt
-    (``source`` names the data in errors)."""
+    (``source`` names the data in errors; ``add_special_tokens=False`` for prompts that a chat
+    template already gave their special tokens)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token, which ends every completion")
     eos = tokenizer.eos_token_id
 
     def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        prompts = tokenizer(batch[prompt_column], add_special_tokens=True, verbose=False)["input_ids"]
+        prompts = tokenizer(batch[prompt_column], add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
         completions = tokenizer(batch[completion_column], add_special_tokens=False, verbose=False)["input_ids"]
         out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
         for prompt, completion in zip(prompts, completions):

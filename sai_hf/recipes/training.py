@@ -25,7 +25,7 @@ from transformers import DataCollator, PreTrainedModel, PreTrainedTokenizerBase,
 from ..callback import GSNRCallback, checked_track_every
 from .metrics import CausalLMMetrics, logits_to_token_ids, perplexity, request_losses_for_metrics
 from .plotting import loss_curves, plot_loss_curve
-from .quiet import quiet_progress
+from .quiet import plain_progress, quiet_progress
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def build_trainer(
         compute_metrics=CausalLMMetrics(),
         preprocess_logits_for_metrics=logits_to_token_ids,
     )
+    plain_progress(trainer)  # no nested evaluation bar ("\x1b[A" escapes) in logs
     if gsnr_track_every:
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, GSNRCallback):

