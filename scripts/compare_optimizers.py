@@ -137,6 +137,13 @@ QUICK_OVERRIDES: dict[str, list[str]] = {
 
 
 # ----------------------------------------------------------------------------- one run (child)
+def mean_example_tokens(dataset: Any, block_size: int) -> float:
+    """Tokens an example holds on average: ``block_size`` for packed blocks, the mean length (before
+    padding) of prompt/completion examples, which are cut at ``block_size`` but not filled to it."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return statistics.fmean(lengths) if lengths else float(block_size)
+
+
 def _single_run(spec: dict[str, Any]) -> None:
     """Child process: one recipe run, then its measurements as JSON on ``spec["result"]``."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -174,7 +181,8 @@ def _single_run(spec: dict[str, Any]) -> None:
 
     result = recipe.main(spec["argv"])
     args = result.trainer.args
-    tokens = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * spec["block_size"]
+    examples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    tokens = examples * mean_example_tokens(result.trainer.train_dataset, spec["block_size"])
     out = {
         "argv": spec["argv"],
         "optim": spec["optim"],
