@@ -772,22 +772,10 @@ def sweep_of(args: argparse.Namespace, config: dict[str, Any], recipe: str, over
 
 
 def recipe_argument_types(recipe: str) -> tuple[type, ...]:
-    """The argument dataclasses ``recipe``'s script parses (its ``prepare``'s ``parse_recipe_args`` call)."""
-    from transformers import TrainingArguments
-
-    from sai_hf.recipes.arguments import (
-        DataArguments,
-        DiagnosticsArguments,
-        FinetuneDataArguments,
-        GPT2ModelArguments,
-        LlamaModelArguments,
-        LoraArguments,
-    )
-
-    return {
-        "gpt2": (GPT2ModelArguments, DataArguments, DiagnosticsArguments, TrainingArguments),
-        "lora": (LlamaModelArguments, FinetuneDataArguments, LoraArguments, DiagnosticsArguments, TrainingArguments),
-    }[recipe]
+    """The argument dataclasses ``recipe``'s script parses (its ``ARGUMENTS``)."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    return importlib.import_module(RECIPES[recipe][0]).ARGUMENTS
 
 
 def recipe_fields(recipe: str, argv: Sequence[str]) -> dict[str, Any]:

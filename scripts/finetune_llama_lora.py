@@ -49,6 +49,9 @@ from sai_hf.recipes.training import (
 
 TITLE = "Llama LoRA fine-tuning"
 
+#: The argument dataclasses of the command line, in the order ``prepare`` unpacks them.
+ARGUMENTS = (LlamaModelArguments, FinetuneDataArguments, LoraArguments, DiagnosticsArguments, TrainingArguments)
+
 
 def main(argv: Sequence[str] | None = None) -> RecipeResult:
     """Run the recipe on ``argv`` (``CONFIG.yaml [--field value ...]``, default ``sys.argv[1:]``)."""
@@ -59,9 +62,7 @@ def prepare(argv: Sequence[str] | None = None) -> Trainer:
     """Everything before training: parse ``argv``, load and tokenise the data, build (and, offline,
     pretrain once) the base model, add LoRA, build the ``Trainer``. Bad input raises here."""
     model_args, data_args, lora_args, diagnostics, training_args = parse_recipe_args(
-        argv,
-        (LlamaModelArguments, FinetuneDataArguments, LoraArguments, DiagnosticsArguments, TrainingArguments),
-        prog="finetune_llama_lora.py",
+        argv, ARGUMENTS, prog="finetune_llama_lora.py"
     )
     setup_logging(training_args)
     set_seed(training_args.seed)

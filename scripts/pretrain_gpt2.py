@@ -48,6 +48,9 @@ from sai_hf.recipes.training import (
 
 TITLE = "GPT-2 pretraining"
 
+#: The argument dataclasses of the command line, in the order ``prepare`` unpacks them.
+ARGUMENTS = (GPT2ModelArguments, DataArguments, DiagnosticsArguments, TrainingArguments)
+
 
 def main(argv: Sequence[str] | None = None) -> RecipeResult:
     """Run the recipe on ``argv`` (``CONFIG.yaml [--field value ...]``, default ``sys.argv[1:]``)."""
@@ -57,9 +60,7 @@ def main(argv: Sequence[str] | None = None) -> RecipeResult:
 def prepare(argv: Sequence[str] | None = None) -> Trainer:
     """Everything before training: parse ``argv``, load and pack the data, build the model and the
     ``Trainer``. Bad input raises here (``ValueError``/``FileNotFoundError`` naming it)."""
-    model_args, data_args, diagnostics, training_args = parse_recipe_args(
-        argv, (GPT2ModelArguments, DataArguments, DiagnosticsArguments, TrainingArguments), prog="pretrain_gpt2.py"
-    )
+    model_args, data_args, diagnostics, training_args = parse_recipe_args(argv, ARGUMENTS, prog="pretrain_gpt2.py")
     setup_logging(training_args)
     set_seed(training_args.seed)
 

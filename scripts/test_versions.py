@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE_LIST = REPO / "tests" / "smoke.txt"
 TORCH_TESTED = "2.13.0"  # the torch of every leg but torch-floor (a CPU wheel on this project's machines)
 FIRST_TRANSFORMERS_5 = "5.0.0"
-TEST_TOOLS = ("pytest", "hypothesis")  # what the smoke tests need besides sai-hf (their specs: the test extra)
+TEST_TOOLS = ("pytest", "hypothesis", "gguf")  # what the smoke tests need besides sai-hf (their specs: the test extra)
 SHOWN = ("torch", "transformers", "accelerate", "peft", "datasets", "evaluate", "tokenizers", "pyyaml", "huggingface-hub")
 LEGS = ("floor", "transformers5", "newest", "torch-floor")
 

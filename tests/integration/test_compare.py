@@ -241,7 +241,7 @@ def test_compare_checks_arguments_with_the_recipes_own_dataclasses(recipe, monke
     monkeypatch.setattr(script, "parse_recipe_args", capture)
     with pytest.raises(Parsed):
         script.prepare(["config.yaml"])
-    assert seen == [compare.recipe_argument_types(recipe)]
+    assert seen == [tuple(compare.recipe_argument_types(recipe))]
 
 
 def test_compare_resume_is_keyed_on_the_config_contents(tmp_path, monkeypatch, capsys):

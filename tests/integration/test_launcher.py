@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -493,6 +494,68 @@ def test_child_without_sai_hf_goes_on(tmp_path):
         "cannot import sai_hf (ImportError: sai-hf needs transformers>=5.2,<6 (found 4.0))"
     ]
     assert len(_user_site_runs(tmp_path)) == 2
+
+
+
+CHILD_PROBE = ("import json, sys; json.dump({'sai_hf': 'sai_hf' in sys.modules, 'torch': 'torch' in sys.modules, "
+               "'transformers': any(name.split('.')[0] == 'transformers' for name in sys.modules)}, sys.stdout)")  # fmt: skip
+
+
+def _min_start_time(argv: list, env: dict[str, str], cwd: Path, runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        assert _python(argv, env, cwd).returncode == 0
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def test_a_child_that_never_imports_transformers_pays_next_to_nothing(tmp_path):
+    """Issue 29: the children's sitecustomize imports sai_hf, which imports neither torch nor transformers (a data
+    loader or compile worker took 7-8 s of CPU for them): within 0.3 s of a bare Python (measured: ~0.01 s)."""
+    from sai_hf.run import child_environment
+
+    bare = {**child_env(), "PYTHONPATH": str(REPO)}
+    child = {**bare, **child_environment(bare)}
+    assert json.loads(_python([sys.executable, "-c", CHILD_PROBE], child, tmp_path).stdout) == {
+        "sai_hf": True, "torch": False, "transformers": False,
+    }  # fmt: skip
+    argv = [sys.executable, "-c", "pass"]
+    assert _min_start_time(argv, child, tmp_path) - _min_start_time(argv, bare, tmp_path) < 0.3
+
+
+FAKE_TRANSFORMERS_TRAINING_ARGS = """
+import enum
+class OptimizerNames(str, enum.Enum):
+    ADAMW_TORCH = "adamw_torch"
+class TrainingArguments:
+    pass
+"""
+
+
+def test_registration_that_fails_when_transformers_loads(tmp_path):
+    """The registration runs when transformers loads (here an unsupported release): a child under the launcher says
+    so in one line and goes on, as where sai_hf cannot be imported; a script's own ``import sai_hf`` fails that
+    import of transformers with the reason."""
+    from sai_hf.compat import SUPPORTED_TRANSFORMERS
+    from sai_hf.run import child_environment
+
+    fake = tmp_path / "fake" / "transformers"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '4.0.0'\n")
+    (fake / "training_args.py").write_text(FAKE_TRANSFORMERS_TRAINING_ARGS)
+    env = {**child_env(), "PYTHONPATH": os.pathsep.join([str(fake.parent), str(REPO)])}
+    env.update(child_environment(env))
+    done = _python([sys.executable, "-c", "import transformers.training_args; print('went on')"], env, tmp_path)
+    assert done.returncode == 0 and done.stdout == "went on\n", done.stderr
+    reason = f"ImportError: sai-hf needs transformers{SUPPORTED_TRANSFORMERS} (found 4.0.0)"
+    assert done.stderr.splitlines() == [
+        f"sai_hf.run: --optim sgd_sai is not registered in this process ({sys.executable}): "
+        f"registering with transformers failed ({reason})"
+    ]
+    env["SAI_HF_REGISTER_IN_CHILDREN"] = "0"
+    done = _python([sys.executable, "-c", "import sai_hf, transformers.training_args"], env, tmp_path)
+    assert done.returncode == 1 and done.stderr.splitlines()[-1] == reason, done.stderr
 
 
 # --------------------------------------------------------------------------- --optim_args before the data, the process group after

@@ -26,20 +26,10 @@ import sai_hf  # noqa: E402  (registers --optim sgd_sai)
 import torch  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
-from sai_hf.recipes.arguments import (  # noqa: E402
-    DataArguments,
-    DiagnosticsArguments,
-    FinetuneDataArguments,
-    GPT2ModelArguments,
-    LlamaModelArguments,
-    LoraArguments,
-)
 from sai_hf.recipes.config import parse_recipe_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
-PRETRAIN_ARGS = (GPT2ModelArguments, DataArguments, DiagnosticsArguments, TrainingArguments)
-FINETUNE_ARGS = (LlamaModelArguments, FinetuneDataArguments, LoraArguments, DiagnosticsArguments, TrainingArguments)
 
 
 def load_script(name: str) -> ModuleType:
@@ -49,6 +39,8 @@ def load_script(name: str) -> ModuleType:
 
 pretrain_gpt2 = load_script("pretrain_gpt2")
 finetune_llama_lora = load_script("finetune_llama_lora")
+PRETRAIN_ARGS = pretrain_gpt2.ARGUMENTS
+FINETUNE_ARGS = finetune_llama_lora.ARGUMENTS
 
 
 @pytest.fixture(scope="session")
@@ -596,21 +588,7 @@ def test_token_accuracy_metric_loads_offline_from_the_package() -> None:
 
 # --------------------------------------------------------------------------- recipe YAML: values as written, errors that name the key
 def _parse(tmp_path: Path, text: str, finetune: bool = False):
-    from sai_hf.recipes.arguments import (
-        DataArguments,
-        DiagnosticsArguments,
-        FinetuneDataArguments,
-        GPT2ModelArguments,
-        LlamaModelArguments,
-        LoraArguments,
-    )
-    from sai_hf.recipes.config import parse_recipe_args
-
-    types = (
-        (LlamaModelArguments, FinetuneDataArguments, LoraArguments, DiagnosticsArguments, TrainingArguments)
-        if finetune
-        else (GPT2ModelArguments, DataArguments, DiagnosticsArguments, TrainingArguments)
-    )
+    types = FINETUNE_ARGS if finetune else PRETRAIN_ARGS
     config = tmp_path / "config.yaml"
     config.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
     return parse_recipe_args([str(config), "--output_dir", str(tmp_path / "out")], types)
