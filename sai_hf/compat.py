@@ -21,7 +21,7 @@ import torch
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS", "RENAMED_TRAINING_ARGUMENTS", "OptimizerContext", "FactoryCall", "HandlerDispatch",
-    "optimizer_handlers", "training_argument_name",
+    "optimizer_handlers", "check_installed_transformers", "training_argument_name",
 ]  # fmt: skip
 
 #: The transformers releases sai-hf runs on (pyproject.toml's ``dependencies`` too: tests/unit/test_compat.py).
@@ -99,12 +99,17 @@ def _check_supported(version: str) -> None:
         raise ImportError(f"sai-hf needs transformers{SUPPORTED_TRANSFORMERS} (found {version})")
 
 
-def optimizer_handlers() -> dict:
-    """The table of ``--optim`` handlers that ``Trainer.get_optimizer_cls_and_kwargs`` consults: transformers' own
-    ``_OPTIMIZER_HANDLERS`` (5.2+), else the :class:`HandlerDispatch` installed on ``Trainer`` (once per process)."""
+def check_installed_transformers() -> None:
+    """``ImportError`` naming :data:`SUPPORTED_TRANSFORMERS` unless the imported transformers is in that range."""
     import transformers
 
     _check_supported(transformers.__version__)
+
+
+def optimizer_handlers() -> dict:
+    """The table of ``--optim`` handlers that ``Trainer.get_optimizer_cls_and_kwargs`` consults: transformers' own
+    ``_OPTIMIZER_HANDLERS`` (5.2+), else the :class:`HandlerDispatch` installed on ``Trainer`` (once per process)."""
+    check_installed_transformers()
     try:
         from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
     except ImportError:  # 4.57, 5.0, 5.1: an if/elif chain

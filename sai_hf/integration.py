@@ -1,15 +1,21 @@
 """Registration of sai-hf's optimizers as ``--optim`` names in ``transformers`` (4.57 or 5.x), as data: one
-:class:`OptimizerRegistration` per optimizer in :data:`REGISTRY`. :func:`register` (idempotent) adds each name
+:class:`OptimizerRegistration` per optimizer in :data:`REGISTRY`. Registration comes in two parts, one per module of
+transformers, each idempotent; ``import sai_hf`` runs each when transformers loads that module (or at once where it
+already did), :func:`register` runs both now.
 
-1. as a member of ``transformers.training_args.OptimizerNames`` (so ``TrainingArguments(optim=...)`` and its
-   subclasses validate it and ``HfArgumentParser`` lists it); the member pickles as ``getattr(OptimizerNames, NAME,
-   "name")``, so a checkpoint's ``training_args.bin`` unpickles without sai_hf (as the plain string);
-2. as a handler in the table ``Trainer.get_optimizer_cls_and_kwargs`` consults (:func:`sai_hf.compat.optimizer_handlers`:
-   ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` on 5.2+);
+:func:`register_training_arguments` (``transformers.training_args``) adds each name as a member of ``OptimizerNames``,
+so ``TrainingArguments(optim=...)`` and its subclasses validate it and ``HfArgumentParser`` lists it. transformers has
+no supported way to add an ``--optim`` name: the member is added to the enum's tables. It pickles as
+``getattr(OptimizerNames, NAME, "name")``, so a checkpoint's ``training_args.bin`` unpickles without sai_hf (as the
+plain string).
 
-and appends :class:`OptimArgsCheck`, :class:`ImportedSchedulerAlignment` and
-:class:`sai_hf.callback.AutoGSNRCallback` to ``transformers.trainer.DEFAULT_CALLBACKS``, so every Trainer gets them.
-``TrainingArguments.__post_init__`` (its subclasses call it) then checks ``--optim_args`` too
+:func:`register_trainer` (``transformers.trainer``) adds each name as a handler in the table
+``Trainer.get_optimizer_cls_and_kwargs`` consults (:func:`sai_hf.compat.optimizer_handlers`:
+``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` on 5.2+), and appends :class:`OptimArgsCheck`,
+:class:`ImportedSchedulerAlignment` and :class:`sai_hf.callback.AutoGSNRCallback` to
+``transformers.trainer.DEFAULT_CALLBACKS``, so every Trainer gets them. This module imports no transformers itself: the
+two callback classes subclass ``TrainerCallback`` and are built on first access (PEP 562 ``__getattr__``).
+With the first part ``TrainingArguments.__post_init__`` (its subclasses call it) checks ``--optim_args`` too
 (:func:`check_optim_args_when_built`): a script fails where it parses its arguments, before it prepares its data.
 The same hook makes a multi-process launch on a machine without an accelerator one job (:func:`train_together_on_cpu`:
 ``use_cpu``) and connects DeepSpeed to its process group before ``from_pretrained`` runs
@@ -26,10 +32,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import TrainerCallback
-
 from .checkpoint import align_scheduler, remember_parameter_order
-from .compat import optimizer_handlers
+from .compat import check_installed_transformers, optimizer_handlers
 from .sharding import refuse_unsupported_setup
 from .sharding.deepspeed_config import deepspeed_in_use
 from .optim_args import (
@@ -37,7 +41,8 @@ from .optim_args import (
 )
 from .optimizer import SGDSaI, find_sgd_sai, validate_hyperparameters
 
-__all__ = ["OptimizerRegistration", "REGISTRY", "OptimArgsCheck", "register", "optimizer_kwargs_from_args", "check_optim_args",
+__all__ = ["OptimizerRegistration", "REGISTRY", "OptimArgsCheck", "ImportedSchedulerAlignment", "register",
+           "register_training_arguments", "register_trainer", "optimizer_kwargs_from_args", "check_optim_args",
            "check_optim_args_when_built", "train_together_on_cpu", "connect_deepspeed_to_process_group"]
 
 logger = logging.getLogger(__name__)
@@ -193,14 +198,7 @@ def _add_enum_member(enum_cls: type[enum.Enum], member_name: str, value: str) ->
     enum_cls._member_names_.append(member_name)
 
 
-def _transformers_hooks() -> tuple[type[enum.Enum], dict, list]:
-    from transformers import trainer as trainer_module
-    from transformers.training_args import OptimizerNames
-
-    return OptimizerNames, optimizer_handlers(), trainer_module.DEFAULT_CALLBACKS
-
-
-class OptimArgsCheck(TrainerCallback):
+class _OptimArgsCheckEvents:
     """Rejects a bad ``--optim_args`` for a sai-hf optimizer at the end of ``Trainer.__init__`` (the Trainer reads them
     only inside ``train()``), and for SGD-SaI the setups :func:`sai_hf.sharding.refuse_unsupported_setup` refuses
     (DeepSpeed NVMe offload, optimizer offload without ``"zero_force_ds_cpu_optimizer": false``, an ``optimizer``
@@ -212,7 +210,7 @@ class OptimArgsCheck(TrainerCallback):
             refuse_unsupported_setup(args)
 
 
-class ImportedSchedulerAlignment(TrainerCallback):
+class _ImportedSchedulerAlignmentEvents:
     """When training begins (after the Trainer loaded a checkpoint), :func:`sai_hf.checkpoint.align_scheduler`: an
     official ``SGD_sai(model.parameters())`` run resumed with ``--optim sgd_sai`` keeps its schedule on both groups."""
 
@@ -222,6 +220,27 @@ class ImportedSchedulerAlignment(TrainerCallback):
             lr_scheduler = lr_scheduler.scheduler  # accelerate's AcceleratedScheduler
         if isinstance(optimizer, SGDSaI) and lr_scheduler is not None:
             align_scheduler(optimizer, lr_scheduler)
+
+
+#: The ``TrainerCallback`` subclasses of this module, ``OptimArgsCheck`` and ``ImportedSchedulerAlignment``: their
+#: events, made into classes on first access (:func:`_trainer_callback`).
+_TRAINER_CALLBACKS = {"OptimArgsCheck": _OptimArgsCheckEvents, "ImportedSchedulerAlignment": _ImportedSchedulerAlignmentEvents}
+
+
+@functools.cache
+def _trainer_callback(name: str) -> type:
+    """The ``TrainerCallback`` subclass ``name`` (built once; imports transformers' ``trainer_callback``)."""
+    from transformers import TrainerCallback
+
+    events = _TRAINER_CALLBACKS[name]
+    # __qualname__: pickled by name, found again through this module's __getattr__
+    return type(name, (events, TrainerCallback), {"__module__": __name__, "__qualname__": name, "__doc__": events.__doc__})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINER_CALLBACKS:
+        return _trainer_callback(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_optim_args_when_built(training_args_cls: type) -> None:
@@ -324,17 +343,38 @@ def connect_deepspeed_to_process_group(args: Any) -> None:
 
 
 def register() -> None:
-    """Make every :data:`REGISTRY` name a valid ``--optim`` in transformers (idempotent)."""
+    """Make every :data:`REGISTRY` name a valid ``--optim`` in transformers now (idempotent): both parts of the
+    registration, importing transformers' ``Trainer``. ``import sai_hf`` runs each part when transformers loads its
+    module, so a script needs this only to register before it imports transformers itself."""
+    from transformers import trainer, training_args
+
+    register_training_arguments(training_args)
+    register_trainer(trainer)
+
+
+def register_training_arguments(training_args: Any) -> None:
+    """Register with ``transformers.training_args`` (the module ``training_args``; idempotent): every :data:`REGISTRY`
+    name an ``OptimizerNames`` member, and :func:`check_optim_args_when_built` on ``TrainingArguments``. Uses no other
+    module of transformers: ``import sai_hf`` runs it as soon as this one is loaded, which may be in the middle of
+    importing ``transformers.trainer`` or ``transformers.trainer_callback``."""
+    check_installed_transformers()
+    for entry in REGISTRY.values():
+        _add_enum_member(training_args.OptimizerNames, entry.enum_name, entry.name)
+    check_optim_args_when_built(training_args.TrainingArguments)
+
+
+def register_trainer(trainer: Any) -> None:
+    """Register with ``transformers.trainer`` (the module ``trainer``, loaded after ``transformers.training_args``, whose
+    registration this expects; idempotent): every :data:`REGISTRY` name in the optimizer-handler table, and sai-hf's
+    callbacks in ``DEFAULT_CALLBACKS``."""
+    from transformers.training_args import OptimizerNames
+
     from .callback import AutoGSNRCallback
 
-    optimizer_names, handlers, default_callbacks = _transformers_hooks()
+    handlers = optimizer_handlers()
     for entry in REGISTRY.values():
-        _add_enum_member(optimizer_names, entry.enum_name, entry.name)
-        handlers[optimizer_names(entry.name)] = _handler
-    for callback_cls in (OptimArgsCheck, ImportedSchedulerAlignment, AutoGSNRCallback):
-        if callback_cls not in default_callbacks:
-            default_callbacks.append(callback_cls)
-    from transformers import TrainingArguments
-
-    check_optim_args_when_built(TrainingArguments)
-
+        handlers[OptimizerNames(entry.name)] = _handler
+    callbacks = (_trainer_callback("OptimArgsCheck"), _trainer_callback("ImportedSchedulerAlignment"), AutoGSNRCallback)
+    for callback_cls in callbacks:
+        if callback_cls not in trainer.DEFAULT_CALLBACKS:
+            trainer.DEFAULT_CALLBACKS.append(callback_cls)

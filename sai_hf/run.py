@@ -4,8 +4,8 @@
     python -m sai_hf.run -m PACKAGE.MODULE [ARGS...]
     accelerate launch [LAUNCH ARGS...] -m sai_hf.run SCRIPT.py [ARGS...]      (torchrun likewise)
 
-``--optim`` is validated when the script's ``HfArgumentParser`` is built, so ``sai_hf`` is imported first; then the
-script runs as ``python SCRIPT.py ARGS...`` would: as ``__main__`` with its absolute ``__file__``,
+``--optim`` is validated when the script's ``HfArgumentParser`` is built, so ``sai_hf`` is imported first (it registers
+the names when the script imports transformers: a script that never does pays nothing for it); then the script runs as ``python SCRIPT.py ARGS...`` would: as ``__main__`` with its absolute ``__file__``,
 ``sys.argv == [SCRIPT.py, *ARGS]`` as given, its directory (or the directory / zip file itself) as ``sys.path[0]``
 (not for a file under ``python -I``/``-P``), its own exit status (``SystemExit`` and exceptions propagate), and its
 non-daemon threads waited for before ``sys.argv`` and ``sys.path`` are restored. Launcher errors print one line
@@ -15,7 +15,8 @@ The processes the script starts register the names too (``torchrun`` or ``accele
 CLI, ``multiprocessing`` spawn workers, the script re-executing itself): while it runs, ``PYTHONPATH`` begins with
 :data:`CHILD_SITE`, whose ``sitecustomize`` imports ``sai_hf`` in every Python process started with
 ``SAI_HF_REGISTER_IN_CHILDREN=1`` (:func:`child_environment`; ``SAI_HF_REGISTER_IN_CHILDREN=0`` before the launcher
-turns this off). Importing ``sai_hf`` also makes several processes on a machine without a GPU one job
+turns this off). That import costs a child next to nothing: the registration waits until the child imports
+transformers' ``TrainingArguments`` or ``Trainer``. The registration also makes several processes on a machine without a GPU one job
 (:func:`sai_hf.integration.train_together_on_cpu`) and connects DeepSpeed to their process group before the script's
 ``from_pretrained`` (:func:`sai_hf.integration.connect_deepspeed_to_process_group`). When the script ends normally, a
 default process group it left alive is ended (:func:`end_process_group`).
@@ -49,8 +50,8 @@ PROG = "python -m sai_hf.run"
 USAGE = f"usage: {PROG} [-h] (SCRIPT | -m MODULE) [ARGS...]"
 HELP = f"""{USAGE}
 
-Run a training script as `python SCRIPT ARGS...` (or `python -m MODULE ARGS...`) would, after
-importing sai_hf (and so torch and transformers): the script's HfArgumentParser then accepts
+Run a training script as `python SCRIPT ARGS...` (or `python -m MODULE ARGS...`) would, with
+sai_hf imported (it registers when the script imports transformers): the script's HfArgumentParser accepts
 `--optim sgd_sai` (and `--optim adam_mini`), its TrainingArguments check --optim_args, and every
 transformers Trainer it builds gets sai-hf's GSNRCallback. Use it for scripts that never
 `import sai_hf` themselves, e.g. the transformers examples. Works under
@@ -65,11 +66,12 @@ arguments:
 The script runs as __main__ with sys.argv = [SCRIPT, ARGS...], its absolute __file__, and its
 directory as sys.path[0] (not under python -I or -P, as with python); the exit status is the
 script's own. The Python processes it starts (torchrun, accelerate launch or
-multiprocessing workers, a framework CLI's subprocesses) import sai_hf at start-up too: PYTHONPATH
-begins with sai_hf's child_site directory while it runs (SAI_HF_REGISTER_IN_CHILDREN=0 turns that
-off). Several processes (WORLD_SIZE > 1) on a machine without a GPU train as one job: sai_hf sets
-the TrainingArguments' use_cpu there, which accelerate launch does not pass on. A process group the
-script leaves alive is ended after it ends normally.
+multiprocessing workers, a framework CLI's subprocesses) import sai_hf at start-up too, at next to
+no cost for those that never import transformers: PYTHONPATH begins with sai_hf's child_site
+directory while it runs (SAI_HF_REGISTER_IN_CHILDREN=0 turns that off). Several processes
+(WORLD_SIZE > 1) on a machine without a GPU train as one job: sai_hf sets the TrainingArguments'
+use_cpu there, which accelerate launch does not pass on. A process group the script leaves alive
+is ended after it ends normally.
 
 example:
   {PROG} train.py --optim sgd_sai --learning_rate 1e-3 --optim_args "momentum=0.9"
@@ -96,10 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    import sai_hf
-
-    sai_hf.register()  # importing sai_hf already did; idempotent, and explicit here
-
+    # sai_hf, this module's package, is imported: it registers the names when the script imports transformers (or
+    # registered them, where transformers was imported before), without importing transformers itself.
     saved_argv, saved_path = sys.argv, list(sys.path)
     running = set(threading.enumerate())
     ended_normally = False
@@ -238,9 +238,8 @@ def end_process_group() -> None:
 
 
 def _process_group_alive() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+    dist = sys.modules.get("torch.distributed")  # none without torch.distributed imported: not imported here for that
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def _join_started_threads(running: set[threading.Thread]) -> None:

@@ -9,10 +9,13 @@ Python imports ``sitecustomize`` once, at start-up (``site``); in each such proc
 1. runs the ``sitecustomize`` it hides (the next one on ``sys.path``: a system or virtualenv one), as
    ``site`` would, and leaves it in ``sys.modules`` as ``sitecustomize``;
 2. takes its own directory off ``sys.path`` (``PYTHONPATH`` keeps it, for the next generation);
-3. if ``SAI_HF_REGISTER_IN_CHILDREN`` is ``1``, imports ``sai_hf`` (which registers the names). Where
-   that fails (another Python or virtualenv without sai-hf or with other versions) it writes one line
-   to stderr, unless that Python has neither sai_hf nor transformers (it cannot be training with a
-   Trainer), and the process goes on.
+3. if ``SAI_HF_REGISTER_IN_CHILDREN`` is ``1``, imports ``sai_hf``. That costs next to nothing (it
+   imports neither torch nor transformers): it registers the names when the process loads
+   transformers' ``training_args`` and ``trainer`` modules, so a process that never does (a data
+   loader or compile worker, a tool) pays nothing more. Where the import fails (another Python or
+   virtualenv without sai-hf or with other versions) it writes one line to stderr, unless that Python
+   has neither sai_hf nor transformers (it cannot be training with a Trainer), and the process goes
+   on; so it does where the registration fails later, when transformers loads.
 
 Standard library only; Python 3 syntax old enough for any interpreter a framework might start.
 """
@@ -53,18 +56,31 @@ def _run_hidden_sitecustomize(start):
         return
 
 
+def _not_registered(reason, err):
+    sys.stderr.write(
+        "sai_hf.run: --optim sgd_sai is not registered in this process (%s): %s (%s: %s)\n"
+        % (sys.executable, reason, type(err).__name__, err)
+    )
+
+
+def _registration_failed(err):
+    """Where registering fails as transformers loads (read by ``sai_hf``): one line, and the process goes on."""
+    _not_registered("registering with transformers failed", err)
+
+
 def _register():
-    """Import sai_hf (registers ``--optim sgd_sai``); one line on stderr where that fails."""
+    """Import sai_hf (which registers ``--optim sgd_sai`` when transformers loads); one line on stderr where that
+    fails, or where the registration does."""
     try:
-        import sai_hf  # noqa: F401
+        import sai_hf
     except Exception as err:
         missing = isinstance(err, ImportError) and err.name == "sai_hf"
         if missing and importlib.util.find_spec("transformers") is None:
             return
-        sys.stderr.write(
-            "sai_hf.run: --optim sgd_sai is not registered in this process (%s): cannot import sai_hf (%s: %s)\n"
-            % (sys.executable, type(err).__name__, err)
-        )
+        _not_registered("cannot import sai_hf", err)
+        return
+    if hasattr(sai_hf, "_on_registration_error"):  # an older sai_hf registers on import, and says so there
+        sai_hf._on_registration_error = _registration_failed
 
 
 def _main():
