@@ -15,6 +15,7 @@ plain string).
 :class:`ImportedSchedulerAlignment` and :class:`sai_hf.callback.AutoGSNRCallback` to
 ``transformers.trainer.DEFAULT_CALLBACKS``, so every Trainer gets them. This module imports no transformers itself: the
 two callback classes subclass ``TrainerCallback`` and are built on first access (PEP 562 ``__getattr__``).
+
 With the first part ``TrainingArguments.__post_init__`` (its subclasses call it) checks ``--optim_args`` too
 (:func:`check_optim_args_when_built`): a script fails where it parses its arguments, before it prepares its data.
 The same hook makes a multi-process launch on a machine without an accelerator one job (:func:`train_together_on_cpu`:
@@ -344,8 +345,8 @@ def connect_deepspeed_to_process_group(args: Any) -> None:
 
 def register() -> None:
     """Make every :data:`REGISTRY` name a valid ``--optim`` in transformers now (idempotent): both parts of the
-    registration, importing transformers' ``Trainer``. ``import sai_hf`` runs each part when transformers loads its
-    module, so a script needs this only to register before it imports transformers itself."""
+    registration at once, importing transformers' ``Trainer``. ``import sai_hf`` already runs each part when
+    transformers loads its module; this is for code that wants them in place before that."""
     from transformers import trainer, training_args
 
     register_training_arguments(training_args)

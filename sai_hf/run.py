@@ -5,21 +5,22 @@
     accelerate launch [LAUNCH ARGS...] -m sai_hf.run SCRIPT.py [ARGS...]      (torchrun likewise)
 
 ``--optim`` is validated when the script's ``HfArgumentParser`` is built, so ``sai_hf`` is imported first (it registers
-the names when the script imports transformers: a script that never does pays nothing for it); then the script runs as ``python SCRIPT.py ARGS...`` would: as ``__main__`` with its absolute ``__file__``,
-``sys.argv == [SCRIPT.py, *ARGS]`` as given, its directory (or the directory / zip file itself) as ``sys.path[0]``
-(not for a file under ``python -I``/``-P``), its own exit status (``SystemExit`` and exceptions propagate), and its
-non-daemon threads waited for before ``sys.argv`` and ``sys.path`` are restored. Launcher errors print one line
-``python -m sai_hf.run: error: ...`` and exit with 2 before anything is imported from the script.
+the names when the script imports transformers, and costs nothing before); then the script runs as ``python SCRIPT.py
+ARGS...`` would: as ``__main__`` with its absolute ``__file__``, ``sys.argv == [SCRIPT.py, *ARGS]`` as given, its
+directory (or the directory / zip file itself) as ``sys.path[0]`` (not for a file under ``python -I``/``-P``), its own
+exit status (``SystemExit`` and exceptions propagate), and its non-daemon threads waited for before ``sys.argv`` and
+``sys.path`` are restored. Launcher errors print one line ``python -m sai_hf.run: error: ...`` and exit with 2 before
+anything is imported from the script.
 
 The processes the script starts register the names too (``torchrun`` or ``accelerate launch`` started by a framework's
 CLI, ``multiprocessing`` spawn workers, the script re-executing itself): while it runs, ``PYTHONPATH`` begins with
 :data:`CHILD_SITE`, whose ``sitecustomize`` imports ``sai_hf`` in every Python process started with
 ``SAI_HF_REGISTER_IN_CHILDREN=1`` (:func:`child_environment`; ``SAI_HF_REGISTER_IN_CHILDREN=0`` before the launcher
 turns this off). That import costs a child next to nothing: the registration waits until the child imports
-transformers' ``TrainingArguments`` or ``Trainer``. The registration also makes several processes on a machine without a GPU one job
-(:func:`sai_hf.integration.train_together_on_cpu`) and connects DeepSpeed to their process group before the script's
-``from_pretrained`` (:func:`sai_hf.integration.connect_deepspeed_to_process_group`). When the script ends normally, a
-default process group it left alive is ended (:func:`end_process_group`).
+transformers' ``TrainingArguments`` or ``Trainer``. The registration also makes several processes on a machine without
+a GPU one job (:func:`sai_hf.integration.train_together_on_cpu`) and connects DeepSpeed to their process group before
+the script's ``from_pretrained`` (:func:`sai_hf.integration.connect_deepspeed_to_process_group`). When the script ends
+normally, a default process group it left alive is ended (:func:`end_process_group`).
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ USAGE = f"usage: {PROG} [-h] (SCRIPT | -m MODULE) [ARGS...]"
 HELP = f"""{USAGE}
 
 Run a training script as `python SCRIPT ARGS...` (or `python -m MODULE ARGS...`) would, with
-sai_hf imported (it registers when the script imports transformers): the script's HfArgumentParser accepts
-`--optim sgd_sai` (and `--optim adam_mini`), its TrainingArguments check --optim_args, and every
-transformers Trainer it builds gets sai-hf's GSNRCallback. Use it for scripts that never
-`import sai_hf` themselves, e.g. the transformers examples. Works under
+sai_hf imported (it registers when the script imports transformers): the script's
+HfArgumentParser accepts `--optim sgd_sai` (and `--optim adam_mini`), its TrainingArguments
+check --optim_args, and every transformers Trainer it builds gets sai-hf's GSNRCallback. Use it
+for scripts that never `import sai_hf` themselves, e.g. the transformers examples. Works under
 `accelerate launch ... -m sai_hf.run` and `torchrun ... -m sai_hf.run`.
 
 arguments:
@@ -238,7 +239,7 @@ def end_process_group() -> None:
 
 
 def _process_group_alive() -> bool:
-    dist = sys.modules.get("torch.distributed")  # none without torch.distributed imported: not imported here for that
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group (and torch stays unimported)
     return dist is not None and dist.is_available() and dist.is_initialized()
 
 
