@@ -201,7 +201,7 @@ def test_version_legs_pin_the_floors_pyproject_declares():
     torch, floor = legs.leg_requirements("floor", pyproject, "torch==2.13.0")
     pins = [f"{name}=={version}" for name, version in floors.items() if name != "torch"]
     assert torch == "torch==2.13.0" and floor[: len(pins)] == pins
-    assert {r.split(">=")[0] for r in floor[len(pins) :]} == {"pytest", "hypothesis"}
+    assert {r.split(">=")[0] for r in floor[len(pins) :]} == set(legs.TEST_TOOLS) == {"pytest", "hypothesis", "gguf"}
     torch, transformers5 = legs.leg_requirements("transformers5", pyproject, "torch==2.13.0")
     assert "transformers==5.0.0" in transformers5 and f"accelerate=={floors['accelerate']}" in transformers5
     assert legs.leg_requirements("torch-floor", pyproject, "torch==2.13.0")[0] == f"torch=={floors['torch']}"
