@@ -139,6 +139,22 @@ def test_readme_set_up_commands_are_the_makefiles() -> None:
         assert recipe.replace("$(PY)", ".venv/bin/python") in flowing, target
 
 
+def test_every_stated_transformers_range_is_pyprojects() -> None:
+    """A page that gives sai-hf's transformers range as a specifier (``>=4.57.1,<6``) gives the one pyproject
+    declares (configs/README.md once kept ``>=5.2,<6`` after the floor moved)."""
+    declared = next(
+        r for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"] if r.startswith("transformers")
+    )
+    specifier = declared.removeprefix("transformers")
+    stated = {
+        f"{path.relative_to(REPO)}: {found}"
+        for path in markdown_files()
+        for found in re.findall(r"`(>=[0-9][0-9.]*,<[0-9][0-9.]*)`", path.read_text())
+        if found != specifier
+    }
+    assert not stated, f"ranges other than pyproject's {specifier}: {sorted(stated)}"
+
+
 def test_configs_readme_lists_every_config() -> None:
     docs = (REPO / "configs" / "README.md").read_text()
     configs = [p for p in (REPO / "configs").rglob("*") if p.suffix in {".yaml", ".yml", ".json"}]
