@@ -305,11 +305,11 @@ class Sweep:
 
 
 #: Recipe fields that may name local files or directories whose contents shape a run.
-PATH_FIELDS = ("train_file", "validation_file", "dataset_name", "model_name_or_path", "tokenizer_name")
+PATH_FIELDS = ("train_file", "validation_file", "dataset_name", "model_name_or_path", "tokenizer_name", "gguf_file")
 #: Environment variables that change what a run computes (besides ``SAI_HF_*``).
 ENV_VARIABLES = ("CC", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONHASHSEED")
 #: Packages whose versions are part of a run's identity.
-PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "peft", "adam-mini", "triton")
+PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "peft", "adam-mini", "triton", "gguf")
 
 
 def _digest(paths: Sequence[Path]) -> str:
@@ -331,6 +331,22 @@ def _path_identity(value: Any) -> Any:
     return None
 
 
+def gguf_identity(fields: dict[str, Any]) -> Any:
+    """Size and modification time of the GGUF file the run would load (found as the recipe finds it:
+    in ``gguf_package``, in ``model_name_or_path`` or at ``gguf_file``), or ``None``."""
+    from types import SimpleNamespace
+
+    from sai_hf.recipes.gguf import gguf_path
+
+    if not fields.get("gguf_file"):
+        return None
+    try:
+        location = gguf_path(SimpleNamespace(**fields))
+    except (ImportError, OSError):
+        return None
+    return [str(location), _path_identity(location)] if isinstance(location, Path) else list(location)
+
+
 def run_fingerprint(sweep: Sweep, argv: Sequence[str]) -> dict[str, Any]:
     """Everything that shapes a run besides its arguments: the config file's contents, the code (sai_hf,
     the recipe script, this script), package versions, the environment variables that change what
@@ -340,8 +356,9 @@ def run_fingerprint(sweep: Sweep, argv: Sequence[str]) -> dict[str, Any]:
 
     config = load_config(sweep.config)
     overrides = {field: _last_override(sweep.extra, f"--{field}", config.get(field)) for field in PATH_FIELDS}
+    gguf_package = _last_override(sweep.extra, "--gguf_package", config.get("gguf_package"))
     versions = {}
-    for package in PACKAGES:
+    for package in (*PACKAGES, *([gguf_package] if gguf_package else [])):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -356,6 +373,7 @@ def run_fingerprint(sweep: Sweep, argv: Sequence[str]) -> dict[str, Any]:
         "packages": versions,
         "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SAI_HF_") or k in ENV_VARIABLES},
         "paths": {field: [value, _path_identity(value)] for field, value in overrides.items() if value is not None},
+        "gguf": gguf_identity({**overrides, "gguf_package": gguf_package}),
     }
 
 
@@ -725,11 +743,24 @@ def plan(argv: Sequence[str] | None = None) -> Plan:
     recipe = recipe_of(config, args.recipe)
     grids = parse_grid(args.grid, optimizers, RECIPES[recipe][1])
     if args.quick:
+        check_quick(config, overrides, args.config)
         grids = {name: [lrs[0], lrs[-1]] if len(lrs) > 1 else lrs for name, lrs in grids.items()}
     seeds = parse_seeds(args.seeds, config.get("seed", 42))
     sweep = sweep_of(args, config, recipe, overrides)
     check_run_arguments(sweep, optimizers, grids, seeds)
     return Plan(sweep, optimizers, grids, seeds, argv)
+
+
+def check_quick(config: dict[str, Any], overrides: Sequence[str], config_path: str) -> None:
+    """``--quick`` shrinks a model built from the config's size fields; ``ValueError`` for a config (or
+    flags) that loads pretrained weights, which it cannot shrink (it would run the real model)."""
+    for field in ("gguf_file", "model_name_or_path"):
+        value = _last_override(overrides, f"--{field}", config.get(field))
+        if value:
+            raise ValueError(
+                f"--quick shrinks a model built from the config's sizes, but {config_path} loads pretrained weights "
+                f"({field}: {value}); run it with --max_steps and --max_eval_samples instead"
+            )
 
 
 def check_sweep_flags(args: argparse.Namespace) -> None:

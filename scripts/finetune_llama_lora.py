@@ -35,7 +35,6 @@ from sai_hf.recipes.gguf import resolve_gguf
 from sai_hf.recipes.lora import apply_lora
 from sai_hf.recipes.models import count_parameters, fit_embeddings_to_tokenizer, load_pretrained_causal_lm
 from sai_hf.recipes.pretrained_base import pretrained_local_llama
-from sai_hf.recipes.samples import SampleGeneration, prompt_of
 from sai_hf.recipes.text_datasets import dataset_source, select_first, uses_offline_corpus
 from sai_hf.recipes.tokenizer import recipe_tokenizer
 from sai_hf.recipes.training import (
@@ -98,10 +97,16 @@ def prepare(argv: Sequence[str] | None = None) -> Trainer:
         if data_args.data_format == "text"
         else DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=-100)
     )
-    trainer = build_trainer(model, training_args, train_dataset, eval_dataset, tokenizer, collator, diagnostics.gsnr_track_every)
-    if diagnostics.sample_max_new_tokens:
-        trainer.add_callback(SampleGeneration(tokenizer, prompt_of(eval_dataset[0]), diagnostics.sample_max_new_tokens))
-    return trainer
+    return build_trainer(
+        model,
+        training_args,
+        train_dataset,
+        eval_dataset,
+        tokenizer,
+        collator,
+        diagnostics.gsnr_track_every,
+        diagnostics.sample_max_new_tokens,
+    )
 
 
 if __name__ == "__main__":

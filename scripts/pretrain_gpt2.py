@@ -27,6 +27,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator, set_
 from sai_hf.recipes.arguments import DataArguments, DiagnosticsArguments, GPT2ModelArguments
 from sai_hf.recipes.config import parse_recipe_args
 from sai_hf.recipes.corpus import stdlib_corpus
+from sai_hf.recipes.gguf import resolve_gguf
 from sai_hf.recipes.models import build_gpt2, count_parameters, fit_embeddings_to_tokenizer, load_pretrained_causal_lm
 from sai_hf.recipes.packing import packed_lm_datasets
 from sai_hf.recipes.text_datasets import (
@@ -63,6 +64,8 @@ def prepare(argv: Sequence[str] | None = None) -> Trainer:
     model_args, data_args, diagnostics, training_args = parse_recipe_args(argv, ARGUMENTS, prog="pretrain_gpt2.py")
     setup_logging(training_args)
     set_seed(training_args.seed)
+    with training_args.main_process_first(desc="converting gguf_file"):
+        model_args = resolve_gguf(model_args)
 
     with training_args.main_process_first(desc="loading and tokenizing the data"):
         if uses_offline_corpus(data_args):
@@ -92,7 +95,14 @@ def prepare(argv: Sequence[str] | None = None) -> Trainer:
     )
 
     return build_trainer(
-        model, training_args, train_dataset, eval_dataset, tokenizer, default_data_collator, diagnostics.gsnr_track_every
+        model,
+        training_args,
+        train_dataset,
+        eval_dataset,
+        tokenizer,
+        default_data_collator,
+        diagnostics.gsnr_track_every,
+        diagnostics.sample_max_new_tokens,
     )
 
 

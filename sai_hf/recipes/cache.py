@@ -49,6 +49,13 @@ def fingerprint(payload: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def build_cached_dir(entry: Path, build: Callable[[Path], None]) -> Path:
     """Return ``entry``, first calling ``build(tmp_dir)`` and renaming the result into place if missing.
 
@@ -61,6 +68,7 @@ def build_cached_dir(entry: Path, build: Callable[[Path], None]) -> Path:
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
         build(tmp_dir)
+        tmp_dir.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep a shared $SAI_HF_CACHE from other users
         try:
             os.replace(tmp_dir, entry)
         except OSError:

@@ -154,6 +154,8 @@ def _scalar_text(key: str, value: Any, action: argparse.Action) -> str:
         return str(value)
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, dict) and key == "optim_args":  # axolotl's style, {momentum: 0.9}: the key=value string
+        return ",".join(f"{name}={str(item).lower() if isinstance(item, bool) else item}" for name, item in value.items())
     if isinstance(value, dict):
         return json.dumps(value, default=str)
     return str(value)
@@ -165,7 +167,8 @@ def config_to_cli_tokens(config: dict[str, Any], parser: argparse.ArgumentParser
     Unquoted scalars go in as written (so ``save_strategy: no`` is ``no`` and ``run_name: 1.10`` is
     ``1.10``), except that YAML booleans become ``true``/``false`` for bool fields and YAML numbers
     feed numeric fields; mappings become JSON (TrainingArguments parses JSON for its dict fields
-    such as ``gradient_checkpointing_kwargs``). ``--field=value`` keeps a value that starts with
+    such as ``gradient_checkpointing_kwargs``), except ``optim_args``, whose mapping becomes its
+    ``key=value,...`` string. ``--field=value`` keeps a value that starts with
     ``-`` a value. Lists are for fields that take several values and are set as that field's default
     (converted and checked here: argparse would read an item starting with ``-`` as an option), so a
     command-line override still wins. ``null`` keeps the field's default.

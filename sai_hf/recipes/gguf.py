@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -154,7 +155,10 @@ def converted_checkpoint(model_args: ModelArguments) -> Path:
         {"sha256": file_digest(location), "version": CONVERSION_FORMAT_VERSION, "transformers": transformers.__version__}
     )
     entry = resolve_cache_dir(model_args.recipe_cache_dir) / "gguf" / f"{location.stem}-{key}"
-    return build_cached_dir(entry, lambda tmp_dir: convert(location, tmp_dir))
+    try:
+        return build_cached_dir(entry, lambda tmp_dir: convert(location, tmp_dir))
+    except (ValueError, KeyError, IndexError, TypeError, struct.error) as err:  # a truncated or foreign file
+        raise ValueError(f"gguf_file {str(location)!r} could not be read as a GGUF checkpoint: {type(err).__name__}: {err}") from err
 
 
 def resolve_gguf(model_args: ModelArguments) -> ModelArguments:

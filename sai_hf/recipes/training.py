@@ -26,6 +26,7 @@ from ..callback import GSNRCallback, checked_track_every
 from .metrics import CausalLMMetrics, logits_to_token_ids, perplexity, request_losses_for_metrics
 from .plotting import loss_curves, plot_loss_curve
 from .quiet import plain_progress, quiet_progress
+from .samples import SampleGeneration, prompt_of
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +91,12 @@ def build_trainer(
     tokenizer: PreTrainedTokenizerBase,
     data_collator: DataCollator | None = None,
     gsnr_track_every: int = 0,
+    sample_max_new_tokens: int = 0,
 ) -> Trainer:
     """A ``Trainer`` that reports ``eval_perplexity`` and ``eval_token_accuracy`` at each evaluation,
-    and tracks g-SNR drift every ``gsnr_track_every`` optimizer steps (0: off; see
-    :class:`sai_hf.GSNRCallback`)."""
+    tracks g-SNR drift every ``gsnr_track_every`` optimizer steps (0: off; see
+    :class:`sai_hf.GSNRCallback`) and prints a greedy completion of the first evaluation prompt, at most
+    ``sample_max_new_tokens`` tokens, before and after training (0: off; :class:`.samples.SampleGeneration`)."""
     checked_track_every(gsnr_track_every, "gsnr_track_every")
     request_losses_for_metrics(training_args)
     trainer = Trainer(
@@ -107,6 +110,8 @@ def build_trainer(
         preprocess_logits_for_metrics=logits_to_token_ids,
     )
     plain_progress(trainer)  # no nested evaluation bar ("\x1b[A" escapes) in logs
+    if sample_max_new_tokens:
+        trainer.add_callback(SampleGeneration(tokenizer, prompt_of(eval_dataset[0]), sample_max_new_tokens))
     if gsnr_track_every:
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, GSNRCallback):

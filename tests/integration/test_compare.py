@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -181,6 +182,8 @@ BAD_ARGUMENTS = [
     (["--max_steps", "0"], "--max_steps 0"),  # the Trainer would train by epochs
     (["--gsnr_track_every", "-1"], "--gsnr_track_every -1"),
     (["--out_dir", "{tmp}/file/out"], "is not a directory"),
+    # --quick cannot shrink pretrained weights: it would have run SmolLM2's 135M parameters (and LoRA r=4 on the full config)
+    (["--config", str(SCRIPT.parents[1] / "configs" / "smollm2-135m-full.yaml"), "--quick"], "loads pretrained weights (gguf_file: SmolLM2-135M"),
     # an optimizer whose own arguments its recipe refuses: the config's normalize and the variant's
     (["--config", "{tmp}/normalize.yaml", "--optimizers", "sgd_sai,sgd_sai_max"], "the sgd_sai_max runs' recipe arguments"),
 ]
@@ -282,3 +285,18 @@ def test_compare_reads_block_size_given_as_flag_equals_value():
     compare = _compare_module()
     assert compare._last_override(["--block_size=64", "--max_steps", "5"], "--block_size", 128) == "64"
     assert compare._last_override(["--max_steps", "5"], "--block_size", 128) == 128
+
+
+def test_resume_fingerprint_follows_the_gguf_file_the_run_loads(tmp_path):
+    """A GGUF file rewritten in place (same name, other weights) is a different run for ``--resume``, whether
+    it is found in a directory or through ``gguf_package``'s installed files (runs on an old file were reused)."""
+    from _gguf import write_tiny_llama_gguf
+
+    compare = _compare_module()
+    path = write_tiny_llama_gguf(tmp_path / "t.gguf", seed=0)
+    fields = {"gguf_file": "t.gguf", "gguf_package": None, "model_name_or_path": str(tmp_path)}
+    before = compare.gguf_identity(fields)
+    assert before[0] == str(path.resolve())
+    write_tiny_llama_gguf(path, seed=5)
+    assert compare.gguf_identity(fields) != before
+    assert compare.gguf_identity({**fields, "gguf_file": None}) is None

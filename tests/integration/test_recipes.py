@@ -942,6 +942,9 @@ def test_smollm2_recipe_on_a_gguf_package_converts_once_and_fine_tunes(
 
     (converted,) = (cache / "gguf").iterdir()
     assert converted.name.startswith("tiny-")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert converted.stat().st_mode & 0o777 == 0o777 & ~umask, "readable by others, as a shared $SAI_HF_CACHE needs"
     direct = AutoModelForCausalLM.from_pretrained(tiny_gguf_package / "tiny_gguf_llama", gguf_file="tiny.gguf")
     saved = AutoModelForCausalLM.from_pretrained(converted)
     assert direct.state_dict().keys() == saved.state_dict().keys()
@@ -1025,3 +1028,35 @@ def test_chat_template_on_a_tokenizer_without_one_is_named(recipe_cache: Path) -
     with pytest.raises(ValueError, match="has no chat template; set chat_template: false"):
         format_prompts(pairs, tokenizer, chat_template=True)
     assert format_prompts(pairs, tokenizer, prefix="Do: ")["train"][0]["prompt"] == "Do: def f(x):\n"
+
+
+def test_truncated_gguf_file_is_named(tmp_path: Path, tiny_gguf_package: Path) -> None:
+    """A truncated download is one error naming gguf_file (it was a struct.error traceback from the reader)."""
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes((tiny_gguf_package / "tiny_gguf_llama" / "tiny.gguf").read_bytes()[:100])
+    assert "could not be read as a GGUF checkpoint" in _gguf_error(tmp_path, "--gguf_package", "", "--gguf_file", str(truncated))
+
+
+def test_pretrain_recipe_takes_a_gguf_checkpoint_and_prints_samples(
+    tmp_path: Path, tiny_gguf_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The GPT-2 recipe shares the model and diagnostics fields: gguf_file and sample_max_new_tokens work there
+    too (they were accepted and silently ignored: a model trained from scratch, no sample)."""
+    from transformers import LlamaForCausalLM
+
+    argv = [
+        str(CONFIGS / "gpt2-local.yaml"), *common_overrides(tmp_path / "out", tmp_path / "cache"),
+        "--gguf_file", str(tiny_gguf_package / "tiny_gguf_llama" / "tiny.gguf"), "--block_size", "64",
+        "--sample_max_new_tokens", "3",
+    ]  # fmt: skip
+    result = pretrain_gpt2.main(argv)
+    assert isinstance(result.trainer.model, LlamaForCausalLM) and result.trainer.model.config.num_hidden_layers == 2
+    printed = capsys.readouterr().out
+    assert "sample before training" in printed and "sample after training" in printed
+
+
+def test_optim_args_mapping_in_a_config_is_its_key_value_string(tmp_path):
+    """``optim_args: {momentum: 0.9, maximize: false}`` (axolotl's style) reads as ``momentum=0.9,maximize=false``
+    (it was refused as "entry '{...}' is not of the form key=value")."""
+    *_, training_args = _parse(tmp_path, "optim: sgd_sai\noptim_args: {momentum: 0.8, maximize: false}\n")
+    assert training_args.optim_args == "momentum=0.8,maximize=false"
