@@ -346,6 +346,31 @@ def prepare_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapping[str
     return state_dict
 
 
+#: Group options a checkpoint restores over the ones the resumed run was built with (torch's ``load_state_dict``
+#: keeps the saved groups); ``lr`` is left out: schedulers own it (and ``momentum`` where one cycles it).
+RESTORED_OPTIONS = ("momentum", "weight_decay", "eps", "normalize", "scale_rule", "maximize", "momentum_dtype")
+
+
+def warn_restored_options(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -> None:
+    """Warn, naming each option, where the checkpoint's group options differ from those ``optimizer`` was built with
+    (a resume with another ``--optim_args`` continues with the checkpoint's: ``momentum_dtype=bf16`` would not
+    halve the state, ``normalize`` would not change what ``lr`` means)."""
+    changes = [
+        f"{key}={saved[key]!r} (given: {current[key]!r}, group #{index})"
+        for index, (current, saved) in enumerate(zip(optimizer.param_groups, state_dict["param_groups"]))
+        for key in RESTORED_OPTIONS
+        if key in current and key in saved and saved[key] != current[key]
+        and not (key == "momentum" and "base_momentum" in saved)  # OneCycleLR / CyclicLR move momentum themselves
+    ]
+    if changes:
+        warnings.warn(
+            "SGDSaI: the checkpoint's settings replace the ones given now: " + ", ".join(changes)
+            + ". A resumed run continues with the checkpoint's; start a new run to change them.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
 def buffers_in_saved_dtype(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -> None:
     """After ``Optimizer.load_state_dict`` (which casts every state tensor to its parameter's
     dtype), put back each momentum buffer in the dtype it was saved in, on its parameter's device."""

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import native, scaling
-from .checkpoint import buffers_in_saved_dtype, prepare_state_dict, user_stacklevel
+from .checkpoint import buffers_in_saved_dtype, prepare_state_dict, user_stacklevel, warn_restored_options
 from .functional import sgd_sai
 from .gsnr import BlockStatus
 from .scaling import NORMALIZATIONS, SCALE_RULES
@@ -190,6 +190,7 @@ class SGDSaI(Optimizer):
                 validate_hyperparameters(**{k: v for k, v in group.items() if k in self.defaults and k != "gsnr_max"})
             except ValueError as err:
                 raise ValueError(f"Optimizer state dict: parameter group #{index}: {err}") from None
+        warn_restored_options(self, state_dict)
         super().load_state_dict(state_dict)
         buffers_in_saved_dtype(self, state_dict)
 

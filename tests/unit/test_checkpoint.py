@@ -317,3 +317,26 @@ def test_official_state_with_a_corrupt_gsnr_names_the_parameter(value, shown):
     with pytest.raises(ValueError, match=r"'gsnr' of parameter #1 \(saved id 1\)") as err:
         mine.load_state_dict(state)
     assert shown in str(err.value)
+
+
+def test_resume_with_other_options_names_what_the_checkpoint_restores():
+    """A resume with another --optim_args continues with the checkpoint's group options (torch keeps the saved
+    groups): each changed option is named in one warning (it was silent: momentum_dtype=bf16 did not halve the
+    state, normalize did not change what lr means); the same options load without one."""
+    import warnings
+
+    model = torch.nn.Linear(4, 3)
+    saved = SGDSaI(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    saved.step()
+    state = saved.state_dict()
+
+    changed = SGDSaI(model.parameters(), lr=0.1, momentum=0.5, normalize="max")
+    with pytest.warns(UserWarning, match=r"momentum=0\.9 \(given: 0\.5, group #0\).*normalize='none' \(given: 'max'") as caught:
+        changed.load_state_dict(state)
+    assert caught[0].filename == __file__, "the warning points at the caller's line"
+    assert changed.param_groups[0]["momentum"] == 0.9
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SGDSaI(model.parameters(), lr=0.01, momentum=0.9).load_state_dict(state)  # lr is the scheduler's
