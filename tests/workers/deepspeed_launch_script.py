@@ -23,4 +23,6 @@ if trainer.is_world_process_zero():
         "world_size": args.world_size,
     }
     (Path(args.output_dir) / "run.json").write_text(json.dumps(run))
-trainer.accelerator.end_training()  # destroys the process group before exit (tests/support/_processes.py; 5.x: trainer.end())
+from _processes import end_process_group  # noqa: E402  (imports sai_hf: only now, after the script's own work)
+
+end_process_group()  # barrier, destroy, exit without finalization: gloo's SIGABRT at exit (tests/support/_processes.py)
