@@ -54,7 +54,7 @@ class SampleGeneration(TrainerCallback):
             model.train(was_training)
         return self.tokenizer.decode(output[0, len(self.prompt_ids) :], skip_special_tokens=True)
 
-    def _report(self, when: str, args, state, model) -> None:
+    def _report(self, when: str, state, model) -> None:
         self.samples[when] = self.generate(model)
         if state.is_world_process_zero:
             print(f"sample {when} training (greedy, {self.max_new_tokens} tokens at most):", flush=True)
@@ -64,7 +64,7 @@ class SampleGeneration(TrainerCallback):
         prompt = self.tokenizer.decode(self.prompt_ids, skip_special_tokens=False)
         if state.is_world_process_zero:
             print(f"sample prompt:\n{prompt.rstrip()}", flush=True)
-        self._report("before", args, state, model)
+        self._report("before", state, model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._report("after", args, state, model)
+        self._report("after", state, model)

@@ -26,18 +26,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
-from _models import TokenDataset, tiny_gpt2, tiny_llama, token_batches, training_args  # noqa: E402
+from _models import TokenDataset, tiny_gpt2, tiny_llama, training_args  # noqa: E402
 from _processes import SAI_ALL_REDUCES, count_sai_all_reduces, end_process_group  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
-from sai_hf import SGDSaI, register_sharded_model  # noqa: E402
+from deepspeed_worker import plain_engine_run, zero_config  # noqa: E402  (this folder: the engine loop, the configs)
 from sai_hf.callback import find_sgd_sai, parameter_names  # noqa: E402
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
-
-
-def zero_config(stage: int) -> dict:
-    return json.loads((CONFIGS / f"zero{stage}.json").read_text())
 
 
 def lora_model():
@@ -88,29 +82,9 @@ def empty_first_groups(model) -> list[dict]:
 
 
 def plain_run(out: Path) -> dict:
-    import deepspeed
-
-    SAI_ALL_REDUCES.clear()
-    model = tiny_gpt2()
-    optimizer = SGDSaI(empty_first_groups(model), lr=1e-3, normalize="max")
-    config = {
-        **zero_config(2),
-        "train_micro_batch_size_per_gpu": 2,
-        "train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 0.0,
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    register_sharded_model(model, engine.optimizer)
-    rank = dist.get_rank()
-    for ids in token_batches(3, batch=4):
-        local = ids[2 * rank : 2 * rank + 2]
-        engine.backward(engine(input_ids=local, labels=local).loss)
-        engine.step()
+    model, optimizer = plain_engine_run(empty_first_groups)
     names = {id(p): n for n, p in model.named_parameters()}
-    if rank == 0:
+    if dist.get_rank() == 0:
         torch.save(trained(model), out / "weights_plain.pt")
     return {
         "scales": {names[id(p)]: s for p, s in optimizer.scales().items()},

@@ -116,14 +116,15 @@ def plain_groups(model) -> list[dict]:
     ]
 
 
-def plain_deepspeed(out: Path) -> dict:
-    """``deepspeed.initialize(model=..., optimizer=SGDSaI(two groups, normalize="max"))``, DeepSpeed's optimizer
-    registered, and the usual engine loop."""
+def plain_engine_run(groups_of) -> tuple[torch.nn.Module, SGDSaI]:
+    """``deepspeed.initialize(model=tiny GPT-2, optimizer=SGDSaI(groups_of(model), normalize="max"))`` under ZeRO-2,
+    DeepSpeed's optimizer registered, and 3 steps of the usual engine loop (2 sequences per rank). Returns the model
+    and the optimizer; SGD-SaI's all_reduces are counted afresh."""
     import deepspeed
 
     SAI_ALL_REDUCES.clear()
     model = tiny_gpt2()
-    optimizer = SGDSaI(plain_groups(model), lr=1e-3, normalize="max")
+    optimizer = SGDSaI(groups_of(model), lr=1e-3, normalize="max")
     config = {
         **zero_config(2),
         "train_micro_batch_size_per_gpu": 2,
@@ -134,16 +135,21 @@ def plain_deepspeed(out: Path) -> dict:
         "fp16": {"enabled": False},
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    register_sharded_model(model, engine.optimizer)  # DeepSpeed's optimizer: normalize="max" over both groups
+    register_sharded_model(model, engine.optimizer)  # DeepSpeed's optimizer: normalize="max" over every group
     rank = dist.get_rank()
     for ids in token_batches(3, batch=4):
         local = ids[2 * rank : 2 * rank + 2]
-        loss = engine(input_ids=local, labels=local).loss
-        engine.backward(loss)
+        engine.backward(engine(input_ids=local, labels=local).loss)
         engine.step()
+    return model, optimizer
+
+
+def plain_deepspeed(out: Path) -> dict:
+    """:func:`plain_engine_run` with two parameter groups: scales, all_reduces, the weights saved from rank 0."""
+    model, optimizer = plain_engine_run(plain_groups)
     names = {id(p): n for n, p in model.named_parameters()}
     scales = {names[id(p)]: s for p, s in optimizer.scales().items()}
-    if rank == 0:
+    if dist.get_rank() == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "weights_plain.pt")
     return {"scales": scales, "all_reduces": list(SAI_ALL_REDUCES)}
 
