@@ -225,6 +225,27 @@ def _installed_name(token: str) -> str:
     return f"--{training_argument_name(name)}{sep}{value}"
 
 
+def mixed_precision_on_the_cpu(parser: argparse.ArgumentParser, tokens: Sequence[str]) -> list[str]:
+    """``["--use_cpu", "true"]`` where ``tokens`` ask for bf16 mixed precision, leave ``use_cpu`` unset and torch finds
+    no accelerator; else ``[]``. transformers refuses bf16 there unless told ``use_cpu`` (then it trains under CPU
+    autocast, about 2.3x faster than float32 for SmolLM2-135M on AVX512-BF16 cores); a recipe's ``bf16: true`` runs as
+    written on a GPU and on this CPU alike. Says so in one line."""
+    import torch
+
+    namespace, _ = parser.parse_known_args(list(tokens))
+    if not getattr(namespace, "bf16", False) or getattr(namespace, "use_cpu", False):
+        return []
+    if "--use_cpu" in {token.split("=", 1)[0] for token in tokens}:
+        return []
+    try:
+        if torch.accelerator.current_accelerator() is not None:
+            return []
+    except RuntimeError:  # torch 2.6 on a CPU-only build
+        pass
+    print("bf16 mixed precision and no GPU: use_cpu set to True (CPU autocast); --bf16 false trains in float32", flush=True)
+    return ["--use_cpu", "true"]
+
+
 def parse_recipe_args(
     argv: Sequence[str] | None, dataclass_types: Sequence[type], prog: str = "recipe"
 ) -> tuple[Any, ...]:
@@ -248,6 +269,7 @@ def parse_recipe_args(
     check_config_keys(override_keys, fields, source="the command line")
 
     tokens = config_to_cli_tokens(written, parser) + overrides
+    tokens += mixed_precision_on_the_cpu(parser, tokens)
     *parsed, remaining = parser.parse_args_into_dataclasses(
         args=tokens, return_remaining_strings=True, look_for_args_file=False
     )

@@ -466,9 +466,26 @@ def recipe_configs() -> list[Path]:
 @pytest.mark.parametrize("config", recipe_configs(), ids=lambda path: path.name)
 def test_every_config_parses(config: Path) -> None:
     dataclasses_ = PRETRAIN_ARGS if config.name.startswith("gpt2") else FINETUNE_ARGS
-    *_, training_args = parse_recipe_args([str(config), "--bf16", "false"], dataclasses_)  # CPU: no bf16
+    *_, training_args = parse_recipe_args([str(config)], dataclasses_)  # as written, bf16 ones too, on this CPU
     assert training_args.optim == "sgd_sai", "every shipped recipe trains with SGD-SaI"
     assert training_args.eval_strategy == "steps"
+
+
+@pytest.mark.skipif(torch.accelerator.current_accelerator() is not None, reason="the rule is for machines without one")
+def test_bf16_without_an_accelerator_sets_use_cpu_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """transformers refuses bf16 without a GPU unless told use_cpu; a recipe asking bf16 gets CPU autocast and one
+    line, unless the run names use_cpu itself (then transformers' own refusal stands) or asks float32."""
+    from transformers import TrainingArguments
+
+    config = tmp_path / "bf16.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nbf16: true\n")
+    (args,) = parse_recipe_args([str(config)], (TrainingArguments,))
+    assert (args.use_cpu, args.bf16) == (True, True)
+    assert capsys.readouterr().out.count("use_cpu set to True") == 1
+    (args,) = parse_recipe_args([str(config), "--bf16", "false"], (TrainingArguments,))
+    assert (args.use_cpu, args.bf16) == (False, False)
+    with pytest.raises(ValueError, match="bf16"):
+        parse_recipe_args([str(config), "--use_cpu", "false"], (TrainingArguments,))
 
 
 def test_configs_name_activation_checkpointing_on_every_supported_transformers() -> None:
