@@ -28,30 +28,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import operator
 import os
 import statistics
-import warnings
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
 from transformers import TrainerCallback
 
-from .drift import drift_summary
+from .drift import DriftHistory, checked_track_every, drift_summary, track_every_from_env, write_json
 from .optimizer import SGDSaI, StatisticsReducer, find_sgd_sai
+from .parameter_names import parameter_names
 
-__all__ = [
-    "GSNRCallback", "AutoGSNRCallback", "find_sgd_sai", "GSNR_FILENAME", "HISTORY_FILENAME", "TRACK_EVERY_ENV",
-    "checked_track_every", "track_every_from_env", "clean_parameter_name", "parameter_names", "unwrap_model",
-]
+__all__ = ["GSNRCallback", "AutoGSNRCallback", "find_sgd_sai", "GSNR_FILENAME"]
 
 #: File name of the per-block report in ``output_dir``.
 GSNR_FILENAME = "gsnr.json"
-#: File name of the drift history in ``output_dir`` (``track_every > 0``) for the default report name.
-HISTORY_FILENAME = "gsnr_history.json"
-#: Environment variable giving ``track_every`` to callbacks created without one (the automatic one).
-TRACK_EVERY_ENV = "SAI_HF_GSNR_TRACK_EVERY"
 #: Prefix of the Trainer's checkpoint folders (``transformers.trainer_utils.PREFIX_CHECKPOINT_DIR``).
 CHECKPOINT_PREFIX = "checkpoint"
 
@@ -70,35 +61,6 @@ def _follow_trainer_log_level(args: Any) -> None:
         package_logger.setLevel(level)
 
 
-def checked_track_every(value: Any, name: str = "track_every") -> int:
-    """``value`` if it is a valid drift-tracking interval (a whole number >= 0; 0 is off), else ``ValueError`` naming ``name``."""
-    try:
-        index = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        index = None
-    if index is None:
-        raise ValueError(f"Invalid {name}={value!r}: must be a whole number of optimizer steps >= 0 (0 disables drift tracking)")
-    if index < 0:
-        raise ValueError(f"Invalid {name}={index}: must be >= 0 (0 disables drift tracking)")
-    return index
-
-
-def track_every_from_env() -> int:
-    """``$SAI_HF_GSNR_TRACK_EVERY`` as a drift-tracking interval (unset or blank: 0, off); ``ValueError`` naming the
-    variable and its value unless it is a whole number >= 0. Only read for a Trainer whose optimizer is SGD-SaI."""
-    text = os.environ.get(TRACK_EVERY_ENV, "").strip()
-    try:
-        value = int(text) if text else 0
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(
-            f"Invalid environment variable {TRACK_EVERY_ENV}={os.environ[TRACK_EVERY_ENV]!r}: expected a whole number of "
-            "optimizer steps >= 0 (0 or unset: no g-SNR drift tracking)"
-        )
-    return value
-
-
 def _checked_filename(value: Any, name: str) -> str:
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
         raise ValueError(f"Invalid {name}={value!r}: expected a non-empty file name (relative to output_dir)")
@@ -106,10 +68,6 @@ def _checked_filename(value: Any, name: str) -> str:
     if value.endswith(("/", os.sep)):
         raise ValueError(f"Invalid {name}={value!r}: expected a file name, not a directory")
     return value
-
-
-#: Every live GSNRCallback, so that the automatic one can see whether a run also has hand-added ones.
-_INSTANCES: weakref.WeakSet[GSNRCallback] = weakref.WeakSet()
 
 
 class GSNRCallback(TrainerCallback):
@@ -138,6 +96,8 @@ class GSNRCallback(TrainerCallback):
 
     #: ``True`` only for the instance ``import sai_hf`` adds to every Trainer.
     automatic = False
+    #: Every live GSNRCallback, so that the automatic one can see whether a run also has hand-added ones.
+    live: ClassVar[weakref.WeakSet[GSNRCallback]] = weakref.WeakSet()
 
     def __init__(
         self,
@@ -158,7 +118,7 @@ class GSNRCallback(TrainerCallback):
         self.reduce_statistics = reduce_statistics
         self.track_every = None if track_every is None else checked_track_every(track_every)
         self._reset(None)
-        _INSTANCES.add(self)
+        GSNRCallback.live.add(self)
 
     # -------------------------------------------------------------- run bookkeeping
     def _reset(self, run: Any) -> None:
@@ -166,9 +126,10 @@ class GSNRCallback(TrainerCallback):
         self._started = False
         self._standing_down = False
         self._reported = 0  # blocks with a scale at the last report
+        self._all_scaled: tuple[Any, int, int] | None = None  # (optimizer state, parameters, scaled) once all are scaled
         self._pending_summary: dict[str, float] | None = None
         self._log_at_step_end = False  # the pending summary forces a log at the end of this step (else: the next log)
-        self._history: dict[str, Any] | None = None
+        self._history: DriftHistory | None = None
         self._last_tracked = 0
 
     def _interval(self) -> int:
@@ -178,10 +139,15 @@ class GSNRCallback(TrainerCallback):
 
     def _peers(self, state: Any) -> list[GSNRCallback]:
         """The other GSNRCallbacks of the run whose TrainerState is ``state``."""
-        return [cb for cb in list(_INSTANCES) if cb is not self and cb._run is state]
+        return [cb for cb in list(GSNRCallback.live) if cb is not self and cb._run is state]
 
     def _history_path(self, args: Any) -> str:
         return os.path.join(args.output_dir or ".", self.history_filename)
+
+    def _queue(self, summary: dict[str, float]) -> None:
+        """Add ``summary`` to the next log, forcing one at the end of this step."""
+        self._pending_summary = {**(self._pending_summary or {}), **summary}
+        self._log_at_step_end = True
 
     def _begin(self, args: Any, state: Any, model: Any, optimizer: Any) -> SGDSaI | None:
         """The SGD-SaI optimizer to work on, or ``None`` (not SGD-SaI, or standing down). The first call of a run
@@ -201,7 +167,7 @@ class GSNRCallback(TrainerCallback):
         self._interval()
         _follow_trainer_log_level(args)
         sai.register_model(model, optimizer)  # once per run: FSDP1 views, DeepSpeed ZeRO-1/2's optimizer
-        self._reported = len(sai.scales())
+        self._reported = self._scaled_count(sai)
         if self._reported:  # scales restored from a checkpoint (or a Trainer trained before)
             self._pending_summary = self.summary(sai)  # in the run's first log, at its own logging step
             names = parameter_names(model)
@@ -216,8 +182,29 @@ class GSNRCallback(TrainerCallback):
                 if written != self.report(sai, names):
                     self.write_report(path, sai, names)
             if self.track_every and getattr(state, "global_step", 0) > 0 and zero:
-                self._history = self._resumed_history(args, state, sai, names)
+                name, step = os.path.basename(self.history_filename), state.global_step
+                folders = (getattr(args, "resume_from_checkpoint", None), os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{step}"))
+                copies = [os.path.join(folder, name) for folder in folders if isinstance(folder, str)]
+                self._history = DriftHistory.resumed(self._history_path(args), copies, step, _scaled_gsnr(sai, names))
         return sai
+
+    def _known_all_scaled(self, sai: SGDSaI) -> bool:
+        """Whether every block had its scale when last asked, with the optimizer's parameters and state unchanged
+        since (a new group or a loaded state dict asks again): scales, once fixed, stay."""
+        known = self._all_scaled
+        parameters = sum(len(group["params"]) for group in sai.all_param_groups())
+        return known is not None and known[0] is sai.state and known[1] == parameters
+
+    def _scaled_count(self, sai: SGDSaI) -> int:
+        """How many blocks have their scale (not asked of the optimizer again once every block has one)."""
+        if self._known_all_scaled(sai):
+            return self._all_scaled[2]  # type: ignore[index]
+        blocks = sai.blocks()
+        count = len({id(b.param) for b in blocks if "scale" in b.state})
+        if all("scale" in b.state for b in blocks):
+            parameters = sum(len(group["params"]) for group in sai.all_param_groups())
+            self._all_scaled = (sai.state, parameters, count)
+        return count
 
     # -------------------------------------------------------------- events
     def on_init_end(self, args, state, control, optimizer=None, **kwargs):
@@ -244,7 +231,7 @@ class GSNRCallback(TrainerCallback):
         sai = self._begin(args, state, model, optimizer)
         if sai is None or model is None:
             return
-        if self.reduce_statistics is not None and not sai.all_blocks_scaled():
+        if self.reduce_statistics is not None and not self._known_all_scaled(sai) and not sai.all_blocks_scaled():
             sai.initialize_scales(reduce_statistics=self.reduce_statistics)
         step = getattr(state, "global_step", 0) + 1
         if self.track_every and step > 1 and step % self.track_every == 0 and step != self._last_tracked:
@@ -255,11 +242,10 @@ class GSNRCallback(TrainerCallback):
         sai = self._begin(args, state, model, optimizer)
         if sai is None or model is None:
             return
-        scaled = len(sai.scales())
+        scaled = self._scaled_count(sai)
         if scaled > self._reported:  # new scales (the optimizer's step, or another instance's reducer)
             self._reported = scaled
-            self._pending_summary = {**(self._pending_summary or {}), **self.summary(sai)}
-            self._log_at_step_end = True
+            self._queue(self.summary(sai))
             if getattr(state, "is_world_process_zero", True) and args.output_dir:
                 self.write_report(os.path.join(args.output_dir, self.filename), sai, parameter_names(model))
 
@@ -282,88 +268,40 @@ class GSNRCallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
         if os.path.isdir(folder):
-            _write_json(os.path.join(folder, os.path.basename(self.history_filename)), self._history)
+            self._history.save(os.path.join(folder, os.path.basename(self.history_filename)))
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._begin(args, state, model, optimizer)  # a resumed run with no step left still reports
 
     # -------------------------------------------------------------- drift
-    def track_drift(self, args, state, model: torch.nn.Module, sai: SGDSaI) -> None:
+    def track_drift(self, args, state, model, sai: SGDSaI) -> None:
         """Recompute every scaled block's g-SNR (scales unchanged), queue the ``gsnr_drift/*`` summary for the next
         log and append to the history file; blocks without a usable gradient now get ``NaN`` there."""
         current = sai.measure_gsnr(reduce_statistics=self.reduce_statistics)
         names = parameter_names(model)
-        scaled = _scaled_blocks(sai, names)
-        blocks = [p for p in scaled if p in current]
-        if not blocks:
+        scaled = {b.param: b.state["gsnr"] for b in sai.blocks() if "scale" in b.state and id(b.param) in names}
+        measured = [p for p in scaled if p in current]
+        if not measured:
             return
-        drift = drift_summary([scaled[p]["gsnr"] for p in blocks], [current[p] for p in blocks])
-        drift["skipped"] = float(len(scaled) - len(blocks))
-        self._pending_summary = {**(self._pending_summary or {}), **{f"gsnr_drift/{k}": v for k, v in drift.items()}}
-        self._log_at_step_end = True
+        drift = drift_summary([scaled[p] for p in measured], [current[p] for p in measured])
+        drift["skipped"] = float(len(scaled) - len(measured))
+        self._queue({f"gsnr_drift/{k}": v for k, v in drift.items()})
+        scaled_gsnr = {names[id(p)]: gsnr for p, gsnr in scaled.items()}
         if self._history is None:
-            self._history = self._new_history(sai, names)
-        history = self._history
-        history["steps"].append(getattr(state, "global_step", 0) + 1)
-        width = len(history["steps"])
-        for p, block_state in scaled.items():
-            history["blocks"].setdefault(names[id(p)], [block_state["gsnr"]])
-        measured = {names[id(p)]: current[p] for p in blocks}
-        for name, series in history["blocks"].items():
-            series.extend([math.nan] * (width - 1 - len(series)))
-            del series[width - 1 :]
-            series.append(measured.get(name, math.nan))
+            self._history = DriftHistory.started(scaled_gsnr)
+        self._history.append(getattr(state, "global_step", 0) + 1, scaled_gsnr, {names[id(p)]: current[p] for p in measured})
         if getattr(state, "is_world_process_zero", True) and args.output_dir:
-            _write_json(self._history_path(args), history)
-
-    @staticmethod
-    def _new_history(sai: SGDSaI, names: dict[int, str]) -> dict[str, Any]:
-        """A history holding only the g-SNR every scaled block was scaled with (as step 1)."""
-        return {"steps": [1], "blocks": {names[id(p)]: [state["gsnr"]] for p, state in _scaled_blocks(sai, names).items()}}
-
-    def _resumed_history(self, args: Any, state: Any, sai: SGDSaI, names: dict[int, str]) -> dict[str, Any]:
-        """The history to append to after resuming at ``state.global_step``: ``output_dir``'s file, else the resumed
-        checkpoint's copy, else a new one (with a warning)."""
-        step = state.global_step
-        path = self._history_path(args)
-        problem, corrupt = f"{path} does not exist", False
-        if os.path.exists(path):
-            try:
-                return _load_history(path, step)
-            except ValueError as err:
-                corrupt, aside = True, f"{path}.corrupt"
-                try:
-                    os.replace(path, aside)
-                    problem = f"{path} is unreadable ({err}; kept as {aside})"
-                except OSError:
-                    problem = f"{path} is unreadable ({err})"
-        name = os.path.basename(self.history_filename)
-        checkpoint = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{step}")
-        for folder in (getattr(args, "resume_from_checkpoint", None), checkpoint):
-            if not isinstance(folder, str) or not os.path.isfile(os.path.join(folder, name)):
-                continue
-            try:
-                history = _load_history(os.path.join(folder, name), step)
-            except ValueError:
-                continue
-            if corrupt:
-                warnings.warn(f"GSNRCallback: {problem}; continuing the g-SNR history from {folder}", stacklevel=2)
-            return history
-        warnings.warn(
-            f"GSNRCallback: resuming at step {step} but {problem} and the checkpoint holds no copy: the g-SNR "
-            f"drift history restarts from the g-SNR the scales came from; measurements before step {step} are "
-            "not in it",
-            stacklevel=2,
-        )
-        return self._new_history(sai, names)
+            self._history.save(self._history_path(args))
 
     # -------------------------------------------------------------- reports
     @staticmethod
     def summary(sai: SGDSaI) -> dict[str, float]:
         """``gsnr/scale_{min,median,max}``, ``gsnr/scaled`` and ``gsnr/deferred`` (blocks with a gradient still
         waiting for their scale)."""
-        scales = list(sai.scales().values())
-        out: dict[str, float] = {"gsnr/scaled": float(len(scales)), "gsnr/deferred": float(len(sai.pending_params()))}
+        blocks = sai.blocks()
+        scales = list({id(b.param): b.state["scale"] for b in blocks if "scale" in b.state}.values())
+        deferred = sum(1 for b in blocks if b.grad is not None and "scale" not in b.state)
+        out: dict[str, float] = {"gsnr/scaled": float(len(scales)), "gsnr/deferred": float(deferred)}
         if scales:
             out.update(
                 {"gsnr/scale_min": min(scales), "gsnr/scale_median": statistics.median(scales), "gsnr/scale_max": max(scales)}
@@ -385,13 +323,13 @@ class GSNRCallback(TrainerCallback):
     def write_report(self, path: str, sai: SGDSaI, names: dict[int, str]) -> None:
         """Write :meth:`report` to ``path`` atomically, and log where (INFO)."""
         report = self.report(sai, names)
-        _write_json(path, report)
+        write_json(path, report)
         logger.info("g-SNR report (the scales of %d blocks) written to %s", len(report), os.path.abspath(path))
 
 
-def _scaled_blocks(sai: SGDSaI, names: dict[int, str]) -> dict[torch.Tensor, Any]:
-    """``{model parameter: its SGD-SaI state}`` of the named blocks that have their scale."""
-    return {b.param: b.state for b in sai.blocks() if "scale" in b.state and id(b.param) in names}
+def _scaled_gsnr(sai: SGDSaI, names: dict[int, str]) -> dict[str, float]:
+    """``{name: the g-SNR its scale came from}`` of the named blocks that have their scale."""
+    return {names[id(b.param)]: b.state["gsnr"] for b in sai.blocks() if "scale" in b.state and id(b.param) in names}
 
 
 class AutoGSNRCallback(GSNRCallback):
@@ -399,68 +337,3 @@ class AutoGSNRCallback(GSNRCallback):
     file names, ``track_every`` from ``$SAI_HF_GSNR_TRACK_EVERY``; stands down for a run with a hand-added one."""
 
     automatic = True
-
-
-def _load_history(path: str, upto_step: int) -> dict[str, Any]:
-    """A drift history file, cut to its steps ``<= upto_step``; ``ValueError`` saying what is wrong."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except OSError as err:
-        raise ValueError(f"cannot read it: {err.strerror or err}") from None
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"not JSON: {err}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("steps"), list) or not isinstance(data.get("blocks"), dict):
-        raise ValueError('expected {"steps": [...], "blocks": {...}}')
-    steps = data["steps"]
-    if not steps or any(isinstance(s, bool) or not isinstance(s, int) for s in steps) or steps != sorted(set(steps)):
-        raise ValueError("'steps' is not an increasing list of step numbers")
-    keep = sum(1 for s in steps if s <= upto_step)
-    if keep == 0:
-        raise ValueError(f"no entry at or before step {upto_step}")
-    blocks: dict[str, list[float]] = {}
-    for name, series in data["blocks"].items():
-        if not isinstance(series, list) or len(series) > len(steps):
-            raise ValueError(f"block {name!r} does not hold one value per step")
-        values = [math.nan if v is None else v for v in series[:keep]]
-        bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))), None)
-        if bad is not None:
-            raise ValueError(f"block {name!r} holds a non-number {bad!r}")
-        blocks[str(name)] = [float(v) for v in values] + [math.nan] * (keep - len(values))
-    return {"steps": steps[:keep], "blocks": blocks}
-
-
-def _write_json(path: str, payload: Any) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically (NaN written as ``NaN``)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(f"{path}.tmp", "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=1)
-    os.replace(f"{path}.tmp", path)
-
-
-#: Module names that wrappers insert into parameter names (FSDP1, activation checkpointing, ``torch.compile``).
-WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
-
-
-def clean_parameter_name(name: str) -> str:
-    """``name`` without wrapper components: ``_fsdp_wrapped_module.h.0._checkpoint_wrapped_module.w`` -> ``h.0.w``."""
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's model inside DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers. FSDP
-    wrappers are kept (FSDP1 is where the shard views live; :func:`clean_parameter_name` drops their components)."""
-    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-    for _ in range(8):
-        if isinstance(model, parallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
-        else:
-            break
-    return model
-
-
-def parameter_names(model: torch.nn.Module) -> dict[int, str]:
-    """``id(parameter) -> name`` as in the unwrapped model's ``named_parameters()``, wrapper components removed."""
-    return {id(p): clean_parameter_name(name) for name, p in unwrap_model(model).named_parameters()}

@@ -62,8 +62,8 @@ from torch.optim import Optimizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # a checkout that is not pip-installed
-from sai_hf.memory import optimizer_state_bytes, tensor_bytes  # noqa: E402
-from sai_hf.provenance import cpu_name, git_commit  # noqa: E402
+sys.path.insert(0, str(REPO_ROOT / "scripts"))  # measurements.py, also when this file is loaded as a module
+from measurements import cpu_name, git_commit, optimizer_state_bytes, tensor_bytes  # noqa: E402
 
 # ----------------------------------------------------------------------------------- model sizes
 

@@ -65,6 +65,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "scripts") not in sys.path:  # the recipe scripts and measurements.py, imported by name
+    sys.path.insert(0, str(ROOT / "scripts"))
 
 #: Learning-rate grid of each optimizer (name -> lrs), per recipe.
 DEFAULT_GRIDS: dict[str, list[float]] = {
@@ -146,7 +148,6 @@ def mean_example_tokens(dataset: Any, block_size: int) -> float:
 
 def _single_run(spec: dict[str, Any]) -> None:
     """Child process: one recipe run, then its measurements as JSON on ``spec["result"]``."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     from transformers import TrainerCallback
     from transformers import trainer as trainer_module
 
@@ -173,7 +174,7 @@ def _single_run(spec: dict[str, Any]) -> None:
             if state.global_step == 1:
                 self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
-    from sai_hf.memory import optimizer_state_bytes
+    from measurements import optimizer_state_bytes
 
     timer = StepTimer()
     trainer_module.DEFAULT_CALLBACKS.append(timer)  # every Trainer of this process reports to it
@@ -615,7 +616,7 @@ def provenance() -> dict[str, Any]:
     """Where a result was produced: date (UTC), commit (``+dirty`` with local changes), CPU, torch."""
     import torch
 
-    from sai_hf.provenance import cpu_name, git_commit
+    from measurements import cpu_name, git_commit
 
     return {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -804,8 +805,6 @@ def sweep_of(args: argparse.Namespace, config: dict[str, Any], recipe: str, over
 
 def recipe_argument_types(recipe: str) -> tuple[type, ...]:
     """The argument dataclasses ``recipe``'s script parses (its ``ARGUMENTS``)."""
-    if str(ROOT / "scripts") not in sys.path:
-        sys.path.insert(0, str(ROOT / "scripts"))
     return importlib.import_module(RECIPES[recipe][0]).ARGUMENTS
 
 

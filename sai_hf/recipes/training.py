@@ -22,7 +22,8 @@ import transformers
 from datasets import Dataset
 from transformers import DataCollator, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from ..callback import GSNRCallback, checked_track_every
+from ..callback import GSNRCallback
+from ..drift import checked_track_every
 from .metrics import CausalLMMetrics, logits_to_token_ids, perplexity, request_losses_for_metrics
 from .plotting import loss_curves, plot_loss_curve
 from .quiet import plain_progress, quiet_progress

@@ -24,7 +24,7 @@ from transformers import Trainer
 
 import sai_hf
 from sai_hf import SGDSaI, UnsupportedShardingError, statistics_reducer
-from sai_hf.callback import clean_parameter_name, parameter_names
+from sai_hf.parameter_names import clean_parameter_name, parameter_names
 
 TESTS = Path(__file__).resolve().parents[1]
 WORKERS = TESTS / "workers"

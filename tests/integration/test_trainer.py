@@ -20,7 +20,8 @@ from transformers.utils import logging as transformers_logging
 
 import sai_hf
 from sai_hf import GSNRCallback, SGDSaI, find_sgd_sai
-from sai_hf.callback import TRACK_EVERY_ENV, AutoGSNRCallback
+from sai_hf.callback import AutoGSNRCallback
+from sai_hf.drift import TRACK_EVERY_ENV
 
 # --------------------------------------------------------------------------- registration
 

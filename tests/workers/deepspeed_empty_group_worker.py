@@ -31,7 +31,8 @@ from _processes import SAI_ALL_REDUCES, count_sai_all_reduces, end_process_group
 from transformers import Trainer  # noqa: E402
 
 from deepspeed_worker import plain_engine_run, zero_config  # noqa: E402  (this folder: the engine loop, the configs)
-from sai_hf.callback import find_sgd_sai, parameter_names  # noqa: E402
+from sai_hf.callback import find_sgd_sai  # noqa: E402
+from sai_hf.parameter_names import parameter_names  # noqa: E402
 
 
 def lora_model():

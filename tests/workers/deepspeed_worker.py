@@ -37,7 +37,8 @@ from transformers import Trainer
 
 from sai_hf.sharding.deepspeed_zero import ZeroFragments
 from sai_hf import SGDSaI, register_sharded_model
-from sai_hf.callback import find_sgd_sai, parameter_names
+from sai_hf.callback import find_sgd_sai
+from sai_hf.parameter_names import parameter_names
 
 
 

@@ -40,7 +40,8 @@ from _models import TokenDataset, tiny_gpt2, tiny_llama, training_args  # noqa: 
 from _processes import SAI_ALL_REDUCES, count_sai_all_reduces, end_process_group  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
-from sai_hf.callback import find_sgd_sai, parameter_names
+from sai_hf.callback import find_sgd_sai
+from sai_hf.parameter_names import parameter_names
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 HOSTILE_OPTIM_ARGS = "momentum_dtype=bfloat16,normalize=max,eps=1e-4"

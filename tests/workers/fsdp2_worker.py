@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback
 
 import sai_hf.sharding
 from sai_hf import GSNRCallback, find_sgd_sai, gradient_statistics, gsnr_from_statistics, statistics_reducer
-from sai_hf.callback import parameter_names
+from sai_hf.parameter_names import parameter_names
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))  # tests/support: _models
 from _models import TokenDataset, tiny_gpt2, training_args  # noqa: E402

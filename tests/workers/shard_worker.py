@@ -38,7 +38,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 import sai_hf.sharding
 from sai_hf import GSNRCallback, SGDSaI, UnsupportedShardingError, gradient_statistics, gsnr_from_statistics, register_sharded_model
-from sai_hf.callback import parameter_names
+from sai_hf.parameter_names import parameter_names
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
