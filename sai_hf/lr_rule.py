@@ -7,6 +7,7 @@ suggestion (pure Python, no torch; :mod:`sai_hf.find_lr` runs the test).
 * :func:`diverged`: why to stop (a non-finite loss, or the smoothed loss above ``factor`` times
   its best), or ``None``.
 * :func:`suggest`: the suggested learning rate of a recorded curve and how it was chosen.
+* :func:`rose_from_the_start`: the advice for a curve that rose from its first rate on (no suggestion).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "diverged",
     "ramp_lr",
     "suggest",
+    "rose_from_the_start",
 ]
 
 #: ``--method`` choices (see :func:`suggest`).
@@ -224,3 +226,25 @@ def suggest(
             f"the loss was lowest near the start of the range (lr {min_lr:.3g}): lower --start-lr"
         )
     return Suggestion(lr=candidates[method], method=method, index=index, candidates=candidates, warnings=warnings)
+
+
+def rose_from_the_start(lrs: Sequence[float], smoothed: Sequence[float | None], stop_reason: str) -> str | None:
+    """The error for a test whose loss rose from the first rate on, or ``None``: the ramp started where
+    the model already diverges, so the advice is a lower ``--start-lr`` (:func:`suggest`'s own message asks for
+    a higher one, to spend more steps below a divergence that came after a flat stretch). "Rose": the
+    smoothed loss went up at every step of the first half of the test and then diverged (or ended 10%
+    above its first value). A flat, noisy loss (a frozen model), or one that stayed flat before it
+    diverged, goes up and down: it is not this."""
+    _, ys = _finite_prefix(lrs, smoothed)  # type: ignore[arg-type]
+    half = len(ys) // 2 + 1
+    if len(ys) < 3 or any(b <= a for a, b in zip(ys[:half], ys[1:half])):
+        return None
+    diverged_now = stop_reason.startswith("diverged")
+    if not diverged_now and ys[-1] <= 1.1 * ys[0]:
+        return None
+    start = lrs[0]
+    end = stop_reason if diverged_now else f"rose to {ys[-1]:.4g} by lr {lrs[len(ys) - 1]:.3g}"
+    return (
+        f"the loss rose from the first rate on (smoothed {ys[0]:.4g} at lr {start:.3g}, its lowest) and {end}: the ramp "
+        f"starts where this model already diverges: a lower --start-lr (now {start:.3g}; e.g. {start / 100:.3g})"
+    )

@@ -1,4 +1,4 @@
-"""Pictures of what SaI did to a model: per-block g-SNR bars and g-SNR over training.
+"""Pictures of what SaI did to a model (per-block g-SNR bars, g-SNR over training) and of a learning-rate range test.
 
 Needs matplotlib (``pip install 'sai-hf[plots]'``); the rest of sai-hf does not.
 """
@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LAYER_TYPES", "figure", "layer_type", "plot_gsnr_bars", "plot_gsnr_history", "save_figure"]
+__all__ = ["LAYER_TYPES", "figure", "layer_type", "plot_gsnr_bars", "plot_gsnr_history", "plot_lr_find", "save_figure"]
 
 #: Layer types in display order, each with the name pattern that identifies it (first match wins).
 LAYER_TYPES: tuple[tuple[str, str], ...] = (
@@ -122,3 +122,27 @@ def plot_gsnr_history(history: Mapping[str, Any], path: str | Path, max_lines: i
     return save_figure(
         fig, ax, path, "optimizer step", "g-SNR (recomputed; scales stay fixed at step 1)", "g-SNR drift per block"
     )
+
+
+def plot_lr_find(result: Any, path: str | Path) -> str | None:
+    """Loss and smoothed loss against the learning rate (log axis) of a range test's ``result``
+    (:class:`sai_hf.range_test.LRFindResult`), the suggestion (if any) marked; ``None`` (nothing written)
+    without matplotlib."""
+    try:
+        fig, ax = figure((7, 4.5))
+    except ImportError:
+        return None
+    pairs = [(lr, loss) for lr, loss in zip(result.lrs, result.losses) if loss is not None]
+    smooth = [(lr, s) for lr, s in zip(result.lrs, result.smoothed) if s is not None]
+    if pairs:
+        ax.plot(*zip(*pairs), color="0.7", lw=1, label="loss")
+    if smooth:
+        ax.plot(*zip(*smooth), color="C0", lw=2, label="smoothed loss")
+        low = min([s for _, s in smooth] + [loss for _, loss in pairs])
+        middle = sorted(s for _, s in smooth)[len(smooth) // 2]  # the diverged tail would squash the rest
+        span = max(middle - low, 1e-3)
+        ax.set_ylim(low - 0.05 * span, middle + 1.2 * span)
+    if result.suggestion is not None:
+        ax.axvline(result.suggestion, color="C3", ls="--", label=f"suggested {result.suggestion:.3g} ({result.method})")
+    ax.set_xscale("log")
+    return str(save_figure(fig, ax, path, "learning rate", "training loss", "learning-rate range test"))

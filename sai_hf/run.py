@@ -39,7 +39,7 @@ import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["main", "child_environment", "end_process_group", "CHILD_SITE", "CHILDREN_GATE"]
+__all__ = ["main", "script_kind", "UsageError", "child_environment", "end_process_group", "CHILD_SITE", "CHILDREN_GATE"]
 
 #: The directory put first on ``PYTHONPATH`` for the script's processes: it holds only ``sitecustomize.py``.
 CHILD_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child_site")
@@ -79,8 +79,9 @@ example:
 """
 
 
-class _UsageError(Exception):
-    """A launcher error: printed as one ``error:`` line, exit status 2."""
+class UsageError(Exception):
+    """A command-line error (this launcher's, or ``python -m sai_hf.find_lr``'s): printed as one ``error:`` line, exit
+    status 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(HELP, end="")
         return 0
     try:
-        target = _target(argv)
-    except _UsageError as err:
+        target = script_kind(argv)
+    except UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     # sai_hf, this module's package, is imported: it registers the names when the script imports transformers (or
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_script(argv: list[str], target: str) -> None:
-    """Run ``argv`` (checked by :func:`_target`, which said ``target``) as ``python ARGV...`` would.
+    """Run ``argv`` (checked by :func:`script_kind`, which said ``target``) as ``python ARGV...`` would.
 
     ``sys.path[0]``: ``python -m sai_hf.run`` put the current directory there, which ``python SCRIPT`` would not: it is
     replaced by the script's directory (its real path, as python's), or by the directory / zip file itself. Under
@@ -148,7 +149,7 @@ def _run_script(argv: list[str], target: str) -> None:
         sys.path.insert(0, entry)
     else:
         _replace_first_path_entry(entry)
-    spec = pkgutil.get_importer(entry).find_spec("__main__")  # checked by _target
+    spec = pkgutil.get_importer(entry).find_spec("__main__")  # checked by script_kind
     _exec_as_main(spec.loader.get_code("__main__"), __file__=spec.origin, __cached__=spec.cached, __loader__=spec.loader,
                   __package__=spec.parent, __spec__=spec)  # fmt: skip
 
@@ -256,28 +257,29 @@ def _join_started_threads(running: set[threading.Thread]) -> None:
             thread.join()
 
 
-def _target(argv: list[str]) -> str:
-    """What ``argv`` asks to run (``"module"``, ``"file"`` or ``"path_entry"``); ``_UsageError`` if it cannot."""
+def script_kind(argv: list[str], prog: str = PROG) -> str:
+    """What ``argv`` (``SCRIPT ARGS...`` or ``-m MODULE ARGS...``) asks to run: ``"module"``, ``"file"`` or
+    ``"path_entry"`` (a directory or zip file); ``UsageError`` if it cannot be run, whose hints name ``prog``."""
     if not argv:
-        raise _UsageError(f"no script given; {USAGE[len('usage: '):]} (see --help)")
+        raise UsageError("no script given: expected SCRIPT [ARGS...] or -m MODULE [ARGS...] (see --help)")
     first = argv[0]
     if first == "-m":
         if len(argv) < 2 or not argv[1].strip():
-            raise _UsageError("-m needs a module name, e.g. -m some_package.train")
-        _check_module(argv[1])
+            raise UsageError("-m needs a module name, e.g. -m some_package.train")
+        _check_module(argv[1], prog)
         return "module"
     if first.startswith("-") and first != "-":
-        raise _UsageError(f"unknown option {first!r}: give a script, -m MODULE, or --help")
+        raise UsageError(f"unknown option {first!r}: give a script, -m MODULE, or --help")
     if os.path.isdir(first) or os.path.isfile(first) and pkgutil.get_importer(first) is not None:
         if pkgutil.get_importer(first) is None or not _has_main(first):
-            raise _UsageError(f"can't find '__main__' module in {first!r}: a directory or zip file needs a __main__.py")
+            raise UsageError(f"can't find '__main__' module in {first!r}: a directory or zip file needs a __main__.py")
         return "path_entry"
     if not os.path.exists(first):
-        raise _UsageError(f"can't open file {first!r}: no such file")
+        raise UsageError(f"can't open file {first!r}: no such file")
     if not os.path.isfile(first):
-        raise _UsageError(f"can't open file {first!r}: not a regular file")
+        raise UsageError(f"can't open file {first!r}: not a regular file")
     if not os.access(first, os.R_OK):
-        raise _UsageError(f"can't open file {first!r}: permission denied")
+        raise UsageError(f"can't open file {first!r}: permission denied")
     return "file"
 
 
@@ -287,20 +289,20 @@ def _has_main(path: str) -> bool:
     return importer is not None and importer.find_spec("__main__") is not None
 
 
-def _check_module(name: str) -> None:
-    """``_UsageError`` unless ``name`` is a module ``runpy.run_module`` can run, with python's own wording.
+def _check_module(name: str, prog: str) -> None:
+    """``UsageError`` unless ``name`` is a module ``runpy.run_module`` can run, with python's own wording.
 
     Finding a submodule imports its parent packages; an error raised while doing so that is not an
     import problem (a bug in the package) propagates with its traceback, as with ``python -m``."""
     if name.startswith("."):
-        raise _UsageError(f"relative module names are not supported: {name!r}")
+        raise UsageError(f"relative module names are not supported: {name!r}")
     spec = _find_spec(name)
     if spec is None:
-        hint = f" (a file? use {PROG} {name.replace('.', os.sep)}.py)" if name.endswith(".py") else ""
-        raise _UsageError(f"no module named {name!r}{hint}")
+        hint = f" (a file? use {prog} {name.replace('.', os.sep)}.py)" if name.endswith(".py") else ""
+        raise UsageError(f"no module named {name!r}{hint}")
     if spec.submodule_search_locations is not None:  # a package: python -m runs its __main__
         if _find_spec(f"{name}.__main__") is None:
-            raise _UsageError(f"no module named {name + '.__main__'!r}; {name!r} is a package and cannot be directly executed")
+            raise UsageError(f"no module named {name + '.__main__'!r}; {name!r} is a package and cannot be directly executed")
 
 
 
@@ -308,7 +310,7 @@ def _find_spec(name: str) -> Any:
     try:
         return importlib.util.find_spec(name)
     except (ImportError, AttributeError, TypeError, ValueError) as err:
-        raise _UsageError(f"error while finding module specification for {name!r} ({type(err).__name__}: {err})") from None
+        raise UsageError(f"error while finding module specification for {name!r} ({type(err).__name__}: {err})") from None
 
 
 if __name__ == "__main__":
