@@ -11,7 +11,7 @@ shift::
 ``c(seed)`` (:func:`seed_offset`) is a pseudo-random 32-bit key and each mixing step a bijection (odd ``M1``, ``M2``), so
 ``u_i`` is uniform on ``[0, 2^16)`` and ``E[result] = x``; the index decorrelates equal entries, the mix consecutive
 steps. No generator state is kept: a run and its resumed run round alike. The torch-ops paths, the Triton kernel and
-the C loop take the same constants and seeds from here (tested bit for bit against :func:`stochastic_bf16_bits`).
+the C loop take the same constants and seeds from here (tested bit for bit against :func:`round_bits_into`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["MIX_1", "MIX_2", "SLAB", "element_index", "round_bits_into", "rounding_seed", "seed_offset", "slab_size",
-           "stochastic_bf16_bits", "stochastic_round_to_bf16"]  # fmt: skip
+           "stochastic_round_to_bf16"]  # fmt: skip
 
 #: The two odd multipliers of the hash (Chris Wellons' "lowbias32"), as signed int32.
 MIX_1 = 0x7FEB352D
@@ -52,17 +52,6 @@ def _wrap_int32(value: int) -> int:
     return (value + (1 << 31)) % (1 << 32) - (1 << 31)
 
 
-def stochastic_bf16_bits(bits: Tensor, index: Tensor, key: int) -> Tensor:
-    """The bfloat16 bit patterns (int16) of float32 values given as their bits (int32) ``bits``,
-    stochastically rounded: ``index`` holds each value's flat index in its tensor (int32, wrapping),
-    ``key`` is ``c(seed)`` wrapped to int32 (equations in the module docstring)."""
-    h = torch.add(bits, index).bitwise_xor_(key)  # in place where it can: two temporaries in eager mode
-    h.bitwise_xor_(torch.bitwise_right_shift(h, 16).bitwise_and_(0xFFFF)).mul_(MIX_1)  # x ^= x >>> 16; x *= M1
-    h.bitwise_xor_(torch.bitwise_right_shift(h, 15).bitwise_and_(0x1FFFF)).mul_(MIX_2)  # x ^= x >>> 15; x *= M2
-    h.bitwise_right_shift_(16).bitwise_and_(0xFFFF).add_(bits)  # b + (x >>> 16) (mod 2^32)
-    return h.bitwise_right_shift_(16).to(torch.int16)  # its top 16 bits
-
-
 def element_index(length: int, device: torch.device) -> Tensor:
     """``j = 0..length-1`` as int32 (the flat index of an element within its slab)."""
     return torch.arange(length, dtype=torch.int32, device=device)
@@ -71,8 +60,12 @@ def element_index(length: int, device: torch.device) -> Tensor:
 def round_bits_into(out: Tensor, bits: Tensor, index: Tensor, first_index: int, seed: int) -> None:
     """Write into int16 ``out`` the bfloat16 bits of float32 ``bits`` (viewed as int32; flat
     elements ``first_index + index`` of their tensor, ``index`` from :func:`element_index`)
-    stochastically rounded."""
-    out.copy_(stochastic_bf16_bits(bits, index + _wrap_int32(first_index), _wrap_int32(seed_offset(seed))))
+    stochastically rounded (equations in the module docstring; int32 arithmetic wraps)."""
+    h = torch.add(bits, index + _wrap_int32(first_index)).bitwise_xor_(_wrap_int32(seed_offset(seed)))  # (b + i) xor c
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 16).bitwise_and_(0xFFFF)).mul_(MIX_1)  # x ^= x >>> 16; x *= M1
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 15).bitwise_and_(0x1FFFF)).mul_(MIX_2)  # x ^= x >>> 15; x *= M2
+    h.bitwise_right_shift_(16).bitwise_and_(0xFFFF).add_(bits)  # b + (x >>> 16) (mod 2^32)
+    out.copy_(h.bitwise_right_shift_(16))  # its top 16 bits
 
 
 # Run eagerly under torch.compile: inductor's index arithmetic overflows on the wrapping int32 hash.

@@ -79,8 +79,7 @@ def _register():
             return
         _not_registered("cannot import sai_hf", err)
         return
-    if hasattr(sai_hf, "_on_registration_error"):  # an older sai_hf registers on import, and says so there
-        sai_hf._on_registration_error = _registration_failed
+    sai_hf._on_registration_error = _registration_failed
 
 
 def _main():

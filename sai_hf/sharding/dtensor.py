@@ -18,26 +18,19 @@ from ..gsnr import local_part
 from .base import Placement, UnsupportedShardingError
 from .local import WholeTensors
 
-__all__ = ["DTensorShards", "dtensor_types"]
-
-
-def dtensor_types() -> tuple[type, ...]:
-    """``(DTensor,)``, or ``()`` where torch has no DTensor."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5
-        try:
-            from torch.distributed._tensor import DTensor
-        except ImportError:
-            return ()
-    return (DTensor,)
+__all__ = ["DTensorShards"]
 
 
 class DTensorShards(WholeTensors):
     """A parameter that is a DTensor, or whose gradient is one."""
 
     def __init__(self, model_groups: Sequence[Sequence[Tensor]] = ()) -> None:
-        self.types = dtensor_types()
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # a torch built without distributed support: no DTensor
+            self.types: tuple[type, ...] = ()
+        else:
+            self.types = (DTensor,)
 
     def _source(self, param: Tensor) -> Tensor | None:
         """The DTensor that describes the block's layout (the gradient first), or ``None``."""
