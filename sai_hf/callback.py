@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 from transformers import TrainerCallback
 
 from .drift import DriftHistory, checked_track_every, drift_summary, track_every_from_env, write_json
-from .optimizer import SGDSaI, StatisticsReducer, find_sgd_sai
+from .optimizer import SGDSaI, StatisticsReducer, find_sgd_sai, register_sharded_model
 from .parameter_names import parameter_names
 
 __all__ = ["GSNRCallback", "AutoGSNRCallback", "find_sgd_sai", "GSNR_FILENAME"]
@@ -166,7 +166,7 @@ class GSNRCallback(TrainerCallback):
             return None
         self._interval()
         _follow_trainer_log_level(args)
-        sai.register_model(model, optimizer)  # once per run: FSDP1 views, DeepSpeed ZeRO-1/2's optimizer
+        register_sharded_model(model, optimizer)  # once per run: FSDP1 views, DeepSpeed ZeRO-1/2's optimizer
         self._reported = self._scaled_count(sai)
         if self._reported:  # scales restored from a checkpoint (or a Trainer trained before)
             self._pending_summary = self.summary(sai)  # in the run's first log, at its own logging step
@@ -192,7 +192,7 @@ class GSNRCallback(TrainerCallback):
         """Whether every block had its scale when last asked, with the optimizer's parameters and state unchanged
         since (a new group or a loaded state dict asks again): scales, once fixed, stay."""
         known = self._all_scaled
-        parameters = sum(len(group["params"]) for group in sai.all_param_groups())
+        parameters = sum(len(group["params"]) for group in sai.sharding.groups.every(sai.param_groups))
         return known is not None and known[0] is sai.state and known[1] == parameters
 
     def _scaled_count(self, sai: SGDSaI) -> int:
@@ -202,7 +202,7 @@ class GSNRCallback(TrainerCallback):
         blocks = sai.blocks()
         count = len({id(b.param) for b in blocks if "scale" in b.state})
         if all("scale" in b.state for b in blocks):
-            parameters = sum(len(group["params"]) for group in sai.all_param_groups())
+            parameters = sum(len(group["params"]) for group in sai.sharding.groups.every(sai.param_groups))
             self._all_scaled = (sai.state, parameters, count)
         return count
 

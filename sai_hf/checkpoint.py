@@ -31,7 +31,7 @@ __all__ = ["SGDSAI_STATE_KEYS", "align_scheduler", "buffers_in_saved_dtype", "pr
            "state_dict_kind", "user_stacklevel"]  # fmt: skip
 
 #: Keys a block's state may have in an SGDSaI state dict (any version of this package), and those the
-#: sharding layouts add (a DeepSpeed ZeRO flat partition's state: :mod:`sai_hf.sharding.deepspeed_zero`).
+#: sharding layouts add (a DeepSpeed ZeRO flat partition's state: :mod:`sai_hf.sharding.deepspeed`).
 SGDSAI_STATE_KEYS = frozenset({"momentum_buffer", "gsnr", "scale", "step", "gsnr_eps_free"}) | BACKEND_STATE_KEYS
 #: Keys of a parameter group that only this package writes.
 _SGDSAI_GROUP_KEY = "normalize"

@@ -23,13 +23,30 @@ non-zero, but one element or a std below ``DEGENERATE_RELATIVE_STD`` of its RMS:
 weights, the caller substitutes a fallback); ``PENDING`` (absent, empty, all zero or non-finite: no information yet).
 
 Only :func:`gradient_statistics` touches the gradients (no host sync on accelerators); :func:`gsnr_from_statistics` is
-pure arithmetic on the ``(B, STATISTICS_WIDTH)`` statistics.
+pure arithmetic on the ``(B, STATISTICS_WIDTH)`` statistics. A gradient ``c g`` (a factor applied later, not
+materialised) has the row ``[n, c Re S, c Im S, c^2 C, c^2 P]`` (:func:`scaled_statistics`).
+
+**Scales.** For the blocks measured in one scaling step (rows summed over each block's pieces)::
+
+    gsnr_i, status_i = gsnr_from_statistics(rows_i, eps_i, eps_free_i)           (measure: the one host sync)
+    gsnr_max         = max { gsnr_i : status_i = SCALED }                        (first_step_gsnr_max)
+                       (scale_rule="sqrt_numel": max { sqrt(numel_i) : status_i != PENDING })
+    basis_i          = gsnr_i                                                     scale_rule="gsnr"
+                     = gsnr_max (1.0 before it is known)     if status_i = DEGENERATE
+                     = sqrt(numel_i)                                              scale_rule="sqrt_numel"
+    scale_i          = basis_i                                                    normalize="none"
+                     = basis_i / gsnr_max (1.0 before it is known)               normalize="max"
+
+``gsnr_max`` is fixed by the first scaling step that has one and reused by every later step. ``PENDING`` blocks get
+no scale (:func:`assigned_scales`).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -37,14 +54,15 @@ from . import native, triton_statistics
 from .triton_update import interpreting as triton_interpreting
 
 __all__ = [
-    "BlockStatus",
-    "DEGENERATE_RELATIVE_STD",
-    "STATISTICS_WIDTH",
-    "gradient_statistics",
-    "gsnr_from_statistics",
-    "local_part",
-    "zero_statistics",
-]
+    "BlockStatus", "DEGENERATE_RELATIVE_STD", "STATISTICS_WIDTH", "NORMALIZATIONS", "SCALE_RULES", "AssignedScale",
+    "gradient_statistics", "present_statistics", "scaled_statistics", "gsnr_from_statistics", "measure",
+    "first_step_gsnr_max", "assigned_scales", "local_part", "zero_statistics",
+]  # fmt: skip
+
+#: Accepted values of ``normalize``.
+NORMALIZATIONS = ("none", "max")
+#: Accepted values of ``scale_rule``: what a block's scale is built from.
+SCALE_RULES = ("gsnr", "sqrt_numel")
 
 #: A gradient whose unbiased std is below this fraction of its RMS is treated as having zero
 #: variance (its g-SNR would be > ~1e6 * sqrt(n), a learning-rate multiplier no block should get).
@@ -106,6 +124,31 @@ def gradient_statistics(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     dtype = accumulation_dtype(device)
     batched = _batched_statistics(local) if dtype == torch.float64 else {}
     return torch.stack([(batched[i] if i in batched else _shifted_statistics(g, dtype)).to(device) for i, g in enumerate(local)])
+
+
+def present_statistics(grads: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """:func:`gradient_statistics` of ``grads``, a zero row (no entries) where a gradient is ``None`` (a block with no
+    entries here): ``(B, STATISTICS_WIDTH)``; ``device`` where every one is ``None``."""
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if len(present) == len(grads):
+        return gradient_statistics(grads)  # type: ignore[arg-type]
+    rows = zero_statistics(len(grads), device)
+    if present:
+        found = gradient_statistics([grads[i] for i in present])  # type: ignore[misc]
+        rows = rows.to(found.device, found.dtype)
+        rows[torch.tensor(present, device=found.device)] = found
+    return rows
+
+
+def scaled_statistics(rows: torch.Tensor, factor: float | None) -> torch.Tensor:
+    """The rows of the gradients ``factor * g`` from those of ``g`` (``None``: 1), without making ``factor * g``::
+
+        [n, S, S', C, P]  ->  [n, c S, c S', c^2 C, c^2 P]"""
+    if factor is None:
+        return rows
+    c = torch.full((rows.shape[0],), float(factor), dtype=rows.dtype, device=rows.device)
+    one = torch.ones_like(c)
+    return rows * torch.stack((one, c, c, c * c, c * c), dim=1)
 
 
 @torch.compiler.disable  # raw pointers into a ctypes call and Triton launches: always eager
@@ -210,3 +253,52 @@ def gsnr_from_statistics(
     status = torch.where(scaled, BlockStatus.SCALED, status)
     status = torch.where(usable & ~spread, BlockStatus.DEGENERATE, status)
     return gsnr, status
+
+
+def measure(stats: torch.Tensor, eps: Sequence[float], eps_free: Sequence[bool]) -> tuple[list[float], list[BlockStatus]]:
+    """:func:`gsnr_from_statistics` of the whole blocks' rows ``stats`` as host values (the one host sync of a scaling
+    step). ``eps_free[i]`` drops block ``i``'s eps: ``gsnr = norm / std``."""
+    eps_t = torch.tensor(list(eps), dtype=stats.dtype, device=stats.device)
+    eps_free_t = torch.tensor(list(eps_free), dtype=torch.bool, device=stats.device)
+    gsnr, status = gsnr_from_statistics(stats, eps_t, eps_free=eps_free_t)
+    values, codes = torch.stack((gsnr, status.to(gsnr.dtype))).tolist()
+    return values, [BlockStatus(int(c)) for c in codes]
+
+
+@dataclass(frozen=True)
+class AssignedScale:
+    """A block's g-SNR (``basis_i`` under ``scale_rule="gsnr"``, the measured g-SNR under ``"sqrt_numel"``, 0 if
+    degenerate there), its scale and its status."""
+
+    gsnr: float
+    scale: float
+    status: BlockStatus
+
+
+def first_step_gsnr_max(
+    values: Sequence[float], statuses: Sequence[BlockStatus], numels: Sequence[int], scale_rule: str
+) -> float | None:
+    """The ``normalize="max"`` divisor of a scaling step, ``None`` if it has none (see the module docstring)."""
+    if scale_rule == "sqrt_numel":
+        known = [math.sqrt(n) for n, s in zip(numels, statuses) if s != BlockStatus.PENDING]
+    else:
+        known = [v for v, s in zip(values, statuses) if s == BlockStatus.SCALED]
+    return max(known) if known else None
+
+
+def assigned_scales(
+    values: Sequence[float], statuses: Sequence[BlockStatus], numels: Sequence[int], gsnr_max: float | None,
+    normalize: str, scale_rule: str,
+) -> list[AssignedScale | None]:  # fmt: skip
+    """The scale of each measured block (``None`` where it stays ``PENDING``; equations in the module docstring)."""
+    out: list[AssignedScale | None] = []
+    for value, status, numel in zip(values, statuses, numels):
+        if status == BlockStatus.PENDING:
+            out.append(None)
+            continue
+        if scale_rule != "sqrt_numel" and status == BlockStatus.DEGENERATE:
+            value = gsnr_max if gsnr_max is not None else 1.0
+        basis = math.sqrt(numel) if scale_rule == "sqrt_numel" else value
+        scale = basis if normalize != "max" else (basis / gsnr_max if gsnr_max is not None else 1.0)
+        out.append(AssignedScale(float(value), float(scale), status))
+    return out

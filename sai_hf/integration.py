@@ -36,7 +36,7 @@ from typing import Any
 from .checkpoint import align_scheduler, remember_parameter_order
 from .compat import check_installed_transformers, optimizer_handlers
 from .sharding import refuse_unsupported_setup
-from .sharding.deepspeed_config import deepspeed_in_use
+from .sharding.deepspeed import deepspeed_in_use
 from .optim_args import (
     OptionSpec, optim_args_source, parse_bool, parse_dtype, parse_float, parse_optim_args, parse_optional_bool, parse_str,
 )

@@ -25,57 +25,20 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from . import native, scaling
+from . import gsnr, native
 from .checkpoint import buffers_in_saved_dtype, prepare_state_dict, user_stacklevel, warn_restored_options
 from .functional import sgd_sai
-from .gsnr import BlockStatus
-from .scaling import NORMALIZATIONS, SCALE_RULES
+from .gsnr import NORMALIZATIONS, SCALE_RULES, BlockStatus
+from .hyperparameters import check_shared, validate_hyperparameters
 from .sharding import Backends, Block, block_statistics
 
 __all__ = [
-    "SGDSaI",
-    "ScaleRecord",
-    "StatisticsReducer",
-    "NORMALIZATIONS",
-    "SCALE_RULES",
-    "validate_hyperparameters",
-    "find_sgd_sai",
-    "register_sharded_model",
-]
+    "SGDSaI", "ScaleRecord", "StatisticsReducer", "NORMALIZATIONS", "SCALE_RULES", "validate_hyperparameters",
+    "find_sgd_sai", "register_sharded_model",
+]  # fmt: skip
 
 #: ``(B, STATISTICS_WIDTH)`` per-piece statistics -> their sums over the ranks holding the pieces.
 StatisticsReducer = Callable[[Tensor], Tensor]
-#: Hyperparameters every parameter group must share (the first scaling step's divisor is global).
-SHARED_HYPERPARAMETERS = ("normalize", "scale_rule")
-
-
-def validate_hyperparameters(**values: Any) -> None:
-    """Raise ``ValueError`` naming the first invalid hyperparameter among ``values``: ``lr``, ``weight_decay``, ``eps``
-    (>= 0), ``momentum`` (in [0, 1)), every other number finite; ``normalize`` / ``scale_rule`` (one of
-    :data:`NORMALIZATIONS` / :data:`SCALE_RULES`); ``maximize`` (a bool); ``momentum_dtype`` (a floating ``torch.dtype``
-    or None); ``fused`` / ``foreach`` (a bool or None, not both True)."""
-    for key, value in values.items():
-        if key == "maximize":
-            ok, expected = isinstance(value, bool), "True or False"
-        elif key in ("fused", "foreach"):
-            ok, expected = value is None or isinstance(value, bool), "True, False or None"
-        elif key in ("normalize", "scale_rule"):
-            accepted = NORMALIZATIONS if key == "normalize" else SCALE_RULES
-            ok, expected = value in accepted, f"one of {list(accepted)}"
-        elif key == "momentum_dtype":
-            ok = value is None or (isinstance(value, torch.dtype) and value.is_floating_point)
-            expected = "a floating torch.dtype or None"
-        else:
-            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-            expected = "a finite number"
-        if not ok:
-            raise ValueError(f"Invalid {key}={value!r}: expected {expected}")
-        if key == "momentum" and not 0.0 <= value < 1.0:
-            raise ValueError(f"Invalid momentum={value!r}: must be in [0, 1)")
-        if key in ("lr", "eps", "weight_decay") and value < 0.0:
-            raise ValueError(f"Invalid {key}={value!r}: must be >= 0")
-    if values.get("fused") and values.get("foreach"):
-        raise ValueError("Invalid fused=True with foreach=True: choose one path")
 
 
 @dataclass(frozen=True)
@@ -127,6 +90,8 @@ class SGDSaI(Optimizer):
     ``gsnr_eps_free``, ``step`` (its update count); per group ``gsnr_max``. A sharding backend may keep blocks' state
     elsewhere (DeepSpeed ZeRO: its partitions' state). Resuming continues exactly; scales are never recomputed. Scales
     are host floats: a step syncs the device only while a block with a gradient waits for its scale (one transfer).
+    ``sharding`` (:class:`sai_hf.sharding.Backends`): where each block's entries live, and how their statistics
+    combine across ranks.
     """
 
     def __init__(
@@ -139,12 +104,12 @@ class SGDSaI(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, normalize=normalize, maximize=maximize)
         defaults.update(fused=fused, foreach=foreach, momentum_dtype=momentum_dtype, scale_rule=scale_rule)
         validate_hyperparameters(**defaults)
+        self.sharding = Backends()
         super().__init__(params, {**defaults, "gsnr_max": None})
         if any(p.device.type == "cpu" for group in self.param_groups for p in group["params"]):
             native.library()  # build the CPU kernels (g-SNR statistics, update) now, not in the first step
         self._warned_degenerate = False
-        self._every_group = self.param_groups
-        self._backends = Backends(self._model_param_groups)
+        self.sharding.groups.bind(self.param_groups)
         self._register_state_dict_layout()
 
     def _register_state_dict_layout(self) -> None:
@@ -159,19 +124,9 @@ class SGDSaI(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         checked = {k: v for k, v in param_group.items() if k not in ("params", "gsnr_max") and k in self.defaults}
         validate_hyperparameters(**checked)
-        for key in SHARED_HYPERPARAMETERS:
-            value = param_group.get(key, self.defaults[key])
-            if self.param_groups and value != self.param_groups[0][key]:
-                source = "given" if key in param_group else "the optimizer's default"
-                raise ValueError(
-                    f"Invalid {key}={value!r} ({source}) for parameter group #{len(self.param_groups)}: "
-                    f"all groups share one {key}, and group #0 has {self.param_groups[0][key]!r}"
-                )
+        check_shared(param_group, self.param_groups, self.defaults)
         super().add_param_group(param_group)
-        # The model's parameters as constructed: DeepSpeed ZeRO later replaces them by flat partitions.
-        if not hasattr(self, "_model_param_groups"):
-            self._model_param_groups: list[list[Tensor]] = []
-        self._model_param_groups.append(list(self.param_groups[-1]["params"]))
+        self.sharding.add_group(self.param_groups[-1])
         # A group added after scaling started shares the divisor of the first scaling step.
         known = [g["gsnr_max"] for g in self.param_groups if g.get("gsnr_max") is not None]
         if known:
@@ -197,11 +152,11 @@ class SGDSaI(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._warned_degenerate = getattr(self, "_warned_degenerate", False)
-        if not hasattr(self, "_model_param_groups"):
-            self._model_param_groups = [list(g["params"]) for g in self.param_groups]
-        if not hasattr(self, "_backends"):
-            self._backends = Backends(self._model_param_groups)
-        self._every_group = self.param_groups
+        if not hasattr(self, "sharding"):
+            self.sharding = Backends()
+            for group in self.param_groups:
+                self.sharding.add_group(group)
+        self.sharding.groups.bind(self.param_groups)
         self._register_state_dict_layout()
         for group in self.param_groups:  # groups pickled by older versions
             for key, value in (("normalize", "none"), ("scale_rule", "gsnr"), ("maximize", False), ("gsnr_max", None)):
@@ -215,8 +170,9 @@ class SGDSaI(Optimizer):
         """One optimization step::
 
             blocks  = this rank's views of every block of the groups being stepped (sharding backends)
-            pending = blocks without a scale that have a gradient here, or may have one on another rank
-            scale pending blocks: statistics -> exact cross-rank sum -> sai_hf.scaling -> block state
+            pending = blocks without a scale that have a gradient here, or may have one on another rank,
+                      and the blocks later calls of this step update, measured now (DeepSpeed's partitions)
+            scale pending blocks: statistics -> exact cross-rank sum -> g-SNR -> scale (sai_hf.gsnr)
             update every scaled block that has a gradient (sai_hf.functional.sgd_sai)
 
         ``pending`` is the same on every rank (scales are), so the reduction is entered by all ranks."""
@@ -225,32 +181,47 @@ class SGDSaI(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         _refuse_sparse_gradients(self.param_groups)
-        blocks = self._backends.blocks(self, self.param_groups, stepping=True)
-        self._scale(blocks, [b for b in blocks if _pending(b)], None)
+        blocks = self.sharding.blocks(self, self.param_groups, stepping=True)
+        ahead, ahead_rows = self.sharding.measured_ahead(self, blocks)
+        self._scale([*blocks, *ahead], [b for b in blocks if _pending(b)] + ahead, None, ahead_rows)
         self._update(blocks)
         return loss
 
-    def _scale(self, blocks: Sequence[Block], pending: Sequence[Block], reduce_statistics: StatisticsReducer | None) -> list[ScaleRecord]:
-        """Compute and store the scales of ``pending`` (some of ``blocks``): one host sync, and one
-        cross-rank reduction where a block is sharded."""
-        if not pending:
-            return []
-        started = self._backends.scaling_started(self, blocks)
-        reduce_statistics = reduce_statistics or self._backends.reducer(pending)
-        stats = block_statistics(pending)
+    def _measure(
+        self, blocks: Sequence[Block], eps_free: Sequence[bool], reduce_statistics: StatisticsReducer | None,
+        extra_rows: Tensor | None = None,
+    ) -> tuple[list[float], list[BlockStatus]]:  # fmt: skip
+        """Host g-SNR and status of ``blocks`` (sai_hf.gsnr): their statistics (the last ones' rows given as
+        ``extra_rows``), summed over the ranks exactly, one host sync."""
+        reduce_statistics = reduce_statistics or self.sharding.reducer(blocks)
+        counted = len(blocks) - (0 if extra_rows is None else len(extra_rows))
+        stats = block_statistics(blocks[:counted])
+        if extra_rows is not None:
+            stats = torch.cat((stats, extra_rows.to(stats.device))) if counted else extra_rows
         if reduce_statistics is not None:
             stats = reduce_statistics(stats)
-        values, statuses = scaling.measured_gsnr(stats, [b.group["eps"] for b in pending], [started] * len(pending))
+        return gsnr.measure(stats, [b.group["eps"] for b in blocks], eps_free)
+
+    def _scale(
+        self, blocks: Sequence[Block], pending: Sequence[Block], reduce_statistics: StatisticsReducer | None,
+        ahead_rows: Tensor | None = None,
+    ) -> list[ScaleRecord]:  # fmt: skip
+        """Compute and store the scales of ``pending`` (some of ``blocks``): one host sync, and one cross-rank
+        reduction where a block is sharded. ``ahead_rows``: the statistics of the last pending blocks."""
+        if not pending:
+            return []
+        started = self.sharding.scaling_started(self, blocks)
+        values, statuses = self._measure(pending, [started] * len(pending), reduce_statistics, ahead_rows)
         numels = [b.placement.numel for b in pending]
-        groups = self.all_param_groups()
+        groups = self.sharding.groups.every(self.param_groups)
         rule, normalize = groups[0]["scale_rule"], groups[0]["normalize"]
         gsnr_max = self.gsnr_max
         if gsnr_max is None or not started:  # the first scaling step (its groups may come one by one)
-            known = [v for v in (gsnr_max, scaling.first_step_gsnr_max(values, statuses, numels, rule)) if v is not None]
+            known = [v for v in (gsnr_max, gsnr.first_step_gsnr_max(values, statuses, numels, rule)) if v is not None]
             gsnr_max = max(known) if known else None
             for group in groups:
                 group["gsnr_max"] = gsnr_max
-        assigned = scaling.assigned_scales(values, statuses, numels, gsnr_max, normalize, rule)
+        assigned = gsnr.assigned_scales(values, statuses, numels, gsnr_max, normalize, rule)
         if rule == "gsnr" and BlockStatus.DEGENERATE in statuses and not self._warned_degenerate:
             self._warned_degenerate = True
             warnings.warn(
@@ -261,12 +232,9 @@ class SGDSaI(Optimizer):
             )
         records = []
         for block, scaled in zip(pending, assigned):
-            if scaled is None:
-                continue
-            block.state.update(gsnr=scaled.gsnr, scale=scaled.scale, gsnr_eps_free=started)
-            if block.step_index is not None:
-                block.state["scaled_at"] = block.step_index
-            records.append(ScaleRecord(block.param, scaled.gsnr, scaled.scale, block.placement.numel, scaled.status))
+            if scaled is not None:
+                block.state.update(gsnr=scaled.gsnr, scale=scaled.scale, gsnr_eps_free=started)
+                records.append(ScaleRecord(block.param, scaled.gsnr, scaled.scale, block.placement.numel, scaled.status))
         return records
 
     def _update(self, blocks: Sequence[Block]) -> None:
@@ -274,26 +242,17 @@ class SGDSaI(Optimizer):
         gradient here, group by group; blocks without a scale are not touched."""
         by_group: dict[int, list[Block]] = {}
         for b in blocks:
-            if b.grad is not None and "scale" in b.state and not b.scale_only:
+            if b.grad is not None and "scale" in b.state:
                 by_group.setdefault(id(b.group), []).append(b)
         for chosen in by_group.values():
             group = chosen[0].group
             buffers = [b.buffer for b in chosen]
             steps = [b.state.get("step", 0) for b in chosen]
+            options = ("lr", "momentum", "weight_decay", "maximize", "foreach", "fused", "momentum_dtype")
             sgd_sai(
-                [b.local for b in chosen],
-                [b.grad for b in chosen],  # type: ignore[misc]
-                buffers,
-                [b.state["scale"] for b in chosen],
-                lr=group["lr"],
-                momentum=group["momentum"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-                fused=group["fused"],
-                momentum_dtype=group["momentum_dtype"],
-                steps=steps,
-            )
+                [b.local for b in chosen], [b.grad for b in chosen], buffers, [b.state["scale"] for b in chosen],  # type: ignore[misc]
+                steps=steps, **{key: group[key] for key in options},
+            )  # fmt: skip
             for b, buf, count in zip(chosen, buffers, steps):
                 b.state["step"] = count + 1
                 if b.buffer is None and buf is not None:
@@ -304,19 +263,13 @@ class SGDSaI(Optimizer):
     def gsnr_max(self) -> float | None:
         """The ``normalize="max"`` divisor: the largest well-defined g-SNR of the first scaling step
         (under ``scale_rule="sqrt_numel"`` its largest ``sqrt(numel)``); ``None`` before it."""
-        groups = self.all_param_groups()
+        groups = self.sharding.groups.every(self.param_groups)
         return groups[0]["gsnr_max"] if groups else None
-
-    def all_param_groups(self) -> list[dict[str, Any]]:
-        """Every parameter group, also while DeepSpeed ZeRO has narrowed ``param_groups`` to the one it steps."""
-        if not all(any(g is h for h in self._every_group) for g in self.param_groups):
-            self._every_group = self.param_groups
-        return self._every_group
 
     def blocks(self) -> list[Block]:
         """This rank's view of every block (:class:`sai_hf.sharding.Block`): its model parameter, local entries and
         gradient, state (``gsnr``, ``scale``, ``gsnr_eps_free`` once scaled), placement (``placement.numel``: whole size)."""
-        return self._backends.blocks(self, self.param_groups, stepping=False)
+        return self.sharding.blocks(self, self.param_groups, stepping=False)
 
     def has_scale(self, param: Tensor) -> bool:
         """Whether optimizer parameter ``param`` already has its fixed scale."""
@@ -348,32 +301,23 @@ class SGDSaI(Optimizer):
         blocks = [b for b in self.blocks() if "scale" in b.state and (b.grad is not None or b.may_lack_gradient)]
         if not blocks:
             return {}
-        reduce_statistics = reduce_statistics or self._backends.reducer(blocks)
-        stats = block_statistics(blocks)
-        if reduce_statistics is not None:
-            stats = reduce_statistics(stats)
         eps_free = [bool(b.state.get("gsnr_eps_free", False)) for b in blocks]
-        values, statuses = scaling.measured_gsnr(stats, [b.group["eps"] for b in blocks], eps_free)
+        values, statuses = self._measure(blocks, eps_free, reduce_statistics)
         return {b.param: v for b, v, s in zip(blocks, values, statuses) if s == BlockStatus.SCALED}
 
     def scales(self, names: Mapping[Tensor, str] | None = None) -> dict[Any, float]:
         """The fixed scale of every scaled block, keyed by model parameter (or by name with ``names``)."""
-        return {
-            (names.get(b.param, b.param) if names is not None else b.param): b.state["scale"]
-            for b in self.blocks()
-            if "scale" in b.state
-        }
+        key = (lambda p: names.get(p, p)) if names is not None else (lambda p: p)
+        return {key(b.param): b.state["scale"] for b in self.blocks() if "scale" in b.state}
 
     def all_blocks_scaled(self) -> bool:
         """Whether every block has its fixed scale (the same answer on every rank)."""
         return all("scale" in b.state for b in self.blocks())
 
-    def register_model(self, model: torch.nn.Module, wrapper: Any = None) -> int:
-        """Tell the sharding backends about ``model`` (FSDP1 views, which the parameters do not
-        reveal) and ``wrapper``, the optimizer that wraps this one (e.g. accelerate's around DeepSpeed
-        ZeRO-1/2's, whose loss scale, clipping and not yet flattened gradients the optimizer does not
-        see); idempotent, returns the number of parameters recorded."""
-        return self._backends.register_model(model, wrappers(wrapper))
+    def register_model(self, model: torch.nn.Module) -> int:
+        """Tell the sharding backends about ``model`` (FSDP1 views, which the parameters do not reveal); idempotent,
+        returns the number of parameters recorded."""
+        return self.sharding.register(model=model)
 
 
 def _complete_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -424,28 +368,22 @@ def _pending(block: Block) -> bool:
     return "scale" not in block.state and (block.grad is not None or block.may_lack_gradient)
 
 
-def wrappers(optimizer: Any) -> list[Any]:
-    """The objects around an :class:`SGDSaI` in ``optimizer``, outermost first, following ``.optimizer``
-    (e.g. accelerate's ``AcceleratedOptimizer``, then DeepSpeed's ZeRO optimizer); ``[]`` when
-    ``optimizer`` is none or holds no :class:`SGDSaI`."""
+def wrappers(optimizer: Any) -> tuple[list[Any], SGDSaI | None]:
+    """The objects around an :class:`SGDSaI` in ``optimizer``, outermost first, following ``.optimizer`` (e.g.
+    accelerate's ``AcceleratedOptimizer``, then DeepSpeed's ZeRO optimizer), and the :class:`SGDSaI` (``[], None``
+    where ``optimizer`` holds none)."""
     chain = []
     for _ in range(8):
-        if optimizer is None:
-            return []
-        if isinstance(optimizer, SGDSaI):
-            return chain
+        if optimizer is None or isinstance(optimizer, SGDSaI):
+            break
         chain.append(optimizer)
         optimizer = getattr(optimizer, "optimizer", None)
-    return []
+    return (chain, optimizer) if isinstance(optimizer, SGDSaI) else ([], None)
 
 
 def find_sgd_sai(optimizer: Any) -> SGDSaI | None:
     """The :class:`SGDSaI` inside ``optimizer`` (unwrapping e.g. accelerate's ``AcceleratedOptimizer``)."""
-    for _ in range(8):
-        if optimizer is None or isinstance(optimizer, SGDSaI):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-    return None
+    return wrappers(optimizer)[1]
 
 
 def register_sharded_model(model: torch.nn.Module, optimizer: Any) -> int:
@@ -454,8 +392,8 @@ def register_sharded_model(model: torch.nn.Module, optimizer: Any) -> int:
     ZeRO-1/2's: pass ``engine.optimizer``); idempotent, returns the number recorded. Plain-PyTorch FSDP1 needs it
     (once, after wrapping and building the optimizer), and plain DeepSpeed ZeRO-1/2 with several parameter groups
     for ``normalize="max"``; the Trainer's callback does it."""
-    sai = find_sgd_sai(optimizer)
+    chain, sai = wrappers(optimizer)
     if sai is None:
         raise TypeError("register_sharded_model: optimizer is not an sai_hf.SGDSaI (nor wraps one)")
-    return sai.register_model(model, optimizer)
+    return sai.register_model(model) + sai.sharding.register(wrappers=chain)
 

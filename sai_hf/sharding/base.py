@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..gsnr import STATISTICS_WIDTH
 
-__all__ = ["UnsupportedShardingError", "Placement", "Block", "ShardingBackend", "ExactReducer", "world"]
+__all__ = ["UnsupportedShardingError", "Placement", "Block", "ParameterGroups", "ShardingBackend", "ExactReducer", "world"]
 
 # Fingerprint of the block list: values below 2**16, so a sum of squares over up to 2**21 ranks is
 # still an exact float64 integer.
@@ -48,20 +48,11 @@ class Placement:
 
 @dataclass
 class Block:
-    """One block as this rank sees it during a step.
-
-    ``local`` and ``grad`` are plain tensors (``grad`` is ``None`` where this rank holds no gradient
-    entries of the block now); ``buffer`` is the local momentum view, ``None`` before the block's
-    first update. ``state`` is the block's SGD-SaI state (``gsnr``, ``scale``, ``gsnr_eps_free``,
-    ``step``), owned by the optimizer. ``may_lack_gradient``: ``grad`` may be ``None`` here while other
-    ranks hold entries of it, so the block joins every reduction until it has its scale. A backend
-    that counts optimizer steps itself (ZeRO: one call per group per step) gives ``step_index``; the
-    optimizer then records it as the block's ``scaled_at``. ``scale_only``: the block joins this call's
-    scaling but is updated by a later call of the same optimizer step (DeepSpeed ZeRO-3 steps its
-    sub-groups, ZeRO-1/2 its groups, one at a time; the first scaling step measures them all at once). ``grad_factor``: the
-    gradient to measure is ``grad * grad_factor`` (the loss-scale and clipping factor DeepSpeed applies
-    later); its statistics are those of ``grad``, scaled (sums by the factor, squares by its square),
-    so that no scaled copy of the gradient is made."""
+    """One block (one tensor of the model) as this rank sees it: ``local``, ``grad`` and ``buffer`` are plain tensors,
+    this rank's entries of the parameter, its gradient (``None``: no entries here now) and its momentum (``None`` before
+    the block's first update); ``state`` its SGD-SaI state (``gsnr``, ``scale``, ``gsnr_eps_free``, ``step``).
+    ``may_lack_gradient``: ``grad`` may be ``None`` here while other ranks hold entries of it, so the block joins
+    every reduction until it has its scale."""
 
     param: Tensor
     local: Tensor
@@ -72,10 +63,29 @@ class Block:
     placement: Placement
     backend: ShardingBackend
     may_lack_gradient: bool = False
-    buffer_slot: Tensor | None = None  # where the first update's buffer is stored in place (flat partitions)
-    step_index: int | None = None  # the optimizer step being taken, where the backend counts steps
-    scale_only: bool = False  # scaled in this step but updated in a later call (DeepSpeed's later (sub-)groups)
-    grad_factor: float | None = None  # the gradient to measure is grad * grad_factor (not materialised)
+
+
+class ParameterGroups:
+    """Every parameter group of one optimizer: the parameters each held when added (a wrapper may replace them:
+    DeepSpeed's flat partitions), and the groups themselves, also while a wrapper has narrowed ``param_groups`` to
+    the one it steps (DeepSpeed ZeRO-1/2)."""
+
+    def __init__(self) -> None:
+        self.added: list[list[Tensor]] = []
+        self._every: list[dict[str, Any]] = []
+
+    def add(self, group: Mapping[str, Any]) -> None:
+        self.added.append(list(group["params"]))
+
+    def bind(self, param_groups: list[dict[str, Any]]) -> None:
+        """Take ``param_groups`` (the optimizer's list, as built or loaded) as every group."""
+        self._every = param_groups
+
+    def every(self, current: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every group, given the optimizer's ``param_groups`` now (a list of new groups replaces the known ones)."""
+        if not all(any(g is h for h in self._every) for g in current):
+            self._every = current
+        return self._every
 
 
 def world() -> tuple[int, int]:
@@ -86,36 +96,35 @@ def world() -> tuple[int, int]:
 
 
 class ShardingBackend:
-    """How one kind of optimizer parameter is laid out across ranks. One instance per optimizer (it
-    may hold state: FSDP1's registered views). The first backend of
-    :data:`sai_hf.sharding.BACKENDS` that claims a parameter answers for it."""
+    """How one kind of optimizer parameter is laid out across ranks. One instance per optimizer (it may hold state:
+    FSDP1's registered views). The first backend of :data:`sai_hf.sharding.BACKENDS` that claims a parameter answers
+    for it."""
 
     #: Keys this backend adds to ``optimizer.state`` entries besides the per-block ones.
     STATE_KEYS: frozenset[str] = frozenset()
 
-    def __init__(self, model_groups: Sequence[Sequence[Tensor]] = ()) -> None:
-        """``model_groups``: the optimizer's parameter groups as it was built (a backend whose
-        wrapper replaces them, DeepSpeed ZeRO, finds the model's parameters there)."""
+    def __init__(self, groups: ParameterGroups | None = None) -> None:
+        """``groups``: the optimizer's parameter groups (:class:`ParameterGroups`)."""
 
     def claims(self, param: Tensor) -> bool:
         """Whether this backend answers for optimizer parameter ``param``."""
         raise NotImplementedError
 
-    def blocks(
-        self, optimizer: Any, group: Mapping[str, Any], params: Sequence[Tensor], stepping: bool
-    ) -> list[Block]:
-        """The blocks held by ``params`` (claimed parameters of ``group``), in a fixed order that
-        is the same on every rank. ``stepping``: called for an optimizer step (not a report).
-        Raises :class:`UnsupportedShardingError` for a layout without exact per-tensor statistics."""
+    def blocks(self, optimizer: Any, group: Mapping[str, Any], params: Sequence[Tensor], stepping: bool) -> list[Block]:
+        """The blocks held by ``params`` (claimed parameters of ``group``), in a fixed order that is the same on every
+        rank. ``stepping``: called for an optimizer step (not a report). Raises :class:`UnsupportedShardingError` for
+        a layout without exact per-tensor statistics."""
         raise NotImplementedError
 
-    def resting_blocks(
-        self, optimizer: Any, groups: Sequence[Mapping[str, Any]], present: set[int]
-    ) -> list[Block]:
-        """Blocks of parameters that a wrapper keeps out of ``groups`` between its steps (DeepSpeed
-        ZeRO-3 puts each partition into its group only while stepping it), for the reports made
-        outside a step; ``present``: ids of the parameters now in ``groups``."""
+    def resting_blocks(self, optimizer: Any, groups: Sequence[Mapping[str, Any]], present: set[int]) -> list[Block]:
+        """Blocks of parameters a wrapper keeps out of ``groups`` between its steps, for reports made outside a step;
+        ``present``: ids of the parameters now in ``groups``."""
         return []
+
+    def measured_ahead(self, optimizer: Any, blocks: Sequence[Block]) -> tuple[list[Block], Tensor | None]:
+        """Blocks that later calls of this optimizer step update, to be scaled with ``blocks`` now, and their
+        statistics rows (whole-block-piece rows as :func:`sai_hf.gsnr.gradient_statistics`); ``([], None)``: none."""
+        return [], None
 
     def keep_buffer(self, block: Block, local: Tensor) -> None:
         """Store ``local``, the momentum buffer the block's first update created."""
@@ -125,20 +134,19 @@ class ShardingBackend:
         """Whether some block got its scale in an earlier optimizer step than the current one."""
         return any("scale" in b.state for b in blocks)
 
-    def register_model(self, model: torch.nn.Module, wrappers: Sequence[Any] = ()) -> int:
-        """Learn from ``model`` what the parameters cannot tell (FSDP1), and from ``wrappers`` (the
-        objects wrapping the optimizer, outermost first: DeepSpeed ZeRO-1/2's optimizer) what the
-        optimizer cannot; returns how many parameters were recorded."""
+    def register(self, model: torch.nn.Module | None = None, wrappers: Sequence[Any] = ()) -> int:
+        """Learn from ``model`` what the parameters cannot tell (FSDP1), and from ``wrappers`` (the objects wrapping
+        the optimizer, outermost first) what the optimizer cannot; returns how many parameters were recorded."""
         return 0
 
     def check_blocks(self, blocks: Sequence[Block]) -> None:
-        """Refuse, across ``blocks`` (about to be reduced, world size > 1), layouts no single
-        parameter reveals (unregistered FSDP1 views sharing one storage)."""
+        """Refuse, across ``blocks`` (about to be reduced, world size > 1), layouts no single parameter reveals
+        (unregistered FSDP1 views sharing one storage)."""
 
     @classmethod
     def refuse_setup(cls, args: Any = None) -> None:
-        """Raise :class:`UnsupportedShardingError`, before training, for a configuration (Trainer
-        arguments, accelerate state) this backend cannot run exactly."""
+        """Raise :class:`UnsupportedShardingError`, before training, for a configuration (Trainer arguments,
+        accelerate state) this backend cannot run exactly."""
 
 
 def _collective_device(device: torch.device) -> torch.device:

@@ -3,7 +3,7 @@ into this rank's shard of a ``FlatParameter`` (empty, with ``grad=None``, where 
 none of the tensor), or, with ``NO_SHARD``, a whole-tensor view into an unsharded one.
 
 FSDP1 leaves no mark on those views, so this backend keeps a registry of them, filled from the
-wrapped model (:meth:`Fsdp1Views.register_model`: :class:`sai_hf.GSNRCallback` does it with the
+wrapped model (:meth:`Fsdp1Views.register`: :class:`sai_hf.GSNRCallback` does it with the
 Trainer's model; plain-PyTorch users call :func:`sai_hf.register_sharded_model`). A sharded view's
 local piece is disjoint from the other ranks' pieces; with hybrid sharding only the ranks at
 position 0 of the replicate group count. Unregistered views (two 1-D parameters sharing one
@@ -46,12 +46,14 @@ class _View:
 class Fsdp1Views(WholeTensors):
     """The FSDP1 views of one optimizer's parameters (its registry is this object's state)."""
 
-    def __init__(self, model_groups: Sequence[Sequence[Tensor]] = ()) -> None:
+    def __init__(self, groups: Sequence[Any] = ()) -> None:
         self.views: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-    def register_model(self, model: torch.nn.Module, wrappers: Sequence[Any] = ()) -> int:
+    def register(self, model: torch.nn.Module | None = None, wrappers: Sequence[Any] = ()) -> int:
         """Record which parameters of ``model`` are FSDP1 ``use_orig_params=True`` views (``NO_SHARD``
         views as whole tensors). Idempotent; returns the number of parameters of ``model`` recorded."""
+        if model is None:
+            return 0
         try:
             from torch.distributed.fsdp import FullyShardedDataParallel
         except ImportError:  # pragma: no cover - torch built without distributed

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2 with exact per-tensor g-SNR (``sai_hf.deepspeed_zero``), and what is refused.
+"""DeepSpeed ZeRO-1/2 with exact per-tensor g-SNR (``sai_hf.sharding.deepspeed``), and what is refused.
 
 Multi-process tests run 2 CPU processes (``DS_ACCELERATOR=cpu``, gloo, ``torchrun``) through
 tests/workers/deepspeed_worker.py and compare against one process on the same global batch (4 sequences
@@ -22,10 +22,9 @@ from _launch import free_port, launch_two_ranks
 from test_distributed import max_rel_diff, max_weight_diff
 from transformers import Trainer
 
-from sai_hf import SGDSaI, UnsupportedShardingError, cpu_update, native
+from sai_hf import SGDSaI, UnsupportedShardingError, cpu_update, native, register_sharded_model
 from sai_hf.gsnr import STATISTICS_WIDTH
-from sai_hf.sharding.deepspeed_config import deepspeed_in_use, refuse_unsupported_deepspeed
-from sai_hf.sharding.deepspeed_zero import ZeroFragments
+from sai_hf.sharding.deepspeed import ZeroFragments, deepspeed_in_use, refuse_unsupported_deepspeed
 
 TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS / "workers") not in sys.path:
@@ -493,7 +492,7 @@ def zero_by_hand(layout: list[str], base: dict[str, torch.Tensor], fragment=None
         p._index_in_param_group = 0
         group["params"] = [flat]
         flats.append((p, flat))
-    zero.register_model(torch.nn.Module(), _FakeZero(zero, [f for _, f in flats]))
+    register_sharded_model(torch.nn.Module(), _FakeZero(zero, [f for _, f in flats]))
     return zero, params, flats
 
 
@@ -556,7 +555,7 @@ def test_flat_partitions_later_gradients_errors_are_not_refusals():
         step_by_hand(zero, flats, {params[k]: g for k, g in grads.items()})
     assert "get_lp_grad_fragment" in str(err.value) and "Register DeepSpeed's optimizer" not in str(err.value)
     zero, params, flats = zero_by_hand(["a", "b"], base)
-    zero._backends.backends[0]._wrapper.use_muon = True
+    zero.sharding.backends[0].zero.use_muon = True
     with pytest.raises(UnsupportedShardingError, match=r"\(Muon\)"):
         step_by_hand(zero, flats, {params[k]: g for k, g in grads.items()})
 

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-3, ZeRO-2 + optimizer offload and ZeRO-3 + optimizer and parameter offload, exact
-(``sai_hf.sharding.deepspeed_zero3``; ZeRO-2's fragments: ``sai_hf.sharding.deepspeed_zero``).
+(``sai_hf.sharding.deepspeed``: ``zero3``; ZeRO-2's fragments: ``zero12``).
 
 Each config runs on 2 CPU processes (``DS_ACCELERATOR=cpu``, gloo, ``torchrun``, the HF Trainer with
 ``deepspeed=configs/deepspeed/<config>.json`` and ``use_cpu=True``) through
@@ -342,21 +342,15 @@ def test_zero3_from_pretrained_after_the_arguments_on_cpu(use_cpu, tmp_path, ref
 
 # --------------------------------------------------------------------------- in one process
 def test_grad_factor_scales_statistics_as_the_scaled_gradient():
-    """``Block.grad_factor``: ZeRO-3's later sub-groups are measured at the first step before DeepSpeed
+    """``sai_hf.gsnr.scaled_statistics``: ZeRO-3's later sub-groups are measured at the first step before DeepSpeed
     multiplies their gradients by the loss-scale and clipping factor; the rows must be those of the
     multiplied gradient, without making it."""
-    from sai_hf.gsnr import gradient_statistics
-    from sai_hf.sharding import Block, Placement, block_statistics
+    from sai_hf.gsnr import gradient_statistics, scaled_statistics
 
     torch.manual_seed(0)
     grads = [torch.randn(1000) * 1e-3 + 2e-4, torch.randn(7, 3), torch.zeros(5), torch.randn(1)]
     factors = [0.0123, None, 0.5, 3.0]
-    blocks = [
-        Block(param=g, local=g, grad=g, buffer=None, state={}, group={}, placement=Placement(True, True, g.numel()),
-              backend=None, grad_factor=f)  # fmt: skip
-        for g, f in zip(grads, factors)
-    ]
-    got = block_statistics(blocks)
+    got = torch.cat([scaled_statistics(gradient_statistics([g]), f) for g, f in zip(grads, factors)])
     want = gradient_statistics([g * (1.0 if f is None else f) for g, f in zip(grads, factors)])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # fp32 products vs exact scaling
     assert torch.equal(got[1], gradient_statistics([grads[1]])[0])  # no factor: untouched

@@ -67,7 +67,7 @@ def trainer_run(out: Path, name: str, stage: int, model, **overrides) -> dict:
     return {
         "scales": {names[id(p)]: s for p, s in sai.scales().items()},
         "all_reduces": list(SAI_ALL_REDUCES),
-        "groups_constructed": [len(g) for g in sai._model_param_groups],
+        "groups_constructed": [len(g) for g in sai.sharding.groups.added],
         "partitions": len(sai.param_groups),
         "steps": trainer.state.global_step,
     }

@@ -14,23 +14,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .base import UnsupportedShardingError
+from ..base import UnsupportedShardingError
 
-__all__ = [
-    "deepspeed_config",
-    "deepspeed_in_use",
-    "refuse_unsupported_zero",
-    "refuse_unsupported_deepspeed",
-    "DEEPSPEED_ZERO3_MESSAGE",
-]
+__all__ = ["deepspeed_config", "deepspeed_in_use", "refuse_unsupported_deepspeed"]
 
-DEEPSPEED_ZERO3_MESSAGE = (
-    "SGD-SaI (--optim sgd_sai) was handed DeepSpeed ZeRO stage 3 partitioned model parameters themselves "
-    "(each rank holds only a piece of every tensor, and the optimizer cannot tell which): per-tensor g-SNR "
-    "statistics would be wrong. Give the optimizer to deepspeed.initialize(model=..., optimizer=...) or to "
-    "the Trainer with a ZeRO-3 config (configs/deepspeed/zero3.json): DeepSpeed's stage-3 optimizer then "
-    "steps it on its fp32 partitions, which sai-hf maps back to the parameters exactly. Or use FSDP2."
-)
 _OFFLOAD_DEVICE_MESSAGE = (
     "SGD-SaI (--optim sgd_sai) does not support DeepSpeed zero_optimization.{key} with device {device!r}: "
     "only device 'cpu' is covered by sai-hf's exact per-tensor g-SNR (NVMe swaps the optimizer state in "
@@ -98,7 +85,7 @@ def _offload_device(section: Any) -> str | None:
     return None if device in ("none", "", "null") else device
 
 
-def refuse_unsupported_zero(config: Mapping[str, Any] | None) -> None:
+def _refuse_config(config: Mapping[str, Any] | None) -> None:
     """Raise :class:`~sai_hf.sharding.base.UnsupportedShardingError` naming the first key of a
     DeepSpeed config that SGD-SaI cannot run exactly (see the module docstring)."""
     if not config:
@@ -162,6 +149,6 @@ def deepspeed_in_use(args: Any = None) -> bool:
 
 
 def refuse_unsupported_deepspeed(args: Any = None) -> None:
-    """If DeepSpeed is in use, :func:`refuse_unsupported_zero` of its config."""
+    """If DeepSpeed is in use, :func:`_refuse_config` of its config."""
     if deepspeed_in_use(args):
-        refuse_unsupported_zero(deepspeed_config(args))
+        _refuse_config(deepspeed_config(args))
