@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,30 @@ def test_the_optimizer_step_scales_and_the_callback_registers_once(tmp_path, mon
     assert not sai.has_scale(unused) and not sai.all_blocks_scaled()
     report = json.loads((tmp_path / "gsnr.json").read_text())
     assert "unused_head" not in report and len(report) == len(sai.scales())
+
+
+def test_the_callback_stops_asking_for_blocks_once_every_block_is_scaled(tmp_path, monkeypatch):
+    """The optimizer rebuilds its blocks at every call: the callback asks for them at the steps that may bring new
+    scales, not at every step once every block has its scale (its calls do not grow with the run's length)."""
+    asked = []
+    original = SGDSaI.blocks
+
+    def counted(self, *args, **kwargs):
+        frame = sys._getframe(1)
+        while frame is not None and Path(frame.f_code.co_filename).name != "callback.py":
+            frame = frame.f_back
+        if frame is not None:  # asked for by the callback (directly or through SGDSaI.scales() and the like)
+            asked.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SGDSaI, "blocks", counted)
+    counts = []
+    for steps in (2, 6):
+        asked.clear()
+        trainer = _train(tmp_path / str(steps), max_steps=steps)
+        assert find_sgd_sai(trainer.optimizer).all_blocks_scaled()
+        counts.append(len(asked))
+    assert counts[0] == counts[1] > 0, counts
 
 
 def test_callback_added_by_hand_is_harmless(tmp_path):
