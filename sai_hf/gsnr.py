@@ -29,7 +29,7 @@ materialised) has the row ``[n, c Re S, c Im S, c^2 C, c^2 P]`` (:func:`scaled_s
 **Scales.** For the blocks measured in one scaling step (rows summed over each block's pieces)::
 
     gsnr_i, status_i = gsnr_from_statistics(rows_i, eps_i, eps_free_i)           (measure: the one host sync)
-    gsnr_max         = max { gsnr_i : status_i = SCALED }                        (first_step_gsnr_max)
+    gsnr_max         = max { gsnr_i : status_i = SCALED }                        (scales, first scaling step)
                        (scale_rule="sqrt_numel": max { sqrt(numel_i) : status_i != PENDING })
     basis_i          = gsnr_i                                                     scale_rule="gsnr"
                      = gsnr_max (1.0 before it is known)     if status_i = DEGENERATE
@@ -38,14 +38,14 @@ materialised) has the row ``[n, c Re S, c Im S, c^2 C, c^2 P]`` (:func:`scaled_s
                      = basis_i / gsnr_max (1.0 before it is known)               normalize="max"
 
 ``gsnr_max`` is fixed by the first scaling step that has one and reused by every later step. ``PENDING`` blocks get
-no scale (:func:`assigned_scales`).
+no scale (:func:`scales`).
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +55,8 @@ from .triton_update import interpreting as triton_interpreting
 
 __all__ = [
     "BlockStatus", "DEGENERATE_RELATIVE_STD", "STATISTICS_WIDTH", "NORMALIZATIONS", "SCALE_RULES", "AssignedScale",
-    "gradient_statistics", "present_statistics", "scaled_statistics", "gsnr_from_statistics", "measure",
-    "first_step_gsnr_max", "assigned_scales", "local_part", "zero_statistics",
+    "gradient_statistics", "present_statistics", "scaled_statistics", "gsnr_from_statistics", "measure", "scales",
+    "local_part", "zero_statistics",
 ]  # fmt: skip
 
 #: Accepted values of ``normalize``.
@@ -255,9 +255,15 @@ def gsnr_from_statistics(
     return gsnr, status
 
 
-def measure(stats: torch.Tensor, eps: Sequence[float], eps_free: Sequence[bool]) -> tuple[list[float], list[BlockStatus]]:
-    """:func:`gsnr_from_statistics` of the whole blocks' rows ``stats`` as host values (the one host sync of a scaling
-    step). ``eps_free[i]`` drops block ``i``'s eps: ``gsnr = norm / std``."""
+def measure(
+    stats: torch.Tensor, eps: Sequence[float], eps_free: Sequence[bool],
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[list[float], list[BlockStatus]]:  # fmt: skip
+    """:func:`gsnr_from_statistics` of the rows ``stats``, summed over the ranks by ``reduce`` first (the exact
+    cross-rank sum of :mod:`sai_hf.sharding`; ``None``: whole blocks already), as host values (the one host sync of a
+    scaling step). ``eps_free[i]`` drops block ``i``'s eps: ``gsnr = norm / std``."""
+    if reduce is not None:
+        stats = reduce(stats)
     eps_t = torch.tensor(list(eps), dtype=stats.dtype, device=stats.device)
     eps_free_t = torch.tensor(list(eps_free), dtype=torch.bool, device=stats.device)
     gsnr, status = gsnr_from_statistics(stats, eps_t, eps_free=eps_free_t)
@@ -275,22 +281,20 @@ class AssignedScale:
     status: BlockStatus
 
 
-def first_step_gsnr_max(
-    values: Sequence[float], statuses: Sequence[BlockStatus], numels: Sequence[int], scale_rule: str
-) -> float | None:
-    """The ``normalize="max"`` divisor of a scaling step, ``None`` if it has none (see the module docstring)."""
-    if scale_rule == "sqrt_numel":
-        known = [math.sqrt(n) for n, s in zip(numels, statuses) if s != BlockStatus.PENDING]
-    else:
-        known = [v for v, s in zip(values, statuses) if s == BlockStatus.SCALED]
-    return max(known) if known else None
-
-
-def assigned_scales(
+def scales(
     values: Sequence[float], statuses: Sequence[BlockStatus], numels: Sequence[int], gsnr_max: float | None,
-    normalize: str, scale_rule: str,
-) -> list[AssignedScale | None]:  # fmt: skip
-    """The scale of each measured block (``None`` where it stays ``PENDING``; equations in the module docstring)."""
+    normalize: str, scale_rule: str, first_step: bool,
+) -> tuple[float | None, list[AssignedScale | None]]:  # fmt: skip
+    """``(gsnr_max, scales)``: the ``normalize="max"`` divisor and the scale of each measured block (``None`` where it
+    stays ``PENDING``; equations in the module docstring). ``first_step``: this is the first scaling step, whose
+    divisor is the largest of ``gsnr_max`` (its earlier calls, DeepSpeed's partitions) and this call's blocks'."""
+    if first_step:
+        if scale_rule == "sqrt_numel":
+            known = [math.sqrt(n) for n, s in zip(numels, statuses) if s != BlockStatus.PENDING]
+        else:
+            known = [v for v, s in zip(values, statuses) if s == BlockStatus.SCALED]
+        known += [gsnr_max] if gsnr_max is not None else []
+        gsnr_max = max(known) if known else None
     out: list[AssignedScale | None] = []
     for value, status, numel in zip(values, statuses, numels):
         if status == BlockStatus.PENDING:
@@ -301,4 +305,4 @@ def assigned_scales(
         basis = math.sqrt(numel) if scale_rule == "sqrt_numel" else value
         scale = basis if normalize != "max" else (basis / gsnr_max if gsnr_max is not None else 1.0)
         out.append(AssignedScale(float(value), float(scale), status))
-    return out
+    return gsnr_max, out

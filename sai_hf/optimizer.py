@@ -30,7 +30,7 @@ from .checkpoint import buffers_in_saved_dtype, prepare_state_dict, user_stackle
 from .functional import sgd_sai
 from .gsnr import NORMALIZATIONS, SCALE_RULES, BlockStatus
 from .hyperparameters import check_shared, validate_hyperparameters
-from .sharding import Backends, Block, block_statistics
+from .sharding import Backends, Block
 
 __all__ = [
     "SGDSaI", "ScaleRecord", "StatisticsReducer", "NORMALIZATIONS", "SCALE_RULES", "validate_hyperparameters",
@@ -187,20 +187,14 @@ class SGDSaI(Optimizer):
         self._update(blocks)
         return loss
 
-    def _measure(
-        self, blocks: Sequence[Block], eps_free: Sequence[bool], reduce_statistics: StatisticsReducer | None,
-        extra_rows: Tensor | None = None,
-    ) -> tuple[list[float], list[BlockStatus]]:  # fmt: skip
-        """Host g-SNR and status of ``blocks`` (sai_hf.gsnr): their statistics (the last ones' rows given as
-        ``extra_rows``), summed over the ranks exactly, one host sync."""
-        reduce_statistics = reduce_statistics or self.sharding.reducer(blocks)
-        counted = len(blocks) - (0 if extra_rows is None else len(extra_rows))
-        stats = block_statistics(blocks[:counted])
-        if extra_rows is not None:
-            stats = torch.cat((stats, extra_rows.to(stats.device))) if counted else extra_rows
-        if reduce_statistics is not None:
-            stats = reduce_statistics(stats)
-        return gsnr.measure(stats, [b.group["eps"] for b in blocks], eps_free)
+    def _statistics(self, blocks: Sequence[Block], ahead_rows: Tensor | None = None) -> Tensor:
+        """``(B, STATISTICS_WIDTH)`` statistics of ``blocks``' local gradients (:mod:`sai_hf.gsnr`); ``ahead_rows``: those
+        of the last ones, measured by their backend."""
+        counted = len(blocks) - (0 if ahead_rows is None else len(ahead_rows))
+        stats = gsnr.present_statistics([b.grad for b in blocks[:counted]], blocks[0].local.device)
+        if ahead_rows is None:
+            return stats
+        return torch.cat((stats, ahead_rows.to(stats.device))) if counted else ahead_rows
 
     def _scale(
         self, blocks: Sequence[Block], pending: Sequence[Block], reduce_statistics: StatisticsReducer | None,
@@ -211,17 +205,17 @@ class SGDSaI(Optimizer):
         if not pending:
             return []
         started = self.sharding.scaling_started(self, blocks)
-        values, statuses = self._measure(pending, [started] * len(pending), reduce_statistics, ahead_rows)
-        numels = [b.placement.numel for b in pending]
+        reduce = reduce_statistics or self.sharding.reducer(pending)
+        eps = [b.group["eps"] for b in pending]
+        values, statuses = gsnr.measure(self._statistics(pending, ahead_rows), eps, [started] * len(pending), reduce)
         groups = self.sharding.groups.every(self.param_groups)
-        rule, normalize = groups[0]["scale_rule"], groups[0]["normalize"]
-        gsnr_max = self.gsnr_max
-        if gsnr_max is None or not started:  # the first scaling step (its groups may come one by one)
-            known = [v for v in (gsnr_max, gsnr.first_step_gsnr_max(values, statuses, numels, rule)) if v is not None]
-            gsnr_max = max(known) if known else None
+        first_step = self.gsnr_max is None or not started  # (its calls may come one by one: DeepSpeed's partitions)
+        numels = [b.placement.numel for b in pending]
+        rule = groups[0]["scale_rule"]
+        gsnr_max, assigned = gsnr.scales(values, statuses, numels, self.gsnr_max, groups[0]["normalize"], rule, first_step)
+        if first_step:
             for group in groups:
                 group["gsnr_max"] = gsnr_max
-        assigned = gsnr.assigned_scales(values, statuses, numels, gsnr_max, normalize, rule)
         if rule == "gsnr" and BlockStatus.DEGENERATE in statuses and not self._warned_degenerate:
             self._warned_degenerate = True
             warnings.warn(
@@ -302,7 +296,8 @@ class SGDSaI(Optimizer):
         if not blocks:
             return {}
         eps_free = [bool(b.state.get("gsnr_eps_free", False)) for b in blocks]
-        values, statuses = self._measure(blocks, eps_free, reduce_statistics)
+        reduce = reduce_statistics or self.sharding.reducer(blocks)
+        values, statuses = gsnr.measure(self._statistics(blocks), [b.group["eps"] for b in blocks], eps_free, reduce)
         return {b.param: v for b, v, s in zip(blocks, values, statuses) if s == BlockStatus.SCALED}
 
     def scales(self, names: Mapping[Tensor, str] | None = None) -> dict[Any, float]:

@@ -35,7 +35,7 @@ from .local import WholeTensors
 
 __all__ = [
     "Block", "ShardingBackend", "Placement", "ExactReducer", "UnsupportedShardingError", "BACKENDS", "STATE_KEYS",
-    "Backends", "refuse_unsupported_setup", "block_statistics", "statistics_reducer", "local_statistics", "world",
+    "Backends", "refuse_unsupported_setup", "statistics_reducer", "local_statistics", "world",
 ]  # fmt: skip
 
 #: Backends in order of precedence: the first that claims an optimizer parameter answers for it
@@ -127,11 +127,6 @@ def refuse_unsupported_setup(args: Any = None) -> None:
         backend.refuse_setup(args)
 
 
-def block_statistics(blocks: Sequence[Block]) -> Tensor:
-    """:func:`sai_hf.gsnr.present_statistics` of ``blocks``' local gradients: ``(B, STATISTICS_WIDTH)``."""
-    return present_statistics([b.grad for b in blocks], blocks[0].local.device if blocks else torch.device("cpu"))
-
-
 def _tensor_blocks(tensors: Sequence[Tensor]) -> tuple[Backends, list[Block]]:
     """The blocks of plain ``tensors`` (no optimizer: throwaway state)."""
     backends = Backends()
@@ -150,5 +145,6 @@ def statistics_reducer(tensors: Sequence[Tensor]) -> ExactReducer | None:
 
 
 def local_statistics(tensors: Sequence[Tensor]) -> Tensor:
-    """:func:`block_statistics` of plain ``tensors`` (DTensors: their local shards)."""
-    return block_statistics(_tensor_blocks(tensors)[1])
+    """:func:`sai_hf.gsnr.present_statistics` of plain ``tensors``' gradients (DTensors: their local shards)."""
+    blocks = _tensor_blocks(tensors)[1]
+    return present_statistics([b.grad for b in blocks], blocks[0].local.device if blocks else torch.device("cpu"))

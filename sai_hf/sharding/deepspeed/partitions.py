@@ -39,7 +39,7 @@ from ...gsnr import present_statistics, scaled_statistics
 from ..base import Block, ParameterGroups, Placement, ShardingBackend, UnsupportedShardingError
 from .config import refuse_unsupported_deepspeed
 
-__all__ = ["Partitions", "Piece", "unscale_factor", "NORMALIZE_MAX_MESSAGE"]
+__all__ = ["Partitions", "Piece", "unexposed", "unscale_factor", "NORMALIZE_MAX_MESSAGE"]
 
 #: ``(model parameter, its numel, its offset in the partition here, its entries here)``.
 Piece = tuple[Tensor, int, int, int]
@@ -63,6 +63,7 @@ class Partitions(ShardingBackend):
 
     STAGE = ""  # "ZeRO-1/2", "ZeRO-3"
     UNITS = ""  # what DeepSpeed steps one at a time
+    ALTERNATIVE = ""  # the other way out of the normalize="max" refusal
 
     def __init__(self, groups: ParameterGroups | None = None) -> None:
         self.groups = groups or ParameterGroups()
@@ -72,43 +73,40 @@ class Partitions(ShardingBackend):
         self._slots: dict[int, Tensor] = {}  # id(block state) -> its range of the momentum buffer, for this call
         self._unscaled: list[tuple[dict[str, Any], int]] = []  # blocks of this call without a scale, and the step
         self._hook: Any = None
+        self.unexposed: str | None = None  # why the later partitions' gradients could not be read, once tried
 
     # ------------------------------------------------------------------ a stage's layout
-    def index(self, partition: Tensor) -> int:
-        """The index of ``partition`` among DeepSpeed's partitions (refusing what the stage cannot map)."""
+    def index(self, partition: Tensor) -> int:  # its index among DeepSpeed's partitions (refusing what it cannot map)
         raise NotImplementedError
 
-    def count(self) -> int:
-        """How many partitions DeepSpeed steps, one call each."""
+    def count(self) -> int:  # how many partitions DeepSpeed steps, one call each
         raise NotImplementedError
 
-    def layout(self, i: int, partition: Tensor) -> list[Piece]:
-        """The blocks of partition ``i`` (this rank's ``partition``), in a fixed order the same on every rank."""
+    def layout(self, i: int, partition: Tensor) -> list[Piece]:  # partition i's blocks here, the same order everywhere
         raise NotImplementedError
 
-    def check(self, optimizer: Any, state: dict[str, Any], stepping: bool) -> None:
-        """Refuse a partition's state this stage cannot continue (another world size or grouping)."""
+    def check(self, optimizer: Any, state: dict[str, Any], stepping: bool) -> None:  # refuse a state it cannot continue
+        """(Another world size or grouping.)"""
 
-    def later_gradients(self, i: int) -> tuple[float | None, list[tuple[int, list[Tensor | None] | Tensor]]] | None:
+    def later_gradients(self, i: int) -> tuple[float | None, list[tuple[int, Any]]] | None:
         """``(factor, [(j, gradient of partition j)])`` for the partitions DeepSpeed steps after ``i`` in this step,
-        before it multiplies them by ``factor`` (:func:`unscale_factor`); ``None`` where it does not expose them."""
+        before it multiplies them by ``factor`` (:func:`unscale_factor`); ``None`` where it does not expose them (why:
+        ``unexposed``). A gradient is a flat tensor like the partition, or a list of per-block ones (:meth:`piece_of`).
+        Nothing is caught: an error while reading them propagates instead of turning into a refusal."""
         raise NotImplementedError
 
-    def piece_of(self, grads: list[Any], index: int, valid: int) -> Tensor | None:
-        """Block ``index``'s entries in a later partition's per-block gradients ``grads`` (:meth:`later_gradients`)."""
+    def piece_of(self, grads: list[Any], index: int, valid: int) -> Tensor | None:  # block index's entries in grads
         raise NotImplementedError
 
-    def partition(self, j: int) -> Tensor:
-        """This rank's partition ``j``."""
-        raise NotImplementedError
-
-    def group_of(self, optimizer: Any, j: int) -> Mapping[str, Any]:
-        """The parameter group of partition ``j``."""
+    def later_partition(self, optimizer: Any, j: int) -> tuple[Tensor, Mapping[str, Any]]:  # partition j, its group
         raise NotImplementedError
 
     def normalize_max_refusal(self) -> str:
-        """The message refusing ``normalize="max"`` where the later partitions cannot be measured ahead."""
-        raise NotImplementedError
+        """The refusal of ``normalize="max"`` where the later partitions could not be measured ahead."""
+        return NORMALIZE_MAX_MESSAGE.format(
+            stage=self.STAGE, count=self.count(), units=self.UNITS, advice="Use", alternative=self.ALTERNATIVE,
+            why=f"this DeepSpeed does not expose the later {self.UNITS}' gradients when the first is stepped ({self.unexposed})",
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ ShardingBackend
     def blocks(self, optimizer: Any, group: Mapping[str, Any], params: Sequence[Tensor], stepping: bool) -> list[Block]:
@@ -183,11 +181,10 @@ class Partitions(ShardingBackend):
         factor, sources = later
         ahead: list[Block] = []
         for j, grads in sources:
-            partition = self.partition(j)
+            partition, later_group = self.later_partition(optimizer, j)
             state = optimizer.state[partition]
             self.check(optimizer, state, True)
-            step = state.get("step", 0) + 1
-            ahead.extend(self._blocks_of(j, self.group_of(optimizer, j), partition, state, grads, step, True, ahead=True))
+            ahead.extend(self._blocks_of(j, later_group, partition, state, grads, state.get("step", 0) + 1, True, ahead=True))
         if not ahead:
             return [], None
         rows = present_statistics([b.grad for b in ahead], ahead[0].local.device)
@@ -221,16 +218,26 @@ class Partitions(ShardingBackend):
         """The DeepSpeed configurations SGD-SaI cannot run exactly (:mod:`.config`)."""
         refuse_unsupported_deepspeed(args)
 
-    def refusal(self, count: int, why: str, advice: str, alternative: str) -> str:
-        """:data:`NORMALIZE_MAX_MESSAGE` for this stage."""
-        return NORMALIZE_MAX_MESSAGE.format(
-            stage=self.STAGE, count=count, units=self.UNITS, why=why, advice=advice, alternative=alternative
-        )
-
 
 def _any_scale(optimizer: Any) -> bool:
     """Whether some block of some partition has its scale (the same answer on every rank)."""
     return any("scale" in entry for state in optimizer.state.values() for entry in state.get("blocks", {}).values())
+
+
+def unexposed(zero: Any, needed: Sequence[str]) -> str | None:
+    """What DeepSpeed's optimizer ``zero`` lacks for measuring the later partitions ahead (``None``: nothing): Muon
+    (its update is not a gradient), NVMe swapping, an attribute (of ``needed``, or :func:`unscale_factor`'s) another
+    DeepSpeed version does not have, or the gradient norm where clipping applies."""
+    if getattr(zero, "use_muon", False):
+        return "Muon"
+    if getattr(zero, "swap_optimizer", False):
+        return "NVMe swapping"
+    for name in (*needed, "loss_scale", "clip_grad", "_global_grad_norm"):
+        if not hasattr(zero, name):
+            return f"no {type(zero).__name__}.{name}"
+    if zero.clip_grad > 0.0 and zero._global_grad_norm is None:
+        return "gradient clipping without a global gradient norm"
+    return None
 
 
 def unscale_factor(zero: Any) -> float | None:

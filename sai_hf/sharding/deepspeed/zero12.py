@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..base import ParameterGroups, UnsupportedShardingError
-from .partitions import Partitions, Piece, unscale_factor
+from .partitions import NORMALIZE_MAX_MESSAGE, Partitions, Piece, unexposed, unscale_factor
 
 __all__ = ["ZeroFragments"]
 
@@ -44,13 +44,12 @@ class ZeroFragments(Partitions):
     DeepSpeed wraps the optimizer)."""
 
     STATE_KEYS = frozenset({"blocks", "gsnr_max"})  # gsnr_max: written by sai-hf 0.1.0 checkpoints
-    STAGE, UNITS = "ZeRO-1/2", "parameter groups"
+    STAGE, UNITS, ALTERNATIVE = "ZeRO-1/2", "parameter groups", ", or put every trainable parameter in one group"
 
     def __init__(self, groups: ParameterGroups | None = None) -> None:
         super().__init__(groups)
         self._linked: list[list[Tensor]] | None = None
         self.zero: Any = None  # DeepSpeed's ZeRO-1/2 optimizer, once registered
-        self._unexposed: str | None = None  # why the later groups' gradients could not be read, once tried
 
     def register(self, model: torch.nn.Module | None = None, wrappers: Sequence[Any] = ()) -> int:
         """Find DeepSpeed's ZeRO-1/2 optimizer among ``wrappers`` (it holds every group's partition and the not yet
@@ -115,32 +114,28 @@ class ZeroFragments(Partitions):
                 out.append((p, int(p.numel()), int(address.start), int(address.numel)))
         return out
 
-    def partition(self, j: int) -> Tensor:
-        return self.zero.single_partition_of_fp32_groups[j]
-
-    def group_of(self, optimizer: Any, j: int) -> Mapping[str, Any]:
-        return self.groups.every(optimizer.param_groups)[j]
+    def later_partition(self, optimizer: Any, j: int) -> tuple[Tensor, Mapping[str, Any]]:
+        return self.zero.single_partition_of_fp32_groups[j], self.groups.every(optimizer.param_groups)[j]
 
     def piece_of(self, grads: list[Any], index: int, valid: int) -> Tensor | None:
         return grads[index]
 
-    def later_gradients(self, k: int) -> tuple[float | None, list[tuple[int, list[Tensor | None] | Tensor]]] | None:
+    def later_gradients(self, k: int) -> tuple[float | None, list[tuple[int, Any]]] | None:
         """Each later group's blocks' gradient fragments: ``p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)``,
         flattened (the block's reduced entries of this rank's partition in DeepSpeed's accumulation dtype, which it
         casts to the fp32 partition's gradient exactly; where DeepSpeed keeps the whole gradient, the fragment's range
-        of it). ``None`` where DeepSpeed's optimizer is not registered or does not expose them (the reason is kept for
-        the refusal); an error while reading what it exposes propagates."""
+        of it). ``None`` also where DeepSpeed's optimizer is not registered."""
         blocks = self.linked()
         if self.zero is None or blocks is None:
             return None
-        self._unexposed = _unexposed(self.zero, [p for group in blocks[k + 1 :] for p in group])
-        if self._unexposed is not None:
+        self.unexposed = _unexposed(self.zero, [p for group in blocks[k + 1 :] for p in group])
+        if self.unexposed is not None:
             return None
         factor = unscale_factor(self.zero)
         partitions = self.zero.single_partition_of_fp32_groups
         if len(partitions) != len(blocks):
             raise UnsupportedShardingError(_GROUP_COUNT_MESSAGE.format(constructed=len(blocks), stepped=len(partitions)))
-        out: list[tuple[int, list[Tensor | None] | Tensor]] = []
+        out: list[tuple[int, Any]] = []
         for j in range(k + 1, len(blocks)):
             fragments: list[Tensor | None] = []
             for p in blocks[j]:
@@ -157,29 +152,20 @@ class ZeroFragments(Partitions):
         return factor, out
 
     def normalize_max_refusal(self) -> str:
-        if self.zero is None:
-            return self.refusal(
-                self.count(), "sai-hf has not found DeepSpeed's optimizer",
-                "Register DeepSpeed's optimizer (the Trainer's GSNRCallback does it; plain DeepSpeed: "
-                "sai_hf.register_sharded_model(model, engine.optimizer) before the first step), or use", "",
-            )  # fmt: skip
-        return self.refusal(
-            self.count(), f"this DeepSpeed's optimizer (registered) does not expose the later groups' gradients when "
-            f"the first is stepped ({self._unexposed})", "Use", ", or put every trainable parameter in one group",
+        if self.zero is not None:
+            return super().normalize_max_refusal()
+        return NORMALIZE_MAX_MESSAGE.format(
+            stage=self.STAGE, count=self.count(), units=self.UNITS, why="sai-hf has not found DeepSpeed's optimizer",
+            advice="Register DeepSpeed's optimizer (the Trainer's GSNRCallback does it; plain DeepSpeed: "
+            "sai_hf.register_sharded_model(model, engine.optimizer) before the first step), or use", alternative="",
         )  # fmt: skip
 
 
 def _unexposed(zero: Any, later: Sequence[Tensor]) -> str | None:
-    """What DeepSpeed's ZeRO-1/2 optimizer ``zero`` lacks for reading the ``later`` groups' blocks' gradients before it
-    steps them (``None``: nothing): Muon, whose update is not a gradient, or an attribute another DeepSpeed version does
-    not have."""
-    if getattr(zero, "use_muon", False):
-        return "Muon"
-    for name in ("single_partition_of_fp32_groups", "loss_scale", "clip_grad", "_global_grad_norm"):
-        if not hasattr(zero, name):
-            return f"no {type(zero).__name__}.{name}"
-    if zero.clip_grad > 0.0 and zero._global_grad_norm is None:
-        return "gradient clipping without a global gradient norm"
+    """:func:`~.partitions.unexposed`, and what the ``later`` groups' blocks lack for reading their gradient fragments."""
+    missing = unexposed(zero, ("single_partition_of_fp32_groups",))
+    if missing is not None:
+        return missing
     for p in later:
         mapping = p._hp_mapping
         if mapping is None:

@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor
 
 from ..base import Block, ParameterGroups, UnsupportedShardingError, world
-from .partitions import Partitions, Piece, unscale_factor
+from .partitions import Partitions, Piece, unexposed, unscale_factor
 
 __all__ = ["Zero3Partitions", "DEEPSPEED_ZERO3_MESSAGE"]
 
@@ -59,7 +59,7 @@ class Zero3Partitions(Partitions):
     (``_z3_optimizer``, linked when DeepSpeed wraps the optimizer); a ZeRO-3 model parameter itself is refused."""
 
     STATE_KEYS = frozenset({"blocks", "world_size"})
-    STAGE, UNITS = "ZeRO-3", "sub-groups"
+    STAGE, UNITS, ALTERNATIVE = "ZeRO-3", "sub-groups", " or FSDP2 (configs/accelerate/fsdp.yaml), where it is exact"
 
     def __init__(self, groups: ParameterGroups | None = None) -> None:
         super().__init__(groups)
@@ -122,52 +122,38 @@ class Zero3Partitions(Partitions):
             )
         return out
 
-    def partition(self, j: int) -> Tensor:
-        return self.zero_optimizer().fp32_partitioned_groups_flat[j]
-
-    def group_of(self, optimizer: Any, j: int) -> Mapping[str, Any]:
-        return optimizer.param_groups[self.zero_optimizer().sub_group_to_group_id[j]]
+    def later_partition(self, optimizer: Any, j: int) -> tuple[Tensor, Mapping[str, Any]]:
+        zero = self.zero_optimizer()
+        return zero.fp32_partitioned_groups_flat[j], optimizer.param_groups[zero.sub_group_to_group_id[j]]
 
     def piece_of(self, grads: list[Any], index: int, valid: int) -> Tensor | None:
         """DeepSpeed's reduced piece (its accumulation dtype: exact in fp32), without padding."""
         return grads[index].reshape(-1).narrow(0, 0, valid)
 
-    def later_gradients(self, i: int) -> tuple[float | None, list[tuple[int, list[Tensor | None] | Tensor]]] | None:
+    def later_gradients(self, i: int) -> tuple[float | None, list[tuple[int, Any]]] | None:
         """Without offload, the reduced per-parameter pieces in ``averaged_gradients[j]``; with ``offload_optimizer``,
-        the CPU partitions' ``grad``. Only a missing attribute (another DeepSpeed version), NVMe swapping, Muon, or a
-        missing norm where clipping applies makes it ``None``; an error while reading them propagates."""
+        the CPU partitions' ``grad``."""
         zero = self.zero_optimizer()
-        needed = (
-            "fp32_partitioned_groups_flat", "offload_optimizer", "fp16_groups", "loss_scale", "clip_grad", "_global_grad_norm",
-        )  # fmt: skip
-        if not all(hasattr(zero, name) for name in needed):
-            return None
-        if getattr(zero, "swap_optimizer", False) or getattr(zero, "use_muon", False):
-            return None
-        if zero.clip_grad > 0.0 and zero._global_grad_norm is None:
+        self.unexposed = unexposed(zero, ("fp32_partitioned_groups_flat", "offload_optimizer", "fp16_groups"))
+        if self.unexposed is not None:
             return None
         flats = zero.fp32_partitioned_groups_flat
         offload = bool(zero.offload_optimizer)
         averaged = None if offload else getattr(zero, "averaged_gradients", None)
         factor = unscale_factor(zero)
-        out: list[tuple[int, list[Tensor | None] | Tensor]] = []
+        out: list[tuple[int, Any]] = []
         for j in range(i + 1, len(flats)):
             if offload:
                 raw: Any = flats[j].grad
             else:
                 raw = averaged.get(j) if isinstance(averaged, Mapping) else None
                 if raw is not None and len(raw) != len(zero.fp16_groups[j]):
-                    return None
+                    raw = None
             if raw is None:
+                self.unexposed = f"no reduced gradient of sub-group {j}"
                 return None
             out.append((j, raw))
         return factor, out
-
-    def normalize_max_refusal(self) -> str:
-        return self.refusal(
-            self.count(), "this DeepSpeed does not expose the later sub-groups' gradients when the first is stepped",
-            "Use", " or FSDP2 (configs/accelerate/fsdp.yaml), where it is exact",
-        )  # fmt: skip
 
     def resting_blocks(self, optimizer: Any, groups: Sequence[Mapping[str, Any]], present: set[int]) -> list[Block]:
         """Between steps DeepSpeed empties ``param_groups[k]["params"]``: the blocks of every sub-group partition not
