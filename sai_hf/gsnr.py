@@ -287,7 +287,7 @@ def scales(
 ) -> tuple[float | None, list[AssignedScale | None]]:  # fmt: skip
     """``(gsnr_max, scales)``: the ``normalize="max"`` divisor and the scale of each measured block (``None`` where it
     stays ``PENDING``; equations in the module docstring). ``first_step``: this is the first scaling step, whose
-    divisor is the largest of ``gsnr_max`` (its earlier calls, DeepSpeed's partitions) and this call's blocks'."""
+    divisor is the largest of ``gsnr_max`` (of the step's earlier calls, a wrapper stepping one group a call) and this call's blocks'."""
     if first_step:
         if scale_rule == "sqrt_numel":
             known = [math.sqrt(n) for n, s in zip(numels, statuses) if s != BlockStatus.PENDING]

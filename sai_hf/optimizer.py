@@ -171,7 +171,7 @@ class SGDSaI(Optimizer):
 
             blocks  = this rank's views of every block of the groups being stepped (sharding backends)
             pending = blocks without a scale that have a gradient here, or may have one on another rank,
-                      and the blocks later calls of this step update, measured now (DeepSpeed's partitions)
+                      and the blocks later calls of this step update, measured now (a wrapper stepping in calls)
             scale pending blocks: statistics -> exact cross-rank sum -> g-SNR -> scale (sai_hf.gsnr)
             update every scaled block that has a gradient (sai_hf.functional.sgd_sai)
 
@@ -209,7 +209,7 @@ class SGDSaI(Optimizer):
         eps = [b.group["eps"] for b in pending]
         values, statuses = gsnr.measure(self._statistics(pending, ahead_rows), eps, [started] * len(pending), reduce)
         groups = self.sharding.groups.every(self.param_groups)
-        first_step = self.gsnr_max is None or not started  # (its calls may come one by one: DeepSpeed's partitions)
+        first_step = self.gsnr_max is None or not started  # (a wrapper may step its groups one call each)
         numels = [b.placement.numel for b in pending]
         rule = groups[0]["scale_rule"]
         gsnr_max, assigned = gsnr.scales(values, statuses, numels, self.gsnr_max, groups[0]["normalize"], rule, first_step)

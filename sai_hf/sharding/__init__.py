@@ -89,8 +89,8 @@ class Backends:
         return out
 
     def measured_ahead(self, optimizer: Any, blocks: Sequence[Block]) -> tuple[list[Block], Tensor | None]:
-        """The blocks later calls of this step update, measured now, and their statistics (the backends of ``blocks``)."""
-        for backend in {id(b.backend): b.backend for b in blocks}.values():
+        """The blocks later calls of this step update, measured now, and their statistics (DeepSpeed's partitions)."""
+        for backend in self.backends:
             ahead, rows = backend.measured_ahead(optimizer, blocks)
             if ahead:
                 return ahead, rows
