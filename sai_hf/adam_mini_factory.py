@@ -1,9 +1,5 @@
-"""``--optim adam_mini``: the official Adam-mini (``adam-mini`` package) as a Trainer optimizer.
-
-Adam-mini partitions parameters by *name* and needs the model's attention shape, so :class:`AdamMiniFactory` is handed
-to the Trainer as an optimizer *factory* (``factory()(model, **kwargs)``) reading ``dim``, ``n_heads`` and
-``n_kv_heads`` from ``model.config``; Adam-mini applies its own no-weight-decay rule. PEFT adapter tensors are renamed
-(:func:`adam_mini_name`): matched by substring, a LoRA factor of ``q_proj`` was cut into attention heads and crashed.
+"""``--optim adam_mini``: the official Adam-mini (``adam-mini`` package) as a Trainer optimizer. Adam-mini partitions
+parameters by *name* and needs the attention shape, so :class:`AdamMiniFactory` is an optimizer factory given the model.
 """
 
 from __future__ import annotations
@@ -25,8 +21,7 @@ def require_adam_mini() -> None:
 
 
 def attention_shape(model: torch.nn.Module) -> dict[str, int | None]:
-    """``dim``, ``n_heads``, ``n_kv_heads`` from a transformers config (``hidden_size``,
-    ``num_attention_heads``, ``num_key_value_heads``)."""
+    """``dim``, ``n_heads``, ``n_kv_heads`` from ``model.config`` (``hidden_size``, ``num_attention_heads``, ...)."""
     config = getattr(model, "config", None)
     dim = getattr(config, "hidden_size", None)
     n_heads = getattr(config, "num_attention_heads", None)
@@ -39,10 +34,9 @@ def attention_shape(model: torch.nn.Module) -> dict[str, int | None]:
 
 
 def adam_mini_name(name: str, param: torch.Tensor, index: int) -> str:
-    """The name Adam-mini sees for ``param``: its own, except for PEFT adapter tensors (``lora_`` in
-    the name), which become ``adapter.<index>.linear`` (a matrix: Adam-mini's per-row rule) or
-    ``adapter.<index>.vector`` (anything else: one second moment for the tensor) so that no
-    attention-head rule (``q_proj``, ``k_proj``, ...) applies to them."""
+    """The name Adam-mini sees for ``param``: its own, except for PEFT adapter tensors, which become
+    ``adapter.<index>.linear`` (a matrix: per-row rule) or ``adapter.<index>.vector``: matched by substring, a LoRA
+    factor of ``q_proj`` was cut into attention heads and crashed."""
     if "lora_" not in name:
         return name
     return f"adapter.{index}.linear" if param.dim() == 2 else f"adapter.{index}.vector"

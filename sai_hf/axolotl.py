@@ -1,19 +1,13 @@
-"""``--optim sgd_sai`` in axolotl: the plugin ``sai_hf.axolotl.SGDSaIPlugin`` (configs/frameworks/README.md).
-
-axolotl passes its ``optimizer:`` key through to ``TrainingArguments.optim`` and loads every ``plugins:`` entry
-(``"module.Class"``) in each process it starts (``axolotl train`` goes through ``accelerate launch``), calling the
-plugin's ``register(cfg)`` with the unparsed config before it loads data or a model. This plugin's ``register``
-imports sai_hf (which registers the ``--optim`` names) and checks ``optim_args`` for a sai-hf ``optimizer:`` (naming
-the key), so a config with::
+"""``optimizer: sgd_sai`` in axolotl: the plugin ``sai_hf.axolotl.SGDSaIPlugin`` (configs/frameworks/README.md)::
 
     plugins:
       - sai_hf.axolotl.SGDSaIPlugin
     optimizer: sgd_sai
     optim_args: {momentum: 0.9}
 
-trains with SGD-SaI. Every other hook is axolotl's ``BasePlugin`` default. The class subclasses ``BasePlugin``, so
-it is built on first access (PEP 562 ``__getattr__``): importing this module needs no axolotl, and sai-hf does not
-depend on it.
+axolotl loads the plugin in each process it starts and calls its ``register(cfg)`` before it loads data or a model: it
+registers the ``--optim`` names and checks ``optim_args``. The class subclasses axolotl's ``BasePlugin``, so it is built
+on first access: importing this module needs no axolotl.
 """
 
 from __future__ import annotations
@@ -26,8 +20,7 @@ __all__ = ["SGDSaIPlugin", "optim_args_text"]
 
 
 def optim_args_text(optim_args: Any) -> str | None:
-    """axolotl's ``optim_args`` (a ``key=value,...`` string or a mapping) as the ``--optim_args`` string its trainer
-    builder makes of it (``key=value`` joined by commas)."""
+    """axolotl's ``optim_args`` (a ``key=value,...`` string or a mapping) as the ``--optim_args`` string it passes on."""
     if isinstance(optim_args, Mapping):
         return ",".join(f"{key}={value}" for key, value in optim_args.items())
     if optim_args is not None and not isinstance(optim_args, str):

@@ -1,26 +1,16 @@
 """``GSNRCallback``: registers the Trainer's model with :class:`sai_hf.SGDSaI` and reports the scales it fixed.
 
-The optimizer scales each block in its own ``step()`` (a block deferred at the first step gets its scale at its first
-usable gradient; one that never gets a gradient never gets a scale); the callback knows no sharding backend. After each
-optimizer step in which blocks received their scale it adds ``gsnr/scale_{min,median,max}``, ``gsnr/scaled`` and
-``gsnr/deferred`` to the Trainer's next log and (world process zero) rewrites ``<output_dir>/gsnr.json`` atomically,
-logging where (``logging.INFO`` on the ``sai_hf.callback`` logger)::
+The optimizer scales each block in its own ``step()``; the callback knows no sharding backend. After a step in which
+blocks received their scale it adds ``gsnr/scale_{min,median,max}``, ``gsnr/scaled`` and ``gsnr/deferred`` to the next
+log and (world process zero) rewrites ``<output_dir>/gsnr.json`` atomically, logging where (INFO, ``sai_hf.callback``)::
 
     {"<name in model.named_parameters()>": {"gsnr": float, "scale": float, "numel": int, "gsnr_over_sqrt_numel": float}}
 
-for every parameter with a scale, under its original name (wrapper components removed: :func:`parameter_names`) and
-with the whole tensor's ``numel``. A resumed run restores the scales with the optimizer state, rewrites a missing or
-different report when it starts, and adds the restored scales' ``gsnr/*`` summary to its first log.
+keyed by the names the user's model has (:func:`sai_hf.parameter_names.parameter_names`), ``numel`` of the whole tensor.
+A resumed run rewrites a missing or different report and logs the restored scales' summary. The ``sai_hf`` logger
+follows the Trainer's process log level where that is more verbose and the logger has no level of its own.
 
-Unless the ``sai_hf`` logger has a level of its own (the recipes set one; so may you), a run whose log level for the
-process (``TrainingArguments.get_process_log_level()``) is more verbose than the logger's sets it to that level, as the
-Trainer does for ``transformers``: the report's line shows where the Trainer's INFO lines do (``run_clm.py``: the main
-process), and never fewer lines than the logging configuration already showed.
-
-``import sai_hf`` adds an :class:`AutoGSNRCallback` to every Trainer (it does nothing unless the optimizer is SGD-SaI).
-A hand-added ``GSNRCallback`` takes over: the automatic one stands down for that run. With several hand-added ones,
-every one writes its own report, logs the summary and keeps its own drift history; two that track drift into the same
-history file are refused when training starts (``ValueError`` naming the file).
+``import sai_hf`` adds an :class:`AutoGSNRCallback` to every Trainer; a hand-added ``GSNRCallback`` makes it stand down.
 """
 
 from __future__ import annotations
@@ -75,23 +65,13 @@ class GSNRCallback(TrainerCallback):
 
     Args:
         filename: name of the report written into ``args.output_dir``.
-        reduce_statistics: your own sum of per-shard gradient statistics across ranks; ``None`` (default): the
-            optimizer's own. When given, pending blocks are scaled with it just before ``optimizer.step()`` (and drift
-            is measured with it).
-        track_every: every this many optimizer steps, recompute the g-SNR of all scaled blocks *without changing the
-            scales*, log ``gsnr_drift/spearman``, ``gsnr_drift/max_ratio``, ``gsnr_drift/median_ratio`` (against the
-            g-SNR each scale came from, :mod:`sai_hf.drift`) and ``gsnr_drift/skipped`` (scaled blocks without a
-            usable gradient at that step: left out, ``NaN`` in the history), and append to the history file.
-            ``None``: read ``$SAI_HF_GSNR_TRACK_EVERY`` when the Trainer turns out to use SGD-SaI (a bad value raises
-            ``ValueError`` naming the variable when the Trainer is built); ``0``: off.
-        history_filename: the drift history in ``args.output_dir``; default: ``filename`` with ``_history`` added::
-
-                {"steps": [1, N, 2N, ...], "blocks": {"<name>": [gsnr at scaling, at N, at 2N, ...]}}
-
-            A resumed run drops the entries after the resumed step and appends. The history is copied into every
-            checkpoint folder the Trainer saves, so a resume into a new ``output_dir`` continues the checkpoint's
-            copy. A missing or unreadable history restarts from the restored g-SNR, with a warning (an unreadable file
-            is kept as ``<name>.corrupt``).
+        reduce_statistics: your own sum of per-shard gradient statistics across ranks (``None``: the optimizer's);
+            pending blocks are then scaled, and drift measured, with it.
+        track_every: every this many optimizer steps, recompute the g-SNR of all scaled blocks (scales unchanged),
+            log ``gsnr_drift/{spearman,max_ratio,median_ratio,skipped}`` (:mod:`sai_hf.drift`) and append to the
+            history file. ``None``: ``$SAI_HF_GSNR_TRACK_EVERY`` (read where the Trainer uses SGD-SaI); ``0``: off.
+        history_filename: the drift history (:class:`sai_hf.drift.DriftHistory`) in ``args.output_dir``, also copied
+            into every checkpoint; default: ``filename`` with ``_history`` added. A resumed run continues it.
     """
 
     #: ``True`` only for the instance ``import sai_hf`` adds to every Trainer.
@@ -185,15 +165,15 @@ class GSNRCallback(TrainerCallback):
                 name, step = os.path.basename(self.history_filename), state.global_step
                 folders = (getattr(args, "resume_from_checkpoint", None), os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{step}"))
                 copies = [os.path.join(folder, name) for folder in folders if isinstance(folder, str)]
-                self._history = DriftHistory.resumed(self._history_path(args), copies, step, _scaled_gsnr(sai, names))
+                scaled_gsnr = {name: entry["gsnr"] for name, entry in self.report(sai, names).items()}
+                self._history = DriftHistory.resumed(self._history_path(args), copies, step, scaled_gsnr)
         return sai
 
     def _known_all_scaled(self, sai: SGDSaI) -> bool:
         """Whether every block had its scale when last asked, with the optimizer's parameters and state unchanged
         since (a new group or a loaded state dict asks again): scales, once fixed, stay."""
         known = self._all_scaled
-        parameters = sum(len(group["params"]) for group in sai.sharding.groups.every(sai.param_groups))
-        return known is not None and known[0] is sai.state and known[1] == parameters
+        return known is not None and known[0] is sai.state and known[1] == _parameter_count(sai)
 
     def _scaled_count(self, sai: SGDSaI) -> int:
         """How many blocks have their scale (not asked of the optimizer again once every block has one)."""
@@ -202,8 +182,7 @@ class GSNRCallback(TrainerCallback):
         blocks = sai.blocks()
         count = len({id(b.param) for b in blocks if "scale" in b.state})
         if all("scale" in b.state for b in blocks):
-            parameters = sum(len(group["params"]) for group in sai.sharding.groups.every(sai.param_groups))
-            self._all_scaled = (sai.state, parameters, count)
+            self._all_scaled = (sai.state, _parameter_count(sai), count)
         return count
 
     # -------------------------------------------------------------- events
@@ -327,13 +306,12 @@ class GSNRCallback(TrainerCallback):
         logger.info("g-SNR report (the scales of %d blocks) written to %s", len(report), os.path.abspath(path))
 
 
-def _scaled_gsnr(sai: SGDSaI, names: dict[int, str]) -> dict[str, float]:
-    """``{name: the g-SNR its scale came from}`` of the named blocks that have their scale."""
-    return {names[id(b.param)]: b.state["gsnr"] for b in sai.blocks() if "scale" in b.state and id(b.param) in names}
+def _parameter_count(sai: SGDSaI) -> int:
+    return sum(len(group["params"]) for group in sai.sharding.groups.every(sai.param_groups))
 
 
 class AutoGSNRCallback(GSNRCallback):
-    """The :class:`GSNRCallback` that ``import sai_hf`` adds to every Trainer (through ``DEFAULT_CALLBACKS``): default
-    file names, ``track_every`` from ``$SAI_HF_GSNR_TRACK_EVERY``; stands down for a run with a hand-added one."""
+    """The :class:`GSNRCallback` that ``import sai_hf`` adds to every Trainer (``DEFAULT_CALLBACKS``); it stands down
+    for a run with a hand-added one."""
 
     automatic = True

@@ -1,18 +1,16 @@
-"""g-SNR drift: is a block's g-SNR at step 1 still representative later in training?
-
-Given the step-1 g-SNR (``reference``) and a later measurement (``current``) of the same blocks, :func:`drift_summary`
-reports ``spearman`` (rank correlation: 1 = same ordering; NaN when either side is all ties), ``max_ratio`` (the worst
-block's ``max(current/reference, reference/current)``) and ``median_ratio``. How to read them: scripts/README.md, "g-SNR drift".
-:class:`DriftHistory` is the file the measurements go to (``gsnr_history.json``); :func:`checked_track_every` and
-:func:`track_every_from_env` say how often they are taken.
+"""g-SNR drift: is a block's g-SNR at step 1 still representative later in training? (scripts/README.md, "g-SNR
+drift"). :func:`drift_summary` compares two measurements, :class:`DriftHistory` is the file they go to
+(``gsnr_history.json``), :func:`checked_track_every` and :func:`track_every_from_env` say how often they are taken.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import operator
 import os
+import statistics
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,16 +23,12 @@ __all__ = [
 
 def rank(values: Sequence[float]) -> list[float]:
     """Ranks (1-based) with ties sharing their average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
+    ranks, start = [0.0] * len(values), 0
+    for _, tied in itertools.groupby(sorted(range(len(values)), key=lambda i: values[i]), key=lambda i: values[i]):
+        tied = list(tied)
+        for i in tied:
+            ranks[i] = start + (len(tied) + 1) / 2
+        start += len(tied)
     return ranks
 
 
@@ -53,19 +47,16 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def drift_summary(reference: Sequence[float], current: Sequence[float]) -> dict[str, float]:
-    """``spearman``, ``max_ratio`` and ``median_ratio`` of ``current`` against ``reference``
-    (blocks with a non-positive value on either side are left out of the ratios)."""
-    ratios = sorted(max(c / r, r / c) for r, c in zip(reference, current) if r > 0 and c > 0)
-    mid = len(ratios) // 2
-    median = (ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2) if ratios else float("nan")
+    """``spearman`` (rank correlation), ``max_ratio`` and ``median_ratio`` (of ``max(c / r, r / c)`` per block with
+    positive values) of ``current`` against ``reference``."""
+    ratios = [max(c / r, r / c) for r, c in zip(reference, current) if r > 0 and c > 0]
     return {
         "spearman": spearman(reference, current),
-        "max_ratio": ratios[-1] if ratios else float("nan"),
-        "median_ratio": median,
+        "max_ratio": max(ratios, default=math.nan),
+        "median_ratio": statistics.median(ratios) if ratios else math.nan,
     }
 
 
-# --------------------------------------------------------------------------- the interval and the history file
 #: Environment variable giving ``track_every`` to callbacks created without one (the automatic one).
 TRACK_EVERY_ENV = "SAI_HF_GSNR_TRACK_EVERY"
 
@@ -85,16 +76,16 @@ def checked_track_every(value: Any, name: str = "track_every") -> int:
 
 def track_every_from_env() -> int:
     """``$SAI_HF_GSNR_TRACK_EVERY`` as a drift-tracking interval (unset or blank: 0, off); ``ValueError`` naming the
-    variable and its value unless it is a whole number >= 0. Only read for a Trainer whose optimizer is SGD-SaI."""
-    text = os.environ.get(TRACK_EVERY_ENV, "").strip()
+    variable and its value unless it is a whole number >= 0."""
+    text = os.environ.get(TRACK_EVERY_ENV, "")
     try:
-        value = int(text) if text else 0
+        value = int(text) if text.strip() else 0
     except ValueError:
         value = -1
     if value < 0:
         raise ValueError(
-            f"Invalid environment variable {TRACK_EVERY_ENV}={os.environ[TRACK_EVERY_ENV]!r}: expected a whole number of "
-            "optimizer steps >= 0 (0 or unset: no g-SNR drift tracking)"
+            f"Invalid environment variable {TRACK_EVERY_ENV}={text!r}: expected a whole number of optimizer steps >= 0 "
+            "(0 or unset: no g-SNR drift tracking)"
         )
     return value
 
@@ -147,8 +138,8 @@ class DriftHistory:
     @classmethod
     def resumed(cls, path: str, copies: Sequence[str], step: int, scaled_gsnr: Mapping[str, float]) -> DriftHistory:
         """The history to append to after resuming at ``step``: the file at ``path``, else the first readable one of
-        ``copies`` (the checkpoints' copies), else a new one (:meth:`started`); a warning says which where it is not
-        ``path``'s. An unreadable file at ``path`` is kept as ``<path>.corrupt``."""
+        ``copies`` (the checkpoints'), else :meth:`started`, with a warning. An unreadable ``path`` is kept as
+        ``<path>.corrupt``."""
         problem, corrupt = f"{path} does not exist", False
         if os.path.exists(path):
             try:

@@ -1,12 +1,7 @@
-"""``python -m sai_hf.find_lr [OPTIONS] (SCRIPT | -m MODULE) [ARGS...]`` (:data:`HELP`; also under ``torchrun`` and
-``accelerate launch ... -m sai_hf.find_lr``): the learning-rate range test (:func:`sai_hf.range_test.lr_find`, also
-importable from here) of an unmodified Trainer script, run as ``python -m sai_hf.run`` runs it.
-
-The script's ``Trainer.train()`` call runs the test instead of its training; then the script is abandoned: the test's
-end is raised out of that call, so none of its code after it runs. Python still runs the ``finally:`` blocks and
-``with`` exits the end passes through: there the tested Trainer's saving methods (``save_model``, ``save_state``,
-``save_metrics``, ``push_to_hub``, ``create_model_card``, checkpoints) do nothing, but anything else such a block
-writes is written.
+"""``python -m sai_hf.find_lr [OPTIONS] (SCRIPT | -m MODULE) [ARGS...]`` (:data:`HELP`): the learning-rate range test
+(:func:`sai_hf.range_test.lr_find`, also importable from here) of an unmodified Trainer script, run as
+``python -m sai_hf.run`` runs it. The script's ``Trainer.train()`` call runs the test instead, and its end is raised out
+of that call (so ``finally:`` blocks still run, while the tested Trainer's saving methods do nothing).
 """
 
 from __future__ import annotations
@@ -64,8 +59,7 @@ example:
 
 
 class _Finished(BaseException):
-    """Raised out of the script's ``train()`` call once the range test is done (a ``BaseException``,
-    so that a script's ``except Exception`` does not swallow it)."""
+    """Raised out of the script's ``train()`` once the test is done (not an ``Exception``: the script cannot catch it)."""
 
     def __init__(self, result: LRFindResult | None = None, error: str | None = None) -> None:
         super().__init__(error or "range test finished")
@@ -73,7 +67,6 @@ class _Finished(BaseException):
         self.error = error
 
 
-# --------------------------------------------------------------------------- command line
 _OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "--start-lr": ("start_lr", float),
     "--end-lr": ("end_lr", float),
@@ -204,17 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    rank = world()[0]
     try:
-        if finished.error is not None:
-            if rank == 0:
+        if world()[0] == 0:
+            if finished.error is not None:
                 print(f"{PROG}: error: {finished.error}", file=sys.stderr, flush=True)
-            return 1
-        result = finished.result
-        assert result is not None
-        if rank == 0:
-            _print_result(result)
-        return 0
+            else:
+                _print_result(finished.result)
+        return 1 if finished.error is not None else 0
     finally:
         launcher.end_process_group()  # the one the Trainer created, if any
 

@@ -1,6 +1,5 @@
-"""The range test's learning-rate ramp as the Trainer's scheduler (:class:`Ramp`), and the check that the optimizer
-runs at its rates (:class:`RampNotApplied` otherwise): a DeepSpeed config with its own ``scheduler`` section, or
-anything else that sets the rate, would make the curve's x axis rates that were never applied."""
+"""The range test's learning-rate ramp as the Trainer's scheduler (:class:`Ramp`), checked to be the rate the optimizer
+applies (:meth:`Ramp.not_applied`): otherwise the curve's x axis would be rates never applied."""
 
 from __future__ import annotations
 
@@ -9,17 +8,7 @@ from typing import Any
 
 from .lr_rule import ramp_lr
 
-__all__ = ["Ramp", "RampNotApplied"]
-
-
-class RampNotApplied(Exception):
-    """Raised out of the Trainer's step once the optimizer is found not to run at the ramp's rate."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__(
-            f"the ramp was not applied: {why}, so the range test would record rates the optimizer never used. "
-            "A DeepSpeed config with its own 'scheduler' section? Remove it for the range test"
-        )
+__all__ = ["Ramp"]
 
 
 class Ramp:
@@ -37,8 +26,7 @@ class Ramp:
         return ramp_lr(step, self.start, self.end, self.steps)
 
     def lr_used(self, logged: Any, step: int) -> float:
-        """The ramp's rate of a logged step: group 0's rate in that step's update (else the Trainer's
-        logged rate) over group 0's ratio; ``lr(step)`` if there is none."""
+        """The ramp's rate of a step: group 0's rate in it (else the logged one) over its ratio, or ``lr(step)``."""
         if isinstance(logged, (int, float)) and logged > 0 and self.ratio > 0:
             return float(logged) / self.ratio
         return self.lr(step)
@@ -57,10 +45,9 @@ class Ramp:
         return self.scheduler
 
     def trainer_scheduler(self, trainer: Any, optimizer: Any = None) -> Any:
-        """What the Trainer's ``create_scheduler`` gives during the test: the ramp, built once (DeepSpeed may ask
-        first, through accelerate), unless the Trainer got a scheduler elsewhere (DeepSpeed's own, from its config's
-        ``scheduler`` section), which it keeps, as its own ``create_scheduler`` does: the ramp is then not applied
-        (refused at the first step)."""
+        """The Trainer's ``create_scheduler`` during the test: the ramp, built once (DeepSpeed may ask first, through
+        accelerate), unless the Trainer has a scheduler of its own (DeepSpeed's, from its config), which it keeps, as
+        its ``create_scheduler`` does: the ramp is then refused at the first step."""
         current = trainer.lr_scheduler
         if current is not None and self.owns(current):
             return current
@@ -78,24 +65,27 @@ class Ramp:
         return scheduler is self.scheduler or getattr(scheduler, "scheduler", None) is self.scheduler
 
     def not_applied(self, optimizer: Any, engine: Any) -> str | None:
-        """Why the next optimizer step will not run at the ramp's rate, or ``None``: the Trainer kept a
-        scheduler of its own (DeepSpeed's, from its config's ``scheduler`` section), DeepSpeed's engine steps
-        another scheduler, or the learning rate of the optimizer's first group (what its step applies)
-        is not the one the ramp set last."""
-        if self.foreign is not None:
-            return f"the Trainer uses {_scheduler_name(self.foreign)} instead of the ramp"
-        if not self.built:
-            return "the Trainer never built its learning-rate scheduler"
+        """The error where the next optimizer step will not run at the ramp's rate (the Trainer or DeepSpeed's engine
+        steps another scheduler, or the first group's rate is not the ramp's last), else ``None``."""
+        why = None
         engine_scheduler = getattr(engine, "lr_scheduler", None)
-        if engine_scheduler is not None and not self.owns(engine_scheduler):
-            return f"DeepSpeed's engine steps {_scheduler_name(engine_scheduler)}"
         groups = getattr(optimizer, "param_groups", None)
-        if not groups:
+        if self.foreign is not None:
+            why = f"the Trainer uses {_scheduler_name(self.foreign)} instead of the ramp"
+        elif not self.built:
+            why = "the Trainer never built its learning-rate scheduler"
+        elif engine_scheduler is not None and not self.owns(engine_scheduler):
+            why = f"DeepSpeed's engine steps {_scheduler_name(engine_scheduler)}"
+        elif groups:
+            applied, expected = float(groups[0]["lr"]), float(self.scheduler.get_last_lr()[0])
+            if not math.isclose(applied, expected, rel_tol=1e-6, abs_tol=0.0):
+                why = f"the optimizer's first parameter group runs at lr {applied:.4g}, the ramp's {expected:.4g}"
+        if why is None:
             return None
-        applied, expected = float(groups[0]["lr"]), float(self.scheduler.get_last_lr()[0])
-        if not math.isclose(applied, expected, rel_tol=1e-6, abs_tol=0.0):
-            return f"the optimizer's first parameter group runs at lr {applied:.4g} where the ramp set {expected:.4g}"
-        return None
+        return (
+            f"the ramp was not applied: {why}, so the range test would record rates the optimizer never used. "
+            "A DeepSpeed config with its own 'scheduler' section? Remove it for the range test"
+        )
 
 
 def _asks_for_a_scheduler(scheduler: Any) -> bool:

@@ -1,33 +1,16 @@
-"""The learning-rate range test's arithmetic: the ramp, the smoothed loss, the stop rule and the
-suggestion (pure Python, no torch; :mod:`sai_hf.find_lr` runs the test).
-
-* :func:`ramp_lr`: the exponential ramp ``start * (end / start) ** (i / (steps - 1))``.
-* :class:`Smoother`: fastai's smoothed loss, an exponential moving average with bias correction
-  (``avg = beta * avg + (1 - beta) * loss``, ``smoothed = avg / (1 - beta ** n)``).
-* :func:`diverged`: why to stop (a non-finite loss, or the smoothed loss above ``factor`` times
-  its best), or ``None``.
-* :func:`suggest`: the suggested learning rate of a recorded curve and how it was chosen.
-* :func:`rose_from_the_start`: the advice for a curve that rose from its first rate on (no suggestion).
-"""
+"""The learning-rate range test's arithmetic, pure Python: the exponential ramp (:func:`ramp_lr`), fastai's smoothed
+loss (:class:`Smoother`), the stop rule (:func:`diverged`) and the suggestion (:func:`suggest`,
+:func:`rose_from_the_start`). :mod:`sai_hf.range_test` runs the test."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = [
-    "METHODS",
-    "DEFAULT_METHOD",
-    "NoDecreaseError",
-    "smoothed_noise",
-    "Smoother",
-    "Suggestion",
-    "diverged",
-    "ramp_lr",
-    "suggest",
-    "rose_from_the_start",
-]
+__all__ = ["METHODS", "DEFAULT_METHOD", "NoDecreaseError", "smoothed_noise", "Smoother", "Suggestion", "diverged",
+           "ramp_lr", "suggest", "rose_from_the_start"]  # fmt: skip
 
 #: ``--method`` choices (see :func:`suggest`).
 METHODS = ("steepest_capped", "steepest", "min_div_10", "valley")
@@ -44,15 +27,14 @@ class NoDecreaseError(ValueError):
 
 
 def ramp_lr(i: int, start: float, end: float, steps: int) -> float:
-    """The learning rate of step ``i`` (0-based) of an exponential ramp from ``start`` to ``end``
-    over ``steps`` steps (``start`` at step 0, ``end`` at step ``steps - 1``; beyond it keeps rising)."""
+    """Step ``i`` (0-based) of the ramp ``start * (end / start) ** (i / (steps - 1))`` (rising past ``steps - 1``)."""
     if steps <= 1:
         return start
     return start * (end / start) ** (i / (steps - 1))
 
 
 class Smoother:
-    """Exponential moving average of the loss with bias correction (fastai's ``SmoothenValue``)."""
+    """fastai's ``SmoothenValue``: ``avg = beta * avg + (1 - beta) * loss``, returned as ``avg / (1 - beta ** n)``."""
 
     def __init__(self, beta: float) -> None:
         if not 0.0 <= beta < 1.0:
@@ -92,13 +74,8 @@ class Suggestion:
 
 
 def _finite_prefix(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for lr, s in zip(lrs, smoothed):
-        if s is None or not math.isfinite(s):
-            break
-        xs.append(float(lr))
-        ys.append(float(s))
-    return xs, ys
+    pairs = list(itertools.takewhile(lambda pair: pair[1] is not None and math.isfinite(pair[1]), zip(lrs, smoothed)))
+    return [float(lr) for lr, _ in pairs], [float(s) for _, s in pairs]
 
 
 def _steepest(logs: list[float], ys: list[float], lo: int, hi: int) -> int:
@@ -154,24 +131,19 @@ def suggest(
 
     Rules (``method``):
 
-    * ``"steepest_capped"`` (default): where the smoothed loss falls fastest against log(lr)
-      (``"steepest"``), but at most half the learning rate of the lowest smoothed loss. The steepest
-      fall alone sits right at the edge for optimizers whose loss keeps falling until it blows up
-      (SGD-SaI: no flat bottom, the lowest point is one step from divergence), and half the
-      lowest point alone is too high for those with a long flat bottom (AdamW); the cap keeps a 2x
-      margin below the rate where the loss stopped improving.
+    * ``"steepest_capped"`` (default): ``"steepest"``, at most half the rate of the lowest smoothed loss. The
+      steepest fall alone sits at the edge where the loss keeps falling until it blows up (SGD-SaI), half the
+      lowest point alone is too high with a long flat bottom (AdamW).
     * ``"steepest"``: where the smoothed loss falls fastest against log(lr), between the first
       ``skip_start`` points and the minimum (fastai's ``steep``, Lightning's suggestion).
     * ``"min_div_10"``: a tenth of the learning rate at the minimum of the smoothed loss (fastai's
       ``minimum``/10).
     * ``"valley"``: fastai's default: half way along the longest decreasing stretch.
 
-    Every rule's value is in :attr:`Suggestion.candidates`. ``NoDecreaseError`` (naming the range)
-    if the loss did not clearly fall: with the raw ``losses`` and the smoothing ``beta``, the fall of
-    the smoothed loss from its highest point before its lowest to the lowest must exceed
-    :data:`NOISE_FACTOR` times its noise (:func:`smoothed_noise`); without them, the lowest point
-    must lie :data:`MIN_RELATIVE_DECREASE` below the value at point ``skip_start - 1``. The first
-    ``skip_start`` points only settle the average and are never "the lowest".
+    Every rule's value is in :attr:`Suggestion.candidates`. ``NoDecreaseError`` if the loss did not clearly fall:
+    with ``losses`` and ``beta``, its fall from its highest point before its lowest must exceed :data:`NOISE_FACTOR`
+    times its noise (:func:`smoothed_noise`); without, the lowest point must lie :data:`MIN_RELATIVE_DECREASE` below
+    point ``skip_start - 1``. The first ``skip_start`` points only settle the average: never "the lowest".
     """
     if method not in METHODS:
         raise ValueError(f"unknown suggestion method {method!r}; choose one of {', '.join(METHODS)}")
@@ -229,12 +201,9 @@ def suggest(
 
 
 def rose_from_the_start(lrs: Sequence[float], smoothed: Sequence[float | None], stop_reason: str) -> str | None:
-    """The error for a test whose loss rose from the first rate on, or ``None``: the ramp started where
-    the model already diverges, so the advice is a lower ``--start-lr`` (:func:`suggest`'s own message asks for
-    a higher one, to spend more steps below a divergence that came after a flat stretch). "Rose": the
-    smoothed loss went up at every step of the first half of the test and then diverged (or ended 10%
-    above its first value). A flat, noisy loss (a frozen model), or one that stayed flat before it
-    diverged, goes up and down: it is not this."""
+    """The error for a test whose loss rose from the first rate on, or ``None``: the advice is a lower ``--start-lr``
+    (:func:`suggest` asks for a higher one, after a flat stretch). "Rose": the smoothed loss went up at every step of
+    the first half, then diverged or ended 10% above its first value (a flat, noisy loss goes up and down)."""
     _, ys = _finite_prefix(lrs, smoothed)  # type: ignore[arg-type]
     half = len(ys) // 2 + 1
     if len(ys) < 3 or any(b <= a for a, b in zip(ys[:half], ys[1:half])):

@@ -1,8 +1,5 @@
-"""Parsing and validation of ``--optim_args "key=value,key=value"`` for sai-hf's optimizers.
-
-``transformers`` hands ``--optim_args`` to optimizer handlers as an unchecked string; here every key
-is looked up in the optimizer's table of :class:`OptionSpec` and every value is converted and
-validated, so a typo fails with a ``ValueError`` naming the key before training starts.
+"""``--optim_args "key=value,key=value"`` for sai-hf's optimizers: every key looked up in the optimizer's table of
+:class:`OptionSpec`, every value converted, so that a typo fails with a ``ValueError`` naming the key before training.
 """
 
 from __future__ import annotations
@@ -25,9 +22,8 @@ class OptionSpec:
     help: str = ""
 
 
-def parse_float(text: str) -> float:
-    """``"0.9"`` -> 0.9 (any Python float literal)."""
-    return float(text)
+#: ``"0.9"`` -> 0.9 (any Python float literal).
+parse_float = float
 
 
 def parse_bool(text: str) -> bool:
@@ -62,8 +58,7 @@ def parse_dtype(text: str) -> Any:
 
 
 def parse_str(text: str) -> str:
-    """A choice (``normalize``, ``scale_rule``): the stripped string, lowercased. Every choice is lowercase, and like
-    bools and dtypes it is accepted in any case (``normalize=MAX`` is ``max``); the optimizer checks the value."""
+    """A choice (``normalize``, ``scale_rule``), in any case: lowercased (the optimizer checks the value)."""
     return text.strip().lower()
 
 
@@ -73,10 +68,9 @@ def optim_args_source(optimizer: str) -> str:
 
 
 def parse_optim_args(text: str | None, options: Mapping[str, OptionSpec], optimizer: str) -> dict[str, Any]:
-    """``text`` (the ``--optim_args`` string; ``None`` or empty: no options) as a dict of values parsed by ``options``
-    (the accepted keys of ``optimizer``, the ``--optim`` name for messages); ``ValueError`` naming the offending key.
-    Every entry must be exactly one ``key=value``, as ``transformers`` itself splits them (it crashes inside ``train()``
-    on an empty entry or a second ``=``)."""
+    """``text`` (``None`` or empty: no options) parsed by ``options``, the accepted keys of ``optimizer`` (the
+    ``--optim`` name); ``ValueError`` naming the offending key. Every entry is one ``key=value``, as transformers splits
+    them (it crashes inside ``train()`` on an empty entry or a second ``=``)."""
     parsed: dict[str, Any] = {}
     if not text:
         return parsed

@@ -17,8 +17,7 @@ def clean_parameter_name(name: str) -> str:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's model inside DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers. FSDP
-    wrappers are kept (FSDP1 is where the shard views live; :func:`clean_parameter_name` drops their components)."""
+    """The user's model inside DDP / DataParallel and ``torch.compile`` wrappers (FSDP1's are kept: its shard views)."""
     parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
     for _ in range(8):
         if isinstance(model, parallel):

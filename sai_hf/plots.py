@@ -1,7 +1,5 @@
 """Pictures of what SaI did to a model (per-block g-SNR bars, g-SNR over training) and of a learning-rate range test.
-
-Needs matplotlib (``pip install 'sai-hf[plots]'``); the rest of sai-hf does not.
-"""
+Needs matplotlib (``pip install 'sai-hf[plots]'``); the rest of sai-hf does not."""
 
 from __future__ import annotations
 
@@ -23,7 +21,8 @@ LAYER_TYPES: tuple[tuple[str, str], ...] = (
     ("mlp", r"mlp|c_fc|fc\d|gate_proj|up_proj|down_proj|ffn"),
     ("head", r"lm_head|score|classifier"),
 )
-
+#: The labels of :data:`LAYER_TYPES`, then ``"other"``: the display (and colour) order.
+ORDER = [label for label, _ in LAYER_TYPES] + ["other"]
 
 #: The ``gsnr.json`` key of ``gsnr / sqrt(numel)`` (drawn on a linear axis around 1).
 RATIO_KEY = "gsnr_over_sqrt_numel"
@@ -35,6 +34,10 @@ def layer_type(name: str) -> str:
         if re.search(pattern, name):
             return label
     return "other"
+
+
+def _colour(plt: Any, kind: str) -> Any:
+    return plt.get_cmap("tab10")(ORDER.index(kind) % 10)
 
 
 def _pyplot() -> Any:
@@ -73,12 +76,10 @@ def plot_gsnr_bars(report: Mapping[str, Mapping[str, float]], path: str | Path, 
     """Bar chart of ``report[name][key]`` (a ``gsnr.json``) per block, log scale (``key=RATIO_KEY``:
     linear, around 1), grouped and coloured by :func:`layer_type`. Returns the PNG path."""
     plt = _pyplot()
-    order = [label for label, _ in LAYER_TYPES] + ["other"]
-    names = sorted(report, key=lambda n: (order.index(layer_type(n)), n))
+    names = sorted(report, key=lambda n: (ORDER.index(layer_type(n)), n))
     values = [float(report[n][key]) for n in names]
     types = [layer_type(n) for n in names]
-    palette = plt.get_cmap("tab10")
-    colors = [palette(order.index(t) % 10) for t in types]
+    colors = [_colour(plt, t) for t in types]
     fig, ax = plt.subplots(figsize=(max(8.0, 0.12 * len(names) + 3), 5))
     if key == RATIO_KEY:  # a ratio near 1: bars up or down from 1 on a linear axis
         ax.bar(range(len(names)), [v - 1.0 for v in values], bottom=1.0, color=colors, width=0.85)
@@ -90,8 +91,8 @@ def plot_gsnr_bars(report: Mapping[str, Mapping[str, float]], path: str | Path, 
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     else:
         ax.set_xticks([])
-    handles = [plt.Rectangle((0, 0), 1, 1, color=palette(order.index(t) % 10)) for t in order if t in types]
-    ax.legend(handles, [t for t in order if t in types], fontsize=8, ncol=2)
+    shown = [t for t in ORDER if t in types]
+    ax.legend([plt.Rectangle((0, 0), 1, 1, color=_colour(plt, t)) for t in shown], shown, fontsize=8, ncol=2)
     return save_figure(
         fig, ax, path, "parameter block (grouped by layer type)", key,
         f"SGD-SaI {key} per block ({len(names)} blocks)", legend=False,
@@ -109,14 +110,11 @@ def plot_gsnr_history(history: Mapping[str, Any], path: str | Path, max_lines: i
     if len(names) > max_lines:
         stride = len(names) / max_lines
         names = [names[int(i * stride)] for i in range(max_lines)]
-    order = [label for label, _ in LAYER_TYPES] + ["other"]
-    palette = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(9, 5))
     seen: set[str] = set()
     for name in names:
         kind = layer_type(name)
-        ax.plot(steps, blocks[name], color=palette(order.index(kind) % 10), alpha=0.7, lw=1,
-                label=kind if kind not in seen else None)
+        ax.plot(steps, blocks[name], color=_colour(plt, kind), alpha=0.7, lw=1, label=None if kind in seen else kind)
         seen.add(kind)
     ax.set_yscale("log")
     return save_figure(
@@ -125,9 +123,8 @@ def plot_gsnr_history(history: Mapping[str, Any], path: str | Path, max_lines: i
 
 
 def plot_lr_find(result: Any, path: str | Path) -> str | None:
-    """Loss and smoothed loss against the learning rate (log axis) of a range test's ``result``
-    (:class:`sai_hf.range_test.LRFindResult`), the suggestion (if any) marked; ``None`` (nothing written)
-    without matplotlib."""
+    """Loss and smoothed loss against the learning rate (log axis) of a :class:`sai_hf.range_test.LRFindResult`, the
+    suggestion (if any) marked; ``None`` (nothing written) without matplotlib."""
     try:
         fig, ax = figure((7, 4.5))
     except ImportError:

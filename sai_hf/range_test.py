@@ -1,23 +1,10 @@
 """The learning-rate range test (Smith 2015; fastai's ``lr_find``) on a ``transformers.Trainer``: :func:`lr_find`.
 
-The Trainer trains for ``steps`` optimizer steps with the learning rate rising exponentially from ``start_lr`` to
-``end_lr`` (replacing its schedule and warm-up; everything else is its own: model, data, batch size, gradient
-accumulation, clipping, ``--optim`` and ``--optim_args``, LoRA, DDP/FSDP). The training loss of every step (averaged
-over ranks and accumulated micro-batches, as the Trainer logs it) is smoothed (:class:`sai_hf.lr_rule.Smoother`); the
-test stops once the loss is not finite or the smoothed loss exceeds ``diverge`` times its best. During the test no
-checkpoint is saved, no evaluation runs, the ``report_to`` integrations are detached and the Trainer's ``output_dir``
-is a temporary folder (removed), so ``gsnr.json`` and anything else the Trainer would write stay out of its
-``output_dir`` (and the path of that folder is not logged). Rank 0 writes ``lr_find.json`` and, with matplotlib,
-``lr_find.png`` (:func:`sai_hf.plots.plot_lr_find`), also when no rate can be suggested (the curve helps to choose
-another range).
-
-Before every step the rate the optimizer is about to apply (its first group's) is checked against the ramp's: a
-scheduler that replaces the ramp (a DeepSpeed config's own ``scheduler`` section) or anything else that sets the rate
-ends the test with an error at once, instead of a curve drawn against rates that were never applied.
-
-SGD-SaI: the scales are computed from the first step's gradient, as in training (they do not depend on the learning
-rate; the ramp only changes the rate that multiplies them). Several processes: every rank runs the same steps; rank 0
-decides when to stop and what to suggest, and broadcasts both, so every rank follows the same decision.
+The Trainer trains with its own model, data, batch size, accumulation, clipping and ``--optim``, but its schedule is
+replaced by the exponential ramp (:class:`sai_hf.lr_ramp.Ramp`, checked before every step to be the rate the optimizer
+applies) and it evaluates, saves and reports nothing (a temporary ``output_dir``, removed). SGD-SaI's scales come from
+the first step's gradient, as in training: the ramp only changes the rate that multiplies them. With several processes
+rank 0 decides when to stop and what to suggest, and broadcasts both.
 """
 
 from __future__ import annotations
@@ -35,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .lr_ramp import Ramp, RampNotApplied
+from .lr_ramp import Ramp
 from .lr_rule import DEFAULT_METHOD, METHODS, NoDecreaseError, Smoother, diverged, rose_from_the_start, suggest
 from .plots import plot_lr_find
 from .sharding import world
@@ -87,10 +74,8 @@ class LRFindError(Exception):
 
 @dataclass
 class LRFindResult:
-    """What a range test found. ``lrs[i]``, ``losses[i]`` and ``smoothed[i]`` belong to step ``i``
-    (the loss of the batch that step trained on, before its update); ``None`` marks a loss that was
-    not finite. ``suggestion`` is ``None`` where ``error`` says why there is none (then only written
-    to ``lr_find.json``: :func:`lr_find` raises :class:`LRFindError`)."""
+    """What a range test found. ``lrs[i]``, ``losses[i]`` and ``smoothed[i]`` belong to step ``i`` (the loss before
+    its update; ``None``: not finite). ``suggestion`` is ``None`` where ``error`` says why (:func:`lr_find` raises)."""
 
     lrs: list[float]
     losses: list[float | None]
@@ -154,9 +139,9 @@ def _range_test_callback(ramp: Ramp, settings: RangeTestSettings, verbose: bool)
         def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
             # The rate this step's update will use: the ramp's, or the test is void (DeepSpeed steps its
             # own scheduler, configured in its config: the curve's x axis would be rates never applied).
-            why = ramp.not_applied(optimizer, kwargs.get("model"))
-            if why is not None:
-                raise RampNotApplied(why)
+            error = ramp.not_applied(optimizer, kwargs.get("model"))
+            if error is not None:
+                raise LRFindError(error)
             groups = getattr(optimizer, "param_groups", None)
             # recorded for this step (the Trainer logs the scheduler's rate, which DeepSpeed's engine has
             # already moved on to the next step's when it steps the ramp itself)
@@ -201,17 +186,15 @@ def _range_test_callback(ramp: Ramp, settings: RangeTestSettings, verbose: bool)
 
 @contextlib.contextmanager
 def _test_setup(trainer: Any, ramp: Ramp, callback: Any) -> Iterator[str]:
-    """The Trainer as the test needs it (restored on exit): ``ramp.steps`` steps, the ramp as scheduler,
-    no evaluation at start, non-finite losses kept, the test callback on, the ``report_to`` integrations and
-    per-log printers off (the test prints its own), a temporary ``output_dir``. Yields the real ``output_dir``."""
+    """The Trainer as the test needs it (restored on exit): ``ramp.steps`` steps with the ramp as scheduler, the test
+    callback instead of integrations and printers, a temporary ``output_dir``. Yields the real ``output_dir``."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     args = trainer.args
-    changed = dict(max_steps=ramp.steps, eval_on_start=False, logging_nan_inf_filter=False, load_best_model_at_end=False,
-                   push_to_hub=False)  # fmt: skip
-    saved_args = {name: getattr(args, name) for name in changed}
-    output_dir = args.output_dir
     tmp = tempfile.mkdtemp(prefix="sai_hf_lr_find_")
+    changed = dict(max_steps=ramp.steps, eval_on_start=False, logging_nan_inf_filter=False, load_best_model_at_end=False,
+                   push_to_hub=False, output_dir=tmp)  # fmt: skip
+    saved_args = {name: getattr(args, name) for name in changed}
     # sai-hf's "g-SNR report ... written to <tmp>/gsnr.json" would name a folder that is removed afterwards
     quieted, folder = logging.getLogger("sai_hf.callback"), os.path.abspath(tmp)
 
@@ -226,7 +209,6 @@ def _test_setup(trainer: Any, ramp: Ramp, callback: Any) -> Iterator[str]:
     try:
         for name, value in changed.items():
             setattr(args, name, value)
-        args.output_dir = tmp
         for cb in saved_callbacks:
             if (type(cb).__module__ or "").startswith("transformers.integrations") or isinstance(cb, (PrinterCallback, ProgressCallback)):
                 trainer.callback_handler.remove_callback(cb)
@@ -235,12 +217,11 @@ def _test_setup(trainer: Any, ramp: Ramp, callback: Any) -> Iterator[str]:
         trainer._created_lr_scheduler = False
         trainer.create_scheduler = lambda num_training_steps, optimizer=None: ramp.trainer_scheduler(trainer, optimizer)
         quieted.addFilter(hide)
-        yield output_dir
+        yield saved_args["output_dir"]
     finally:
         quieted.removeFilter(hide)
         for name, value in saved_args.items():
             setattr(args, name, value)
-        args.output_dir = output_dir
         trainer.callback_handler.callbacks = saved_callbacks
         if saved_create_scheduler is not None:
             trainer.create_scheduler = saved_create_scheduler
@@ -302,19 +283,12 @@ def lr_find(
         trainer.args.learning_rate = result.suggestion
         trainer.train()
 
-    ``steps`` optimizer steps at learning rates rising exponentially from ``start_lr`` to
-    ``end_lr`` (a group at ``args.learning_rate`` gets exactly the ramp; other groups keep their
-    ratio to it), stopping early on divergence; no evaluation, checkpoint or integration logging.
-    ``write``: rank 0 writes ``lr_find.json`` (and ``lr_find.png`` with matplotlib) into
-    ``output_dir`` (default ``trainer.args.output_dir``). ``restore``: afterwards the model's
-    trainable parameters and buffers (and an optimizer you gave the Trainer) are put back, and a
-    Trainer-made optimizer is dropped, so ``trainer.train()`` starts from where it was (single
-    process and DDP; not under FSDP or DeepSpeed, whose wrapped models stay trained). ``train``: the
-    training method to run (default ``type(trainer).train``; the command line passes the Trainer's own,
-    past its hook).
-
-    Raises ``ValueError`` for bad settings and :class:`LRFindError` when no rate can be suggested
-    (the loss never decreased, or diverged at once), naming the problem.
+    ``steps`` optimizer steps at rates rising exponentially from ``start_lr`` to ``end_lr`` (a group at
+    ``args.learning_rate`` gets exactly the ramp, others keep their ratio to it), stopping early on divergence.
+    ``write``: rank 0 writes ``lr_find.json`` (and ``lr_find.png``) into ``output_dir`` (default: the Trainer's).
+    ``restore``: the trainable parameters, buffers and a user-given optimizer are put back afterwards, a Trainer-made
+    optimizer dropped (not under FSDP or DeepSpeed). ``train``: the method to run (default ``type(trainer).train``).
+    ``ValueError`` for bad settings, :class:`LRFindError` when no rate can be suggested.
     """
     settings = RangeTestSettings(start_lr, end_lr, steps, smooth, diverge, method)
     settings.check()
@@ -330,13 +304,10 @@ def lr_find(
     train = train if train is not None else type(trainer).train
     restore = restore and not (getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
     with _restored(trainer, restore), _test_setup(trainer, ramp, callback) as real_output_dir:
-        try:
-            train(trainer)
-        except RampNotApplied as err:
-            raise LRFindError(str(err)) from None
-    why = ramp.not_applied(None, None)
-    if why is not None:
-        raise LRFindError(str(RampNotApplied(why)))
+        train(trainer)
+    ramp_error = ramp.not_applied(None, None)
+    if ramp_error is not None:
+        raise LRFindError(ramp_error)
     found, error = None, None
     if world()[0] == 0:
         try:

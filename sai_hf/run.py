@@ -1,26 +1,9 @@
-"""Run an unmodified training script with ``--optim sgd_sai`` available (``HELP``; scripts/README.md)::
+"""``python -m sai_hf.run (SCRIPT | -m MODULE) [ARGS...]``: run an unmodified training script with ``--optim sgd_sai``
+available (:data:`HELP`; scripts/README.md). Also under ``accelerate launch`` and ``torchrun`` (``... -m sai_hf.run``).
 
-    python -m sai_hf.run SCRIPT.py [ARGS...]        # or a directory / zip file holding a __main__.py
-    python -m sai_hf.run -m PACKAGE.MODULE [ARGS...]
-    accelerate launch [LAUNCH ARGS...] -m sai_hf.run SCRIPT.py [ARGS...]      (torchrun likewise)
-
-``--optim`` is validated when the script's ``HfArgumentParser`` is built, so ``sai_hf`` is imported first (it registers
-the names when the script imports transformers, and costs nothing before); then the script runs as ``python SCRIPT.py
-ARGS...`` would: as ``__main__`` with its absolute ``__file__``, ``sys.argv == [SCRIPT.py, *ARGS]`` as given, its
-directory (or the directory / zip file itself) as ``sys.path[0]`` (not for a file under ``python -I``/``-P``), its own
-exit status (``SystemExit`` and exceptions propagate), and its non-daemon threads waited for before ``sys.argv`` and
-``sys.path`` are restored. Launcher errors print one line ``python -m sai_hf.run: error: ...`` and exit with 2 before
-anything is imported from the script.
-
-The processes the script starts register the names too (``torchrun`` or ``accelerate launch`` started by a framework's
-CLI, ``multiprocessing`` spawn workers, the script re-executing itself): while it runs, ``PYTHONPATH`` begins with
-:data:`CHILD_SITE`, whose ``sitecustomize`` imports ``sai_hf`` in every Python process started with
-``SAI_HF_REGISTER_IN_CHILDREN=1`` (:func:`child_environment`; ``SAI_HF_REGISTER_IN_CHILDREN=0`` before the launcher
-turns this off). That import costs a child next to nothing: the registration waits until the child imports
-transformers' ``TrainingArguments`` or ``Trainer``. The registration also makes several processes on a machine without
-a GPU one job (:func:`sai_hf.integration.train_together_on_cpu`) and connects DeepSpeed to their process group before
-the script's ``from_pretrained`` (:func:`sai_hf.integration.connect_deepspeed_to_process_group`). When the script ends
-normally, a default process group it left alive is ended (:func:`end_process_group`).
+``sai_hf`` is imported first (it registers the names when the script imports transformers); then the script runs as
+``python SCRIPT ARGS...`` would (:func:`main`). The Python processes it starts import ``sai_hf`` too, through
+:data:`CHILD_SITE` on ``PYTHONPATH`` (:func:`child_environment`).
 """
 
 from __future__ import annotations
@@ -80,17 +63,15 @@ example:
 
 
 class UsageError(Exception):
-    """A command-line error (this launcher's, or ``python -m sai_hf.find_lr``'s): printed as one ``error:`` line, exit
-    status 2."""
+    """A command-line error (this launcher's or ``python -m sai_hf.find_lr``'s): one ``error:`` line, exit status 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``argv[0]`` (a script path, or ``-m MODULE``) as ``__main__`` with ``argv[1:]`` as its arguments.
 
-    Returns 0 when the script ends normally or after ``--help``, 2 after one ``error:`` line for a launcher error;
-    the script's ``SystemExit`` and exceptions propagate. ``sys.argv``, ``sys.path`` and the environment variables of
-    :func:`child_environment` are restored afterwards; after a normal end (return, exit status 0) a default process
-    group the script started and left alive is ended (:func:`end_process_group`)."""
+    Returns 0 (the script ended, or ``--help``) or 2 (a launcher error); the script's ``SystemExit`` and exceptions
+    propagate. Its non-daemon threads are waited for, then ``sys.argv``, ``sys.path`` and the environment are restored;
+    after a normal end a default process group the script left alive is ended (:func:`end_process_group`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(HELP, end="")
@@ -100,8 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    # sai_hf, this module's package, is imported: it registers the names when the script imports transformers (or
-    # registered them, where transformers was imported before), without importing transformers itself.
     saved_argv, saved_path = sys.argv, list(sys.path)
     running = set(threading.enumerate())
     ended_normally = False
@@ -125,46 +104,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_script(argv: list[str], target: str) -> None:
-    """Run ``argv`` (checked by :func:`script_kind`, which said ``target``) as ``python ARGV...`` would.
+    """Run ``argv`` (of kind ``target``: :func:`script_kind`) as ``python ARGV...`` would.
 
-    ``sys.path[0]``: ``python -m sai_hf.run`` put the current directory there, which ``python SCRIPT`` would not: it is
-    replaced by the script's directory (its real path, as python's), or by the directory / zip file itself. Under
-    ``-I``/``-P`` (``PYTHONSAFEPATH``) python prepends no current directory and ``python -I SCRIPT.py`` no script
-    directory: ``sys.path`` stays as it is for a file; a directory / zip file is still put first, as python does."""
+    ``sys.path[0]``, the current directory under ``python -m``, becomes the script's real directory, or the directory /
+    zip file itself. Under ``-I``/``-P`` python adds no script directory for a file (the entry stays), but still puts a
+    directory / zip file first."""
     safe_path = bool(getattr(sys.flags, "safe_path", False) or sys.flags.isolated)  # -P (3.11+), -I (implies -P)
     if target == "module":
-        sys.argv = [argv[1], *argv[2:]]  # run_module replaces argv[0] by the module's file
+        sys.argv = argv[1:]  # run_module replaces argv[0] by the module's file
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         return
     script = argv[0]
-    sys.argv = [script, *argv[1:]]  # as given: python keeps it relative
+    sys.argv = list(argv)  # as given: python keeps it relative
     if target == "file":
         if not safe_path:
-            _replace_first_path_entry(os.path.dirname(os.path.realpath(script)))
+            sys.path[:1] = [os.path.dirname(os.path.realpath(script))]
         code, module_globals = _file_code(script)
         _exec_as_main(code, **module_globals)
         return
     entry = os.path.abspath(script)  # python's sys.path[0] and __file__ are absolute there
-    if safe_path:
-        sys.path.insert(0, entry)
-    else:
-        _replace_first_path_entry(entry)
+    sys.path[: 0 if safe_path else 1] = [entry]  # put first; in place of the current directory unless -I/-P
     spec = pkgutil.get_importer(entry).find_spec("__main__")  # checked by script_kind
     _exec_as_main(spec.loader.get_code("__main__"), __file__=spec.origin, __cached__=spec.cached, __loader__=spec.loader,
                   __package__=spec.parent, __spec__=spec)  # fmt: skip
 
 
-def _replace_first_path_entry(entry: str) -> None:
-    if sys.path:
-        sys.path[0] = entry
-    else:  # pragma: no cover - sys.path is never empty in practice
-        sys.path.insert(0, entry)
-
-
 def _file_code(script: str) -> tuple[Any, dict[str, Any]]:
-    """The code of the file ``script`` and the globals python gives it: ``__file__`` (and the code's file name, which
-    tracebacks show) absolute (``os.path.abspath``: a symlink's own path), as ``python SCRIPT.py`` has made them since
-    3.9 (``runpy.run_path`` would make ``sys.argv[0]`` absolute too); a compiled ``.pyc`` file runs as python runs it."""
+    """The code of the file ``script`` and its globals: ``__file__`` and the code's file name absolute (a symlink's own
+    path), as ``python SCRIPT.py`` makes them (``runpy.run_path`` would also make ``sys.argv[0]`` absolute); a ``.pyc``
+    file runs as python runs it."""
     path = os.path.abspath(script)
     with io.open_code(path) as stream:
         code = pkgutil.read_code(stream)  # None unless the file starts with this python's .pyc magic number
@@ -178,8 +146,7 @@ def _file_code(script: str) -> tuple[Any, dict[str, Any]]:
 
 
 def _exec_as_main(code: Any, **module_globals: Any) -> None:
-    """Execute ``code`` as a fresh ``__main__`` module (``sys.modules["__main__"]`` while it runs, then restored, as
-    :mod:`runpy` does), leaving ``sys.argv`` as it is."""
+    """Execute ``code`` as a fresh ``__main__`` module (in ``sys.modules`` while it runs, as :mod:`runpy` does)."""
     module = types.ModuleType("__main__")
     module.__dict__.update(__builtins__=builtins, **module_globals)
     saved = sys.modules.get("__main__")
@@ -194,9 +161,8 @@ def _exec_as_main(code: Any, **module_globals: Any) -> None:
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables to set over ``environ`` so that the Python processes started with it import sai_hf at start-up
-    (``CHILD_SITE/sitecustomize.py``): :data:`CHILD_SITE` first on ``PYTHONPATH`` (the rest kept as it was) and
-    :data:`CHILDREN_GATE` ``=1``; nothing if ``environ`` has :data:`CHILDREN_GATE` ``=0``."""
+    """The variables to set over ``environ`` so that the processes started with it import sai_hf at start-up:
+    :data:`CHILD_SITE` first on ``PYTHONPATH`` and :data:`CHILDREN_GATE` ``=1``; nothing where the gate is ``0``."""
     if environ.get(CHILDREN_GATE) == "0":
         return {}
     python_path = environ.get("PYTHONPATH", "")
@@ -224,14 +190,9 @@ def _registering_children() -> Iterator[None]:
 def end_process_group() -> None:
     """Wait for every rank, then destroy the default process group, if one is alive.
 
-    A rank that exits with its gloo group still alive can die with SIGABRT during interpreter
-    finalization, after its work is done: gloo's C++ threads still hold work objects whose tensors
-    take the GIL while it is being torn down (pytorch/pytorch#179291). torchrun then reports the run
-    as failed (exit code -6, the other rank SIGTERM-ed), with no Python traceback. The barrier makes
-    every rank leave its last collective before any tears its group down. (Objects that still hold the
-    group, e.g. DTensor's device meshes, keep it alive past this call: the test workers also skip
-    finalization, tests/support/_processes.py.)
-    """
+    A rank that exits with its gloo group alive can die with SIGABRT during interpreter finalization (gloo's threads
+    take the GIL while it is torn down, pytorch/pytorch#179291), and torchrun reports the run as failed. The barrier
+    makes every rank leave its last collective before any tears its group down."""
     if _process_group_alive():
         import torch.distributed as dist
 
@@ -271,7 +232,8 @@ def script_kind(argv: list[str], prog: str = PROG) -> str:
     if first.startswith("-") and first != "-":
         raise UsageError(f"unknown option {first!r}: give a script, -m MODULE, or --help")
     if os.path.isdir(first) or os.path.isfile(first) and pkgutil.get_importer(first) is not None:
-        if pkgutil.get_importer(first) is None or not _has_main(first):
+        importer = pkgutil.get_importer(first)
+        if importer is None or importer.find_spec("__main__") is None:
             raise UsageError(f"can't find '__main__' module in {first!r}: a directory or zip file needs a __main__.py")
         return "path_entry"
     if not os.path.exists(first):
@@ -283,17 +245,9 @@ def script_kind(argv: list[str], prog: str = PROG) -> str:
     return "file"
 
 
-def _has_main(path: str) -> bool:
-    """Whether ``path`` (a sys.path entry: a directory or a zip file) holds a ``__main__`` module."""
-    importer = pkgutil.get_importer(path)
-    return importer is not None and importer.find_spec("__main__") is not None
-
-
 def _check_module(name: str, prog: str) -> None:
-    """``UsageError`` unless ``name`` is a module ``runpy.run_module`` can run, with python's own wording.
-
-    Finding a submodule imports its parent packages; an error raised while doing so that is not an
-    import problem (a bug in the package) propagates with its traceback, as with ``python -m``."""
+    """``UsageError`` unless ``name`` is a module ``runpy.run_module`` can run, in python's wording. Finding a
+    submodule imports its parent packages: an error there that is not an import problem propagates, as with ``-m``."""
     if name.startswith("."):
         raise UsageError(f"relative module names are not supported: {name!r}")
     spec = _find_spec(name)
@@ -303,7 +257,6 @@ def _check_module(name: str, prog: str) -> None:
     if spec.submodule_search_locations is not None:  # a package: python -m runs its __main__
         if _find_spec(f"{name}.__main__") is None:
             raise UsageError(f"no module named {name + '.__main__'!r}; {name!r} is a package and cannot be directly executed")
-
 
 
 def _find_spec(name: str) -> Any:
