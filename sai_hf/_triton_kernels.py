@@ -1,4 +1,4 @@
-"""Triton kernels behind :mod:`sai_hf.triton_update` and :mod:`sai_hf.triton_statistics` (import those, not this).
+"""The Triton kernel behind :mod:`sai_hf.triton_update` (import that, not this).
 
 Loaded at most twice: compiled for CUDA, and as a private copy decorated while ``TRITON_INTERPRET=1`` (``triton.jit``
 picks the mode when it decorates). A launch's argument is a *table* (int64, field-major: ``table[field * n + t]``)
@@ -155,40 +155,3 @@ def sgd_sai_kernel(
             p_address, g_address, m_address, offs, offs < end, step_size, keep, mu, one_minus_mu,
             is_first, seed_offset, P_KIND, G_KIND, M_KIND, HAS_MOMENTUM, STOCHASTIC, MAXIMIZE, ALIGNED,
         )  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- g-SNR statistics
-# Rows of the statistics table (int64, field-major as above): gradient address, size, first program.
-_STAT_G_PTR, _STAT_NUMEL, _STAT_FIRST_PROGRAM = map(tl.constexpr, range(3))
-#: Columns of the per-program output: entries, sum, centred sum of squares (float64).
-N_TILE_COLUMNS = 3
-_N_TILE_COLUMNS = tl.constexpr(N_TILE_COLUMNS)
-
-
-@triton.jit
-def _add(a, b):
-    """The combine function of the sums (``tl.sum``'s, but defined here: Triton's own library
-    functions are not interpreted when ``TRITON_INTERPRET`` is set after ``triton`` was imported)."""
-    return a + b
-
-
-@triton.jit
-def tile_statistics_kernel(table, n_tensors, search_steps, out, KIND: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """Program ``pid`` reduces one tile of ``BLOCK`` entries (the tail tile shorter) of its tensor, in
-    float64, two-pass in registers: ``m`` entries, ``K = sum x / m``, ``D1 = sum (x - K)``,
-    ``D2 = sum (x - K)^2``; writes ``[m, m K + D1, max(D2 - D1^2 / m, 0)]`` to ``out[pid]``."""
-    pid = tl.program_id(0)
-    t = _owner(table, n_tensors, search_steps, pid, _STAT_FIRST_PROGRAM)
-    numel = tl.load(table + _STAT_NUMEL * n_tensors + t)
-    start = (pid - tl.load(table + _STAT_FIRST_PROGRAM * n_tensors + t)) * BLOCK  # int64
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    x = tl.where(mask, _load_f32(tl.load(table + _STAT_G_PTR * n_tensors + t), offs, mask, KIND, ALIGNED).to(tl.float64), 0.0)
-    m = (tl.minimum(numel - start, BLOCK)).to(tl.float64)
-    shift = tl.reduce(x, 0, _add) / m
-    centred = tl.where(mask, x - shift, 0.0)
-    d1 = tl.reduce(centred, 0, _add)
-    d2 = tl.reduce(centred * centred, 0, _add)
-    tl.store(out + pid * _N_TILE_COLUMNS, m)
-    tl.store(out + pid * _N_TILE_COLUMNS + 1, shift * m + d1)
-    tl.store(out + pid * _N_TILE_COLUMNS + 2, tl.maximum(d2 - d1 * d1 / m, 0.0))

@@ -1,7 +1,6 @@
 """The first step's gradient statistics (``sai_hf.gradient_statistics`` -> ``gsnr_from_statistics``) on
 CPU: against torch's std/norm and a float64 two-pass definition, on both CPU row paths (the native
-kernel and torch ops), summed over shards, and what a block with a zero gradient costs.
-The Triton kernel's sums: ``test_triton_statistics.py``."""
+kernel and torch ops), summed over shards, and what a block with a zero gradient costs."""
 
 from __future__ import annotations
 
