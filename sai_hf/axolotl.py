@@ -20,7 +20,7 @@ __all__ = ["SGDSaIPlugin", "optim_args_text"]
 
 
 def optim_args_text(optim_args: Any) -> str | None:
-    """axolotl's ``optim_args`` (a ``key=value,...`` string or a mapping) as the ``--optim_args`` string it passes on."""
+    """axolotl's ``optim_args`` (``key=value,...`` or a mapping) as the ``--optim_args`` string it passes on."""
     if isinstance(optim_args, Mapping):
         return ",".join(f"{key}={value}" for key, value in optim_args.items())
     if optim_args is not None and not isinstance(optim_args, str):

@@ -195,9 +195,9 @@ class GSNRCallback(TrainerCallback):
         self._reset(state)
         if self.automatic or find_sgd_sai(optimizer) is None or not self._interval():
             return
-        path = os.path.normpath(os.path.abspath(self._history_path(args)))
+        path = os.path.abspath(self._history_path(args))  # normalized
         for other in self._peers(state):
-            if not other.automatic and other.track_every and os.path.normpath(os.path.abspath(other._history_path(args))) == path:
+            if not other.automatic and other.track_every and os.path.abspath(other._history_path(args)) == path:
                 raise ValueError(
                     f"Two GSNRCallbacks track g-SNR drift into the same file {path}: give one of them another "
                     "filename or history_filename"

@@ -59,7 +59,7 @@ example:
 
 
 class _Finished(BaseException):
-    """Raised out of the script's ``train()`` once the test is done (not an ``Exception``: the script cannot catch it)."""
+    """Raised out of the script's ``train()`` once the test is done (no ``Exception``: the script cannot catch it)."""
 
     def __init__(self, result: LRFindResult | None = None, error: str | None = None) -> None:
         super().__init__(error or "range test finished")

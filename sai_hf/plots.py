@@ -56,9 +56,7 @@ def figure(size: tuple[float, float]) -> tuple[Any, Any]:
     return _pyplot().subplots(figsize=size)
 
 
-def save_figure(
-    fig: Any, ax: Any, path: str | Path, xlabel: str, ylabel: str, title: str, legend: bool = True
-) -> Path:
+def save_figure(fig: Any, ax: Any, path: str | Path, xlabel: str, ylabel: str, title: str, legend: bool = True) -> Path:
     """Label ``ax``, add its legend, write ``fig`` to ``path`` (PNG, 120 dpi), close it; return the path."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -137,8 +137,6 @@ def _range_test_callback(ramp: Ramp, settings: RangeTestSettings, verbose: bool)
             return control
 
         def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-            # The rate this step's update will use: the ramp's, or the test is void (DeepSpeed steps its
-            # own scheduler, configured in its config: the curve's x axis would be rates never applied).
             error = ramp.not_applied(optimizer, kwargs.get("model"))
             if error is not None:
                 raise LRFindError(error)
