@@ -608,6 +608,8 @@ BLOCKS: dict[str, Callable[[str], str]] = {
     "lora-r16": grid_table,
     "lora-r16/curves": lambda name: curves_table(name.split("/")[0]).split("\n\n", 1)[1],
     "lora-grid/curves": lambda name: curves_table(name.split("/")[0]).split("\n\n", 1)[1],
+    "smollm2-lora": grid_table,
+    "smollm2-lora/curves": lambda name: curves_table(name.split("/")[0]).split("\n\n", 1)[1],
     "headline": headline,
     "zero_memory.json": zero_memory_table,
     "zero_memory.json/llama-8b": zero_memory_llama_8b,
