@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from unittest import mock
 import subprocess
 import sys
 from pathlib import Path
@@ -466,17 +467,21 @@ def recipe_configs() -> list[Path]:
 @pytest.mark.parametrize("config", recipe_configs(), ids=lambda path: path.name)
 def test_every_config_parses(config: Path) -> None:
     dataclasses_ = PRETRAIN_ARGS if config.name.startswith("gpt2") else FINETUNE_ARGS
-    *_, training_args = parse_recipe_args([str(config)], dataclasses_)  # as written, bf16 ones too, on this CPU
+    with mock.patch.dict(os.environ):  # transformers 4.57 exports bf16 as ACCELERATE_MIXED_PRECISION
+        *_, training_args = parse_recipe_args([str(config)], dataclasses_)  # as written, bf16 ones too, on this CPU
     assert training_args.optim == "sgd_sai", "every shipped recipe trains with SGD-SaI"
     assert training_args.eval_strategy == "steps"
 
 
 @pytest.mark.skipif(torch.accelerator.current_accelerator() is not None, reason="the rule is for machines without one")
-def test_bf16_without_an_accelerator_sets_use_cpu_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bf16_without_an_accelerator_sets_use_cpu_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """transformers refuses bf16 without a GPU unless told use_cpu; a recipe asking bf16 gets CPU autocast and one
     line, unless the run names use_cpu itself (then transformers' own refusal stands) or asks float32."""
     from transformers import TrainingArguments
 
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # transformers 4.57 exports bf16 to the environment
     config = tmp_path / "bf16.yaml"
     config.write_text(f"output_dir: {tmp_path / 'out'}\nbf16: true\n")
     (args,) = parse_recipe_args([str(config)], (TrainingArguments,))
@@ -948,6 +953,7 @@ def test_smollm2_recipe_on_a_gguf_package_converts_once_and_fine_tunes(
 
     import sai_hf.recipes.gguf as gguf_module
 
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # the config's bf16: transformers 4.57 exports it
     monkeypatch.syspath_prepend(str(tiny_gguf_package))
     cache = tmp_path / "cache"
     result = finetune_llama_lora.main([str(CONFIGS / "smollm2-135m-lora.yaml"), *tiny_smollm2(tmp_path / "lora", cache)])
