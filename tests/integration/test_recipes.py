@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from unittest import mock
 import subprocess
 import sys
 from pathlib import Path
@@ -465,10 +464,10 @@ def recipe_configs() -> list[Path]:
 
 
 @pytest.mark.parametrize("config", recipe_configs(), ids=lambda path: path.name)
-def test_every_config_parses(config: Path) -> None:
+def test_every_config_parses(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dataclasses_ = PRETRAIN_ARGS if config.name.startswith("gpt2") else FINETUNE_ARGS
-    with mock.patch.dict(os.environ):  # transformers 4.57 exports bf16 as ACCELERATE_MIXED_PRECISION
-        *_, training_args = parse_recipe_args([str(config)], dataclasses_)  # as written, bf16 ones too, on this CPU
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # transformers 4.57 exports bf16 to the environment
+    *_, training_args = parse_recipe_args([str(config)], dataclasses_)  # as written, bf16 ones too, on this CPU
     assert training_args.optim == "sgd_sai", "every shipped recipe trains with SGD-SaI"
     assert training_args.eval_strategy == "steps"
 
@@ -953,7 +952,7 @@ def test_smollm2_recipe_on_a_gguf_package_converts_once_and_fine_tunes(
 
     import sai_hf.recipes.gguf as gguf_module
 
-    monkeypatch.setattr(os, "environ", os.environ.copy())  # the config's bf16: transformers 4.57 exports it
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # transformers 4.57 exports bf16 to the environment
     monkeypatch.syspath_prepend(str(tiny_gguf_package))
     cache = tmp_path / "cache"
     result = finetune_llama_lora.main([str(CONFIGS / "smollm2-135m-lora.yaml"), *tiny_smollm2(tmp_path / "lora", cache)])
