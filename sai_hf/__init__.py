@@ -4,7 +4,8 @@
 imports neither torch nor transformers. Where ``transformers.training_args`` (``TrainingArguments``,
 ``OptimizerNames``) or ``transformers.trainer`` (the ``Trainer``) is already imported, it registers there and then;
 otherwise it registers each part right after transformers loads that module, before or after ``import sai_hf``
-(:func:`_after_import`, :mod:`sai_hf.integration`). Every public name is imported on first access (PEP 562).
+(:func:`_after_import`, :mod:`sai_hf.integration`). The DeepSpeed adapter's backends register the same way when
+``deepspeed`` loads (:mod:`sai_hf.deepspeed`). Every public name is imported on first access (PEP 562).
 
 Public API: ``SGDSaI`` (the optimizer) and ``sgd_sai`` (its functional update); ``GSNRCallback`` (reports the scales in
 the Trainer's logs and ``gsnr.json``, and g-SNR drift); ``gradient_statistics``, ``gsnr_from_statistics``,
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 #: Each public name -> the submodule that defines it, imported on first access.
 _EXPORTS = {
     "SGDSaI": "optimizer", "find_sgd_sai": "optimizer", "ScaleRecord": "optimizer", "NORMALIZATIONS": "optimizer",
-    "register_sharded_model": "optimizer", "validate_hyperparameters": "optimizer",
+    "register_sharded_model": "sharded_model", "validate_hyperparameters": "optimizer",
     "sgd_sai": "functional",
     "GSNRCallback": "callback", "GSNR_FILENAME": "callback",
     "BlockStatus": "gsnr", "gradient_statistics": "gsnr", "gsnr_from_statistics": "gsnr",
@@ -58,13 +59,15 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-# --------------------------------------------------------------------------- registration when transformers loads
-#: transformers' modules -> the :mod:`sai_hf.integration` function that registers what each one holds: the
-#: ``OptimizerNames`` members and ``TrainingArguments``' checks; the optimizer handlers and ``DEFAULT_CALLBACKS``.
-#: In import order: ``transformers.trainer`` imports ``transformers.training_args``.
+# --------------------------------------------------------------------------- registration when a framework loads
+#: Modules of transformers and DeepSpeed -> the submodule and function that registers with each: the ``OptimizerNames``
+#: members and ``TrainingArguments``' checks; the optimizer handlers and ``DEFAULT_CALLBACKS`` (:mod:`sai_hf.integration`);
+#: the ZeRO backends (:mod:`sai_hf.deepspeed`). In import order: ``transformers.trainer`` imports
+#: ``transformers.training_args``.
 _REGISTRATIONS = {
-    "transformers.training_args": "register_training_arguments",
-    "transformers.trainer": "register_trainer",
+    "transformers.training_args": ("integration", "register_training_arguments"),
+    "transformers.trainer": ("integration", "register_trainer"),
+    "deepspeed": ("deepspeed", "register_backends"),
 }
 
 #: Called with the exception where registering fails while transformers loads one of :data:`_REGISTRATIONS`' modules;
@@ -77,10 +80,9 @@ _pending: set[str] = set()
 
 
 def _register_with(name: str, module: object) -> None:
-    """Run the registration that ``module`` (transformers' module ``name``) needs."""
-    from . import integration
-
-    getattr(integration, _REGISTRATIONS[name])(module)
+    """Run the registration that ``module`` (the framework's module ``name``) needs."""
+    submodule, function = _REGISTRATIONS[name]
+    getattr(importlib.import_module(f"{__name__}.{submodule}"), function)(module)
 
 
 class _RegisteringLoader:

@@ -26,7 +26,8 @@ from typing import Any, ClassVar
 from transformers import TrainerCallback
 
 from .drift import DriftHistory, checked_track_every, drift_summary, track_every_from_env, write_json
-from .optimizer import SGDSaI, StatisticsReducer, find_sgd_sai, register_sharded_model
+from .optimizer import SGDSaI, StatisticsReducer, find_sgd_sai
+from .sharded_model import register_sharded_model
 from .parameter_names import parameter_names
 
 __all__ = ["GSNRCallback", "AutoGSNRCallback", "find_sgd_sai", "GSNR_FILENAME"]

@@ -25,14 +25,13 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .sharding import STATE_KEYS as BACKEND_STATE_KEYS
 
 __all__ = ["SGDSAI_STATE_KEYS", "align_scheduler", "buffers_in_saved_dtype", "prepare_state_dict", "remember_parameter_order",
            "state_dict_kind", "user_stacklevel"]  # fmt: skip
 
-#: Keys a block's state may have in an SGDSaI state dict (any version of this package), and those the
-#: sharding layouts add (a DeepSpeed ZeRO flat partition's state: :mod:`sai_hf.sharding.deepspeed`).
-SGDSAI_STATE_KEYS = frozenset({"momentum_buffer", "gsnr", "scale", "step", "gsnr_eps_free"}) | BACKEND_STATE_KEYS
+#: Keys a block's state may have in an SGDSaI state dict (any version of this package); the sharding backends add
+#: theirs (a DeepSpeed ZeRO flat partition's state: :mod:`sai_hf.deepspeed`).
+SGDSAI_STATE_KEYS = frozenset({"momentum_buffer", "gsnr", "scale", "step", "gsnr_eps_free"})
 #: Keys of a parameter group that only this package writes.
 _SGDSAI_GROUP_KEY = "normalize"
 #: Keys of the official package's parameter groups and block state.
@@ -83,16 +82,17 @@ def _block_states(state_dict: Mapping[str, Any]) -> Mapping[Any, Mapping[str, An
     return state
 
 
-def state_dict_kind(state_dict: Mapping[str, Any]) -> str:
-    """``"sgd_sai"`` (this package), ``"official"`` (``sgd-sai``'s ``SGD_sai``), or a description of
-    the foreign optimizer it looks like (starting with ``"foreign"``)."""
+def state_dict_kind(state_dict: Mapping[str, Any], backend_state_keys: frozenset[str] = frozenset()) -> str:
+    """``"sgd_sai"`` (this package; block state keys of :data:`SGDSAI_STATE_KEYS` or ``backend_state_keys``),
+    ``"official"`` (``sgd-sai``'s ``SGD_sai``), or a description of the foreign optimizer it looks like (starting
+    with ``"foreign"``)."""
     groups = state_dict.get("param_groups")
     if not isinstance(groups, Sequence) or not all(isinstance(g, Mapping) for g in groups):
         raise ValueError("Not an optimizer state dict: expected a 'param_groups' list of mappings")
     state = _block_states(state_dict)
     state_keys = set().union(*(set(v) for v in state.values() if isinstance(v, Mapping)))
     group_keys = set().union(*(set(g) for g in groups)) - {"params", "param_names"}
-    if _SGDSAI_GROUP_KEY in group_keys and state_keys <= SGDSAI_STATE_KEYS:
+    if _SGDSAI_GROUP_KEY in group_keys and state_keys <= SGDSAI_STATE_KEYS | backend_state_keys:
         return "sgd_sai"
     if _OFFICIAL_GROUP_KEYS <= group_keys <= _OFFICIAL_GROUP_KEYS | _SCHEDULER_GROUP_KEYS and state_keys <= _OFFICIAL_STATE_KEYS:
         return "official"
@@ -333,7 +333,7 @@ def _check_blocks(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any
 def prepare_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """``state_dict`` checked (and, for the official package, converted) for ``optimizer``; raises
     ``ValueError`` for another optimizer's state or state that does not fit the parameters."""
-    kind = state_dict_kind(state_dict)
+    kind = state_dict_kind(state_dict, optimizer.sharding.state_keys())
     if kind.startswith("foreign"):
         raise ValueError(
             f"This optimizer state dict is not SGD-SaI's: it looks like {kind.removeprefix('foreign: ')}. "

@@ -36,7 +36,7 @@ from typing import Any
 from .checkpoint import align_scheduler, remember_parameter_order
 from .compat import check_installed_transformers, optimizer_handlers
 from .sharding import refuse_unsupported_setup
-from .sharding.deepspeed import deepspeed_in_use
+from .deepspeed import deepspeed_in_use, refuse_unsupported_deepspeed
 from .optim_args import (
     OptionSpec, optim_args_source, parse_bool, parse_dtype, parse_float, parse_optim_args, parse_optional_bool, parse_str,
 )
@@ -201,14 +201,16 @@ def _add_enum_member(enum_cls: type[enum.Enum], member_name: str, value: str) ->
 
 class _OptimArgsCheckEvents:
     """Rejects a bad ``--optim_args`` for a sai-hf optimizer at the end of ``Trainer.__init__`` (the Trainer reads them
-    only inside ``train()``), and for SGD-SaI the setups :func:`sai_hf.sharding.refuse_unsupported_setup` refuses
-    (DeepSpeed NVMe offload, optimizer offload without ``"zero_force_ds_cpu_optimizer": false``, an ``optimizer``
-    section, ...; FSDP1 ``use_orig_params=False``), naming the key and what to use instead."""
+    only inside ``train()``), and for SGD-SaI the setups that :func:`sai_hf.sharding.refuse_unsupported_setup` (FSDP1
+    ``use_orig_params=False``) and :func:`sai_hf.deepspeed.refuse_unsupported_deepspeed` refuse (DeepSpeed NVMe
+    offload, optimizer offload without ``"zero_force_ds_cpu_optimizer": false``, an ``optimizer`` section, ...),
+    naming the key and what to use instead."""
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         found = optimizer_kwargs_from_args(args)
         if found is not None and issubclass(found[0], SGDSaI):
             refuse_unsupported_setup(args)
+            refuse_unsupported_deepspeed(args)
 
 
 class _ImportedSchedulerAlignmentEvents:

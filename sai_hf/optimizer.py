@@ -34,7 +34,7 @@ from .sharding import Backends, Block
 
 __all__ = [
     "SGDSaI", "ScaleRecord", "StatisticsReducer", "NORMALIZATIONS", "SCALE_RULES", "validate_hyperparameters",
-    "find_sgd_sai", "register_sharded_model",
+    "find_sgd_sai", "wrappers",
 ]  # fmt: skip
 
 #: ``(B, STATISTICS_WIDTH)`` per-piece statistics -> their sums over the ranks holding the pieces.
@@ -158,7 +158,7 @@ class SGDSaI(Optimizer):
                 self.sharding.add_group(group)
         self.sharding.groups.bind(self.param_groups)
         self._register_state_dict_layout()
-        for group in self.param_groups:  # groups pickled by older versions
+        for group in self.param_groups:  # torch.optim's pattern: every option present in an unpickled group
             for key, value in (("normalize", "none"), ("scale_rule", "gsnr"), ("maximize", False), ("gsnr_max", None)):
                 group.setdefault(key, value)
             for key in ("foreach", "fused", "momentum_dtype"):
@@ -380,15 +380,4 @@ def find_sgd_sai(optimizer: Any) -> SGDSaI | None:
     """The :class:`SGDSaI` inside ``optimizer`` (unwrapping e.g. accelerate's ``AcceleratedOptimizer``)."""
     return wrappers(optimizer)[1]
 
-
-def register_sharded_model(model: torch.nn.Module, optimizer: Any) -> int:
-    """Tell ``optimizer`` (an :class:`SGDSaI`, possibly wrapped) which of ``model``'s parameters are FSDP1
-    ``use_orig_params=True`` shard views (FSDP1 leaves them unmarked), and which optimizer wraps it (DeepSpeed
-    ZeRO-1/2's: pass ``engine.optimizer``); idempotent, returns the number recorded. Plain-PyTorch FSDP1 needs it
-    (once, after wrapping and building the optimizer), and plain DeepSpeed ZeRO-1/2 with several parameter groups
-    for ``normalize="max"``; the Trainer's callback does it."""
-    chain, sai = wrappers(optimizer)
-    if sai is None:
-        raise TypeError("register_sharded_model: optimizer is not an sai_hf.SGDSaI (nor wraps one)")
-    return sai.register_model(model) + sai.sharding.register(wrappers=chain)
 

@@ -4,8 +4,6 @@ one module per backend.
 ===========================  ==============================================================
 module                       what the optimizer's parameters are; its blocks
 ===========================  ==============================================================
-:mod:`.deepspeed`            DeepSpeed ZeRO-1/2/3 flat fp32 partitions (and offload); blocks
-                             are the parameters' pieces in them. The one DeepSpeed adapter.
 :mod:`.fsdp1`                FSDP1 ``use_orig_params=True`` views (registered from the model)
 :mod:`.dtensor`              DTensors (FSDP2): ``to_local()`` shards and replicas
 :mod:`.local`                whole tensors on every rank (one process, DDP)
@@ -13,7 +11,9 @@ module                       what the optimizer's parameters are; its blocks
 
 An :class:`sai_hf.SGDSaI` holds one :class:`Backends`: one instance of each of :data:`BACKENDS`, the first that
 claims an optimizer parameter answering for it. Adding a backend is one module with a
-:class:`~sai_hf.sharding.base.ShardingBackend` subclass and its entry in :data:`BACKENDS`.
+:class:`~sai_hf.sharding.base.ShardingBackend` subclass, placed in :data:`BACKENDS` by :func:`add_backends`: the
+DeepSpeed adapter (:mod:`sai_hf.deepspeed`, a layer above the optimizer) adds its flat-partition backends so, when
+``deepspeed`` is imported.
 """
 
 from __future__ import annotations
@@ -28,22 +28,24 @@ from torch import Tensor
 
 from ..gsnr import present_statistics
 from .base import Block, ExactReducer, ParameterGroups, Placement, ShardingBackend, UnsupportedShardingError, world
-from .deepspeed import Zero3Partitions, ZeroFragments
 from .dtensor import DTensorShards
 from .fsdp1 import Fsdp1Views
 from .local import WholeTensors
 
 __all__ = [
-    "Block", "ShardingBackend", "Placement", "ExactReducer", "UnsupportedShardingError", "BACKENDS", "STATE_KEYS",
+    "Block", "ShardingBackend", "Placement", "ExactReducer", "UnsupportedShardingError", "BACKENDS", "add_backends",
     "Backends", "refuse_unsupported_setup", "statistics_reducer", "local_statistics", "world",
 ]  # fmt: skip
 
 #: Backends in order of precedence: the first that claims an optimizer parameter answers for it
 #: (the last, :class:`~sai_hf.sharding.local.WholeTensors`, claims every parameter).
-BACKENDS: list[type[ShardingBackend]] = [ZeroFragments, Zero3Partitions, Fsdp1Views, DTensorShards, WholeTensors]
+BACKENDS: list[type[ShardingBackend]] = [Fsdp1Views, DTensorShards, WholeTensors]
 
-#: State keys the backends add besides the per-block ones (for :mod:`sai_hf.checkpoint`).
-STATE_KEYS: frozenset[str] = frozenset().union(*(backend.STATE_KEYS for backend in BACKENDS))
+
+def add_backends(*backends: type[ShardingBackend]) -> None:
+    """Put ``backends`` first in :data:`BACKENDS` (ahead of the per-tensor ones), in this order; idempotent. Optimizers
+    built earlier take them too, at their next use of :attr:`Backends.backends`."""
+    BACKENDS[:] = [*backends, *(b for b in BACKENDS if b not in backends)]
 
 
 class Backends:
@@ -53,9 +55,26 @@ class Backends:
 
     def __init__(self) -> None:
         self.groups = ParameterGroups()
-        self.backends = [backend(self.groups) for backend in BACKENDS]
+        self._instances: list[ShardingBackend] = []
         # id(param) -> (param, its backend); cleared by registration (it changes which backend claims a parameter).
         self._claimed: dict[int, tuple[Tensor, ShardingBackend]] = {}
+
+    @property
+    def backends(self) -> list[ShardingBackend]:
+        """One instance of each of :data:`BACKENDS`, in its order (kept across backends added later)."""
+        if [type(b) for b in self._instances] != BACKENDS:
+            made = {type(b): b for b in self._instances}
+            self._instances = [made.get(backend) or backend(self.groups) for backend in BACKENDS]
+            self._claimed.clear()
+        return self._instances
+
+    def backend_of_type(self, kind: type[ShardingBackend]) -> ShardingBackend | None:
+        """This optimizer's instance of backend ``kind`` (``None`` where :data:`BACKENDS` lacks it)."""
+        return next((b for b in self.backends if type(b) is kind), None)
+
+    def state_keys(self) -> frozenset[str]:
+        """State keys the backends add besides the per-block ones (for :mod:`sai_hf.checkpoint`)."""
+        return frozenset().union(*(b.STATE_KEYS for b in self.backends))
 
     def add_group(self, group: dict[str, Any]) -> None:
         self.groups.add(group)
@@ -112,11 +131,10 @@ class Backends:
             return None
         return ExactReducer([b.placement for b in blocks], world_size)
 
-    def register(self, model: torch.nn.Module | None = None, wrappers: Sequence[Any] = ()) -> int:
-        """Tell every backend about ``model`` (FSDP1 views) and the optimizer's ``wrappers`` (DeepSpeed ZeRO-1/2's
-        optimizer); returns the parameters recorded."""
+    def register(self, model: torch.nn.Module) -> int:
+        """Tell every backend about ``model`` (FSDP1 views); returns the parameters recorded."""
         self._claimed.clear()
-        return sum(backend.register(model, wrappers) for backend in self.backends)
+        return sum(backend.register(model) for backend in self.backends)
 
 
 def refuse_unsupported_setup(args: Any = None) -> None:

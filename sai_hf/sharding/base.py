@@ -134,9 +134,8 @@ class ShardingBackend:
         """Whether some block got its scale in an earlier optimizer step than the current one."""
         return any("scale" in b.state for b in blocks)
 
-    def register(self, model: torch.nn.Module | None = None, wrappers: Sequence[Any] = ()) -> int:
-        """Learn from ``model`` what the parameters cannot tell (FSDP1), and from ``wrappers`` (the objects wrapping
-        the optimizer, outermost first) what the optimizer cannot; returns how many parameters were recorded."""
+    def register(self, model: torch.nn.Module) -> int:
+        """Learn from ``model`` what the parameters cannot tell (FSDP1); returns how many parameters were recorded."""
         return 0
 
     def check_blocks(self, blocks: Sequence[Block]) -> None:

@@ -49,7 +49,7 @@ class Fsdp1Views(WholeTensors):
     def __init__(self, groups: Sequence[Any] = ()) -> None:
         self.views: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-    def register(self, model: torch.nn.Module | None = None, wrappers: Sequence[Any] = ()) -> int:
+    def register(self, model: torch.nn.Module) -> int:
         """Record which parameters of ``model`` are FSDP1 ``use_orig_params=True`` views (``NO_SHARD``
         views as whole tensors). Idempotent; returns the number of parameters of ``model`` recorded."""
         if model is None:

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2 with exact per-tensor g-SNR (``sai_hf.sharding.deepspeed``), and what is refused.
+"""DeepSpeed ZeRO-1/2 with exact per-tensor g-SNR (``sai_hf.deepspeed``), and what is refused.
 
 Multi-process tests run 2 CPU processes (``DS_ACCELERATOR=cpu``, gloo, ``torchrun``) through
 tests/workers/deepspeed_worker.py and compare against one process on the same global batch (4 sequences
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +25,7 @@ from transformers import Trainer
 
 from sai_hf import SGDSaI, UnsupportedShardingError, cpu_update, native, register_sharded_model
 from sai_hf.gsnr import STATISTICS_WIDTH
-from sai_hf.sharding.deepspeed import ZeroFragments, deepspeed_in_use, refuse_unsupported_deepspeed
+from sai_hf.deepspeed import ZeroFragments, deepspeed_in_use, refuse_unsupported_deepspeed
 
 TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS / "workers") not in sys.path:
@@ -573,3 +574,35 @@ def test_trainer_refuses_partial_optimizer_offload_before_training(tmp_path):
     assert "DeepSpeedCPUAdam" in str(err.value) and "zero3_offload.json" in str(err.value)
     config["zero_optimization"]["offload_optimizer"]["ratio"] = 1.0
     Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
+
+
+ADAPTER_PROBE = """
+import json, sys
+order = sys.argv[1]
+if order == "deepspeed_first":
+    import deepspeed
+import sai_hf
+from sai_hf.optimizer import SGDSaI
+import torch
+seen = {"adapter_before": "sai_hf.deepspeed" in sys.modules}
+optimizer = SGDSaI([torch.nn.Parameter(torch.ones(2, 2))])
+seen["first_backends"] = [type(b).__name__ for b in optimizer.sharding.backends][:2]
+if order == "deepspeed_after":
+    import deepspeed
+seen["backends"] = [type(b).__name__ for b in optimizer.sharding.backends]
+json.dump(seen, sys.stdout)
+"""
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("order", ["deepspeed_after", "deepspeed_first"])
+def test_the_adapter_registers_when_deepspeed_is_imported(order):
+    """The core never imports the DeepSpeed adapter (issue 29); importing ``deepspeed``, before or after ``sai_hf`` and
+    the optimizer, puts the ZeRO backends first, in optimizers built earlier too."""
+    done = subprocess.run([sys.executable, "-c", ADAPTER_PROBE, order], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["adapter_before"] == (order == "deepspeed_first")
+    assert seen["first_backends"] == (["ZeroFragments", "Zero3Partitions"] if order == "deepspeed_first" else ["Fsdp1Views", "DTensorShards"])
+    assert seen["backends"] == ["ZeroFragments", "Zero3Partitions", "Fsdp1Views", "DTensorShards", "WholeTensors"]

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-3, ZeRO-2 + optimizer offload and ZeRO-3 + optimizer and parameter offload, exact
-(``sai_hf.sharding.deepspeed``: ``zero3``; ZeRO-2's fragments: ``zero12``).
+(``sai_hf.deepspeed``: ``zero3``; ZeRO-2's fragments: ``zero12``).
 
 Each config runs on 2 CPU processes (``DS_ACCELERATOR=cpu``, gloo, ``torchrun``, the HF Trainer with
 ``deepspeed=configs/deepspeed/<config>.json`` and ``use_cpu=True``) through

@@ -35,7 +35,7 @@ from _models import TokenDataset, tiny_gpt2, tiny_llama, token_batches, training
 from _processes import SAI_ALL_REDUCES, count_sai_all_reduces, end_process_group  # noqa: E402
 from transformers import Trainer
 
-from sai_hf.sharding.deepspeed import ZeroFragments
+from sai_hf.deepspeed import ZeroFragments
 from sai_hf import SGDSaI, register_sharded_model
 from sai_hf.callback import find_sgd_sai
 from sai_hf.parameter_names import parameter_names

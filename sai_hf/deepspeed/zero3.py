@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..base import Block, ParameterGroups, UnsupportedShardingError, world
+from ..sharding.base import Block, ParameterGroups, UnsupportedShardingError, world
 from .partitions import Partitions, Piece, unexposed, unscale_factor
 
 __all__ = ["Zero3Partitions", "DEEPSPEED_ZERO3_MESSAGE"]

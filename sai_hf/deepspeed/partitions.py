@@ -35,9 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...gsnr import present_statistics, scaled_statistics
-from ..base import Block, ParameterGroups, Placement, ShardingBackend, UnsupportedShardingError
-from .config import refuse_unsupported_deepspeed
+from ..gsnr import present_statistics, scaled_statistics
+from ..sharding.base import Block, ParameterGroups, Placement, ShardingBackend, UnsupportedShardingError
 
 __all__ = ["Partitions", "Piece", "unexposed", "unscale_factor", "NORMALIZE_MAX_MESSAGE"]
 
@@ -212,11 +211,6 @@ class Partitions(ShardingBackend):
             for entry in state.get("blocks", {}).values()
             if "scale" in entry
         )
-
-    @classmethod
-    def refuse_setup(cls, args: Any = None) -> None:
-        """The DeepSpeed configurations SGD-SaI cannot run exactly (:mod:`.config`)."""
-        refuse_unsupported_deepspeed(args)
 
 
 def _any_scale(optimizer: Any) -> bool:

@@ -23,10 +23,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from ..base import ParameterGroups, UnsupportedShardingError
+from ..sharding.base import ParameterGroups, UnsupportedShardingError
 from .partitions import NORMALIZE_MAX_MESSAGE, Partitions, Piece, unexposed, unscale_factor
 
 __all__ = ["ZeroFragments"]
@@ -49,15 +48,7 @@ class ZeroFragments(Partitions):
     def __init__(self, groups: ParameterGroups | None = None) -> None:
         super().__init__(groups)
         self._linked: list[list[Tensor]] | None = None
-        self.zero: Any = None  # DeepSpeed's ZeRO-1/2 optimizer, once registered
-
-    def register(self, model: torch.nn.Module | None = None, wrappers: Sequence[Any] = ()) -> int:
-        """Find DeepSpeed's ZeRO-1/2 optimizer among ``wrappers`` (it holds every group's partition and the not yet
-        flattened gradients); no model parameter is recorded."""
-        found = next((w for w in wrappers if hasattr(w, "single_partition_of_fp32_groups") and hasattr(w, "averaged_gradients")), None)
-        if found is not None:
-            self.zero = found
-        return 0
+        self.zero: Any = None  # DeepSpeed's ZeRO-1/2 optimizer, once found (:func:`sai_hf.deepspeed.find_zero_optimizer`)
 
     def linked(self) -> list[list[Tensor]] | None:
         """The linked model parameters of each of DeepSpeed's groups, once DeepSpeed has linked them."""

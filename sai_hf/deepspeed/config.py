@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ..base import UnsupportedShardingError
+from ..sharding.base import UnsupportedShardingError
 
 __all__ = ["deepspeed_config", "deepspeed_in_use", "refuse_unsupported_deepspeed"]
 
