@@ -72,7 +72,9 @@ _REGISTRATIONS = {
 
 #: Called with the exception where registering fails while transformers loads one of :data:`_REGISTRATIONS`' modules;
 #: ``None``: the exception propagates out of that import (as out of ``import sai_hf`` where transformers was loaded).
-#: The children's ``sitecustomize`` (``child_site/``) sets it to write one line and go on.
+#: The children's ``sitecustomize`` (``child_site/``) sets it to write one line and go on. A failure to register the
+#: DeepSpeed adapter always propagates out of ``import deepspeed``: without its backends, ZeRO's flat partitions would
+#: be scaled as whole tensors.
 _on_registration_error = None  # Callable[[Exception], None] | None
 
 #: The modules of :data:`_REGISTRATIONS` whose registration is still to run (when they load).
@@ -110,10 +112,11 @@ class _RegisteringLoader:
         try:
             _register_with(self._name, module)
         except Exception as err:
-            if _on_registration_error is None:
+            framework = self._name.split(".")[0]
+            if _on_registration_error is None or framework != "transformers":
                 _pending.add(self._name)  # the import fails, and so runs again next time: so does the registration
                 raise
-            _pending.clear()  # one report per process
+            _pending.difference_update([name for name in _REGISTRATIONS if name.startswith("transformers")])  # one report
             _on_registration_error(err)
 
 

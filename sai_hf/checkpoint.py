@@ -82,11 +82,14 @@ def _block_states(state_dict: Mapping[str, Any]) -> Mapping[Any, Mapping[str, An
     return state
 
 
-def state_dict_kind(state_dict: Mapping[str, Any], backend_state_keys: frozenset[str] = frozenset()) -> str:
-    """``"sgd_sai"`` (this package; block state keys of :data:`SGDSAI_STATE_KEYS` or ``backend_state_keys``),
-    ``"official"`` (``sgd-sai``'s ``SGD_sai``), ``"layout: KEYS"`` (this package's, with block state keys ``KEYS`` of
-    a sharding backend outside ``backend_state_keys``: DeepSpeed ZeRO partitions' state), or a description of the
-    foreign optimizer it looks like (starting with ``"foreign"``)."""
+def state_dict_kind(
+    state_dict: Mapping[str, Any], backend_state_keys: frozenset[str] = frozenset(), other_layouts: frozenset[str] = frozenset()
+) -> str:
+    """``"sgd_sai"`` (this package; block state keys of :data:`SGDSAI_STATE_KEYS` or ``backend_state_keys``, those of
+    the sharding backends of the parameters loading it), ``"official"`` (``sgd-sai``'s ``SGD_sai``), ``"layout: KEYS"``
+    (this package's, with block state keys ``KEYS`` of ``other_layouts``, other backends': a DeepSpeed ZeRO
+    partition's state loaded into whole tensors), or a description of the foreign optimizer it looks like (starting
+    with ``"foreign"``)."""
     groups = state_dict.get("param_groups")
     if not isinstance(groups, Sequence) or not all(isinstance(g, Mapping) for g in groups):
         raise ValueError("Not an optimizer state dict: expected a 'param_groups' list of mappings")
@@ -95,8 +98,9 @@ def state_dict_kind(state_dict: Mapping[str, Any], backend_state_keys: frozenset
     group_keys = set().union(*(set(g) for g in groups)) - {"params", "param_names"}
     if _SGDSAI_GROUP_KEY in group_keys and state_keys <= SGDSAI_STATE_KEYS | backend_state_keys:
         return "sgd_sai"
-    if _SGDSAI_GROUP_KEY in group_keys and {"gsnr", "scale"} & state_keys | {"blocks"} & state_keys:
-        return f"layout: {sorted(state_keys - SGDSAI_STATE_KEYS - backend_state_keys)}"
+    extra = state_keys - SGDSAI_STATE_KEYS - backend_state_keys
+    if _SGDSAI_GROUP_KEY in group_keys and extra <= other_layouts:
+        return f"layout: {sorted(extra)}"
     if _OFFICIAL_GROUP_KEYS <= group_keys <= _OFFICIAL_GROUP_KEYS | _SCHEDULER_GROUP_KEYS and state_keys <= _OFFICIAL_STATE_KEYS:
         return "official"
     for keys, name in _KNOWN_FOREIGN:
@@ -336,7 +340,7 @@ def _check_blocks(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any
 def prepare_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """``state_dict`` checked (and, for the official package, converted) for ``optimizer``; raises
     ``ValueError`` for another optimizer's state or state that does not fit the parameters."""
-    kind = state_dict_kind(state_dict, optimizer.sharding.state_keys())
+    kind = state_dict_kind(state_dict, optimizer.sharding.state_keys(optimizer.param_groups), optimizer.sharding.state_keys())
     if kind.startswith("foreign"):
         raise ValueError(
             f"This optimizer state dict is not SGD-SaI's: it looks like {kind.removeprefix('foreign: ')}. "
@@ -345,9 +349,9 @@ def prepare_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapping[str
         )
     if kind.startswith("layout"):
         raise ValueError(
-            f"This SGD-SaI state dict has block state keys {kind.removeprefix('layout: ')} that none of this optimizer's "
-            "sharding backends writes: it was saved under another parameter layout (DeepSpeed ZeRO partitions' state "
-            "loads under DeepSpeed, through the engine's checkpoint, with `deepspeed` imported)."
+            f"This SGD-SaI state dict has block state keys {kind.removeprefix('layout: ')} of another parameter layout "
+            "than this optimizer's (a sharding backend's: a DeepSpeed ZeRO partition's state loads under DeepSpeed, "
+            "through the engine's checkpoint)."
         )
     if kind == "official":
         state_dict = _import_official(optimizer, state_dict)

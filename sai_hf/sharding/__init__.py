@@ -72,19 +72,23 @@ class Backends:
         """This optimizer's instance of backend ``kind`` (``None`` where :data:`BACKENDS` lacks it)."""
         return next((b for b in self.backends if type(b) is kind), None)
 
-    def state_keys(self) -> frozenset[str]:
-        """State keys the backends add besides the per-block ones (for :mod:`sai_hf.checkpoint`)."""
-        return frozenset().union(*(b.STATE_KEYS for b in self.backends))
+    def state_keys(self, groups: Sequence[dict[str, Any]] | None = None) -> frozenset[str]:
+        """State keys the backends add besides the per-block ones (for :mod:`sai_hf.checkpoint`): those of the backends
+        answering for the parameters of ``groups``, or of every backend (``None``)."""
+        if groups is None:
+            return frozenset().union(*(b.STATE_KEYS for b in self.backends))
+        return frozenset().union(*(self.backend(p).STATE_KEYS for group in groups for p in group["params"]))
 
     def add_group(self, group: dict[str, Any]) -> None:
         self.groups.add(group)
 
     def backend(self, param: Tensor) -> ShardingBackend:
         """The backend that answers for ``param`` (the first that claims it)."""
+        backends = self.backends  # first: a backend added since clears the cache
         cached = self._claimed.get(id(param))
         if cached is not None and cached[0] is param:
             return cached[1]
-        backend = next(b for b in self.backends if b.claims(param))
+        backend = next(b for b in backends if b.claims(param))
         self._claimed[id(param)] = (param, backend)
         return backend
 
@@ -157,7 +161,7 @@ def statistics_reducer(tensors: Sequence[Tensor]) -> ExactReducer | None:
     """The exact cross-rank reducer for the statistics of ``tensors`` (in this order), or ``None`` where nothing needs
     summing (one process, DDP). A collective: call it on every rank with the same tensors. Raises
     :class:`UnsupportedShardingError` for layouts without exact per-tensor statistics (``Partial`` gradients, meshes
-    not spanning all ranks, ZeRO-3 parameters, FlatParameters, unregistered FSDP1 views)."""
+    not spanning all ranks, FlatParameters, unregistered FSDP1 views; ZeRO-3 parameters, once ``deepspeed`` is imported)."""
     backends, blocks = _tensor_blocks(tensors)
     return backends.reducer(blocks)
 

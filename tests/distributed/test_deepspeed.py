@@ -306,8 +306,9 @@ def test_flat_partition_layout_equals_per_tensor_optimizer(momentum, large, monk
     state = zero.state[flat]
     assert sorted(state["blocks"]) == list(range(len(shapes))) and state["blocks"][3]["gsnr_eps_free"]
     assert state["blocks"][3]["scaled_at"] == 2 and state["step"] == 3
-    # The state dict round-trips through load_state_dict (what DeepSpeed's checkpoint does per rank).
-    restored = SGDSaI([torch.nn.Parameter(b.clone()) for b in base], lr=1e-2, momentum=momentum, weight_decay=0.1)
+    # The state dict round-trips through load_state_dict (what DeepSpeed's checkpoint does per rank), into an optimizer
+    # built from the same (linked) model parameters, as DeepSpeed's engine builds it on resume.
+    restored = SGDSaI(zero_params, lr=1e-2, momentum=momentum, weight_decay=0.1)
     restored.param_groups[0]["params"] = [flat]
     restored.load_state_dict(zero.state_dict())
     assert restored.state[flat]["blocks"] == state["blocks"]

@@ -535,8 +535,9 @@ class TrainingArguments:
 
 def test_registration_that_fails_when_transformers_loads(tmp_path):
     """The registration runs when transformers loads (here an unsupported release): a child under the launcher says
-    so in one line and goes on, as where sai_hf cannot be imported; a script's own ``import sai_hf`` fails that
-    import of transformers with the reason."""
+    so in one line and goes on, as where sai_hf cannot be imported, and still registers the DeepSpeed adapter's
+    backends when ``deepspeed`` (here a stand-in) loads; a script's own ``import sai_hf`` fails that import of
+    transformers with the reason."""
     from sai_hf.compat import SUPPORTED_TRANSFORMERS
     from sai_hf.run import child_environment
 
@@ -544,10 +545,13 @@ def test_registration_that_fails_when_transformers_loads(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("__version__ = '4.0.0'\n")
     (fake / "training_args.py").write_text(FAKE_TRANSFORMERS_TRAINING_ARGS)
+    (fake.parent / "deepspeed").mkdir()
+    (fake.parent / "deepspeed" / "__init__.py").write_text("")
     env = {**child_env(), "PYTHONPATH": os.pathsep.join([str(fake.parent), str(REPO)])}
     env.update(child_environment(env))
-    done = _python([sys.executable, "-c", "import transformers.training_args; print('went on')"], env, tmp_path)
-    assert done.returncode == 0 and done.stdout == "went on\n", done.stderr
+    code = "import transformers.training_args, deepspeed, sai_hf.sharding as s; print('went on', [b.__name__ for b in s.BACKENDS][:2])"
+    done = _python([sys.executable, "-c", code], env, tmp_path)
+    assert done.returncode == 0 and done.stdout == "went on ['ZeroFragments', 'Zero3Partitions']\n", done.stderr
     reason = f"ImportError: sai-hf needs transformers{SUPPORTED_TRANSFORMERS} (found 4.0.0)"
     assert done.stderr.splitlines() == [
         f"sai_hf.run: --optim sgd_sai is not registered in this process ({sys.executable}): "
