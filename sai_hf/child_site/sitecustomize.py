@@ -4,8 +4,9 @@
 1. runs the ``sitecustomize`` it hides (the next one on ``sys.path``), as ``site`` would;
 2. takes its own directory off ``sys.path`` (``PYTHONPATH`` keeps it, for the next generation);
 3. if ``SAI_HF_REGISTER_IN_CHILDREN`` is ``1``, imports ``sai_hf``, which costs next to nothing until
-   transformers loads. Where that import (or the registration, later) fails it writes one line to stderr
-   (nothing for a Python with neither sai_hf nor transformers) and the process goes on.
+   transformers loads. Where that import (or the registration with transformers, later) fails it writes one
+   line to stderr (nothing for a Python with neither sai_hf nor transformers) and the process goes on; a failure
+   to register the DeepSpeed adapter fails that ``import deepspeed`` instead (``sai_hf._on_registration_error``).
 
 Standard library only; Python 3 syntax old enough for any interpreter a framework might start.
 """
