@@ -26,6 +26,7 @@ import json
 import math
 import re
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ RECORDED: dict[str, dict[str, str]] = {
     "lr_find/gpt2-350m": {"date": "2026-12-02", "commit": "9b49f75"},
     "lr_find/gpt2-774m": {"date": "2026-12-02", "commit": "71dba5d"},
     "lr_find/gpt2-1.5b": {"date": "2026-12-02", "commit": "71dba5d"},
+    "lr_find/smollm2-lora": {"date": "2026-12-08", "commit": "d4b0d77"},  # the tree it ran from
 }
 
 #: Figures with no JSON, kept as measured and printed with *typed* after them: the first GPT-2
@@ -76,7 +78,7 @@ TYPED: dict[str, Any] = {
         "adamw_torch_fused": {3e-4: 5.719, 1e-3: 5.199, 3e-3: 5.727},
     },
     "lr_find machine": "2 CPU cores shared with three other jobs (load 5-6); the GPT-2 124M cases: a 2-core AMD EPYC"
-    " shared with the width study (load 4)",
+    " shared with the width study (load 4); SmolLM2: a 2-core AMD EPYC shared with two training runs (load 3)",
     "lr_find/lora seconds": "3.6 min with data loading",
     "lr_find/lora-r16 seconds": "8.6 min with data loading, load 4",
 }
@@ -231,8 +233,32 @@ def bench_summary(name: str) -> str:
 GPT2_LOSS_RESCALE = 128 / 127
 
 
+def smollm2_lora_bullet(seeds: dict[str, Any], grid: dict[str, Any]) -> str:
+    """The headline's SmolLM2 LoRA line: SGD-SaI against AdamW at their best rates over 3 seeds (a tie where the gap is
+    within the sum of the two seed stds), and Adam-mini's grid best where its seeds have not run."""
+    sai, adamw = (compare_optimizers.best_per_optimizer(seeds["rows"])[o] for o in ("sgd_sai", "adamw_torch"))
+    gap = sai["final_eval_loss"] - adamw["final_eval_loss"]
+    spread = sai["final_eval_loss_std"] + adamw["final_eval_loss_std"]
+    leader = "SGD-SaI" if gap < 0 else "AdamW"
+    verdict = "a tie with AdamW" if abs(gap) <= spread else f"{leader} ahead by {abs(gap):.3f} nats ({abs(gap) / spread:.1f}x the seed spread)"
+    start = sorted({round(evals(r)[0], 3) for r in grid["runs"] if 0 in evals(r)})[0]
+    text = (
+        f"**LoRA fine-tuning of SmolLM2-135M-Instruct, a pretrained Llama: {verdict}; SGD-SaI keeps half the optimizer"
+        f" state.** Final eval loss {sai['final_eval_loss']:.3f} ± {sai['final_eval_loss_std']:.3f} (SGD-SaI, lr"
+        f" {sai['learning_rate']:g}) against {adamw['final_eval_loss']:.3f} ± {adamw['final_eval_loss_std']:.3f} (AdamW,"
+        f" lr {adamw['learning_rate']:g}), 3 seeds each at its best rate of a 4-point grid, 300 steps of r=16 adapters"
+        f" from {start:.3f}."
+    )
+    mini = compare_optimizers.best_per_optimizer(grid["rows"] + seeds["rows"]).get("adam_mini")
+    if mini is not None:
+        tried = sorted({r["learning_rate"] for r in grid["rows"] if r["optim"] == "adam_mini"})
+        runs = f"{len(mini['seeds'])} seeds" if len(mini["seeds"]) > 1 else f"seed {mini['seeds'][0]}, the best of the {len(tried)} rates run so far"
+        text += f" Adam-mini: {mini['final_eval_loss']:.3f} ({runs})."
+    return textwrap.fill(text, width=100, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False) + "\n"
+
+
 def headline(_: str) -> str:
-    """The top-level README's measured results, from the LoRA and GPT-2 seed sweeps, the 1000-step
+    """The top-level README's measured results, from the SmolLM2 LoRA and GPT-2 seed sweeps, the 1000-step
     run and the benchmark (what a newcomer reads first must not drift from its runs either)."""
     def best(report: dict[str, Any], optim: str) -> dict[str, Any]:
         return compare_optimizers.best_per_optimizer(report["rows"])[optim]
@@ -240,18 +266,14 @@ def headline(_: str) -> str:
     def loss(row: dict[str, Any], scale: float = 1.0) -> str:
         return f"{row['final_eval_loss'] * scale:.3f} ± {row['final_eval_loss_std'] * scale:.3f}"
 
-    lora, gpt2, horizon, bench = load("lora-seeds"), load("gpt2-seeds"), load("horizon"), load("bench-cpu.json")
-    l_sai, l_adamw, l_mini = (best(lora, o) for o in ("sgd_sai", "adamw_torch_fused", "adam_mini"))
+    gpt2, horizon, bench = load("gpt2-seeds"), load("horizon"), load("bench-cpu.json")
     g_sai, g_adamw = best(gpt2, "sgd_sai"), best(gpt2, "adamw_torch_fused")
     h_sai, h_adamw = (next(r for r in horizon["runs"] if r["optim"] == o) for o in ("sgd_sai", "adamw_torch_fused"))
     h_steps = max(evals(h_sai))
     step = next(r for r in bench["results"] if r["optimizer"] == "sgdsai" and r["weight_decay"] > 0)
     return (
-        f"- **LoRA fine-tuning of a 4-layer Llama we pretrained ourselves: a tie with AdamW at half the\n"
-        f"  optimizer state.** Final eval loss {loss(l_sai)} (SGD-SaI) against {loss(l_adamw)} (AdamW)\n"
-        f"  and {loss(l_mini)} (Adam-mini), at SGD-SaI's lr of {l_sai['learning_rate']:g}, "
-        f"{l_sai['learning_rate'] / l_adamw['learning_rate']:.0f}x AdamW's.\n"
-        f"- **Small-model pretraining: SGD-SaI trails AdamW.** A 4.2M-parameter GPT-2: {loss(g_sai, GPT2_LOSS_RESCALE)}\n"
+        smollm2_lora_bullet(load("smollm2-lora-seeds"), load("smollm2-lora"))
+        + f"- **Small-model pretraining: SGD-SaI trails AdamW.** A 4.2M-parameter GPT-2: {loss(g_sai, GPT2_LOSS_RESCALE)}\n"
         f"  against AdamW's {loss(g_adamw, GPT2_LOSS_RESCALE)} after {max(evals(gpt2['runs'][0]))} steps "
         f"(+{(g_sai['final_eval_loss'] - g_adamw['final_eval_loss']) * GPT2_LOSS_RESCALE:.2f} nats, many times the seed\n"
         f"  spread), and still +{(evals(h_sai)[h_steps] - evals(h_adamw)[h_steps]) * GPT2_LOSS_RESCALE:.2f} after {h_steps} steps. "
@@ -411,6 +433,7 @@ LR_FIND_CASES = [
     ("lora-r16-150steps", "same, `--start-lr 1e-3 --end-lr 1 --steps 150 --smooth 0.95`", ("lora-r16", "sgd_sai"), False),
     ("gpt2-124m", "GPT-2 124M shape (4 x 128 tokens a step), `sgd_sai`", ("gpt2-124m-lr", "sgd_sai"), True),
     ("gpt2-124m-short", "same, `--start-lr 1e-5 --end-lr 0.1 --steps 60`", ("gpt2-124m-lr", "sgd_sai"), False),
+    ("smollm2-lora", "SmolLM2-135M LoRA r=16, bf16, `--start-lr 1e-3 --end-lr 1 --steps 150 --smooth 0.95`", ("smollm2-lora", "sgd_sai"), True),
 ]
 #: The cases of the top-level README's short table, with their labels there.
 LR_FIND_SHORT_LABELS = {
@@ -482,7 +505,8 @@ def lr_find_table(_: str) -> str:
         "Command: `python -m sai_hf.find_lr --output scripts/results/lr_find/CASE SCRIPT CONFIG [options]` (each case's"
         f" line above; its settings are in `lr_find/CASE/lr_find.json`). Machine: {TYPED['lr_find machine']} (*typed*)."
         f" Date: {', '.join(dates)}. Commit: {commits}. Grid: `lora-grid/compare.json`, the LoRA r=16 grid's"
-        " `lora-r16/compare.json`; the GPT-2 grid is typed (its runs were not kept).\n\n" + table(header, rows)
+        " `lora-r16/compare.json`, SmolLM2's `smollm2-lora/compare.json`; the GPT-2 grid is typed (its runs were not"
+        " kept).\n\n" + table(header, rows)
     )
 
 
@@ -609,6 +633,7 @@ BLOCKS: dict[str, Callable[[str], str]] = {
     "lora-r16/curves": lambda name: curves_table(name.split("/")[0]).split("\n\n", 1)[1],
     "lora-grid/curves": lambda name: curves_table(name.split("/")[0]).split("\n\n", 1)[1],
     "smollm2-lora": grid_table,
+    "smollm2-lora-seeds": per_seed_table,
     "smollm2-lora/curves": lambda name: curves_table(name.split("/")[0]).split("\n\n", 1)[1],
     "headline": headline,
     "zero_memory.json": zero_memory_table,
