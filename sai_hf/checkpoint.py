@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-
 __all__ = ["SGDSAI_STATE_KEYS", "align_scheduler", "buffers_in_saved_dtype", "prepare_state_dict", "remember_parameter_order",
            "state_dict_kind", "user_stacklevel"]  # fmt: skip
 

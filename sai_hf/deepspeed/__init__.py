@@ -9,8 +9,8 @@ module                      what it holds
                             stepped one call each, step counts, momentum buffers, the later
                             partitions measured at the first scaling step (DeepSpeed's unscale
                             and clip factor)
-:mod:`.zero12`              ZeRO-1/2: fragments of one partition per parameter group; DeepSpeed's
-                            optimizer found among the optimizer's wrappers
+:mod:`.zero12`              ZeRO-1/2: fragments of one partition per parameter group (DeepSpeed's
+                            optimizer given by :func:`find_zero_optimizer`)
 :mod:`.zero3`               ZeRO-3 (and offload): per-parameter pieces of sub-group partitions
 :mod:`.config`              the DeepSpeed configurations refused before training
 ==========================  ===================================================================

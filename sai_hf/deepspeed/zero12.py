@@ -9,8 +9,9 @@ block has no entries here).
 
 The later groups' gradients at the first scaling step are DeepSpeed's own per-parameter fragments
 (``_hp_mapping.get_lp_grad_fragment``, what ``safe_get_full_grad`` reads; with ``offload_optimizer``, views of the CPU
-partitions' gradients). They need DeepSpeed's optimizer, which the parameters do not reveal: :meth:`register` finds it
-among the optimizer's wrappers (:func:`sai_hf.register_sharded_model`; the Trainer's callback calls it).
+partitions' gradients). They need DeepSpeed's optimizer, which the parameters do not reveal:
+:func:`sai_hf.deepspeed.find_zero_optimizer` finds it among the optimizer's wrappers (:func:`sai_hf.register_sharded_model`;
+the Trainer's callback calls it).
 
 Group indices: DeepSpeed's engine drops the optimizer's empty parameter groups before wrapping it (the Trainer's
 no-weight-decay group is empty under PEFT LoRA), so its group ``k`` is the ``k``-th *non-empty* group as constructed.

@@ -12,8 +12,8 @@ module                       what the optimizer's parameters are; its blocks
 An :class:`sai_hf.SGDSaI` holds one :class:`Backends`: one instance of each of :data:`BACKENDS`, the first that
 claims an optimizer parameter answering for it. Adding a backend is one module with a
 :class:`~sai_hf.sharding.base.ShardingBackend` subclass, placed in :data:`BACKENDS` by :func:`add_backends`: the
-DeepSpeed adapter (:mod:`sai_hf.deepspeed`, a layer above the optimizer) adds its flat-partition backends so, when
-``deepspeed`` is imported.
+DeepSpeed adapter (:mod:`sai_hf.deepspeed`, a layer above the optimizer) adds its flat-partition backends there
+when ``deepspeed`` is imported.
 """
 
 from __future__ import annotations
